@@ -12,5 +12,8 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(unsafe_code)]
 
+pub mod alarm;
+pub mod buffer;
+pub mod device;
 pub mod drivers;
 pub mod wire;
