@@ -26,6 +26,7 @@ pub enum Qos {
 /// One message ready for the wire.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
+    pub channel: Channel,
     pub topic: &'a str,
     pub payload: &'a [u8],
     pub qos: Qos,
@@ -196,9 +197,7 @@ impl<const N: usize> Device<N> {
     /// One cycle: decide on `sample` at `now_ms` (device clock, ms since epoch), report what
     /// changed, send telemetry when due. Returns the outputs to drive.
     pub fn tick<T: Transport>(&mut self, now_ms: u64, sample: &Sample, transport: &mut T) -> Outputs {
-        let mut events = Events::new();
-        let outputs = self.alarm.update(now_ms, sample, &mut events);
-        self.send_events(now_ms, &events, transport);
+        let outputs = self.decide(now_ms, sample, transport);
         if self.telemetry_due(now_ms, sample) {
             self.send_telemetry(now_ms, sample, transport);
         } else {
@@ -207,7 +206,22 @@ impl<const N: usize> Device<N> {
         outputs
     }
 
-    /// Sends telemetry now whatever the schedule (the load generator's pace).
+    /// One cycle with telemetry whatever the schedule: the load generator sets the pace.
+    pub fn tick_paced<T: Transport>(&mut self, now_ms: u64, sample: &Sample, transport: &mut T) -> Outputs {
+        let outputs = self.decide(now_ms, sample, transport);
+        self.send_telemetry(now_ms, sample, transport);
+        outputs
+    }
+
+    /// Local decisions on `sample`; events go out at once.
+    fn decide<T: Transport>(&mut self, now_ms: u64, sample: &Sample, transport: &mut T) -> Outputs {
+        let mut events = Events::new();
+        let outputs = self.alarm.update(now_ms, sample, &mut events);
+        self.send_events(now_ms, &events, transport);
+        outputs
+    }
+
+    /// Sends telemetry now, after anything still in the ring.
     pub fn send_telemetry<T: Transport>(&mut self, now_ms: u64, sample: &Sample, transport: &mut T) {
         let mut values = sample.values.clone();
         if self.kind == DeviceKind::GasDetector {
@@ -347,7 +361,7 @@ impl<const N: usize> Device<N> {
         };
         let topic = self.topic(message.channel());
         transport
-            .publish(Outgoing { topic: &topic, payload: &buf[..len], qos, retain: false })
+            .publish(Outgoing { channel: message.channel(), topic: &topic, payload: &buf[..len], qos, retain: false })
             .map_err(|_| ())?;
         Ok(())
     }
@@ -360,7 +374,7 @@ impl<const N: usize> Device<N> {
         let mut buf = [0u8; 128];
         let Ok(len) = status.encode(&mut buf) else { return };
         let topic = self.topic(Channel::Status);
-        let _ = transport.publish(Outgoing { topic: &topic, payload: &buf[..len], qos: Qos::AtLeastOnce, retain: true });
+        let _ = transport.publish(Outgoing { channel: Channel::Status, topic: &topic, payload: &buf[..len], qos: Qos::AtLeastOnce, retain: true });
     }
 }
 

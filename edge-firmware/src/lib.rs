@@ -17,3 +17,6 @@ pub mod buffer;
 pub mod device;
 pub mod drivers;
 pub mod wire;
+
+#[cfg(feature = "std")]
+pub mod sim;
