@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -85,6 +85,12 @@ impl Link {
                             return;
                         }
                     }
+                    // Our own DISCONNECT went out: the link is closed on purpose, stop polling
+                    // (polling again would reconnect).
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        flag.store(false, Ordering::SeqCst);
+                        return;
+                    }
                     Ok(_) => {}
                     Err(err) => {
                         flag.store(false, Ordering::SeqCst);
@@ -126,8 +132,11 @@ impl Link {
     /// Closes the link with DISCONNECT (no will), after what is queued has been written.
     pub async fn close(self, settle: Duration) {
         let _ = self.client.disconnect().await;
-        if tokio::time::timeout(settle, &mut { self.poller }).await.is_err() {
-            // The poller ends on its own after DISCONNECT; if it did not, it is dropped here.
+        let mut poller = self.poller;
+        if tokio::time::timeout(settle, &mut poller).await.is_err() {
+            // The poller ends on its own once DISCONNECT is written; a broker that does not
+            // take it in time gets the socket closed instead.
+            poller.abort();
         }
     }
 
