@@ -35,9 +35,8 @@ fn check_contract(messages: &[Received]) -> BTreeMap<String, DeviceLog> {
         let topic = Topic::parse(&m.topic).unwrap_or_else(|e| panic!("{}: {e}", m.topic));
         let uplink = Uplink::decode(topic.channel, &m.payload)
             .unwrap_or_else(|e| panic!("{} {:?}: {e}", m.topic, m.payload_str()));
-        match (&uplink, m.qos) {
-            (Uplink::Status(_) | Uplink::Event(_), QoS::AtMostOnce) => panic!("{} must be QoS 1", m.topic),
-            _ => {}
+        if let (Uplink::Status(_) | Uplink::Event(_), QoS::AtMostOnce) = (&uplink, m.qos) {
+            panic!("{} must be QoS 1", m.topic);
         }
         let log = devices.entry(topic.device.to_owned()).or_default();
         if let Uplink::Status(s) = &uplink {
