@@ -161,6 +161,22 @@ macro_rules! wire_names {
                 s.serialize_str(self.as_str())
             }
         }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Name;
+                impl<'de> serde::de::Visitor<'de> for Name {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(concat!("a ", stringify!($name), " name"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::parse(v).ok_or_else(|| E::unknown_variant(v, &[$($text),+]))
+                    }
+                }
+                d.deserialize_str(Name)
+            }
+        }
     };
 }
 
@@ -547,10 +563,13 @@ fn classify(err: serde_json_core::de::Error, payload: &[u8]) -> DecodeError {
     let non_finite_literal = contains(payload, b"NaN") || contains(payload, b"Infinity");
     // serde-json-core reports a non-object top level as a type error even when it is not
     // JSON at all ("hello"); a value must start with one of these bytes to be JSON.
-    let starts_like_json = payload
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| matches!(b, b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n'));
+    let start = payload.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(payload.len());
+    let rest = &payload[start..];
+    let starts_like_json = match rest.first() {
+        Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9') => true,
+        Some(_) => [&b"true"[..], b"false", b"null"].iter().any(|lit| rest.starts_with(lit)),
+        None => false,
+    };
     match err {
         _ if non_finite_literal => DecodeError::NonFinite,
         _ if !starts_like_json => DecodeError::NotJson,

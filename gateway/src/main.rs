@@ -1,1 +1,107 @@
-fn main(){}
+//! `citywatch`: the gateway's command line. Thin: parses arguments, loads the configuration,
+//! starts [`citywatch_gateway::gateway::Gateway`] and stops it on Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use citywatch_edge::sim::Scenario;
+use citywatch_gateway::config::Config;
+use citywatch_gateway::gateway::{DemoFleet, Gateway};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "citywatch", version, about = "Citywatch IoT sensing and alerting gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (without --config: embedded broker and store, all defaults).
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Embedded broker and store plus a simulated fleet, API on 127.0.0.1:8080.
+    Demo {
+        /// A config file to start from (defaults otherwise; the broker must be embedded).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Simulated devices (kinds dealt round-robin: gas, smoke, siren).
+        #[arg(long, default_value_t = 30)]
+        devices: usize,
+        #[arg(long, default_value = "demo")]
+        site: String,
+        /// normal, gas-leak, fire, bracket-corrosion, offline, flapping, bad-payloads.
+        #[arg(long, default_value = "normal")]
+        scenario: Scenario,
+        /// Telemetry interval of the simulated devices, seconds.
+        #[arg(long, default_value_t = 5)]
+        interval: u32,
+        /// Drive the fleet as a load generator at this many readings per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Validate a configuration file; names the bad key and why.
+    CheckConfig { file: PathBuf },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config> {
+    match path {
+        Some(p) => Config::load(p).with_context(|| format!("configuration {}", p.display())),
+        None => Ok(Config::default()),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rumqttd=warn".into()))
+        .init();
+    let cli = Cli::parse();
+    let (config, demo) = match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::CheckConfig { file } => {
+            let config = load(Some(&file))?;
+            println!("{}: ok (mqtt mode {:?}, http {}, storage {})", file.display(), config.mqtt.mode, config.http.listen, config.storage.path.display());
+            return Ok(());
+        }
+        Command::Run { config } => (load(config.as_ref())?, None),
+        Command::Demo { config, devices, site, scenario, interval, rate } => {
+            let mut c = load(config.as_ref())?;
+            if config.is_none() {
+                // The demo stays on this machine.
+                c.mqtt.listen = ([127, 0, 0, 1], 1883).into();
+            }
+            (c, Some(DemoFleet { devices, site, scenario, interval_s: interval, rate }))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let gateway = Gateway::start(config, demo).await?;
+        println!("citywatch: API on http://{}  (Ctrl-C to stop)", gateway.http_addr);
+        if let Some(addr) = gateway.mqtt_addr {
+            println!("citywatch: MQTT broker on {addr}");
+        }
+        wait_for_stop().await?;
+        println!("citywatch: stopping, flushing pending writes");
+        gateway.shutdown().await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_stop() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}

@@ -114,6 +114,8 @@ fn malformed_payloads_are_rejected_with_a_reason() {
     let cases: &[(&[u8], DecodeError)] = &[
         (b"", DecodeError::NotJson),
         (b"hello", DecodeError::NotJson),
+        (b"not json", DecodeError::NotJson),
+        (b"null", DecodeError::WrongType),
         (b"{\"seq\":1,", DecodeError::NotJson),
         (b"\xff\xfe", DecodeError::NotUtf8),
         (br#"{"seq":"1","values":{}}"#, DecodeError::WrongType),

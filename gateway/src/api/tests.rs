@@ -1,0 +1,147 @@
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+use crate::config::StorageConfig;
+use crate::store::{Reading, Write};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: ApiState,
+    writer: Option<crate::store::StoreWriter>,
+}
+
+const T0: i64 = 1_800_000_000_000;
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig { path: dir.path().to_path_buf(), ..StorageConfig::default() };
+    let (store, writer) = SqliteStore::open(&config).expect("store");
+    let registry = Arc::new(Registry::new());
+    let mut gas = Device::new("gas-1", "xh", DeviceKind::GasDetector, now_ms());
+    gas.interval_s = 10;
+    gas.observe(Metric::GasLel, 3.0, now_ms());
+    registry.upsert("gas-1", || gas.clone(), |_| ());
+    let mut smoke = Device::new("smk-1", "pd", DeviceKind::SmokeDetector, now_ms() - 600_000);
+    smoke.last_seen_ms = now_ms() - 600_000;
+    registry.upsert("smk-1", || smoke.clone(), |_| ());
+    // Ten readings a second apart: 0..9.
+    let device: Arc<str> = Arc::from("gas-1");
+    let readings = (0..10)
+        .map(|i| Reading { device: Arc::clone(&device), metric: Metric::GasLel, ts_ms: T0 + i * 1000, value: i as f64, historical: false })
+        .collect();
+    writer.send(Write::Readings(readings)).await.expect("write");
+    writer
+        .send(Write::Quarantine(crate::store::QuarantineEntry {
+            id: 0,
+            received_ms: T0,
+            topic: "citywatch/v1/xh/gas-1/telemetry".into(),
+            reason: "not_json".into(),
+            payload: bytes::Bytes::from_static(b"junk"),
+        }))
+        .await
+        .expect("write");
+    // Wait for the commit: an ack fires after it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    writer.send(Write::Ack(crate::ingest::Ack::new(move || { let _ = tx.send(()); }))).await.expect("ack");
+    tokio::time::timeout(Duration::from_secs(10), rx).await.expect("commit in time").expect("ack fired");
+    let state = ApiState {
+        registry,
+        store: Arc::new(store),
+        metrics: Arc::new(Metrics::new()),
+        ingest: IngestConfig::default(),
+        started: Instant::now(),
+        source_queue: Arc::new(|| (0, 16)),
+    };
+    Fixture { _dir: dir, state, writer: Some(writer) }
+}
+
+async fn get(state: &ApiState, uri: &str) -> (StatusCode, Value) {
+    let response = router(state.clone()).oneshot(Request::get(uri).body(Body::empty()).expect("request")).await.expect("response");
+    let status = response.status();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+#[tokio::test]
+async fn devices_list_filters_and_shows_health() {
+    let f = fixture().await;
+    let (status, body) = get(&f.state, "/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["by_health"]["offline"], 1, "{body}");
+    let (_, body) = get(&f.state, "/api/v1/devices?site=xh").await;
+    assert_eq!(body["devices"][0]["id"], "gas-1");
+    assert_eq!(body["devices"][0]["health"], "online");
+    assert_eq!(body["devices"][0]["values"]["gas_lel"]["value"], 3.0);
+    let (_, body) = get(&f.state, "/api/v1/devices?health=offline").await;
+    assert_eq!(body["devices"][0]["id"], "smk-1");
+    let (_, body) = get(&f.state, "/api/v1/devices?kind=siren_mount").await;
+    assert_eq!(body["count"], 0);
+    let (status, body) = get(&f.state, "/api/v1/devices?kind=toaster").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().expect("message").contains("kind"));
+}
+
+#[tokio::test]
+async fn one_device_and_unknown_ones() {
+    let f = fixture().await;
+    let (status, body) = get(&f.state, "/api/v1/devices/gas-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["kind"], "gas_detector");
+    let (status, body) = get(&f.state, "/api/v1/devices/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn readings_raw_and_downsampled() {
+    let f = fixture().await;
+    let (status, body) = get(&f.state, &format!("/api/v1/devices/gas-1/readings?metric=gas_lel&from={T0}&to={}", T0 + 10_000)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["count"], 10);
+    assert_eq!(body["points"][9]["last"], 9.0);
+    let (_, body) = get(&f.state, &format!("/api/v1/devices/gas-1/readings?metric=gas_lel&from={T0}&to={}&step=5s", T0 + 10_000)).await;
+    assert_eq!(body["count"], 2, "{body}");
+    let first = &body["points"][0];
+    assert_eq!((first["min"].as_f64(), first["max"].as_f64(), first["avg"].as_f64(), first["last"].as_f64(), first["count"].as_u64()), (Some(0.0), Some(4.0), Some(2.0), Some(4.0), Some(5)));
+    let (status, _) = get(&f.state, "/api/v1/devices/gas-1/readings").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "metric is required");
+    let (status, _) = get(&f.state, "/api/v1/devices/gas-1/readings?metric=gas_lel&from=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = get(&f.state, "/api/v1/devices/gas-1/readings?metric=gas_lel&step=10ms").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = get(&f.state, "/api/v1/devices/ghost/readings?metric=gas_lel").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn quarantine_metrics_health_openapi() {
+    let mut f = fixture().await;
+    let (status, body) = get(&f.state, "/api/v1/quarantine").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["counts"]["not_json"], 1);
+    assert_eq!(body["entries"][0]["payload_utf8"], "junk");
+    assert_eq!(body["entries"][0]["payload_hex"], "6a756e6b");
+    let (status, body) = get(&f.state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.as_str().expect("text");
+    assert!(text.contains("citywatch_devices_by_health{health=\"offline\"} 1"), "{text}");
+    assert!(text.contains("citywatch_store_readings_written 10"), "{text}");
+    let (status, body) = get(&f.state, "/api/v1/health").await;
+    assert_eq!((status, body["devices"].as_u64()), (StatusCode::OK, Some(2)));
+    let (_, doc) = get(&f.state, "/api/v1/openapi.json").await;
+    for path in openapi::PATHS {
+        assert!(doc["paths"][*path].is_object(), "{path} documented");
+        let uri = path.replace("{id}", "gas-1") + if path.ends_with("readings") { "?metric=gas_lel" } else { "" };
+        let (status, _) = get(&f.state, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri} answers");
+    }
+    let (status, body) = get(&f.state, "/api/v1/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+    drop(f.writer.take());
+}

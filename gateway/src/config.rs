@@ -1,0 +1,294 @@
+//! The gateway's configuration: TOML, every key optional with a documented default.
+//!
+//! `gateway/example.toml` documents every key and is parsed by a test, so the docs and these
+//! defaults cannot drift apart. Unknown keys are errors, and [`Config::from_toml`] names the
+//! key that is wrong. Parsing only; nothing here opens a socket or a file other than the one read.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A duration written as text: "30s", "5m", "30days", "2years".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Duration(#[serde(serialize_with = "ser_duration")] pub std::time::Duration);
+
+fn ser_duration<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Duration)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"30s\" or \"5m\": {e}")))
+    }
+}
+
+impl Duration {
+    pub const fn secs(s: u64) -> Self {
+        Duration(std::time::Duration::from_secs(s))
+    }
+    pub fn as_ms(self) -> i64 {
+        self.0.as_millis() as i64
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub ingest: IngestConfig,
+}
+
+/// Where devices' messages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    /// The gateway is the broker.
+    Embedded,
+    /// The gateway subscribes to Mosquitto, EMQX or another broker.
+    External,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub mode: MqttMode,
+    /// Embedded broker listen address.
+    pub listen: SocketAddr,
+    /// Embedded broker: accounts devices connect with. None: anonymous connections allowed.
+    pub users: Vec<MqttUser>,
+    /// External broker URL, `mqtt://host:port`.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Client id at the external broker; the session is persistent under this id.
+    pub client_id: String,
+    /// Topic filter subscribed to (both modes).
+    pub topic_filter: String,
+    pub keep_alive: Duration,
+    /// Largest payload accepted by the embedded broker, bytes (the contract's limit is 1 KiB;
+    /// larger ones are let in so they can be counted and quarantined).
+    pub max_payload_bytes: usize,
+    /// Messages buffered between the source and the pipeline.
+    pub queue_capacity: usize,
+}
+
+/// One embedded-broker account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUser {
+    pub username: String,
+    pub password: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            mode: MqttMode::Embedded,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            users: Vec::new(),
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: None,
+            password: None,
+            client_id: "citywatch-gateway".into(),
+            topic_filter: "citywatch/v1/#".into(),
+            keep_alive: Duration::secs(30),
+            max_payload_bytes: 64 * 1024,
+            queue_capacity: 16_384,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// Raw readings are kept this long.
+    pub raw_retention: Duration,
+    /// One-minute rollups are kept this long.
+    pub rollup_retention: Duration,
+    /// Most rows in one transaction.
+    pub batch_max_rows: usize,
+    /// Writes buffered ahead of the writer thread.
+    pub queue_capacity: usize,
+    /// Rejected messages kept in the quarantine table (oldest removed first).
+    pub quarantine_max_rows: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("./citywatch-data"),
+            raw_retention: Duration::secs(30 * 86_400),
+            // humantime's year is 365.25 days, so "2years" in example.toml is exactly this.
+            rollup_retention: Duration::secs(2 * 31_557_600),
+            batch_max_rows: 10_000,
+            queue_capacity: 4_096,
+            quarantine_max_rows: 100_000,
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Readings older than this when they arrive are stored as historical (a replay).
+    pub live_horizon: Duration,
+    /// Health: `stale` after this many intervals of silence.
+    pub stale_after_intervals: u32,
+    /// Health: `offline` after max(offline_after_intervals × interval, offline_min).
+    pub offline_after_intervals: u32,
+    pub offline_min: Duration,
+    /// Health: `stuck` when an analog metric has not changed for this long.
+    pub stuck_after: Duration,
+    /// Health: `low_battery` under this voltage.
+    pub battery_floor_v: f64,
+    /// Rejections of one reason are logged at most once per this period.
+    pub log_every: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            live_horizon: Duration::secs(300),
+            stale_after_intervals: 3,
+            offline_after_intervals: 3,
+            offline_min: Duration::secs(90),
+            stuck_after: Duration::secs(86_400),
+            battery_floor_v: 2.7,
+            log_every: Duration::secs(10),
+        }
+    }
+}
+
+/// A configuration error, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.display().to_string(), source })?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |key, reason: &str| Err(Error::Invalid { key, reason: reason.to_owned() });
+        if self.mqtt.mode == MqttMode::External && self.mqtt.url_host_port().is_err() {
+            return invalid("mqtt.url", "must look like mqtt://host:port");
+        }
+        if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
+            return invalid("mqtt.password", "needs mqtt.username");
+        }
+        if self.mqtt.queue_capacity == 0 {
+            return invalid("mqtt.queue_capacity", "must be at least 1");
+        }
+        if self.mqtt.client_id.is_empty() {
+            return invalid("mqtt.client_id", "must not be empty");
+        }
+        if self.storage.batch_max_rows == 0 {
+            return invalid("storage.batch_max_rows", "must be at least 1");
+        }
+        if self.storage.queue_capacity == 0 {
+            return invalid("storage.queue_capacity", "must be at least 1");
+        }
+        if self.storage.raw_retention.0 < std::time::Duration::from_secs(3600) {
+            return invalid("storage.raw_retention", "must be at least 1h");
+        }
+        if !(self.ingest.battery_floor_v.is_finite() && self.ingest.battery_floor_v > 0.0) {
+            return invalid("ingest.battery_floor_v", "must be a positive number of volts");
+        }
+        if self.ingest.stale_after_intervals == 0 || self.ingest.offline_after_intervals == 0 {
+            return invalid("ingest.offline_after_intervals", "intervals must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl MqttConfig {
+    /// Host and port of `url`.
+    pub fn url_host_port(&self) -> Result<(String, u16), String> {
+        let rest = self.url.strip_prefix("mqtt://").or_else(|| self.url.strip_prefix("tcp://")).ok_or("scheme must be mqtt://")?;
+        let (host, port) = rest.rsplit_once(':').ok_or("port missing")?;
+        let port: u16 = port.trim_end_matches('/').parse().map_err(|_| "port is not a number")?;
+        if host.is_empty() {
+            return Err("host missing".into());
+        }
+        Ok((host.trim_matches(|c| c == '[' || c == ']').to_owned(), port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::from_toml("").expect("valid"), Config::default());
+    }
+
+    #[test]
+    fn example_file_documents_every_default() {
+        let text = include_str!("../example.toml");
+        let parsed = Config::from_toml(text).expect("example.toml parses");
+        assert_eq!(parsed, Config::default(), "example.toml must show the defaults");
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let err = Config::from_toml("[mqtt]\nmodee = \"embedded\"\n").expect_err("unknown key");
+        assert!(err.to_string().contains("modee"), "{err}");
+        let err = Config::from_toml("[storage]\nraw_retention = \"soon\"\n").expect_err("bad duration");
+        assert!(err.to_string().contains("raw_retention") || err.to_string().contains("soon"), "{err}");
+        let err = Config::from_toml("[mqtt]\nmode = \"external\"\nurl = \"http://x\"\n").expect_err("bad url");
+        assert!(err.to_string().starts_with("mqtt.url"), "{err}");
+        let err = Config::from_toml("[ingest]\nbattery_floor_v = -1.0\n").expect_err("negative");
+        assert!(err.to_string().starts_with("ingest.battery_floor_v"), "{err}");
+    }
+
+    #[test]
+    fn external_url_is_split() {
+        let c = MqttConfig { url: "mqtt://broker.local:18830".into(), ..MqttConfig::default() };
+        assert_eq!(c.url_host_port(), Ok(("broker.local".into(), 18830)));
+    }
+}

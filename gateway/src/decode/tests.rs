@@ -1,0 +1,129 @@
+use std::sync::atomic::AtomicUsize;
+
+use super::*;
+
+fn stage() -> DecodeStage {
+    DecodeStage::new(Arc::new(Registry::new()), Arc::new(Metrics::new()), IngestConfig::default())
+}
+
+fn msg(topic: &str, payload: &str, received_ms: i64) -> Inbound {
+    Inbound { topic: topic.into(), payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), received_ms, ack: None }
+}
+
+const NOW: i64 = 1_800_000_000_000;
+const BIRTH: &str = r#"{"state":"online","kind":"gas_detector","fw":"0.1.0","interval_s":10}"#;
+
+fn quarantined(batch: &Batch) -> Vec<String> {
+    batch
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Quarantine(q) => Some(q.reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn birth_registers_and_telemetry_becomes_readings() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    s.handle(
+        msg("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":1,"ts":1799999999000,"values":{"gas_lel":3.5,"valve_closed":0},"battery_v":3.0}"#, NOW),
+        NOW,
+        &mut b,
+    );
+    let d = s.registry.get("gas-1").expect("registered");
+    assert_eq!((d.site.as_str(), d.kind, d.interval_s), ("xh", DeviceKind::GasDetector, 10));
+    assert_eq!(b.readings.len(), 3);
+    assert!(b.readings.iter().all(|r| &*r.device == "gas-1" && r.ts_ms == 1_799_999_999_000 && !r.historical));
+    assert_eq!(b.readings.iter().find(|r| r.metric == Metric::GasLel).map(|r| r.value), Some(3.5));
+    assert!(matches!(b.writes[0], Write::Device(ref r) if r.id == "gas-1"));
+    assert_eq!(s.metrics.readings.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn duplicates_are_dropped_and_gaps_counted() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    for seq in [1, 2, 2, 5] {
+        let body = format!(r#"{{"seq":{seq},"values":{{"gas_lel":1.0}}}}"#);
+        s.handle(msg("citywatch/v1/xh/gas-1/telemetry", &body, NOW), NOW, &mut b);
+    }
+    assert_eq!(b.readings.len(), 3, "seq 2 twice: stored once");
+    assert_eq!(s.metrics.duplicates.load(Ordering::Relaxed), 1);
+    assert_eq!(s.metrics.seq_gaps.load(Ordering::Relaxed), 2);
+    assert!(b.readings.iter().all(|r| r.ts_ms == NOW), "no ts: receive time");
+}
+
+#[test]
+fn bad_input_is_quarantined_with_its_reason_and_ingestion_goes_on() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    let cases = [
+        ("citywatch/v1/xh/gas-1/telemetry", "not json", "not_json"),
+        ("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":1,"values":{"gas_lel":NaN}}"#, "non_finite"),
+        ("citywatch/v1/x h/gas-1/telemetry", r#"{"seq":1,"values":{}}"#, "bad_topic"),
+        ("citywatch/v1/other-site/gas-1/telemetry", r#"{"seq":9,"values":{"gas_lel":1}}"#, "site_mismatch"),
+        ("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":10,"values":{"tilt_deg":1}}"#, "metric_not_for_kind"),
+        ("citywatch/v1/xh/mystery/event", r#"{"seq":1,"event":"tamper"}"#, "unknown_device"),
+    ];
+    for (topic, payload, _) in cases {
+        s.handle(msg(topic, payload, NOW), NOW, &mut b);
+    }
+    s.handle(msg("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":11,"values":{"gas_lel":2}}"#, NOW), NOW, &mut b);
+    let reasons = quarantined(&b);
+    let expected: Vec<String> = cases.iter().map(|c| c.2.to_owned()).collect();
+    assert_eq!(reasons, expected);
+    assert_eq!(b.readings.len(), 1, "the good message after them still lands");
+    assert_eq!(s.metrics.rejected_total(), cases.len() as u64);
+    let raw = b.writes.iter().find_map(|w| match w {
+        Write::Quarantine(q) if q.reason == "not_json" => Some(q.payload.clone()),
+        _ => None,
+    });
+    assert_eq!(raw.as_deref(), Some(&b"not json"[..]), "raw bytes kept");
+}
+
+#[test]
+fn telemetry_before_birth_registers_by_inferred_kind_and_late_readings_are_historical() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    let old = NOW - 3_600_000;
+    s.handle(msg("citywatch/v1/xh/smk-1/telemetry", &format!(r#"{{"seq":1,"ts":{old},"values":{{"smoke_db_m":0.01}}}}"#), NOW), NOW, &mut b);
+    assert_eq!(s.registry.get("smk-1").map(|d| d.kind), Some(DeviceKind::SmokeDetector));
+    assert!(b.readings[0].historical);
+    assert_eq!(s.metrics.historical.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn will_marks_offline_and_events_update_health() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    s.handle(msg("citywatch/v1/xh/gas-1/event", r#"{"seq":1,"event":"fault","metric":"gas_lel"}"#, NOW), NOW, &mut b);
+    assert!(s.registry.get("gas-1").expect("known").faulted);
+    s.handle(msg("citywatch/v1/xh/gas-1/status", r#"{"state":"offline","kind":"gas_detector"}"#, NOW), NOW, &mut b);
+    assert_eq!(s.registry.get("gas-1").expect("known").link, LinkState::Offline);
+    assert!(b.writes.iter().any(|w| matches!(w, Write::Event(e) if e.event == citywatch_edge::wire::EventKind::Fault)));
+}
+
+#[test]
+fn acks_are_collected_even_for_rejected_and_own_messages() {
+    let fired = Arc::new(AtomicUsize::new(0));
+    let mut s = stage();
+    let mut b = Batch::default();
+    for (topic, payload) in [("citywatch/v1/xh/gas-1/status", BIRTH), ("citywatch/v1/xh/gas-1/telemetry", "junk"), ("citywatch/v1/ops/incidents", "{}")] {
+        let f = Arc::clone(&fired);
+        let mut m = msg(topic, payload, NOW);
+        m.ack = Some(Ack::new(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+        }));
+        s.handle(m, NOW, &mut b);
+    }
+    assert_eq!(b.acks.len(), 3);
+    assert_eq!(fired.load(Ordering::SeqCst), 0, "nothing acknowledged before the store commits");
+    assert_eq!(quarantined(&b), ["not_json"], "the ops topic is ours, not device input");
+}

@@ -1,0 +1,18 @@
+//! Citywatch gateway: watches a city's gas alarms, smoke detectors and siren mounts.
+//!
+//! The flow, one stage per module:
+//! [`sources`] (embedded broker or external MQTT) → [`ingest::Inbound`] → [`decode`] (wire
+//! contract, duplicates, quarantine, [`registry`] of devices and their health) → [`store`]
+//! (SQLite time series; QoS 1 acks fire after commit). Beside them: [`api`] (HTTP, read side),
+//! [`metrics`] (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the
+//! stages together and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
+
+pub mod api;
+pub mod config;
+pub mod decode;
+pub mod gateway;
+pub mod ingest;
+pub mod metrics;
+pub mod registry;
+pub mod sources;
+pub mod store;

@@ -1,0 +1,395 @@
+//! The device registry: every device the gateway has heard of, what it last said, and its
+//! derived sensor health.
+//!
+//! Devices register themselves with their `status` birth (kind, firmware, interval); a device
+//! that sends telemetry first is registered with the kind its metrics imply. The decode stage
+//! updates it per message; the API reads snapshots. Health is derived on read from times and
+//! flags, so nothing has to tick for a device to turn `stale` or `offline`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use citywatch_edge::wire::{DeviceKind, EventKind, LinkState, Metric};
+use serde::{Deserialize, Serialize};
+
+use crate::config::IngestConfig;
+use crate::store::DeviceRecord;
+
+/// A device's health, worst first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Offline,
+    Faulted,
+    Stale,
+    LowBattery,
+    Stuck,
+    Online,
+}
+
+impl Health {
+    pub const ALL: [Health; 6] = [Health::Offline, Health::Faulted, Health::Stale, Health::LowBattery, Health::Stuck, Health::Online];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Offline => "offline",
+            Health::Faulted => "faulted",
+            Health::Stale => "stale",
+            Health::LowBattery => "low_battery",
+            Health::Stuck => "stuck",
+            Health::Online => "online",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Health> {
+        Health::ALL.into_iter().find(|h| h.as_str() == text)
+    }
+}
+
+/// The last value of one metric and since when it has not changed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LastValue {
+    pub value: f64,
+    pub ts_ms: i64,
+    /// Time of the first reading with exactly this value (for `stuck`).
+    pub unchanged_since_ms: i64,
+}
+
+/// Everything the registry knows about one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub site: String,
+    pub kind: DeviceKind,
+    pub fw: Option<String>,
+    pub interval_s: u32,
+    pub location: Option<String>,
+    pub install_date: Option<String>,
+    /// What the device last announced on `status` (the will says offline).
+    pub link: LinkState,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub last_seq: Option<u32>,
+    pub seq_gaps: u64,
+    pub duplicates: u64,
+    pub battery_v: Option<f64>,
+    pub rssi_dbm: Option<f64>,
+    pub faulted: bool,
+    pub low_battery_event: bool,
+    pub values: BTreeMap<Metric, LastValue>,
+}
+
+/// What the decode stage learnt from a `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// New: process it. `gap` messages were skipped before it.
+    Fresh { gap: u32 },
+    /// Already seen: drop it.
+    Duplicate,
+}
+
+/// How far behind the last `seq` a message still counts as a duplicate; further back means
+/// the device restarted its counter (a reboot), and the message is fresh.
+pub const DUPLICATE_WINDOW: u32 = 1024;
+
+impl Device {
+    pub fn new(id: &str, site: &str, kind: DeviceKind, now_ms: i64) -> Self {
+        Device {
+            id: id.to_owned(),
+            site: site.to_owned(),
+            kind,
+            fw: None,
+            interval_s: 60,
+            location: None,
+            install_date: None,
+            link: LinkState::Online,
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            last_seq: None,
+            seq_gaps: 0,
+            duplicates: 0,
+            battery_v: None,
+            rssi_dbm: None,
+            faulted: false,
+            low_battery_event: false,
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// Classifies `seq` and advances the device's counter.
+    pub fn check_seq(&mut self, seq: u32) -> SeqCheck {
+        let Some(last) = self.last_seq else {
+            self.last_seq = Some(seq);
+            return SeqCheck::Fresh { gap: 0 };
+        };
+        let behind = last.wrapping_sub(seq);
+        if behind < DUPLICATE_WINDOW {
+            self.duplicates += 1;
+            return SeqCheck::Duplicate;
+        }
+        let ahead = seq.wrapping_sub(last);
+        self.last_seq = Some(seq);
+        if ahead < u32::MAX / 2 {
+            let gap = ahead - 1;
+            self.seq_gaps += u64::from(gap);
+            SeqCheck::Fresh { gap }
+        } else {
+            // Far behind: the device rebooted and counts from zero again.
+            SeqCheck::Fresh { gap: 0 }
+        }
+    }
+
+    /// Records a reading of `metric`.
+    pub fn observe(&mut self, metric: Metric, value: f64, ts_ms: i64) {
+        match metric {
+            Metric::BatteryV => self.battery_v = Some(value),
+            Metric::RssiDbm => self.rssi_dbm = Some(value),
+            _ => {}
+        }
+        let entry = self.values.entry(metric).or_insert(LastValue { value, ts_ms, unchanged_since_ms: ts_ms });
+        if ts_ms < entry.ts_ms {
+            return; // a replayed reading does not overwrite a newer one
+        }
+        if entry.value != value {
+            entry.unchanged_since_ms = ts_ms;
+        }
+        entry.value = value;
+        entry.ts_ms = ts_ms;
+    }
+
+    /// Records an event's effect on health.
+    pub fn on_event(&mut self, event: EventKind) {
+        match event {
+            EventKind::Fault | EventKind::SelfTestFailed => self.faulted = true,
+            EventKind::FaultCleared | EventKind::SelfTestOk => self.faulted = false,
+            EventKind::LowBattery => self.low_battery_event = true,
+            _ => {}
+        }
+    }
+
+    /// Milliseconds of silence after which the device is offline: max(n × interval, minimum).
+    pub fn offline_after_ms(&self, cfg: &IngestConfig) -> i64 {
+        (i64::from(self.interval_s) * 1000 * i64::from(cfg.offline_after_intervals)).max(cfg.offline_min.as_ms())
+    }
+
+    /// Every health condition that holds at `now_ms`, worst first; `[Online]` when none.
+    pub fn health_flags(&self, now_ms: i64, cfg: &IngestConfig) -> Vec<Health> {
+        let silent = now_ms - self.last_seen_ms;
+        let mut flags = Vec::new();
+        if self.link == LinkState::Offline || silent > self.offline_after_ms(cfg) {
+            flags.push(Health::Offline);
+        }
+        if self.faulted {
+            flags.push(Health::Faulted);
+        }
+        if silent > i64::from(self.interval_s) * 1000 * i64::from(cfg.stale_after_intervals) && !flags.contains(&Health::Offline) {
+            flags.push(Health::Stale);
+        }
+        if self.low_battery_event || self.battery_v.is_some_and(|v| v < cfg.battery_floor_v) {
+            flags.push(Health::LowBattery);
+        }
+        let stuck_ms = cfg.stuck_after.as_ms();
+        let stuck = self.values.iter().any(|(m, v)| {
+            m.is_analog() && !matches!(m, Metric::BatteryV | Metric::RssiDbm) && v.ts_ms - v.unchanged_since_ms >= stuck_ms
+        });
+        if stuck {
+            flags.push(Health::Stuck);
+        }
+        if flags.is_empty() {
+            flags.push(Health::Online);
+        }
+        flags
+    }
+
+    /// The worst health condition.
+    pub fn health(&self, now_ms: i64, cfg: &IngestConfig) -> Health {
+        self.health_flags(now_ms, cfg)[0]
+    }
+
+    /// The persistent form.
+    pub fn to_record(&self) -> DeviceRecord {
+        DeviceRecord {
+            id: self.id.clone(),
+            site: self.site.clone(),
+            kind: self.kind,
+            fw: self.fw.clone(),
+            interval_s: self.interval_s,
+            location: self.location.clone(),
+            install_date: self.install_date.clone(),
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            state_json: serde_json::to_string(self).unwrap_or_default(),
+        }
+    }
+
+    /// Back from the persistent form (falls back to the columns when the state blob is unreadable).
+    pub fn from_record(record: &DeviceRecord) -> Device {
+        serde_json::from_str(&record.state_json).unwrap_or_else(|_| {
+            let mut d = Device::new(&record.id, &record.site, record.kind, record.first_seen_ms);
+            d.fw = record.fw.clone();
+            d.interval_s = record.interval_s;
+            d.location = record.location.clone();
+            d.install_date = record.install_date.clone();
+            d.last_seen_ms = record.last_seen_ms;
+            d
+        })
+    }
+}
+
+/// The kind a device's metrics imply, for devices heard before their birth.
+pub fn infer_kind(metrics: impl IntoIterator<Item = Metric>) -> Option<DeviceKind> {
+    metrics.into_iter().find_map(|m| match m {
+        Metric::GasLel | Metric::ValveClosed => Some(DeviceKind::GasDetector),
+        Metric::SmokeDbM | Metric::CoPpm => Some(DeviceKind::SmokeDetector),
+        Metric::TiltDeg | Metric::VibrationMg | Metric::CorrosionUm | Metric::SectionLossPct => Some(DeviceKind::SirenMount),
+        _ => None,
+    })
+}
+
+/// All devices, shared between the decode stage (writer) and the API (readers).
+#[derive(Debug, Default)]
+pub struct Registry {
+    devices: RwLock<HashMap<Arc<str>, Device>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Loads persisted devices (at startup).
+    pub fn load(&self, records: impl IntoIterator<Item = DeviceRecord>) {
+        if let Ok(mut map) = self.devices.write() {
+            for r in records {
+                map.insert(Arc::from(r.id.as_str()), Device::from_record(&r));
+            }
+        }
+    }
+
+    /// Runs `f` on the device, if known.
+    pub fn with_device<T>(&self, id: &str, f: impl FnOnce(&mut Device) -> T) -> Option<T> {
+        let mut map = self.devices.write().ok()?;
+        map.get_mut(id).map(f)
+    }
+
+    /// Runs `f` on the device, creating it with `make` when unknown. Returns the shared id too.
+    pub fn upsert<T>(&self, id: &str, make: impl FnOnce() -> Device, f: impl FnOnce(&mut Device) -> T) -> Option<(Arc<str>, T)> {
+        let mut map = self.devices.write().ok()?;
+        let key = match map.get_key_value(id) {
+            Some((key, _)) => Arc::clone(key),
+            None => {
+                let key: Arc<str> = Arc::from(id);
+                map.insert(Arc::clone(&key), make());
+                key
+            }
+        };
+        let device = map.get_mut(&key)?;
+        Some((Arc::clone(&key), f(device)))
+    }
+
+    /// A copy of one device.
+    pub fn get(&self, id: &str) -> Option<Device> {
+        self.devices.read().ok()?.get(id).cloned()
+    }
+
+    /// Copies of all devices matching `keep`, sorted by id.
+    pub fn list(&self, mut keep: impl FnMut(&Device) -> bool) -> Vec<Device> {
+        let Ok(map) = self.devices.read() else { return Vec::new() };
+        let mut out: Vec<Device> = map.values().filter(|d| keep(d)).cloned().collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> IngestConfig {
+        IngestConfig::default()
+    }
+
+    #[test]
+    fn seq_detects_duplicates_gaps_and_reboots() {
+        let mut d = Device::new("d", "s", DeviceKind::GasDetector, 0);
+        assert_eq!(d.check_seq(10), SeqCheck::Fresh { gap: 0 });
+        assert_eq!(d.check_seq(11), SeqCheck::Fresh { gap: 0 });
+        assert_eq!(d.check_seq(11), SeqCheck::Duplicate);
+        assert_eq!(d.check_seq(5), SeqCheck::Duplicate);
+        assert_eq!(d.check_seq(15), SeqCheck::Fresh { gap: 3 });
+        assert_eq!(d.seq_gaps, 3);
+        assert_eq!(d.duplicates, 2);
+        // wraps
+        d.last_seq = Some(u32::MAX);
+        assert_eq!(d.check_seq(0), SeqCheck::Fresh { gap: 0 });
+        // reboot: far behind
+        d.last_seq = Some(50_000);
+        assert_eq!(d.check_seq(0), SeqCheck::Fresh { gap: 0 });
+        assert_eq!(d.last_seq, Some(0));
+    }
+
+    #[test]
+    fn health_follows_time_and_flags() {
+        let c = cfg();
+        let mut d = Device::new("d", "s", DeviceKind::SmokeDetector, 0);
+        d.interval_s = 10;
+        d.last_seen_ms = 1_000_000;
+        assert_eq!(d.health(1_000_000 + 5_000, &c), Health::Online);
+        assert_eq!(d.health(1_000_000 + 31_000, &c), Health::Stale);
+        assert_eq!(d.health(1_000_000 + 91_000, &c), Health::Offline, "max(3 × 10 s, 90 s)");
+        d.battery_v = Some(2.5);
+        assert_eq!(d.health_flags(1_000_000, &c), vec![Health::LowBattery]);
+        d.on_event(EventKind::Fault);
+        assert_eq!(d.health(1_000_000, &c), Health::Faulted);
+        d.on_event(EventKind::FaultCleared);
+        d.link = LinkState::Offline;
+        assert_eq!(d.health(1_000_000, &c), Health::Offline);
+    }
+
+    #[test]
+    fn stuck_needs_a_day_without_change_on_an_analog_metric() {
+        let c = cfg();
+        let mut d = Device::new("d", "s", DeviceKind::SmokeDetector, 0);
+        d.interval_s = 60;
+        let day = 86_400_000;
+        d.observe(Metric::SmokeDbM, 0.01, 0);
+        d.observe(Metric::SmokeDbM, 0.01, day);
+        d.last_seen_ms = day;
+        assert!(d.health_flags(day, &c).contains(&Health::Stuck));
+        d.observe(Metric::SmokeDbM, 0.02, day + 1);
+        assert!(!d.health_flags(day + 1, &c).contains(&Health::Stuck));
+        // valve position never "sticks"
+        let mut g = Device::new("g", "s", DeviceKind::GasDetector, 0);
+        g.observe(Metric::ValveClosed, 0.0, 0);
+        g.observe(Metric::ValveClosed, 0.0, 2 * day);
+        g.last_seen_ms = 2 * day;
+        assert!(!g.health_flags(2 * day, &c).contains(&Health::Stuck));
+    }
+
+    #[test]
+    fn a_replayed_reading_does_not_overwrite_a_newer_one() {
+        let mut d = Device::new("d", "s", DeviceKind::GasDetector, 0);
+        d.observe(Metric::GasLel, 5.0, 2_000);
+        d.observe(Metric::GasLel, 1.0, 1_000);
+        assert_eq!(d.values[&Metric::GasLel].value, 5.0);
+    }
+
+    #[test]
+    fn records_round_trip_and_registry_loads_them() {
+        let mut d = Device::new("d-1", "s", DeviceKind::SirenMount, 5);
+        d.observe(Metric::TiltDeg, 0.1, 10);
+        d.last_seq = Some(9);
+        let reg = Registry::new();
+        reg.load([d.to_record()]);
+        assert_eq!(reg.get("d-1"), Some(d));
+        assert_eq!(infer_kind([Metric::BatteryV, Metric::CoPpm]), Some(DeviceKind::SmokeDetector));
+    }
+}

@@ -1,0 +1,150 @@
+//! The embedded time-series store: readings, device events, the device registry's records and
+//! the quarantine of rejected input.
+//!
+//! Writes go through a [`StoreWriter`] (a bounded channel into one writer thread that batches
+//! many rows per transaction); reads go through [`Store`]. Acks ride along with writes and
+//! fire after the commit that made their message durable. The InfluxDB sink (another issue)
+//! is a second consumer, not a replacement.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use citywatch_edge::wire::{DeviceKind, EventKind, Metric};
+
+use crate::ingest::Ack;
+
+pub use sqlite::{SqliteStore, StoreOptions};
+pub use sqlite::StoreWriter;
+
+/// One metric value of one device at one time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub device: Arc<str>,
+    pub metric: Metric,
+    /// Device time (or receive time when the device sent none), ms since epoch.
+    pub ts_ms: i64,
+    pub value: f64,
+    /// Arrived later than the live horizon (a replay from a device buffer).
+    pub historical: bool,
+}
+
+/// A device event as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub device: Arc<str>,
+    pub ts_ms: i64,
+    pub seq: u32,
+    pub event: EventKind,
+    pub metric: Option<Metric>,
+    pub value: Option<f64>,
+    /// Command id, on `cmd_ack`.
+    pub cmd_id: Option<String>,
+}
+
+/// Rejected input kept for inspection, raw bytes included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantineEntry {
+    /// Assigned by the store; 0 before insertion.
+    pub id: i64,
+    pub received_ms: i64,
+    pub topic: String,
+    pub reason: String,
+    pub payload: Bytes,
+}
+
+/// What the registry keeps about a device, persisted so it survives restarts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub site: String,
+    pub kind: DeviceKind,
+    pub fw: Option<String>,
+    pub interval_s: u32,
+    pub location: Option<String>,
+    pub install_date: Option<String>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    /// Whatever else the registry wants to survive a restart (last values, health inputs).
+    pub state_json: String,
+}
+
+/// One unit of work for the writer thread.
+#[derive(Debug)]
+pub enum Write {
+    Readings(Vec<Reading>),
+    Event(EventRecord),
+    Quarantine(QuarantineEntry),
+    Device(DeviceRecord),
+    /// Fire after everything sent before it is committed.
+    Ack(Ack),
+}
+
+/// How to aggregate readings into steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Min,
+    Max,
+    Avg,
+    Last,
+}
+
+/// A readings query: `[from_ms, to_ms)`, optionally in steps of `step_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingQuery {
+    pub device: String,
+    pub metric: Metric,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// `None`: raw points. `Some(step)`: one point per step with min/max/avg/last/count.
+    pub step_ms: Option<i64>,
+    /// Most points returned (raw) — the oldest first.
+    pub limit: usize,
+}
+
+/// One point of a query answer. Raw points have min = max = avg = last = the value, count 1.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Point {
+    /// Start of the step (raw: the reading's time), ms since epoch.
+    pub ts_ms: i64,
+    pub min: f64,
+    pub max: f64,
+    pub avg: f64,
+    pub last: f64,
+    pub count: u64,
+}
+
+/// Counters the store exposes for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StoreStats {
+    pub readings_written: u64,
+    pub events_written: u64,
+    pub quarantined: u64,
+    pub batches: u64,
+    /// Duration of the last commit and the slowest since start, microseconds.
+    pub last_batch_us: u64,
+    pub max_batch_us: u64,
+    /// Rows in the last batch.
+    pub last_batch_rows: u64,
+    /// Messages waiting in the writer's channel.
+    pub queue_depth: u64,
+    pub queue_capacity: u64,
+    /// Write errors (each logged once); the writer keeps going.
+    pub write_errors: u64,
+}
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("the store writer has stopped")]
+    WriterGone,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
