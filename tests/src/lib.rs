@@ -4,6 +4,7 @@
 //! meant for anything but tests.
 
 mod bins;
+mod gateway;
 mod mosquitto;
 mod process;
 mod subscriber;
@@ -11,6 +12,7 @@ mod subscriber;
 use std::time::Duration;
 
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
+pub use gateway::GatewayProcess;
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use rumqttc::QoS;

@@ -215,7 +215,7 @@ fn rollups_equal_raw_aggregation() {
         let rolled = store.readings(&query("t", Metric::TempC, from, to, Some(step))).expect("rollups");
         assert_eq!(rolled, aggregate(&raw, from, step), "step {step}");
     }
-    let c = fresh_count(&store.db_path().to_path_buf(), "SELECT count(*) FROM rollup_1m");
+    let c = fresh_count(store.db_path(), "SELECT count(*) FROM rollup_1m");
     assert_eq!(c, 20);
     drop(w);
     store.close().expect("close");
