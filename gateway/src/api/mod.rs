@@ -309,7 +309,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let st = s.store.stats();
     let (depth, capacity) = (s.source_queue)();
     let now = now_ms();
-    let mut extra: Vec<(&str, &str, f64)> = vec![
+    let extra: Vec<(&str, &str, f64)> = vec![
         ("citywatch_ingest_queue_depth", "Messages waiting between the MQTT source and the decode stage.", depth as f64),
         ("citywatch_ingest_queue_capacity", "Capacity of the ingest queue.", capacity as f64),
         ("citywatch_store_queue_depth", "Writes waiting for the store writer.", st.queue_depth as f64),
@@ -331,7 +331,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         .iter()
         .map(|h| (format!("citywatch_devices_by_health{{health=\"{}\"}}", h.as_str()), by_health.get(h).copied().unwrap_or(0) as f64))
         .collect();
-    let mut text = s.metrics.render(&extra.drain(..).collect::<Vec<_>>());
+    let mut text = s.metrics.render(&extra);
     text.push_str("# HELP citywatch_devices_by_health Devices by their worst health condition.\n# TYPE citywatch_devices_by_health gauge\n");
     for (name, v) in health_lines {
         text.push_str(&format!("{name} {v}\n"));

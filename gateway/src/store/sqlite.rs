@@ -175,8 +175,8 @@ impl StoreWriter {
 /// VM (2 cores, ext4 on virtio) the writer alone did:
 /// - `live`, 1000 devices × 3 metrics round-robin (every batch touches all 3000 series):
 ///   ~90–130k rows/s with `FULL`, ~110–150k with `NORMAL`; batches take up to ~230 ms.
-/// - `replay`, a batch holding ~3 devices' consecutive points: ~580–710k rows/s with `FULL`,
-///   ~620–750k with `NORMAL`; batches ≤ ~35 ms.
+/// - `replay`, a batch holding ~3 devices' consecutive points: ~580–760k rows/s with `FULL`,
+///   ~620k–1.1M with `NORMAL`; batches ≤ ~55 ms.
 ///
 /// The `live` ceiling is write amplification, not CPU: a transaction writes every page it
 /// dirties to the WAL, and clustering by `(device, metric, ts)` puts each series' newest rows on
