@@ -130,7 +130,8 @@ pub struct StorageConfig {
     pub rollup_retention: Duration,
     /// Most rows in one transaction.
     pub batch_max_rows: usize,
-    /// Writes buffered ahead of the writer thread.
+    /// Writes buffered ahead of the writer thread. One write is a whole decode batch (up to
+    /// ~10k readings), so this bounds memory: 128 × 10k readings of ~40 bytes ≈ 50 MB.
     pub queue_capacity: usize,
     /// Rejected messages kept in the quarantine table (oldest removed first).
     pub quarantine_max_rows: usize,
@@ -144,7 +145,7 @@ impl Default for StorageConfig {
             // humantime's year is 365.25 days, so "2years" in example.toml is exactly this.
             rollup_retention: Duration::secs(2 * 31_557_600),
             batch_max_rows: 10_000,
-            queue_capacity: 4_096,
+            queue_capacity: 128,
             quarantine_max_rows: 100_000,
         }
     }

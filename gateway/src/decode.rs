@@ -247,8 +247,10 @@ pub async fn send_batch(store: &StoreWriter, batch: Batch) -> crate::store::Resu
     for w in batch.writes {
         store.send(w).await?;
     }
-    for a in batch.acks {
-        store.send(Write::Ack(a)).await?;
+    if !batch.acks.is_empty() {
+        // One write for the whole batch's acks: they fire together after its commit.
+        let acks = batch.acks;
+        store.send(Write::Ack(Ack::new(move || acks.into_iter().for_each(Ack::done)))).await?;
     }
     Ok(())
 }

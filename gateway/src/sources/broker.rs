@@ -1,19 +1,6 @@
 //! The embedded MQTT broker (rumqttd 0.20): devices connect to the gateway itself.
 //! An in-process link subscribed to the topic filter forwards every publish into the pipeline's
 //! bounded channel; a second in-process link publishes gateway → device commands.
-//!
-//! What rumqttd gives and does not give, measured in `tests.rs`:
-//! - Devices get MQTT 3.1.1 on `cfg.listen`, username/password auth (when `cfg.users` is not
-//!   empty), retained messages and Last Will (sent when a connection drops without DISCONNECT).
-//! - The broker keeps every filter's messages in an in-memory commit log; a device's QoS 1
-//!   publish is PUBACKed once it is in that log, not once the gateway has stored it. The log of
-//!   the gateway's filter holds [`GATEWAY_LOG_SEGMENT_BYTES`] × [`GATEWAY_LOG_SEGMENTS`] bytes;
-//!   if the pipeline falls further behind than that, rumqttd evicts the oldest messages. Such
-//!   losses are detected from the log offsets and counted in [`BrokerStats::dropped`].
-//!   Subscribing the local link at QoS 1 would not change that (the log evicts regardless of
-//!   acks), so it subscribes at QoS 0 and uses rumqttd's own flow control (`Unschedule` → `Ready`).
-//! - rumqttd has no shutdown: the broker threads and the listening socket live until the process
-//!   exits. Dropping [`EmbeddedBroker`] only stops the forwarder and detaches its links.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -68,8 +55,20 @@ pub struct BrokerStats {
     pub dropped: AtomicU64,
 }
 
-/// The running embedded broker. The broker itself lives until the process exits (rumqttd cannot
-/// be stopped); dropping this stops forwarding.
+/// The running embedded broker.
+///
+/// What rumqttd gives and does not give (each point is exercised in `tests.rs`):
+/// - Devices get MQTT 3.1.1 on `cfg.listen`, username/password auth (when `cfg.users` is not
+///   empty), retained messages and Last Will (sent when a connection drops without DISCONNECT).
+/// - The broker keeps every filter's messages in an in-memory commit log; a device's QoS 1
+///   publish is PUBACKed once it is in that log, not once the gateway has stored it. The log of
+///   the gateway's filter holds [`GATEWAY_LOG_SEGMENT_BYTES`] × [`GATEWAY_LOG_SEGMENTS`] bytes;
+///   if the pipeline falls further behind than that, rumqttd evicts the oldest messages. Such
+///   losses are detected from the log offsets and counted in [`BrokerStats::dropped`].
+///   Subscribing the local link at QoS 1 would not change that (the log evicts regardless of
+///   acks), so it subscribes at QoS 0 and uses rumqttd's own flow control (`Unschedule` → `Ready`).
+/// - rumqttd has no shutdown: the broker threads and the listening socket live until the process
+///   exits. Dropping this only stops the forwarder and detaches the ingest link.
 pub struct EmbeddedBroker {
     addr: SocketAddr,
     commands: Mutex<LinkTx>,
@@ -89,7 +88,8 @@ impl std::fmt::Debug for EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts the broker on `cfg.listen`, subscribes the gateway to `cfg.topic_filter` and
     /// forwards every publish into `out` (awaiting space: a full channel pauses forwarding).
-    /// Returns once the listener accepts TCP connections. Must be called inside a tokio runtime.
+    /// Returns once the listener accepts TCP connections (blocks the calling thread up to 10 s
+    /// while polling for that). Must be called inside a tokio runtime.
     /// Port 0 picks a free port (see [`EmbeddedBroker::local_addr`]).
     pub fn start(cfg: &MqttConfig, out: mpsc::Sender<Inbound>) -> Result<EmbeddedBroker> {
         Self::start_with_log(cfg, out, Some(&cfg.topic_filter), GATEWAY_LOG_SEGMENT_BYTES, GATEWAY_LOG_SEGMENTS)

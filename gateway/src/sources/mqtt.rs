@@ -1,14 +1,6 @@
 //! The external-broker source (rumqttc 0.25): the gateway subscribes to Mosquitto, EMQX or
 //! another broker under a persistent session, and acknowledges each QoS 1 message only when the
 //! pipeline has stored it, so an unacknowledged message is redelivered after a reconnect.
-//!
-//! Backpressure choice: the task that polls rumqttc's `EventLoop` also awaits space in `out`.
-//! While the pipeline is full the socket is not read, so TCP pushes back on the broker (and the
-//! broker's QoS 1 in-flight window stops it early). The cost: rumqttc sends keep-alive pings
-//! only while polled, so a stall longer than ~1.5 × `keep_alive` makes the broker drop the
-//! connection; the client then reconnects and the broker redelivers every unacknowledged
-//! message (at-least-once holds; the pipeline sees duplicates). The alternative, reading on into
-//! an unbounded buffer, trades that for unbounded memory with QoS 0 traffic.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,13 +85,25 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
 /// Subscribes to `cfg.topic_filter` at the external broker and forwards messages into `out`
 /// until `shutdown` becomes true (or its sender is dropped), then disconnects cleanly.
 /// Reconnects by itself with capped exponential backoff; returns an error only for bad settings.
+///
+/// Backpressure choice: the task that polls rumqttc's `EventLoop` also awaits space in `out`.
+/// While the pipeline is full the socket is not read, so TCP pushes back on the broker (and the
+/// broker's QoS 1 in-flight window stops it early). The cost: rumqttc sends keep-alive pings
+/// only while polled, so a stall longer than ~1.5 × `keep_alive` makes the broker drop the
+/// connection; the client then reconnects and the broker redelivers every unacknowledged
+/// message (at-least-once holds; the pipeline sees duplicates). The alternative, reading on into
+/// an unbounded buffer, trades that for unbounded memory with QoS 0 traffic.
+///
+/// Payloads up to `max_payload_bytes` (plus 64 KiB for the topic) are accepted; a bigger one
+/// breaks the connection and, being unacknowledged, comes back after every reconnect: keep the
+/// broker's own `message_size_limit` at or below `max_payload_bytes`.
 pub async fn run(cfg: MqttConfig, out: mpsc::Sender<Inbound>, shutdown: watch::Receiver<bool>) -> Result<()> {
     let (_publisher, source) = connect(&cfg)?;
     source.run(out, shutdown).await
 }
 
 impl ExternalSource {
-    /// See [`run`].
+    /// See [`crate::sources::mqtt::run`].
     pub async fn run(self, out: mpsc::Sender<Inbound>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let ExternalSource { cfg, client, mut eventloop } = self;
         let runtime = tokio::runtime::Handle::current();

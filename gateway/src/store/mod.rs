@@ -2,7 +2,7 @@
 //! the quarantine of rejected input.
 //!
 //! Writes go through a [`StoreWriter`] (a bounded channel into one writer thread that batches
-//! many rows per transaction); reads go through [`Store`]. Acks ride along with writes and
+//! many rows per transaction); reads go through [`SqliteStore`]. Acks ride along with writes and
 //! fire after the commit that made their message durable. The InfluxDB sink (another issue)
 //! is a second consumer, not a replacement.
 
