@@ -111,6 +111,7 @@ impl Gateway {
             .await
             .map_err(|source| Error::Http { addr: config.http.listen, source })?;
         let http_addr = listener.local_addr().map_err(|source| Error::Http { addr: config.http.listen, source })?;
+        let broker_stats = broker.as_ref().map(EmbeddedBroker::stats);
         let state = ApiState {
             registry: Arc::clone(&registry),
             store: Arc::clone(&store),
@@ -118,6 +119,7 @@ impl Gateway {
             ingest: config.ingest.clone(),
             started,
             source_queue: Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity())),
+            broker: broker_stats,
         };
         let mut http_stop = stop_rx.clone();
         tasks.push((

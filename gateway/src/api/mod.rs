@@ -35,6 +35,8 @@ pub struct ApiState {
     pub started: Instant,
     /// Messages waiting between the source and the decode stage: (depth, capacity).
     pub source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync>,
+    /// The embedded broker's counters, in embedded mode.
+    pub broker: Option<Arc<crate::sources::broker::BrokerStats>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -332,6 +334,15 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         .map(|h| (format!("citywatch_devices_by_health{{health=\"{}\"}}", h.as_str()), by_health.get(h).copied().unwrap_or(0) as f64))
         .collect();
     let mut text = s.metrics.render(&extra);
+    if let Some(b) = &s.broker {
+        use std::sync::atomic::Ordering::Relaxed;
+        text.push_str(&format!(
+            "# HELP citywatch_broker_forwarded_total Publishes the embedded broker handed to the gateway.\n# TYPE citywatch_broker_forwarded_total counter\ncitywatch_broker_forwarded_total {}\n\
+             # HELP citywatch_broker_dropped_total Publishes the embedded broker lost before the gateway read them, by reason.\n# TYPE citywatch_broker_dropped_total counter\ncitywatch_broker_dropped_total{{reason=\"log_evicted\"}} {}\n",
+            b.forwarded.load(Relaxed),
+            b.dropped.load(Relaxed)
+        ));
+    }
     text.push_str("# HELP citywatch_devices_by_health Devices by their worst health condition.\n# TYPE citywatch_devices_by_health gauge\n");
     for (name, v) in health_lines {
         text.push_str(&format!("{name} {v}\n"));

@@ -54,6 +54,7 @@ async fn fixture() -> Fixture {
         ingest: IngestConfig::default(),
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
+        broker: Some(Arc::new(crate::sources::broker::BrokerStats::default())),
     };
     Fixture { _dir: dir, state, writer: Some(writer) }
 }
@@ -131,6 +132,7 @@ async fn quarantine_metrics_health_openapi() {
     let text = body.as_str().expect("text");
     assert!(text.contains("citywatch_devices_by_health{health=\"offline\"} 1"), "{text}");
     assert!(text.contains("citywatch_store_readings_written 10"), "{text}");
+    assert!(text.contains("citywatch_broker_dropped_total{reason=\"log_evicted\"} 0"), "{text}");
     let (status, body) = get(&f.state, "/api/v1/health").await;
     assert_eq!((status, body["devices"].as_u64()), (StatusCode::OK, Some(2)));
     let (_, doc) = get(&f.state, "/api/v1/openapi.json").await;
