@@ -79,6 +79,16 @@ fn events(log: &DeviceLog) -> Vec<(EventKind, Option<Metric>, Option<f64>)> {
         .collect()
 }
 
+fn link_states(log: &DeviceLog) -> Vec<LinkState> {
+    log.uplinks
+        .iter()
+        .filter_map(|(u, _)| match u {
+            Uplink::Status(s) => Some(s.state),
+            _ => None,
+        })
+        .collect()
+}
+
 fn seqs(log: &DeviceLog) -> Vec<u32> {
     log.uplinks.iter().filter_map(|(u, _)| u.seq()).collect()
 }
@@ -163,14 +173,7 @@ async fn gas_leak_fleet_follows_the_contract_and_answers_commands() {
 
     // Births are retained-capable status messages, and the deliberate stop says offline.
     for (device, log) in &devices {
-        let states: Vec<LinkState> = log
-            .uplinks
-            .iter()
-            .filter_map(|(u, _)| match u {
-                Uplink::Status(s) => Some(s.state),
-                _ => None,
-            })
-            .collect();
+        let states = link_states(log);
         assert_eq!(states.first(), Some(&LinkState::Online), "{device}");
         assert_eq!(states.last(), Some(&LinkState::Offline), "{device}");
     }
@@ -194,14 +197,7 @@ async fn offline_scenario_replays_every_buffered_reading_after_reconnect() {
 
     for (device, log) in &devices {
         // online → offline (the will, sent by the broker) → online → offline (goodbye).
-        let states: Vec<LinkState> = log
-            .uplinks
-            .iter()
-            .filter_map(|(u, _)| match u {
-                Uplink::Status(s) => Some(s.state),
-                _ => None,
-            })
-            .collect();
+        let states = link_states(log);
         assert_eq!(states, [LinkState::Online, LinkState::Offline, LinkState::Online, LinkState::Offline], "{device}");
 
         // No seq missing: the outage's readings were replayed.
