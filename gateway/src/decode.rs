@@ -62,7 +62,7 @@ impl DecodeStage {
             let mut batch = Batch::default();
             let now = now_ms();
             self.handle(first, now, &mut batch);
-            while batch.readings.len() + batch.writes.len() < MAX_BATCH_MESSAGES * 4 {
+            for _ in 1..MAX_BATCH_MESSAGES {
                 match input.try_recv() {
                     Ok(message) => self.handle(message, now, &mut batch),
                     Err(_) => break,
@@ -109,15 +109,14 @@ impl DecodeStage {
             Uplink::Telemetry(t) => infer_kind(t.values.iter().map(|(m, _)| m)),
             Uplink::Event(e) => e.metric.and_then(|m| infer_kind([m])),
         };
-        let existing_site = self.registry.get(device).map(|d| d.site);
-        match (existing_site, kind) {
-            (Some(s), _) if s != site => return Err(metrics::SITE_MISMATCH),
+        match (self.registry.site_matches(device, site), kind) {
+            (Some(false), _) => return Err(metrics::SITE_MISMATCH),
             (None, None) => return Err(metrics::UNKNOWN_DEVICE),
             _ => {}
         }
         let horizon = self.config.live_horizon.as_ms();
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
-        let outcome = self.registry.upsert(device, make, |d| {
+        let outcome = self.registry.upsert(device, make, |key, d| {
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
             match &uplink {
                 Uplink::Status(s) => {
@@ -155,7 +154,7 @@ impl DecodeStage {
                     for (metric, value) in pairs {
                         d.observe(metric, value, ts);
                         n += 1;
-                        batch.readings.push(Reading { device: Arc::from(""), metric, ts_ms: ts, value, historical });
+                        batch.readings.push(Reading { device: Arc::clone(key), metric, ts_ms: ts, value, historical });
                     }
                     Ok(Accepted::Telemetry { count: n, historical, gap })
                 }
@@ -165,7 +164,7 @@ impl DecodeStage {
                     };
                     d.on_event(e.event);
                     Ok(Accepted::Event(gap, EventRecord {
-                        device: Arc::from(""),
+                        device: Arc::clone(key),
                         ts_ms: e.ts.map_or(received_ms, |ts| ts as i64),
                         seq: e.seq,
                         event: e.event,
@@ -184,20 +183,14 @@ impl DecodeStage {
             }
             Accepted::Telemetry { count, historical, gap } => {
                 self.metrics.seq_gaps.fetch_add(u64::from(gap), Ordering::Relaxed);
-                // Fill in the shared id (one allocation per device, not per reading).
-                let start = batch.readings.len() - count;
-                for r in &mut batch.readings[start..] {
-                    r.device = Arc::clone(&key);
-                }
                 self.metrics.readings.fetch_add(count as u64, Ordering::Relaxed);
                 if historical {
                     self.metrics.historical.fetch_add(count as u64, Ordering::Relaxed);
                 }
                 self.persist(&key, now, false, batch);
             }
-            Accepted::Event(gap, mut record) => {
+            Accepted::Event(gap, record) => {
                 self.metrics.seq_gaps.fetch_add(u64::from(gap), Ordering::Relaxed);
-                record.device = Arc::clone(&key);
                 self.metrics.events.fetch_add(1, Ordering::Relaxed);
                 batch.writes.push(Write::Event(record));
                 self.persist(&key, now, false, batch);

@@ -266,14 +266,19 @@ impl Registry {
         }
     }
 
-    /// Runs `f` on the device, if known.
-    pub fn with_device<T>(&self, id: &str, f: impl FnOnce(&mut Device) -> T) -> Option<T> {
-        let mut map = self.devices.write().ok()?;
-        map.get_mut(id).map(f)
+    /// Whether the device is known.
+    pub fn contains(&self, id: &str) -> bool {
+        self.devices.read().is_ok_and(|m| m.contains_key(id))
     }
 
-    /// Runs `f` on the device, creating it with `make` when unknown. Returns the shared id too.
-    pub fn upsert<T>(&self, id: &str, make: impl FnOnce() -> Device, f: impl FnOnce(&mut Device) -> T) -> Option<(Arc<str>, T)> {
+    /// Whether a known device belongs to `site`; `None` when the device is unknown.
+    pub fn site_matches(&self, id: &str, site: &str) -> Option<bool> {
+        self.devices.read().ok()?.get(id).map(|d| d.site == site)
+    }
+
+    /// Runs `f` on the device and its shared id, creating the device with `make` when unknown.
+    /// Returns the shared id too.
+    pub fn upsert<T>(&self, id: &str, make: impl FnOnce() -> Device, f: impl FnOnce(&Arc<str>, &mut Device) -> T) -> Option<(Arc<str>, T)> {
         let mut map = self.devices.write().ok()?;
         let key = match map.get_key_value(id) {
             Some((key, _)) => Arc::clone(key),
@@ -284,7 +289,15 @@ impl Registry {
             }
         };
         let device = map.get_mut(&key)?;
-        Some((Arc::clone(&key), f(device)))
+        let out = f(&key, device);
+        Some((key, out))
+    }
+
+    /// Visits every device under the read lock, without copying.
+    pub fn for_each(&self, f: impl FnMut(&Device)) {
+        if let Ok(map) = self.devices.read() {
+            map.values().for_each(f);
+        }
     }
 
     /// A copy of one device.

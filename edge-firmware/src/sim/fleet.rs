@@ -490,7 +490,7 @@ impl Connection {
                 }
             }
             self.flush(&mut collector, link.as_ref()).await;
-            self.count_ring_drops();
+            self.collect_core_stats();
         }
         // Deliberate stop: say goodbye so the gateway need not wait for a will.
         for d in &mut self.devices {
@@ -526,7 +526,7 @@ impl Connection {
     }
 
     /// Adds what the cores counted since last time to the fleet's counters.
-    fn count_ring_drops(&mut self) {
+    fn collect_core_stats(&mut self) {
         for d in &mut self.devices {
             let now = d.core.stats();
             let dropped = now.dropped.wrapping_sub(d.seen.dropped);

@@ -237,7 +237,7 @@ struct ReadingParams {
 }
 
 async fn readings(State(s): State<ApiState>, Path(id): Path<String>, Query(p): Query<ReadingParams>) -> ApiResult<Json<Value>> {
-    if s.registry.get(&id).is_none() {
+    if !s.registry.contains(&id) {
         return Err(ApiError::NotFound(format!("no device {id:?}")));
     }
     let metric_name = p.metric.ok_or_else(|| ApiError::BadRequest("metric is required, e.g. ?metric=gas_lel".into()))?;
@@ -326,9 +326,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         ("citywatch_uptime_seconds", "Seconds since start.", s.started.elapsed().as_secs_f64()),
     ];
     let mut by_health: BTreeMap<Health, usize> = BTreeMap::new();
-    for d in s.registry.list(|_| true) {
-        *by_health.entry(d.health(now, &s.ingest)).or_default() += 1;
-    }
+    s.registry.for_each(|d| *by_health.entry(d.health(now, &s.ingest)).or_default() += 1);
     let health_lines: Vec<(String, f64)> = Health::ALL
         .iter()
         .map(|h| (format!("citywatch_devices_by_health{{health=\"{}\"}}", h.as_str()), by_health.get(h).copied().unwrap_or(0) as f64))

@@ -23,10 +23,10 @@ async fn fixture() -> Fixture {
     let mut gas = Device::new("gas-1", "xh", DeviceKind::GasDetector, now_ms());
     gas.interval_s = 10;
     gas.observe(Metric::GasLel, 3.0, now_ms());
-    registry.upsert("gas-1", || gas.clone(), |_| ());
+    registry.upsert("gas-1", || gas.clone(), |_, _| ());
     let mut smoke = Device::new("smk-1", "pd", DeviceKind::SmokeDetector, now_ms() - 600_000);
     smoke.last_seen_ms = now_ms() - 600_000;
-    registry.upsert("smk-1", || smoke.clone(), |_| ());
+    registry.upsert("smk-1", || smoke.clone(), |_, _| ());
     // Ten readings a second apart: 0..9.
     let device: Arc<str> = Arc::from("gas-1");
     let readings = (0..10)
