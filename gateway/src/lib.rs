@@ -11,6 +11,7 @@ pub mod api;
 pub mod config;
 pub mod decode;
 pub mod gateway;
+pub mod incidents;
 pub mod ingest;
 pub mod metrics;
 pub mod registry;

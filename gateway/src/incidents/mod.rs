@@ -1,0 +1,7 @@
+//! Incidents: one per device × rule while active, driven through the closed loop
+//! `open → acknowledged → dispatched → resolved → closed` (or `cleared`), every change audited
+//! and queued in the durable outbox for the push channels.
+
+pub mod model;
+
+pub use model::{Change, HistoryEntry, Incident, IncidentState, OutboxItem, Scope, Severity, Signal};
