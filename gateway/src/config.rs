@@ -43,6 +43,12 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub ingest: IngestConfig,
+    /// `[rules]`: the rule pack and its overrides.
+    pub rules: crate::rules::RulesConfig,
+    /// `[incidents]`: escalation, flapping, silences, retention.
+    pub incidents: crate::incidents::IncidentsConfig,
+    /// `[notify]`: push channels.
+    pub notify: crate::notify::NotifyConfig,
 }
 
 /// Where devices' messages come from.
@@ -193,6 +199,8 @@ pub enum Error {
     Parse(String),
     #[error("{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("{key}: {reason}")]
+    Named { key: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -242,6 +250,9 @@ impl Config {
         if self.ingest.stale_after_intervals == 0 || self.ingest.offline_after_intervals == 0 {
             return invalid("ingest.offline_after_intervals", "intervals must be at least 1");
         }
+        self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
+        self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
+        crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Named { key: "rules".into(), reason: e.to_string() })?;
         Ok(())
     }
 }

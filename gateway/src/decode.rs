@@ -3,21 +3,36 @@
 //! Applies the wire contract, the site check (a known device under another site is
 //! quarantined), metric-for-kind checks and `seq` de-duplication, keeps the registry current,
 //! and quarantines everything it rejects with its raw bytes and a reason. Rejections never stop
-//! ingestion. Acks of the whole batch go to the store after the batch's writes, so they fire
-//! only once those are committed. Rules and incidents are later stages, not this one.
+//! ingestion. Live readings, events and statuses also go through the rule engine (pure, constant
+//! work per reading), whose signals go to the incident manager *before* the batch goes to the
+//! store, so an incident never queues behind a bulk batch of readings. A batch's acks fire only
+//! once both its store writes and its incident changes are committed.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use citywatch_edge::wire::{Channel, DeviceKind, LinkState, Metric, Topic, Uplink};
+use citywatch_edge::wire::{Channel, DeviceKind, EventKind, LinkState, Metric, Topic, Uplink};
 use tokio::sync::mpsc;
 
 use crate::config::IngestConfig;
 use crate::ingest::{now_ms, Ack, Inbound};
 use crate::metrics::{self, Metrics};
+use crate::incidents::manager::Request;
+use crate::incidents::Signal;
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
+use crate::rules::{DeviceCtx, Engine};
 use crate::store::{EventRecord, QuarantineEntry, Reading, StoreWriter, Write};
+
+/// How often the rule engine's timers run (held-for durations, absence, schedules).
+pub const RULE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The rule engine and where its signals go.
+#[derive(Debug)]
+pub struct Rules {
+    pub engine: Engine,
+    pub incidents: mpsc::Sender<Request>,
+}
 
 /// Messages taken from the source channel per batch.
 pub const MAX_BATCH_MESSAGES: usize = 2048;
@@ -32,11 +47,15 @@ pub struct Batch {
     pub readings: Vec<Reading>,
     pub writes: Vec<Write>,
     pub acks: Vec<Ack>,
+    /// What the rule engine reported for this batch.
+    pub signals: Vec<Signal>,
+    /// `cmd_ack` events: (device, command id).
+    pub command_acks: Vec<(String, String)>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.readings.is_empty() && self.writes.is_empty() && self.acks.is_empty()
+        self.readings.is_empty() && self.writes.is_empty() && self.acks.is_empty() && self.signals.is_empty()
     }
 }
 
@@ -48,31 +67,97 @@ pub struct DecodeStage {
     config: IngestConfig,
     persisted_at: HashMap<Arc<str>, i64>,
     logged_at: HashMap<String, i64>,
+    rules: Option<Rules>,
+    /// Site names, shared by every device of the site.
+    sites: HashMap<String, Arc<str>>,
 }
 
 impl DecodeStage {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, config: IngestConfig) -> Self {
-        DecodeStage { registry, metrics, config, persisted_at: HashMap::new(), logged_at: HashMap::new() }
+        DecodeStage { registry, metrics, config, persisted_at: HashMap::new(), logged_at: HashMap::new(), rules: None, sites: HashMap::new() }
+    }
+
+    /// Evaluates rules too, sending signals to the incident manager. Every registered device is
+    /// tracked for absence from its last message, and `active` (device, rule) pairs — incidents
+    /// open before a restart — resume as active, so nothing re-fires.
+    pub fn with_rules(mut self, mut engine: Engine, incidents: mpsc::Sender<Request>, active: &[(String, String)]) -> Self {
+        let mut tracked = Vec::new();
+        self.registry.for_each(|d| tracked.push((d.id.clone(), d.site.clone(), d.kind, d.interval_s, d.last_seen_ms)));
+        for (id, site, kind, interval_s, last_seen) in tracked {
+            let id: Arc<str> = id.into();
+            let site = self.site(&site);
+            let ctx = DeviceCtx { id: &id, site: &site, kind, interval_s };
+            engine.track(&ctx, last_seen);
+            for (device, rule) in active.iter().filter(|(d, _)| **d == *id) {
+                let _ = device;
+                engine.restore_active(&ctx, rule);
+            }
+        }
+        self.rules = Some(Rules { engine, incidents });
+        self
+    }
+
+    fn site(&mut self, site: &str) -> Arc<str> {
+        if let Some(s) = self.sites.get(site) {
+            return Arc::clone(s);
+        }
+        let s: Arc<str> = site.into();
+        self.sites.insert(site.to_owned(), Arc::clone(&s));
+        s
     }
 
     /// Runs until the source side closes, then returns (dropping its store writer lets the
     /// store drain and stop).
     pub async fn run(mut self, mut input: mpsc::Receiver<Inbound>, store: StoreWriter) {
-        while let Some(first) = input.recv().await {
+        let mut tick = tokio::time::interval(RULE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             let mut batch = Batch::default();
-            let now = now_ms();
-            self.handle(first, now, &mut batch);
-            for _ in 1..MAX_BATCH_MESSAGES {
-                match input.try_recv() {
-                    Ok(message) => self.handle(message, now, &mut batch),
-                    Err(_) => break,
+            tokio::select! {
+                first = input.recv() => {
+                    let Some(first) = first else { break };
+                    let now = now_ms();
+                    self.handle(first, now, &mut batch);
+                    for _ in 1..MAX_BATCH_MESSAGES {
+                        match input.try_recv() {
+                            Ok(message) => self.handle(message, now, &mut batch),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(rules) = self.rules.as_mut() {
+                        rules.engine.tick(now_ms(), &mut batch.signals);
+                    }
                 }
             }
-            if send_batch(&store, batch).await.is_err() {
-                tracing::error!("the store writer stopped; ingestion stops");
+            if self.send(&store, batch).await.is_err() {
+                tracing::error!("the store writer or the incident manager stopped; ingestion stops");
                 return;
             }
         }
+    }
+
+    /// Signals first (the incident path must not wait behind readings), then the store.
+    async fn send(&mut self, store: &StoreWriter, mut batch: Batch) -> Result<(), ()> {
+        let Some(rules) = self.rules.as_ref() else {
+            return send_batch(store, batch).await.map_err(|_| ());
+        };
+        for (device, id) in std::mem::take(&mut batch.command_acks) {
+            rules.incidents.send(Request::CommandAck { device, id }).await.map_err(|_| ())?;
+        }
+        if !batch.signals.is_empty() {
+            let signals = std::mem::take(&mut batch.signals);
+            let ack = if batch.acks.is_empty() {
+                None
+            } else {
+                let (store_part, incident_part) = Ack::all(std::mem::take(&mut batch.acks)).split();
+                batch.acks.push(store_part);
+                Some(incident_part)
+            };
+            rules.incidents.send(Request::Signals { signals, ack }).await.map_err(|_| ())?;
+        }
+        send_batch(store, batch).await.map_err(|_| ())
     }
 
     /// Decodes one message into `batch`. Synchronous and I/O-free.
@@ -115,7 +200,12 @@ impl DecodeStage {
             _ => {}
         }
         let horizon = self.config.live_horizon.as_ms();
+        let uplink_kind = match &uplink {
+            Uplink::Status(s) => UplinkKind::Status(s.state),
+            _ => UplinkKind::Other,
+        };
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
+        let mut kind_and_interval = None;
         let outcome = self.registry.upsert(device, make, |key, d| {
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
             match &uplink {
@@ -130,9 +220,11 @@ impl DecodeStage {
                     if let Some(i) = s.interval_s {
                         d.interval_s = i.max(1);
                     }
+                    kind_and_interval = Some((d.kind, d.interval_s));
                     Ok(Accepted::Status)
                 }
                 Uplink::Telemetry(t) => {
+                    kind_and_interval = Some((d.kind, d.interval_s));
                     if t.values.iter().any(|(m, _)| !d.kind.has_metric(m)) {
                         return Err(metrics::METRIC_NOT_FOR_KIND);
                     }
@@ -159,6 +251,7 @@ impl DecodeStage {
                     Ok(Accepted::Telemetry { count: n, historical, gap })
                 }
                 Uplink::Event(e) => {
+                    kind_and_interval = Some((d.kind, d.interval_s));
                     let SeqCheck::Fresh { gap } = d.check_seq(e.seq) else {
                         return Ok(Accepted::Duplicate);
                     };
@@ -176,7 +269,40 @@ impl DecodeStage {
             }
         });
         let Some((key, outcome)) = outcome else { return Ok(()) };
-        match outcome? {
+        let outcome = outcome?;
+        if let Some((kind, interval_s)) = kind_and_interval.filter(|_| self.rules.is_some()) {
+            if !matches!(outcome, Accepted::Duplicate) {
+                let site = self.site(site);
+                let first_reading = batch.readings.len().saturating_sub(match &outcome {
+                    Accepted::Telemetry { count, historical: false, .. } => *count,
+                    _ => 0,
+                });
+                if let Some(rules) = self.rules.as_mut() {
+                    let ctx = DeviceCtx { id: &key, site: &site, kind, interval_s };
+                    let out = &mut batch.signals;
+                    rules.engine.on_seen(&ctx, now, out);
+                    match (&outcome, &uplink_kind) {
+                        (Accepted::Status, UplinkKind::Status(state)) => rules.engine.on_status(&ctx, *state, now, out),
+                        (Accepted::Telemetry { historical: false, .. }, _) => {
+                            for r in &batch.readings[first_reading..] {
+                                rules.engine.on_reading(&ctx, r.metric, r.value, r.ts_ms, now, out);
+                            }
+                        }
+                        (Accepted::Event(_, e), _) => {
+                            let live = received_ms - e.ts_ms <= horizon;
+                            if live {
+                                rules.engine.on_event(&ctx, e.event, e.metric, e.value, e.ts_ms, now, out);
+                            }
+                            if let (EventKind::CmdAck, Some(id)) = (e.event, &e.cmd_id) {
+                                batch.command_acks.push((key.to_string(), id.clone()));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        match outcome {
             Accepted::Status => {
                 self.metrics.statuses.fetch_add(1, Ordering::Relaxed);
                 self.persist(&key, now, true, batch);
@@ -223,6 +349,11 @@ impl DecodeStage {
         }
         batch.writes.push(Write::Quarantine(QuarantineEntry { id: 0, received_ms, topic, reason: reason.to_owned(), payload }));
     }
+}
+
+enum UplinkKind {
+    Status(LinkState),
+    Other,
 }
 
 enum Accepted {

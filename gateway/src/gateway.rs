@@ -1,9 +1,13 @@
 //! Wires the stages into a running gateway and shuts them down in order.
 //!
-//! Start: store → registry (reloaded from the store) → decode stage → source → HTTP → demo
-//! fleet. Stop, in the reverse direction of data (as in mini-redis): the fleet and the source
-//! stop first, the decode stage drains the source channel and drops its store writer, the
-//! store writer commits what is pending and exits. Nothing accepted is dropped on the way out.
+//! Start: store → registry (reloaded from the store) → source (broker or external client, for
+//! its publisher) → incident store, push channels (each with its backlog from the outbox) and
+//! the incident manager → rule engine and decode stage → HTTP → demo fleet. Stop, in the
+//! reverse direction of data (as in mini-redis): the fleet and the source stop first, the
+//! decode stage drains the source channel and drops its store writer, the incident manager
+//! commits what is pending, the push channels stop after their current attempt (what they have
+//! not delivered stays in the outbox), the store writer commits and exits. Nothing accepted is
+//! dropped on the way out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +18,13 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, ApiState};
 use crate::config::{Config, MqttMode};
 use crate::decode::DecodeStage;
+use crate::incidents::book::Book;
+use crate::incidents::manager::{IncidentsHandle, Manager, Request};
+use crate::incidents::silence::{Silence, SilenceConfig};
+use crate::incidents::store::IncidentStore;
 use crate::metrics::Metrics;
+use crate::notify::PublishFn;
+use crate::rules::{Engine, RuleSet};
 use crate::registry::Registry;
 use crate::sources::broker::EmbeddedBroker;
 use crate::store::SqliteStore;
@@ -30,6 +40,12 @@ pub enum Error {
     Http { addr: SocketAddr, source: std::io::Error },
     #[error("demo fleet: {0}")]
     Demo(String),
+    #[error("{0}")]
+    Incidents(#[from] crate::incidents::store::Error),
+    #[error("rules: {0}")]
+    Rules(String),
+    #[error("notify: {0}")]
+    Notify(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,10 +68,14 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     /// The embedded broker's address, in embedded mode.
     pub mqtt_addr: Option<SocketAddr>,
+    pub incidents: IncidentsHandle,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
     decode: tokio::task::JoinHandle<()>,
-    broker: Option<EmbeddedBroker>,
+    manager: tokio::task::JoinHandle<()>,
+    dispatchers: Vec<tokio::task::JoinHandle<()>>,
+    dispatch_stop: watch::Sender<bool>,
+    broker: Option<Arc<EmbeddedBroker>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -79,39 +99,92 @@ impl Gateway {
 
         let (inbound_tx, inbound_rx) = mpsc::channel(config.mqtt.queue_capacity);
         let queue_probe = inbound_tx.clone();
-        let decode = tokio::spawn(
-            DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).run(inbound_rx, writer),
-        );
 
+        // The source first: its publisher carries device commands and the MQTT push channel.
         let mut tasks = Vec::new();
-        let (broker, mqtt_addr) = match config.mqtt.mode {
+        let (broker, mqtt_addr, publish): (Option<Arc<EmbeddedBroker>>, _, PublishFn) = match config.mqtt.mode {
             MqttMode::Embedded => {
-                let broker = EmbeddedBroker::start(&config.mqtt, inbound_tx)?;
+                let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound_tx)?);
                 let addr = broker.local_addr();
                 tracing::info!(%addr, "embedded MQTT broker listening");
-                (Some(broker), Some(addr))
+                let b = Arc::clone(&broker);
+                let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
+                    let result = b.publish(&topic, payload, retain).map_err(|e| e.to_string());
+                    Box::pin(async move { result })
+                });
+                (Some(broker), Some(addr), publish)
             }
             MqttMode::External => {
-                let cfg = config.mqtt.clone();
+                let (publisher, source) = crate::sources::mqtt::connect(&config.mqtt)?;
                 let rx = stop_rx.clone();
-                tracing::info!(url = %cfg.url, "subscribing to the external broker");
+                tracing::info!(url = %config.mqtt.url, "subscribing to the external broker");
                 tasks.push((
                     "mqtt",
                     tokio::spawn(async move {
-                        if let Err(e) = crate::sources::mqtt::run(cfg, inbound_tx, rx).await {
+                        if let Err(e) = source.run(inbound_tx, rx).await {
                             tracing::error!(error = %e, "external MQTT source stopped");
                         }
                     }),
                 ));
-                (None, None)
+                let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
+                    let p = publisher.clone();
+                    Box::pin(async move { p.publish(&topic, payload, retain).await.map_err(|e| e.to_string()) })
+                });
+                (None, None, publish)
             }
         };
+
+        // Incidents: their store, the push channels with their backlogs, the manager.
+        let now = crate::ingest::now_ms();
+        let incident_store = Arc::new(IncidentStore::open(&config.storage.path)?);
+        let unclosed = incident_store.load_unclosed()?;
+        let mut silences = config.incidents.silences();
+        for body in incident_store.silences()? {
+            match serde_json::from_str::<SilenceConfig>(&body).map_err(|e| e.to_string()).and_then(Silence::new) {
+                Ok(s) if !s.expired_at(now) => silences.push(s),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "a stored silence is invalid; ignored"),
+            }
+        }
+        tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
+        let book = Book::new(config.incidents.clone(), unclosed, silences, now);
+        let active: Vec<(String, String)> = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
+        let sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(&publish))).map_err(|e| Error::Notify(e.to_string()))?;
+        let (dispatch_stop, dispatch_stop_rx) = watch::channel(false);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut channel_queues = Vec::new();
+        let mut channel_states = Vec::new();
+        let mut dispatchers = Vec::new();
+        for (name, sink) in sinks {
+            let state = crate::notify::ChannelState::new(Arc::clone(&name));
+            let backlog = incident_store.pending(&name)?;
+            if !backlog.is_empty() {
+                tracing::info!(channel = %name, pending = backlog.len(), "undelivered incident changes from before the restart");
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            channel_queues.push((Arc::clone(&name), tx));
+            channel_states.push(Arc::clone(&state));
+            dispatchers.push(tokio::spawn(crate::notify::run(sink, state, backlog, rx, done_tx.clone(), config.notify.retry.clone(), dispatch_stop_rx.clone())));
+        }
+        drop(done_tx);
+        let (manager, incidents, requests) =
+            Manager::new(book, Arc::clone(&incident_store), channel_queues, Some(Arc::clone(&publish)), config.incidents.retention.as_ms());
+        let manager = tokio::spawn(manager.run(requests, done_rx));
+
+        // Rules, then the decode stage that feeds them.
+        let rules = Arc::new(RuleSet::from_config(&config.rules).map_err(|e| Error::Rules(e.to_string()))?);
+        let engine = Engine::new(Arc::clone(&rules));
+        let decode = tokio::spawn(
+            DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
+                .with_rules(engine, incidents.sender(), &active)
+                .run(inbound_rx, writer),
+        );
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| Error::Http { addr: config.http.listen, source })?;
         let http_addr = listener.local_addr().map_err(|source| Error::Http { addr: config.http.listen, source })?;
-        let broker_stats = broker.as_ref().map(EmbeddedBroker::stats);
+        let broker_stats = broker.as_ref().map(|b| b.stats());
         let state = ApiState {
             registry: Arc::clone(&registry),
             store: Arc::clone(&store),
@@ -120,6 +193,9 @@ impl Gateway {
             started,
             source_queue: Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity())),
             broker: broker_stats,
+            incidents: Some(incidents.clone()),
+            rules,
+            notify: channel_states,
         };
         let mut http_stop = stop_rx.clone();
         tasks.push((
@@ -169,12 +245,12 @@ impl Gateway {
             );
         }
 
-        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, stop, tasks, decode, broker })
+        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, dispatch_stop, broker })
     }
 
     /// Stops every stage in order and waits until the store has committed everything.
     pub async fn shutdown(self) -> Result<()> {
-        let Gateway { store, stop, tasks, decode, broker, .. } = self;
+        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, dispatch_stop, .. } = self;
         let _ = stop.send(true);
         for (name, task) in tasks {
             if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
@@ -182,10 +258,22 @@ impl Gateway {
             }
         }
         // The embedded broker's forwarder holds the last sender of the source channel.
-        drop(broker);
+        if let Some(b) = &broker {
+            b.stop_forwarding();
+        }
         if tokio::time::timeout(Duration::from_secs(30), decode).await.is_err() {
             tracing::warn!("decode stage did not drain within 30 s");
         }
+        // The decode stage has sent its last signals; the manager commits them and stops.
+        let _ = incidents.sender().send(Request::Shutdown).await;
+        if tokio::time::timeout(Duration::from_secs(10), manager).await.is_err() {
+            tracing::warn!("incident manager did not stop within 10 s");
+        }
+        let _ = dispatch_stop.send(true);
+        for d in dispatchers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
+        }
+        drop(broker);
         let store = Arc::try_unwrap(store).map_err(|_| crate::store::Error::Invalid("store still in use at shutdown".into()));
         match store {
             Ok(store) => tokio::task::spawn_blocking(move || store.close())

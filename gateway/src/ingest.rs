@@ -31,11 +31,65 @@ impl Ack {
     pub fn done(self) {
         (self.0)()
     }
+
+    /// One ack for many: fires them all.
+    pub fn all(acks: Vec<Ack>) -> Ack {
+        Ack::new(move || acks.into_iter().for_each(Ack::done))
+    }
+
+    /// Splits into two parts that must both be done (e.g. the readings committed by the store
+    /// and the incident changes committed by the incident manager) before this one fires. If
+    /// either part is dropped undone, this one never fires and the broker redelivers.
+    pub fn split(self) -> (Ack, Ack) {
+        let shared = std::sync::Arc::new(std::sync::Mutex::new((Some(self), 2u8)));
+        let part = |shared: std::sync::Arc<std::sync::Mutex<(Option<Ack>, u8)>>| {
+            Ack::new(move || {
+                let ready = {
+                    let mut guard = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    guard.1 -= 1;
+                    if guard.1 == 0 { guard.0.take() } else { None }
+                };
+                if let Some(ack) = ready {
+                    ack.done();
+                }
+            })
+        };
+        (part(std::sync::Arc::clone(&shared)), part(shared))
+    }
 }
 
 impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ack")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_split_ack_fires_once_after_both_parts_and_never_if_one_is_dropped() {
+        let fired = Arc::new(AtomicUsize::new(0));
+        let counter = |f: &Arc<AtomicUsize>| {
+            let f = Arc::clone(f);
+            Ack::new(move || {
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let (a, b) = counter(&fired).split();
+        b.done();
+        assert_eq!(fired.load(Ordering::SeqCst), 0);
+        a.done();
+        assert_eq!(fired.load(Ordering::SeqCst), 1);
+        let (a, b) = counter(&fired).split();
+        a.done();
+        drop(b);
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "a dropped part leaves the message unacknowledged");
+        Ack::all(vec![counter(&fired), counter(&fired)]).done();
+        assert_eq!(fired.load(Ordering::SeqCst), 3);
     }
 }
 

@@ -1,9 +1,12 @@
-//! The HTTP API (SPEC §6), read side: health, devices and their sensor health, readings with
-//! downsampling, the quarantine, Prometheus metrics and the OpenAPI document.
+//! The HTTP API (SPEC §6): health, devices and their sensor health, readings with
+//! downsampling, the quarantine, incidents and their closed loop ([`incidents`]), the live
+//! stream, rules, push-channel state, Prometheus metrics and the OpenAPI document.
 //!
-//! Handlers only read: the registry's snapshots and the store's read connection. Every error
-//! is JSON `{"error": "…"}` with the right status; internal errors log once and say little.
+//! Read handlers use the registry's snapshots and the stores' read connections; writes go
+//! through the incident manager. Every error is JSON `{"error": "…"}` with the right status;
+//! internal errors log once and say little.
 
+mod incidents;
 mod openapi;
 
 use std::collections::BTreeMap;
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use citywatch_edge::wire::{DeviceKind, Metric};
 use serde::{Deserialize, Serialize};
@@ -37,6 +40,11 @@ pub struct ApiState {
     pub source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync>,
     /// The embedded broker's counters, in embedded mode.
     pub broker: Option<Arc<crate::sources::broker::BrokerStats>>,
+    /// The incident manager (None in tests of the read side only).
+    pub incidents: Option<crate::incidents::manager::IncidentsHandle>,
+    pub rules: Arc<crate::rules::RuleSet>,
+    /// Delivery state of every push channel.
+    pub notify: Vec<Arc<crate::notify::ChannelState>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -53,6 +61,9 @@ pub const MAX_POINTS: usize = 10_000;
 pub enum ApiError {
     BadRequest(String),
     NotFound(String),
+    /// The request conflicts with the resource's state (e.g. closing an open incident).
+    Conflict(String),
+    Unavailable(String),
     Internal(String),
 }
 
@@ -61,6 +72,8 @@ impl IntoResponse for ApiError {
         let (status, message) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error serving an API request");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
@@ -86,6 +99,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/readings", get(readings))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/api/v1/incidents", get(incidents::list))
+        .route("/api/v1/incidents/{id}", get(incidents::one))
+        .route("/api/v1/incidents/{id}/{action}", post(incidents::transition))
+        .route("/api/v1/events", get(incidents::events))
+        .route("/api/v1/rules", get(incidents::rules))
+        .route("/api/v1/notify", get(incidents::notify))
+        .route("/api/v1/silences", get(incidents::silences).post(incidents::add_silence))
+        .route("/api/v1/silences/{id}", delete(incidents::remove_silence))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into()) })
@@ -340,6 +361,33 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
             b.forwarded.load(Relaxed),
             b.dropped.load(Relaxed)
         ));
+    }
+    text.push_str(&crate::notify::render_metrics(&s.notify));
+    if let Some(h) = &s.incidents {
+        let b = h.stats();
+        text.push_str("# HELP citywatch_incident_changes_total Incident changes by kind since start.\n# TYPE citywatch_incident_changes_total counter\n");
+        for (kind, v) in [
+            ("opened", b.opened),
+            ("reopened", b.reopened),
+            ("repeat", b.repeats),
+            ("cleared", b.cleared),
+            ("escalated", b.escalations),
+            ("flapping", b.flapping_started),
+        ] {
+            text.push_str(&format!("citywatch_incident_changes_total{{change=\"{kind}\"}} {v}\n"));
+        }
+        text.push_str(&format!(
+            "# HELP citywatch_incident_signals_silenced_total Rule signals held back by a silence.\n# TYPE citywatch_incident_signals_silenced_total counter\ncitywatch_incident_signals_silenced_total {}\n\
+             # HELP citywatch_device_commands_total Commands sent to devices, by outcome.\n# TYPE citywatch_device_commands_total counter\n\
+             citywatch_device_commands_total{{outcome=\"sent\"}} {}\ncitywatch_device_commands_total{{outcome=\"acked\"}} {}\ncitywatch_device_commands_total{{outcome=\"unanswered\"}} {}\n",
+            b.silenced, b.commands_sent, b.commands_acked, b.commands_unanswered
+        ));
+        if let Ok(counts) = h.store.counts_by_state() {
+            text.push_str("# HELP citywatch_incidents Incidents in the store by state.\n# TYPE citywatch_incidents gauge\n");
+            for (state, n) in counts {
+                text.push_str(&format!("citywatch_incidents{{state=\"{state}\"}} {n}\n"));
+            }
+        }
     }
     text.push_str("# HELP citywatch_devices_by_health Devices by their worst health condition.\n# TYPE citywatch_devices_by_health gauge\n");
     for (name, v) in health_lines {

@@ -169,6 +169,12 @@ impl EmbeddedBroker {
         self.addr
     }
 
+    /// Stops handing messages to the gateway (shutdown): the source channel's last sender is
+    /// dropped, so the decode stage drains and stops. Publishing still works.
+    pub fn stop_forwarding(&self) {
+        self.forwarder.abort();
+    }
+
     /// Forwarding counters.
     pub fn stats(&self) -> Arc<BrokerStats> {
         self.stats.clone()

@@ -1,0 +1,188 @@
+//! The incident side of the API: incidents and the operator's closed loop (ack, dispatch,
+//! resolve, close), the live stream (SSE), silences, the effective rules of a device and the
+//! delivery state of every push channel.
+//!
+//! Writes go to the incident manager and answer only after its commit, so a 200 means the
+//! transition is on disk and queued for every channel.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{ApiError, ApiResult, ApiState};
+use crate::incidents::book::{Action, TransitionError};
+use crate::incidents::manager::IncidentsHandle;
+use crate::incidents::silence::SilenceConfig;
+use crate::incidents::store::IncidentFilter;
+use crate::incidents::IncidentState;
+
+/// Most incidents one list returns.
+pub const MAX_INCIDENTS: usize = 1000;
+
+fn handle(s: &ApiState) -> ApiResult<&IncidentsHandle> {
+    s.incidents.as_ref().ok_or_else(|| ApiError::Unavailable("incidents are not running".into()))
+}
+
+impl From<crate::incidents::store::Error> for ApiError {
+    fn from(e: crate::incidents::store::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<crate::incidents::manager::Stopped> for ApiError {
+    fn from(e: crate::incidents::manager::Stopped) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentParams {
+    /// One state or several, comma-separated; "active" = open,acknowledged,dispatched.
+    state: Option<String>,
+    rule: Option<String>,
+    site: Option<String>,
+    device: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) -> ApiResult<Json<Value>> {
+    let h = handle(&s)?;
+    let mut states = Vec::new();
+    for part in p.state.as_deref().unwrap_or("").split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        if part == "active" {
+            states.extend([IncidentState::Open, IncidentState::Acknowledged, IncidentState::Dispatched]);
+            continue;
+        }
+        let st = IncidentState::parse(part).ok_or_else(|| {
+            ApiError::BadRequest(format!("state={part:?}: one of active, {}", IncidentState::ALL.map(|s| s.as_str()).join(", ")))
+        })?;
+        states.push(st);
+    }
+    let limit = p.limit.unwrap_or(200);
+    if limit == 0 || limit > MAX_INCIDENTS {
+        return Err(ApiError::BadRequest(format!("limit={limit}: 1–{MAX_INCIDENTS}")));
+    }
+    let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit };
+    let store = std::sync::Arc::clone(&h.store);
+    let incidents = tokio::task::spawn_blocking(move || store.list(&filter)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let counts = h.store.counts_by_state()?;
+    let by_state: serde_json::Map<String, Value> = counts.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    Ok(Json(json!({ "count": incidents.len(), "by_state": by_state, "incidents": incidents })))
+}
+
+pub async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let h = handle(&s)?;
+    let incident = h.store.get(&id)?.ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
+    Ok(Json(json!(incident)))
+}
+
+/// The body of a transition.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionBody {
+    actor: Option<String>,
+    note: Option<String>,
+    /// The crew an incident is dispatched to.
+    crew: Option<String>,
+}
+
+pub async fn transition(State(s): State<ApiState>, Path((id, action)): Path<(String, String)>, body: Option<Json<TransitionBody>>) -> ApiResult<Json<Value>> {
+    let h = handle(&s)?;
+    let action = Action::parse(&action).ok_or_else(|| ApiError::NotFound(format!("no action {action:?}: ack, dispatch, resolve or close")))?;
+    let Json(body) = body.unwrap_or_default();
+    let actor = body.actor.unwrap_or_default();
+    match h.transition(id, action, actor, body.note, body.crew).await? {
+        Ok(incident) => Ok(Json(json!(incident))),
+        Err(TransitionError::NotFound(id)) => Err(ApiError::NotFound(format!("no open incident {id}"))),
+        Err(e @ TransitionError::NotAllowed { .. }) => Err(ApiError::Conflict(e.to_string())),
+        Err(TransitionError::Invalid(m)) => Err(ApiError::BadRequest(m)),
+    }
+}
+
+/// `GET /api/v1/events`: every committed incident change as `event: incident`, `id:` its
+/// outbox position. A client reconnecting with `Last-Event-ID` first gets what it missed.
+pub async fn events(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let h = handle(&s)?;
+    // Subscribe before reading the backlog, so nothing falls between the two.
+    let live = BroadcastStream::new(h.events.subscribe());
+    let last: Option<i64> = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let backlog = match last {
+        Some(after) => h.store.outbox_since(after, 1000)?,
+        None => Vec::new(),
+    };
+    let replayed_up_to = backlog.last().map_or(last.unwrap_or(i64::MIN), |(seq, _)| *seq);
+    let backlog = stream::iter(backlog.into_iter().map(|(seq, body)| Ok(Event::default().event("incident").id(seq.to_string()).data(body))));
+    let live = live.filter_map(move |item| async move {
+        match item {
+            Ok(e) if e.seq > replayed_up_to => Some(Ok(Event::default().event("incident").id(e.seq.to_string()).data(&*e.body))),
+            Ok(_) => None,
+            // Lagged: tell the client to re-read the list.
+            Err(_) => Some(Ok(Event::default().event("resync").data("{}"))),
+        }
+    });
+    Ok(Sse::new(backlog.chain(live)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesParams {
+    device: Option<String>,
+}
+
+/// `GET /api/v1/rules`: the pack as loaded, or with `?device=` the rules in effect for it.
+pub async fn rules(State(s): State<ApiState>, Query(p): Query<RulesParams>) -> ApiResult<Json<Value>> {
+    match p.device {
+        None => Ok(Json(json!({ "rules": s.rules.rules() }))),
+        Some(id) => {
+            let d = s.registry.get(&id).ok_or_else(|| ApiError::NotFound(format!("no device {id}")))?;
+            let effective = s.rules.effective(d.kind, &d.site, &d.id);
+            Ok(Json(json!({ "device": d.id, "site": d.site, "kind": d.kind, "rules": effective })))
+        }
+    }
+}
+
+/// `GET /api/v1/notify`: delivery state of every push channel.
+pub async fn notify(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+    let mut channels: Vec<Value> = s.notify.iter().map(|c| json!(c.status())).collect();
+    if let Some(h) = &s.incidents {
+        let counts = h.store.delivery_counts()?;
+        for c in &mut channels {
+            let name = c["channel"].as_str().unwrap_or_default().to_owned();
+            if let Some((_, n)) = counts.iter().find(|(ch, _)| *ch == name) {
+                c["outbox"] = json!(n);
+            }
+        }
+    }
+    Ok(Json(json!({ "channels": channels })))
+}
+
+pub async fn silences(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+    let list = handle(&s)?.silences().await?;
+    Ok(Json(json!({ "silences": list })))
+}
+
+pub async fn add_silence(State(s): State<ApiState>, Json(body): Json<SilenceConfig>) -> ApiResult<Response> {
+    let h = handle(&s)?;
+    match h.add_silence(body).await? {
+        Ok(created) => Ok((StatusCode::CREATED, Json(json!(created))).into_response()),
+        Err(reason) => Err(ApiError::BadRequest(reason)),
+    }
+}
+
+pub async fn remove_silence(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    if handle(&s)?.remove_silence(id.clone()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no silence {id}")))
+    }
+}

@@ -1,0 +1,611 @@
+//! The incident book: the policy that turns rule signals and operator actions into incident
+//! changes. One incident per device × rule while active; repeats update it; a cleared incident
+//! whose condition returns soon is re-opened; flapping is detected and its flips held back;
+//! silences hold signals back; unacknowledged criticals escalate; commands are supervised.
+//!
+//! Pure and synchronous: every method takes `now_ms` and records what must be committed and
+//! pushed in a [`Commit`] and a list of [`Command`]s, which the manager task carries out.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use citywatch_edge::wire::CommandKind;
+
+use super::config::IncidentsConfig;
+use super::model::{rfc3339, Change, HistoryEntry, Incident, IncidentState, Scope, Severity, Signal};
+use super::silence::Silence;
+use super::store::Commit;
+
+/// The actor of the gateway's own transitions.
+pub const SYSTEM: &str = "system";
+
+/// An operator's action on an incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Ack,
+    Dispatch,
+    Resolve,
+    Close,
+}
+
+impl Action {
+    pub fn parse(text: &str) -> Option<Action> {
+        Some(match text {
+            "ack" | "acknowledge" => Action::Ack,
+            "dispatch" => Action::Dispatch,
+            "resolve" => Action::Resolve,
+            "close" => Action::Close,
+            _ => return None,
+        })
+    }
+
+    fn target(self) -> IncidentState {
+        match self {
+            Action::Ack => IncidentState::Acknowledged,
+            Action::Dispatch => IncidentState::Dispatched,
+            Action::Resolve => IncidentState::Resolved,
+            Action::Close => IncidentState::Closed,
+        }
+    }
+
+    /// The states it may be taken from.
+    fn allowed_from(self) -> &'static [IncidentState] {
+        use IncidentState::*;
+        match self {
+            Action::Ack => &[Open],
+            Action::Dispatch => &[Open, Acknowledged],
+            Action::Resolve => &[Open, Acknowledged, Dispatched, Cleared],
+            Action::Close => &[Resolved, Cleared],
+        }
+    }
+}
+
+/// Why an operator action was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("no incident {0}")]
+    NotFound(String),
+    #[error("cannot {action} an incident that is {state}; allowed from: {allowed}")]
+    NotAllowed { action: &'static str, state: &'static str, allowed: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A command to publish to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub site: String,
+    pub device: String,
+    pub id: String,
+    pub cmd: CommandKind,
+}
+
+#[derive(Debug, Default)]
+struct Flaps {
+    /// Times of recent open/clear flips.
+    at: VecDeque<i64>,
+    /// The last signal of any kind, for the quiet period.
+    last_signal_ms: i64,
+    /// While flapping: the condition's latest word was "clear".
+    pending_clear: bool,
+}
+
+/// The book's state.
+#[derive(Debug)]
+pub struct Book {
+    cfg: IncidentsConfig,
+    /// Unclosed incidents by id.
+    incidents: HashMap<String, Incident>,
+    /// Key → id of the incident a new signal for that key goes to: active ones, and cleared ones
+    /// within `reopen_within`.
+    keys: HashMap<String, String>,
+    cleared_at: HashMap<String, i64>,
+    flaps: HashMap<String, Flaps>,
+    /// Opens held back by a silence, by key.
+    held: HashMap<String, Signal>,
+    silences: Vec<Silence>,
+    /// Commands awaiting their `cmd_ack`: id → (incident id, sent at).
+    commands: HashMap<String, (String, i64)>,
+    /// Incidents with coalesced updates not yet persisted.
+    dirty: HashSet<String>,
+    commit: Commit,
+    sent: Vec<Command>,
+    counter: u64,
+    pub stats: BookStats,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BookStats {
+    pub opened: u64,
+    pub reopened: u64,
+    pub repeats: u64,
+    pub cleared: u64,
+    pub silenced: u64,
+    pub escalations: u64,
+    pub flapping_started: u64,
+    pub commands_sent: u64,
+    pub commands_acked: u64,
+    pub commands_unanswered: u64,
+    pub signals_without_incident: u64,
+}
+
+/// The incident key of a signal: "{site}/{device}/{rule}", or "{site}/*/{rule}" site-wide.
+pub fn key_of(signal: &Signal) -> String {
+    match signal.scope {
+        Scope::Device => format!("{}/{}/{}", signal.site, signal.device, signal.rule),
+        Scope::Site => format!("{}/*/{}", signal.site, signal.rule),
+    }
+}
+
+impl Book {
+    /// A book holding the unclosed incidents loaded from the store.
+    pub fn new(cfg: IncidentsConfig, unclosed: Vec<Incident>, silences: Vec<Silence>, now_ms: i64) -> Book {
+        let mut book = Book {
+            cfg,
+            incidents: HashMap::new(),
+            keys: HashMap::new(),
+            cleared_at: HashMap::new(),
+            flaps: HashMap::new(),
+            held: HashMap::new(),
+            silences,
+            commands: HashMap::new(),
+            dirty: HashSet::new(),
+            commit: Commit::default(),
+            sent: Vec::new(),
+            counter: 0,
+            stats: BookStats::default(),
+        };
+        let reopen = book.cfg.reopen_within.as_ms();
+        for inc in unclosed {
+            let keep_key = inc.state.is_active() || (inc.state == IncidentState::Cleared && now_ms - inc.updated_ms < reopen);
+            if keep_key {
+                book.keys.insert(inc.key.clone(), inc.id.clone());
+                if inc.state == IncidentState::Cleared {
+                    book.cleared_at.insert(inc.id.clone(), inc.updated_ms);
+                }
+            }
+            book.incidents.insert(inc.id.clone(), inc);
+        }
+        book
+    }
+
+    /// Active incidents as (device, rule) pairs, so the rule engine can resume them.
+    pub fn active_device_rules(&self) -> Vec<(String, String, Scope)> {
+        self.incidents.values().filter(|i| i.state.is_active()).map(|i| (i.device.clone(), i.rule.clone(), i.scope)).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Incident> {
+        self.incidents.get(id)
+    }
+
+    /// What to commit and the commands to send, since the last call.
+    pub fn take(&mut self) -> (Commit, Vec<Command>) {
+        (std::mem::take(&mut self.commit), std::mem::take(&mut self.sent))
+    }
+
+    pub fn silences(&self) -> &[Silence] {
+        &self.silences
+    }
+
+    pub fn add_silence(&mut self, s: Silence) {
+        self.silences.retain(|x| x.id() != s.id());
+        self.silences.push(s);
+    }
+
+    pub fn remove_silence(&mut self, id: &str) -> bool {
+        let before = self.silences.len();
+        self.silences.retain(|x| x.id() != id);
+        before != self.silences.len()
+    }
+
+    fn silenced(&self, s: &Signal, now_ms: i64) -> bool {
+        self.silences.iter().any(|x| {
+            // A device's own alarm is never dropped by a broad silence; only one naming the
+            // rule holds it back.
+            let explicit = s.rule.as_ref() != "device_alarm" || x.config.rule.as_deref() == Some("device_alarm");
+            explicit && x.active_at(now_ms) && x.matches(&s.site, &s.device, s.kind, &s.rule)
+        })
+    }
+
+    fn new_id(&mut self, now_ms: i64) -> String {
+        self.counter += 1;
+        let salt: u16 = rand::random();
+        format!("inc-{now_ms:x}-{salt:04x}{:x}", self.counter)
+    }
+
+    /// Applies one rule signal.
+    pub fn apply(&mut self, s: Signal, now_ms: i64) {
+        let key = key_of(&s);
+        match &s.change {
+            Change::Open { .. } | Change::Remind { .. } => {
+                if self.silenced(&s, now_ms) {
+                    self.stats.silenced += 1;
+                    self.held.insert(key, s);
+                    return;
+                }
+                self.open(key, s, now_ms);
+            }
+            Change::Repeat { severity, value, summary } => {
+                if let Some(held) = self.held.get_mut(&key) {
+                    if let Change::Open { value: v, .. } = &mut held.change {
+                        *v = *value;
+                    }
+                    return;
+                }
+                let Some(id) = self.keys.get(&key).cloned() else {
+                    self.stats.signals_without_incident += 1;
+                    return;
+                };
+                self.repeat(&id, &s, *severity, *value, summary.clone(), now_ms);
+            }
+            Change::Clear { value, summary } => {
+                if self.held.remove(&key).is_some() {
+                    return;
+                }
+                let Some(id) = self.keys.get(&key).cloned() else {
+                    self.stats.signals_without_incident += 1;
+                    return;
+                };
+                self.clear(&id, *value, summary.clone(), now_ms);
+            }
+        }
+    }
+
+    fn open(&mut self, key: String, s: Signal, now_ms: i64) {
+        if let Some(id) = self.keys.get(&key).cloned() {
+            let state = self.incidents.get(&id).map(|i| i.state);
+            match state {
+                Some(IncidentState::Cleared) => return self.reopen(&id, &s, now_ms),
+                Some(state) if state.is_active() => {
+                    let (severity, value, summary) = match &s.change {
+                        Change::Open { severity, value, summary, .. } => (*severity, *value, summary.clone()),
+                        Change::Remind { summary, .. } => (Severity::Info, None, summary.clone()),
+                        _ => return,
+                    };
+                    return self.repeat(&id, &s, severity, value, summary, now_ms);
+                }
+                _ => {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+        let (severity, metric, value, threshold, summary, action) = match &s.change {
+            Change::Open { severity, metric, value, threshold, summary, action } => (*severity, *metric, *value, *threshold, summary.clone(), *action),
+            Change::Remind { summary, .. } => (Severity::Info, None, None, None, summary.clone(), None),
+            _ => return,
+        };
+        let id = self.new_id(now_ms);
+        let opened_at = rfc3339(now_ms);
+        let mut inc = Incident {
+            id: id.clone(),
+            key: key.clone(),
+            revision: 1,
+            rule: s.rule.to_string(),
+            severity,
+            state: IncidentState::Open,
+            scope: s.scope,
+            site: s.site.to_string(),
+            device: s.device.to_string(),
+            kind: s.kind,
+            metric,
+            value,
+            threshold,
+            opened_at: opened_at.clone(),
+            updated_at: opened_at,
+            opened_ms: now_ms,
+            updated_ms: now_ms,
+            summary,
+            count: 1,
+            escalation: 0,
+            flapping: false,
+            crew: None,
+            devices: if s.scope == Scope::Site { vec![s.device.to_string()] } else { Vec::new() },
+            history: Vec::new(),
+        };
+        let note = if s.ts_ms < now_ms - 1000 { Some(format!("condition since {}", rfc3339(s.ts_ms))) } else { None };
+        record(&mut inc, &mut self.commit, SYSTEM, "open", note, now_ms);
+        if let Some(cmd) = action {
+            let cmd_id = format!("c-{}-{:x}", &id[4..], self.counter);
+            record(&mut inc, &mut self.commit, SYSTEM, "command", Some(format!("{} {cmd_id}", cmd.as_str())), now_ms);
+            self.sent.push(Command { site: inc.site.clone(), device: inc.device.clone(), id: cmd_id.clone(), cmd });
+            self.commands.insert(cmd_id, (id.clone(), now_ms));
+            self.stats.commands_sent += 1;
+        }
+        self.stats.opened += 1;
+        self.keys.insert(key, id.clone());
+        self.flaps.insert(id.clone(), Flaps { last_signal_ms: now_ms, ..Flaps::default() });
+        self.push(inc);
+    }
+
+    fn reopen(&mut self, id: &str, s: &Signal, now_ms: i64) {
+        let flapping_now = self.flip(id, now_ms, false);
+        let Some(inc) = self.incidents.get_mut(id) else { return };
+        if let Change::Open { severity, value, summary, .. } = &s.change {
+            inc.severity = inc.severity.max(*severity);
+            inc.value = *value;
+            inc.summary = summary.clone();
+        }
+        inc.count += 1;
+        inc.state = IncidentState::Open;
+        self.cleared_at.remove(id);
+        self.stats.reopened += 1;
+        let mut inc = inc.clone();
+        if flapping_now {
+            inc.flapping = true;
+            self.stats.flapping_started += 1;
+            next_revision(&mut inc, &mut self.commit, SYSTEM, "flapping", Some("re-opened repeatedly; flips are held back until it is quiet".into()), now_ms);
+        } else {
+            next_revision(&mut inc, &mut self.commit, SYSTEM, "reopened", None, now_ms);
+        }
+        self.push(inc);
+    }
+
+    fn repeat(&mut self, id: &str, s: &Signal, severity: Severity, value: Option<f64>, summary: String, now_ms: i64) {
+        let flapping = self.incidents.get(id).is_some_and(|i| i.flapping);
+        if flapping {
+            if let Some(f) = self.flaps.get_mut(id) {
+                f.last_signal_ms = now_ms;
+                f.pending_clear = false;
+            }
+        }
+        let Some(inc) = self.incidents.get_mut(id) else { return };
+        self.stats.repeats += 1;
+        inc.count += 1;
+        inc.value = value.or(inc.value);
+        if s.scope == Scope::Site && !inc.devices.iter().any(|d| **d == *s.device) {
+            inc.devices.push(s.device.to_string());
+            inc.device = s.device.to_string();
+        }
+        if severity > inc.severity {
+            inc.severity = severity;
+            inc.summary = summary;
+            let mut inc = inc.clone();
+            next_revision(&mut inc, &mut self.commit, SYSTEM, "severity", Some(format!("now {}", severity.as_str())), now_ms);
+            self.push(inc);
+        } else {
+            inc.updated_ms = now_ms;
+            inc.updated_at = rfc3339(now_ms);
+            self.dirty.insert(id.to_owned());
+        }
+    }
+
+    fn clear(&mut self, id: &str, value: Option<f64>, summary: String, now_ms: i64) {
+        let Some(state) = self.incidents.get(id).map(|i| (i.state, i.flapping)) else { return };
+        match state {
+            (_, true) => {
+                if let Some(f) = self.flaps.get_mut(id) {
+                    f.last_signal_ms = now_ms;
+                    f.pending_clear = true;
+                }
+                self.flip(id, now_ms, true);
+            }
+            (IncidentState::Open, false) => {
+                let flapping_now = self.flip(id, now_ms, true);
+                let Some(inc) = self.incidents.get_mut(id) else { return };
+                let mut inc = inc.clone();
+                inc.value = value.or(inc.value);
+                self.stats.cleared += 1;
+                if flapping_now {
+                    // Stay open while flapping; the clear is remembered.
+                    inc.flapping = true;
+                    self.stats.flapping_started += 1;
+                    if let Some(f) = self.flaps.get_mut(id) {
+                        f.pending_clear = true;
+                    }
+                    next_revision(&mut inc, &mut self.commit, SYSTEM, "flapping", Some("cleared and re-opened repeatedly; flips are held back until it is quiet".into()), now_ms);
+                } else {
+                    inc.state = IncidentState::Cleared;
+                    inc.summary = summary;
+                    self.cleared_at.insert(id.to_owned(), now_ms);
+                    next_revision(&mut inc, &mut self.commit, SYSTEM, "cleared", None, now_ms);
+                }
+                self.push(inc);
+            }
+            (IncidentState::Acknowledged | IncidentState::Dispatched, false) => {
+                let Some(inc) = self.incidents.get_mut(id) else { return };
+                let mut inc = inc.clone();
+                inc.value = value.or(inc.value);
+                // The crew is on it: the state stays theirs to change; the key stays, so a
+                // returning condition updates this incident rather than opening another.
+                next_revision(&mut inc, &mut self.commit, SYSTEM, "condition_cleared", Some(summary), now_ms);
+                self.push(inc);
+            }
+            _ => {}
+        }
+    }
+
+    /// Records a flip; true when it makes the incident start flapping.
+    fn flip(&mut self, id: &str, now_ms: i64, _is_clear: bool) -> bool {
+        let window = self.cfg.flap_window.as_ms();
+        let threshold = self.cfg.flap_threshold as usize;
+        let already = self.incidents.get(id).is_some_and(|i| i.flapping);
+        let f = self.flaps.entry(id.to_owned()).or_default();
+        f.last_signal_ms = now_ms;
+        f.at.push_back(now_ms);
+        while f.at.front().is_some_and(|t| now_ms - t > window) {
+            f.at.pop_front();
+        }
+        // Bounded: more than the threshold is never needed.
+        while f.at.len() > threshold {
+            f.at.pop_front();
+        }
+        !already && f.at.len() >= threshold
+    }
+
+    /// A `cmd_ack` from a device.
+    pub fn command_acked(&mut self, device: &str, cmd_id: &str, now_ms: i64) {
+        let Some((id, sent_ms)) = self.commands.remove(cmd_id) else { return };
+        let Some(inc) = self.incidents.get(&id) else { return };
+        if inc.device != device {
+            return;
+        }
+        let mut inc = inc.clone();
+        self.stats.commands_acked += 1;
+        next_revision(&mut inc, &mut self.commit, device, "command_acked", Some(format!("{cmd_id} after {} ms", now_ms - sent_ms)), now_ms);
+        self.push(inc);
+    }
+
+    /// An operator's action.
+    pub fn transition(&mut self, id: &str, action: Action, actor: &str, note: Option<String>, crew: Option<String>, now_ms: i64) -> Result<Incident, TransitionError> {
+        if actor.trim().is_empty() {
+            return Err(TransitionError::Invalid("actor: required (who is acting)".into()));
+        }
+        if action == Action::Dispatch && crew.as_deref().is_none_or(|c| c.trim().is_empty()) {
+            return Err(TransitionError::Invalid("crew: required to dispatch".into()));
+        }
+        let inc = self.incidents.get(id).ok_or_else(|| TransitionError::NotFound(id.to_owned()))?;
+        if !action.allowed_from().contains(&inc.state) {
+            return Err(TransitionError::NotAllowed {
+                action: match action {
+                    Action::Ack => "acknowledge",
+                    Action::Dispatch => "dispatch",
+                    Action::Resolve => "resolve",
+                    Action::Close => "close",
+                },
+                state: inc.state.as_str(),
+                allowed: action.allowed_from().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let mut inc = inc.clone();
+        let target = action.target();
+        inc.state = target;
+        if let Some(c) = crew {
+            inc.crew = Some(c);
+        }
+        let note = match (&inc.crew, action) {
+            (Some(c), Action::Dispatch) => Some(note.map_or_else(|| format!("to {c}"), |n| format!("to {c}: {n}"))),
+            _ => note,
+        };
+        next_revision(&mut inc, &mut self.commit, actor, target.as_str(), note, now_ms);
+        if !target.is_active() {
+            // The condition coming back after a resolve or close is a new incident.
+            if self.keys.get(&inc.key).is_some_and(|k| *k == inc.id) {
+                self.keys.remove(&inc.key);
+            }
+        }
+        self.push(inc.clone());
+        Ok(inc)
+    }
+
+    /// Timers: escalation, flapping's quiet period, silences ending, unanswered commands,
+    /// re-open windows, and persisting coalesced updates.
+    pub fn tick(&mut self, now_ms: i64, persist_updates: bool) {
+        // Escalation of unacknowledged incidents.
+        let after = self.cfg.escalate_after.as_ms();
+        let every = self.cfg.renotify_every.as_ms();
+        let due: Vec<String> = self
+            .incidents
+            .values()
+            .filter(|i| i.state == IncidentState::Open && i.severity >= self.cfg.escalate_severity)
+            .filter(|i| now_ms >= i.opened_ms + after + i64::from(i.escalation) * every)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in due {
+            let Some(inc) = self.incidents.get(&id) else { continue };
+            let mut inc = inc.clone();
+            inc.escalation += 1;
+            self.stats.escalations += 1;
+            let action = if inc.escalation == 1 { "escalated" } else { "renotified" };
+            let note = format!("not acknowledged {} min after opening", (now_ms - inc.opened_ms) / 60_000);
+            next_revision(&mut inc, &mut self.commit, SYSTEM, action, Some(note), now_ms);
+            self.push(inc);
+        }
+        // Flapping ends after a quiet period.
+        let quiet = self.cfg.flap_quiet.as_ms();
+        let settled: Vec<(String, bool)> = self
+            .flaps
+            .iter()
+            .filter(|(id, f)| self.incidents.get(*id).is_some_and(|i| i.flapping) && now_ms - f.last_signal_ms >= quiet)
+            .map(|(id, f)| (id.clone(), f.pending_clear))
+            .collect();
+        for (id, pending_clear) in settled {
+            let Some(inc) = self.incidents.get(&id) else { continue };
+            let mut inc = inc.clone();
+            inc.flapping = false;
+            if let Some(f) = self.flaps.get_mut(&id) {
+                f.at.clear();
+                f.pending_clear = false;
+            }
+            if pending_clear && inc.state == IncidentState::Open {
+                inc.state = IncidentState::Cleared;
+                self.cleared_at.insert(id.clone(), now_ms);
+                next_revision(&mut inc, &mut self.commit, SYSTEM, "cleared", Some("flapping ended with the condition clear".into()), now_ms);
+            } else {
+                next_revision(&mut inc, &mut self.commit, SYSTEM, "flapping_ended", None, now_ms);
+            }
+            self.push(inc);
+        }
+        // Cleared incidents past the re-open window no longer take new signals.
+        let reopen = self.cfg.reopen_within.as_ms();
+        let expired: Vec<String> = self.cleared_at.iter().filter(|(_, t)| now_ms - **t >= reopen).map(|(id, _)| id.clone()).collect();
+        for id in expired {
+            self.cleared_at.remove(&id);
+            if let Some(inc) = self.incidents.get(&id) {
+                if inc.state == IncidentState::Cleared && self.keys.get(&inc.key) == Some(&id) {
+                    self.keys.remove(&inc.key);
+                }
+            }
+        }
+        // Silences that ended release what they held.
+        self.silences.retain(|s| !s.expired_at(now_ms));
+        let released: Vec<String> = self.held.iter().filter(|(_, s)| !self.silenced(s, now_ms)).map(|(k, _)| k.clone()).collect();
+        for key in released {
+            if let Some(s) = self.held.remove(&key) {
+                self.open(key, s, now_ms);
+            }
+        }
+        // Commands nobody answered.
+        let timeout = self.cfg.command_timeout.as_ms();
+        let unanswered: Vec<String> = self.commands.iter().filter(|(_, (_, sent))| now_ms - sent >= timeout).map(|(c, _)| c.clone()).collect();
+        for cmd_id in unanswered {
+            let Some((id, _)) = self.commands.remove(&cmd_id) else { continue };
+            let Some(inc) = self.incidents.get(&id) else { continue };
+            let mut inc = inc.clone();
+            self.stats.commands_unanswered += 1;
+            next_revision(&mut inc, &mut self.commit, SYSTEM, "command_unanswered", Some(format!("{cmd_id}: no cmd_ack within {} s", timeout / 1000)), now_ms);
+            self.push(inc);
+        }
+        if persist_updates {
+            for id in std::mem::take(&mut self.dirty) {
+                if let Some(inc) = self.incidents.get(&id) {
+                    self.commit.incidents.push(Arc::new(inc.clone()));
+                }
+            }
+        }
+        // Closed incidents leave the book (they stay in the store).
+        let closed: Vec<String> = self.incidents.values().filter(|i| i.state == IncidentState::Closed).map(|i| i.id.clone()).collect();
+        for id in closed {
+            self.incidents.remove(&id);
+            self.flaps.remove(&id);
+            self.cleared_at.remove(&id);
+        }
+    }
+
+    /// Stores the new state and queues it for every push channel.
+    fn push(&mut self, inc: Incident) {
+        let arc = Arc::new(inc.clone());
+        self.dirty.remove(&inc.id);
+        self.commit.incidents.push(Arc::clone(&arc));
+        self.commit.outbox.push(arc);
+        self.incidents.insert(inc.id.clone(), inc);
+    }
+}
+
+/// Adds a history entry in the current revision (no new revision).
+fn record(inc: &mut Incident, commit: &mut Commit, actor: &str, action: &str, note: Option<String>, now_ms: i64) {
+    let entry = HistoryEntry { revision: inc.revision, at: rfc3339(now_ms), at_ms: now_ms, actor: actor.to_owned(), action: action.to_owned(), state: inc.state, note };
+    commit.audit.push((inc.id.clone(), entry.clone()));
+    inc.history.push(entry);
+}
+
+/// Starts a new revision with one history entry.
+fn next_revision(inc: &mut Incident, commit: &mut Commit, actor: &str, action: &str, note: Option<String>, now_ms: i64) {
+    inc.revision += 1;
+    inc.updated_ms = now_ms;
+    inc.updated_at = rfc3339(now_ms);
+    record(inc, commit, actor, action, note, now_ms);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use std::sync::Arc;
+
+use citywatch_edge::wire::{CommandKind, DeviceKind, Metric};
+
+use super::*;
+use crate::incidents::silence::SilenceConfig;
+
+const T0: i64 = 1_800_000_000_000;
+
+fn signal(device: &str, rule: &str, change: Change) -> Signal {
+    Signal { rule: rule.into(), scope: Scope::Device, site: "xh".into(), device: device.into(), kind: DeviceKind::GasDetector, ts_ms: T0, change }
+}
+
+fn open(device: &str, rule: &str, severity: Severity) -> Signal {
+    signal(device, rule, Change::Open { severity, metric: Some(Metric::GasLel), value: Some(55.0), threshold: Some(50.0), summary: "gas".into(), action: None })
+}
+
+fn clear(device: &str, rule: &str) -> Signal {
+    signal(device, rule, Change::Clear { value: Some(1.0), summary: "ok".into() })
+}
+
+fn book() -> Book {
+    Book::new(IncidentsConfig::default(), Vec::new(), Vec::new(), T0)
+}
+
+/// Commits taken: the pushed (id, revision, state) triples.
+fn pushed(b: &mut Book) -> Vec<(String, u32, IncidentState)> {
+    b.take().0.outbox.iter().map(|i| (i.id.clone(), i.revision, i.state)).collect()
+}
+
+#[test]
+fn one_incident_per_device_and_rule_repeats_update_it() {
+    let mut b = book();
+    b.apply(open("g1", "gas_high", Severity::Critical), T0);
+    b.apply(open("g1", "gas_high", Severity::Critical), T0 + 1000);
+    b.apply(signal("g1", "gas_high", Change::Repeat { severity: Severity::Critical, value: Some(60.0), summary: "gas".into() }), T0 + 2000);
+    b.apply(open("g2", "gas_high", Severity::Critical), T0);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 2, "one push per new incident, repeats are not pushed: {p:?}");
+    let id = &p[0].0;
+    let inc = b.get(id).expect("incident");
+    assert_eq!(inc.count, 3);
+    assert_eq!(inc.value, Some(60.0));
+    assert_eq!(inc.revision, 1);
+    assert_eq!(inc.key, "xh/g1/gas_high");
+}
+
+#[test]
+fn the_closed_loop_and_its_refusals() {
+    let mut b = book();
+    b.apply(open("g1", "gas_high", Severity::Critical), T0);
+    let id = pushed(&mut b)[0].0.clone();
+    let err = b.transition(&id, Action::Close, "li", None, None, T0).expect_err("close an open incident");
+    assert!(matches!(err, TransitionError::NotAllowed { .. }), "{err}");
+    assert!(matches!(b.transition(&id, Action::Dispatch, "li", None, None, T0), Err(TransitionError::Invalid(_))), "dispatch needs a crew");
+    assert!(matches!(b.transition(&id, Action::Ack, " ", None, None, T0), Err(TransitionError::Invalid(_))), "actor required");
+    assert!(matches!(b.transition("inc-nope", Action::Ack, "li", None, None, T0), Err(TransitionError::NotFound(_))));
+    let inc = b.transition(&id, Action::Ack, "li", Some("on it".into()), None, T0 + 10).expect("ack");
+    assert_eq!((inc.state, inc.revision), (IncidentState::Acknowledged, 2));
+    let inc = b.transition(&id, Action::Dispatch, "li", None, Some("crew-7".into()), T0 + 20).expect("dispatch");
+    assert_eq!(inc.crew.as_deref(), Some("crew-7"));
+    b.transition(&id, Action::Resolve, "wang", Some("valve replaced".into()), None, T0 + 30).expect("resolve");
+    let inc = b.transition(&id, Action::Close, "li", None, None, T0 + 40).expect("close");
+    assert_eq!((inc.state, inc.revision), (IncidentState::Closed, 5));
+    let actions: Vec<&str> = inc.history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(actions, ["open", "acknowledged", "dispatched", "resolved", "closed"]);
+    assert_eq!(inc.history[1].note.as_deref(), Some("on it"));
+    assert_eq!(inc.history[2].note.as_deref(), Some("to crew-7"));
+    let p = pushed(&mut b);
+    assert_eq!(p.iter().map(|x| x.1).collect::<Vec<_>>(), [2, 3, 4, 5], "each transition is one pushed revision");
+    // After close, the condition coming back is a new incident.
+    b.tick(T0 + 50, false);
+    b.apply(open("g1", "gas_high", Severity::Critical), T0 + 60);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1);
+    assert_ne!(p[0].0, id);
+}
+
+#[test]
+fn cleared_then_back_within_the_window_reopens_the_same_incident() {
+    let mut b = book();
+    b.apply(open("g1", "gas_low", Severity::Major), T0);
+    b.apply(clear("g1", "gas_low"), T0 + 1000);
+    b.apply(open("g1", "gas_low", Severity::Major), T0 + 2000);
+    let p = pushed(&mut b);
+    assert_eq!(p.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(), [(1, IncidentState::Open), (2, IncidentState::Cleared), (3, IncidentState::Open)]);
+    assert!(p.iter().all(|x| x.0 == p[0].0), "same incident");
+    // Past the re-open window, a new one.
+    b.apply(clear("g1", "gas_low"), T0 + 3000);
+    b.tick(T0 + 3000 + IncidentsConfig::default().reopen_within.as_ms(), false);
+    pushed(&mut b);
+    b.apply(open("g1", "gas_low", Severity::Major), T0 + 4000 + IncidentsConfig::default().reopen_within.as_ms());
+    let p2 = pushed(&mut b);
+    assert_eq!(p2.len(), 1);
+    assert_ne!(p2[0].0, p[0].0);
+}
+
+#[test]
+fn flapping_is_one_incident_with_few_pushes_and_settles_when_quiet() {
+    let mut b = book();
+    let mut now = T0;
+    for _ in 0..30 {
+        b.apply(open("s1", "device_offline", Severity::Warning), now);
+        now += 10_000;
+        b.apply(clear("s1", "device_offline"), now);
+        now += 10_000;
+    }
+    let p = pushed(&mut b);
+    let ids: std::collections::HashSet<_> = p.iter().map(|x| &x.0).collect();
+    assert_eq!(ids.len(), 1, "one incident");
+    assert!(p.len() <= 5, "flips after the threshold are not pushed: {} pushes", p.len());
+    let id = p[0].0.clone();
+    assert!(b.get(&id).expect("incident").flapping);
+    assert_eq!(b.get(&id).expect("incident").count, 30);
+    // Quiet: flapping ends, with the last word (clear) applied.
+    b.tick(now + IncidentsConfig::default().flap_quiet.as_ms(), false);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].2, IncidentState::Cleared);
+    assert!(!b.get(&id).expect("incident").flapping);
+}
+
+#[test]
+fn silences_hold_signals_back_and_release_them_when_they_end() {
+    let cfg = SilenceConfig {
+        id: Some("s".into()),
+        site: Some("xh".into()),
+        device: None,
+        kind: None,
+        rule: None,
+        start: None,
+        end: Some(crate::incidents::model::rfc3339(T0 + 60_000)),
+        recurring: None,
+        reason: "maintenance".into(),
+        actor: None,
+    };
+    let mut b = Book::new(IncidentsConfig::default(), Vec::new(), vec![Silence::new(cfg).expect("silence")], T0);
+    b.apply(open("g1", "gas_low", Severity::Major), T0);
+    b.apply(open("g2", "gas_low", Severity::Major), T0);
+    b.apply(clear("g2", "gas_low"), T0 + 1000);
+    // A device's own alarm is not held back by a broad silence.
+    b.apply(open("g3", "device_alarm", Severity::Critical), T0);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1, "only the device alarm: {p:?}");
+    assert_eq!(b.stats.silenced, 2);
+    b.tick(T0 + 30_000, false);
+    assert!(pushed(&mut b).is_empty(), "still silenced");
+    b.tick(T0 + 60_000, false);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1, "g1 still holds when the window ends; g2 cleared inside it");
+    assert_eq!(b.get(&p[0].0).expect("incident").device, "g1");
+}
+
+#[test]
+fn unacknowledged_critical_incidents_escalate_then_renotify() {
+    let mut b = book();
+    b.apply(open("g1", "gas_high", Severity::Critical), T0);
+    b.apply(open("g2", "gas_low", Severity::Major), T0);
+    pushed(&mut b);
+    b.tick(T0 + 299_000, false);
+    assert!(pushed(&mut b).is_empty());
+    b.tick(T0 + 300_000, false);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1, "only the critical one escalates");
+    let inc = b.get(&p[0].0).expect("incident");
+    assert_eq!((inc.escalation, inc.history.last().map(|h| h.action.as_str())), (1, Some("escalated")));
+    b.tick(T0 + 600_000, false);
+    assert_eq!(b.get(&p[0].0).expect("incident").escalation, 2);
+    b.transition(&p[0].0.clone(), Action::Ack, "li", None, None, T0 + 600_001).expect("ack");
+    pushed(&mut b);
+    b.tick(T0 + 2_000_000, false);
+    assert!(pushed(&mut b).is_empty(), "acknowledged: no more escalation");
+}
+
+#[test]
+fn commands_are_sent_with_the_incident_and_their_ack_is_recorded() {
+    let mut b = book();
+    let mut s = open("g1", "gas_high", Severity::Critical);
+    if let Change::Open { action, .. } = &mut s.change {
+        *action = Some(CommandKind::CloseValve);
+    }
+    b.apply(s, T0);
+    let (commit, commands) = b.take();
+    assert_eq!(commands.len(), 1);
+    assert_eq!((commands[0].cmd, commands[0].device.as_str()), (CommandKind::CloseValve, "g1"));
+    let id = commit.outbox[0].id.clone();
+    b.command_acked("other-device", &commands[0].id, T0 + 100);
+    b.command_acked("g1", &commands[0].id, T0 + 200);
+    let inc = b.get(&id).expect("incident");
+    let actions: Vec<&str> = inc.history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(actions, ["open", "command", "command_acked"]);
+    // One that is never answered is noted.
+    let mut s = open("g2", "gas_high", Severity::Critical);
+    if let Change::Open { action, .. } = &mut s.change {
+        *action = Some(CommandKind::CloseValve);
+    }
+    b.apply(s, T0);
+    let (commit, _) = b.take();
+    let id2 = commit.outbox[0].id.clone();
+    b.tick(T0 + 30_000, false);
+    assert_eq!(b.get(&id2).expect("incident").history.last().map(|h| h.action.as_str()), Some("command_unanswered"));
+}
+
+#[test]
+fn a_restart_resumes_open_incidents_without_reopening() {
+    let mut b = book();
+    b.apply(open("g1", "gas_high", Severity::Critical), T0);
+    let (commit, _) = b.take();
+    let stored: Vec<Incident> = commit.incidents.iter().map(|i| (**i).clone()).collect();
+    let mut b = Book::new(IncidentsConfig::default(), stored, Vec::new(), T0 + 5000);
+    assert_eq!(b.active_device_rules(), vec![("g1".to_owned(), "gas_high".to_owned(), Scope::Device)]);
+    b.apply(open("g1", "gas_high", Severity::Critical), T0 + 6000);
+    b.apply(clear("g1", "gas_high"), T0 + 7000);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1, "no duplicate open, only the clear: {p:?}");
+    assert_eq!((p[0].1, p[0].2), (2, IncidentState::Cleared));
+    let _ = Arc::clone(&commit.outbox[0]);
+}
