@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod incidents;
 pub mod ingest;
 pub mod metrics;
+pub mod notify;
 pub mod registry;
 pub mod sources;
 pub mod store;
