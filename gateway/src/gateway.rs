@@ -147,6 +147,7 @@ impl Gateway {
             }
         }
         tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
+        let active_incidents: Vec<Arc<crate::incidents::Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
         let book = Book::new(config.incidents.clone(), unclosed, silences, now);
         let active: Vec<(String, String)> = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
         let sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(&publish))).map_err(|e| Error::Notify(e.to_string()))?;
@@ -156,6 +157,8 @@ impl Gateway {
         let mut channel_states = Vec::new();
         let mut dispatchers = Vec::new();
         for (name, sink) in sinks {
+            // Alertmanager forgets alerts not re-posted: the sink re-posts what is still active.
+            sink.resume(&active_incidents);
             let state = crate::notify::ChannelState::new(Arc::clone(&name));
             let backlog = incident_store.pending(&name)?;
             if !backlog.is_empty() {

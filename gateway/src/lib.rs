@@ -16,5 +16,6 @@ pub mod ingest;
 pub mod metrics;
 pub mod notify;
 pub mod registry;
+pub mod rules;
 pub mod sources;
 pub mod store;

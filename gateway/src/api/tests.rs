@@ -11,6 +11,37 @@ struct Fixture {
     _dir: tempfile::TempDir,
     state: ApiState,
     writer: Option<crate::store::StoreWriter>,
+    /// An open gas_high incident of gas-1.
+    incident: String,
+}
+
+/// A running incident manager over a store in `dir`, holding one open incident.
+fn incidents(dir: &std::path::Path) -> (crate::incidents::manager::IncidentsHandle, String) {
+    use crate::incidents::{book::Book, manager::Manager, store::IncidentStore, Change, IncidentsConfig, Scope, Severity, Signal};
+    let store = Arc::new(IncidentStore::open(dir).expect("incident store"));
+    let mut book = Book::new(IncidentsConfig::default(), Vec::new(), Vec::new(), now_ms());
+    book.apply(
+        Signal {
+            rule: "gas_high".into(),
+            scope: Scope::Device,
+            site: "xh".into(),
+            device: "gas-1".into(),
+            kind: DeviceKind::GasDetector,
+            ts_ms: now_ms(),
+            change: Change::Open { severity: Severity::Critical, metric: Some(Metric::GasLel), value: Some(55.0), threshold: Some(50.0), summary: "gas".into(), action: None },
+        },
+        now_ms(),
+    );
+    let (commit, _) = book.take();
+    let id = commit.outbox[0].id.clone();
+    store.commit(&commit, &[], now_ms()).expect("commit");
+    let (manager, handle, requests) = Manager::new(book, store, Vec::new(), None, 400 * 86_400_000);
+    let (_done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep = _done_tx;
+        manager.run(requests, done_rx).await
+    });
+    (handle, id)
 }
 
 const T0: i64 = 1_800_000_000_000;
@@ -55,8 +86,13 @@ async fn fixture() -> Fixture {
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
         broker: Some(Arc::new(crate::sources::broker::BrokerStats::default())),
+        incidents: None,
+        rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
+        notify: Vec::new(),
     };
-    Fixture { _dir: dir, state, writer: Some(writer) }
+    let (handle, incident) = incidents(dir.path());
+    let state = ApiState { incidents: Some(handle), ..state };
+    Fixture { _dir: dir, state, writer: Some(writer), incident }
 }
 
 async fn get(state: &ApiState, uri: &str) -> (StatusCode, Value) {
@@ -138,7 +174,8 @@ async fn quarantine_metrics_health_openapi() {
     let (_, doc) = get(&f.state, "/api/v1/openapi.json").await;
     for path in openapi::PATHS {
         assert!(doc["paths"][*path].is_object(), "{path} documented");
-        let uri = path.replace("{id}", "gas-1") + if path.ends_with("readings") { "?metric=gas_lel" } else { "" };
+        let id = if path.starts_with("/api/v1/incidents") { f.incident.as_str() } else { "gas-1" };
+        let uri = path.replace("{id}", id) + if path.ends_with("readings") { "?metric=gas_lel" } else { "" };
         let (status, _) = get(&f.state, &uri).await;
         assert_eq!(status, StatusCode::OK, "{uri} answers");
     }
@@ -146,4 +183,48 @@ async fn quarantine_metrics_health_openapi() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].is_string());
     drop(f.writer.take());
+}
+
+async fn post(state: &ApiState, uri: &str, body: Value) -> (StatusCode, Value) {
+    let request = Request::post(uri).header("content-type", "application/json").body(Body::from(body.to_string())).expect("request");
+    let response = router(state.clone()).oneshot(request).await.expect("response");
+    let status = response.status();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_closed_loop_over_http() {
+    let f = fixture().await;
+    let id = f.incident.clone();
+    let (status, body) = get(&f.state, "/api/v1/incidents?state=active").await;
+    assert_eq!((status, body["count"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(body["incidents"][0]["id"], id.as_str());
+    let (status, body) = get(&f.state, "/api/v1/incidents?state=sleeping").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = post(&f.state, &format!("/api/v1/incidents/{id}/close"), json!({ "actor": "li" })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "an open incident cannot be closed: {body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("open"), "{body}");
+    let (status, _) = post(&f.state, &format!("/api/v1/incidents/{id}/ack"), json!({ "note": "no actor" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = post(&f.state, &format!("/api/v1/incidents/{id}/sing"), json!({ "actor": "li" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = post(&f.state, "/api/v1/incidents/inc-none/ack", json!({ "actor": "li" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = post(&f.state, &format!("/api/v1/incidents/{id}/ack"), json!({ "actor": "li", "note": "on it" })).await;
+    assert_eq!((status, body["state"].as_str(), body["revision"].as_u64()), (StatusCode::OK, Some("acknowledged"), Some(2)));
+    let (status, body) = post(&f.state, &format!("/api/v1/incidents/{id}/dispatch"), json!({ "actor": "li", "crew": "crew-7" })).await;
+    assert_eq!((status, body["crew"].as_str()), (StatusCode::OK, Some("crew-7")));
+    // Answered after the commit: the read side sees it at once.
+    let (_, stored) = get(&f.state, &format!("/api/v1/incidents/{id}")).await;
+    assert_eq!(stored["state"], "dispatched");
+    assert_eq!(stored["history"][1]["actor"], "li");
+    let (status, _) = get(&f.state, "/api/v1/rules?device=nobody").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = post(&f.state, "/api/v1/silences", json!({ "site": "xh", "end": "2020-01-01T00:00:00Z", "start": "2021-01-01T00:00:00Z" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = post(&f.state, "/api/v1/silences", json!({ "site": "xh", "reason": "works", "actor": "li" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, list) = get(&f.state, "/api/v1/silences").await;
+    assert_eq!(list["silences"].as_array().map(Vec::len), Some(1));
 }

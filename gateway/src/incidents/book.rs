@@ -435,11 +435,13 @@ impl Book {
 
     /// A `cmd_ack` from a device.
     pub fn command_acked(&mut self, device: &str, cmd_id: &str, now_ms: i64) {
-        let Some((id, sent_ms)) = self.commands.remove(cmd_id) else { return };
+        // Only the device the command went to can acknowledge it.
+        let Some((id, sent_ms)) = self.commands.get(cmd_id).cloned() else { return };
         let Some(inc) = self.incidents.get(&id) else { return };
         if inc.device != device {
             return;
         }
+        self.commands.remove(cmd_id);
         let mut inc = inc.clone();
         self.stats.commands_acked += 1;
         next_revision(&mut inc, &mut self.commit, device, "command_acked", Some(format!("{cmd_id} after {} ms", now_ms - sent_ms)), now_ms);

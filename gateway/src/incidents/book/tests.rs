@@ -196,7 +196,7 @@ fn commands_are_sent_with_the_incident_and_their_ack_is_recorded() {
     }
     b.apply(s, T0);
     let (commit, _) = b.take();
-    let id2 = commit.outbox[0].id.clone();
+    let id2 = commit.outbox.last().expect("pushed").id.clone();
     b.tick(T0 + 30_000, false);
     assert_eq!(b.get(&id2).expect("incident").history.last().map(|h| h.action.as_str()), Some("command_unanswered"));
 }
