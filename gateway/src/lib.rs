@@ -15,5 +15,6 @@ pub mod incidents;
 pub mod ingest;
 pub mod metrics;
 pub mod registry;
+pub mod rules;
 pub mod sources;
 pub mod store;
