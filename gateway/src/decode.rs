@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::config::IngestConfig;
 use crate::ingest::{now_ms, Ack, Inbound};
 use crate::metrics::{self, Metrics};
+use crate::incidents::book::Release;
 use crate::incidents::manager::Request;
 use crate::incidents::Signal;
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
@@ -32,6 +33,8 @@ pub const RULE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Rules {
     pub engine: Engine,
     pub incidents: mpsc::Sender<Request>,
+    /// Incidents operators ended: the engine stops treating their rules as active.
+    pub releases: mpsc::UnboundedReceiver<Release>,
 }
 
 /// Messages taken from the source channel per batch.
@@ -80,7 +83,7 @@ impl DecodeStage {
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
     /// tracked for absence from its last message, and `active` (device, rule) pairs — incidents
     /// open before a restart — resume as active, so nothing re-fires.
-    pub fn with_rules(mut self, mut engine: Engine, incidents: mpsc::Sender<Request>, active: &[(String, String)]) -> Self {
+    pub fn with_rules(mut self, mut engine: Engine, incidents: mpsc::Sender<Request>, releases: mpsc::UnboundedReceiver<Release>, active: &[(String, String)]) -> Self {
         let mut tracked = Vec::new();
         self.registry.for_each(|d| tracked.push((d.id.clone(), d.site.clone(), d.kind, d.interval_s, d.last_seen_ms)));
         for (id, site, kind, interval_s, last_seen) in tracked {
@@ -93,7 +96,7 @@ impl DecodeStage {
                 engine.restore_active(&ctx, rule);
             }
         }
-        self.rules = Some(Rules { engine, incidents });
+        self.rules = Some(Rules { engine, incidents, releases });
         self
     }
 
@@ -127,6 +130,9 @@ impl DecodeStage {
                 }
                 _ = tick.tick() => {
                     if let Some(rules) = self.rules.as_mut() {
+                        while let Ok(r) = rules.releases.try_recv() {
+                            rules.engine.release(r.scope, &r.site, &r.device, &r.rule);
+                        }
                         rules.engine.tick(now_ms(), &mut batch.signals);
                     }
                 }

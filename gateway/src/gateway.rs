@@ -172,14 +172,15 @@ impl Gateway {
         drop(done_tx);
         let (manager, incidents, requests) =
             Manager::new(book, Arc::clone(&incident_store), channel_queues, Some(Arc::clone(&publish)), config.incidents.retention.as_ms());
-        let manager = tokio::spawn(manager.run(requests, done_rx));
+        let (releases_tx, releases_rx) = mpsc::unbounded_channel();
+        let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, done_rx));
 
         // Rules, then the decode stage that feeds them.
         let rules = Arc::new(RuleSet::from_config(&config.rules).map_err(|e| Error::Rules(e.to_string()))?);
         let engine = Engine::new(Arc::clone(&rules));
         let decode = tokio::spawn(
             DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
-                .with_rules(engine, incidents.sender(), &active)
+                .with_rules(engine, incidents.sender(), releases_rx, &active)
                 .run(inbound_rx, writer),
         );
 

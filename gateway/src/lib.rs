@@ -3,9 +3,13 @@
 //! The flow, one stage per module:
 //! [`sources`] (embedded broker or external MQTT) → [`ingest::Inbound`] → [`decode`] (wire
 //! contract, duplicates, quarantine, [`registry`] of devices and their health) → [`store`]
-//! (SQLite time series; QoS 1 acks fire after commit). Beside them: [`api`] (HTTP, read side),
-//! [`metrics`] (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the
-//! stages together and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
+//! (SQLite time series; QoS 1 acks fire after commit). From the decode stage, live readings,
+//! events and statuses also go through [`rules`] (the pure rule engine) → [`incidents`] (one
+//! manager task: the closed loop, silences, flapping, escalation, device commands; its own
+//! SQLite file with the audit trail and the durable outbox) → [`notify`] (webhook, MQTT ops
+//! topic, Alertmanager; SSE is served by [`api`]). Beside them: [`api`] (HTTP), [`metrics`]
+//! (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the stages together
+//! and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
 
 pub mod api;
 pub mod config;

@@ -71,6 +71,16 @@ pub enum TransitionError {
     Invalid(String),
 }
 
+/// An incident an operator ended while its rule may still be active in the engine; the engine
+/// releases it so the condition persisting (or returning) opens a new incident.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    pub scope: Scope,
+    pub site: String,
+    pub device: String,
+    pub rule: String,
+}
+
 /// A command to publish to a device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
@@ -110,6 +120,8 @@ pub struct Book {
     dirty: HashSet<String>,
     commit: Commit,
     sent: Vec<Command>,
+    /// Incidents an operator ended (resolved or closed): the rule engine forgets them as active.
+    released: Vec<Release>,
     counter: u64,
     pub stats: BookStats,
 }
@@ -153,6 +165,7 @@ impl Book {
             dirty: HashSet::new(),
             commit: Commit::default(),
             sent: Vec::new(),
+            released: Vec::new(),
             counter: 0,
             stats: BookStats::default(),
         };
@@ -182,6 +195,11 @@ impl Book {
     /// What to commit and the commands to send, since the last call.
     pub fn take(&mut self) -> (Commit, Vec<Command>) {
         (std::mem::take(&mut self.commit), std::mem::take(&mut self.sent))
+    }
+
+    /// Incidents ended by operators since the last call.
+    pub fn take_released(&mut self) -> Vec<Release> {
+        std::mem::take(&mut self.released)
     }
 
     pub fn silences(&self) -> &[Silence] {
@@ -484,6 +502,7 @@ impl Book {
             // The condition coming back after a resolve or close is a new incident.
             if self.keys.get(&inc.key).is_some_and(|k| *k == inc.id) {
                 self.keys.remove(&inc.key);
+                self.released.push(Release { scope: inc.scope, site: inc.site.clone(), device: inc.device.clone(), rule: inc.rule.clone() });
             }
         }
         self.push(inc.clone());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::book::{Action, Book, BookStats, Command, TransitionError};
+use super::book::{Action, Book, BookStats, Command, Release, TransitionError};
 use super::model::{Incident, OutboxItem, Signal};
 use super::silence::{Silence, SilenceConfig};
 use super::store::{Commit, IncidentStore};
@@ -109,6 +109,8 @@ pub struct Manager {
     publish: Option<PublishFn>,
     stats: Arc<Mutex<BookStats>>,
     retention_ms: i64,
+    /// To the decode stage's rule engine.
+    releases: Option<mpsc::UnboundedSender<Release>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -130,7 +132,13 @@ impl Manager {
         let (events, _) = broadcast::channel(1024);
         let stats = Arc::new(Mutex::new(BookStats::default()));
         let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats) };
-        (Manager { book, store, channels, events, publish, stats, retention_ms }, handle, rx)
+        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None }, handle, rx)
+    }
+
+    /// Where to tell the rule engine about incidents operators ended.
+    pub fn with_releases(mut self, releases: mpsc::UnboundedSender<Release>) -> Self {
+        self.releases = Some(releases);
+        self
     }
 
     /// Runs until [`Request::Shutdown`] or until every sender is gone.
@@ -183,6 +191,11 @@ impl Manager {
                     acks.clear();
                     replies.clear();
                     continue;
+                }
+            }
+            if let Some(tx) = &self.releases {
+                for r in self.book.take_released() {
+                    let _ = tx.send(r);
                 }
             }
             acks.drain(..).for_each(Ack::done);
