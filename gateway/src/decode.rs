@@ -298,6 +298,14 @@ impl DecodeStage {
                             let live = received_ms - e.ts_ms <= horizon;
                             if live {
                                 rules.engine.on_event(&ctx, e.event, e.metric, e.value, e.ts_ms, now, out);
+                                // An event's measurement is a reading too: a detector that alarms
+                                // at 50 %LEL reports that value in the alarm event, possibly in a
+                                // tick whose telemetry it then skips.
+                                if let (Some(metric), Some(value)) = (e.metric, e.value) {
+                                    if kind.has_metric(metric) && value.is_finite() {
+                                        rules.engine.on_reading(&ctx, metric, value, e.ts_ms, now, out);
+                                    }
+                                }
                             }
                             if let (EventKind::CmdAck, Some(id)) = (e.event, &e.cmd_id) {
                                 batch.command_acks.push((key.to_string(), id.clone()));

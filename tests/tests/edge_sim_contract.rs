@@ -114,7 +114,7 @@ async fn gas_leak_fleet_follows_the_contract_and_answers_commands() {
     let mut sub = Subscriber::connect(&broker.addr(), "citywatch/#", QoS::AtLeastOnce).await.expect("subscriber");
     let mut sim = spawn_edge_sim(&[
         "--broker", &broker.addr(), "--devices", "6", "--site", "e2e-leak",
-        "--scenario", "gas-leak", "--interval", "1", "--duration", "24",
+        "--scenario", "gas-leak", "--interval", "1", "--duration", "32",
     ]);
 
     // A command, as the gateway would send it, to a smoke detector once it is online.

@@ -27,8 +27,9 @@ pub enum Role {
     Flapping { half_period_s: f64 },
 }
 
-/// Gas ramp while the valve is open, %LEL per second.
-pub const LEAK_RAMP_LEL_PER_S: f64 = 3.5;
+/// Gas ramp while the valve is open, %LEL per second. Slow enough that 20 → 50 %LEL takes
+/// longer than `gas_low`'s 10 s hold, so a leak shows both levels in order.
+pub const LEAK_RAMP_LEL_PER_S: f64 = 2.5;
 /// Highest concentration a leak reaches.
 pub const LEAK_PEAK_LEL: f64 = 75.0;
 /// Time constant of ventilation once the valve is shut, seconds.
@@ -210,7 +211,7 @@ mod tests {
         let mut p = Physics::new(DeviceKind::GasDetector, Role::GasLeak { start_s: 1.0 }, 7);
         let mut peak = 0.0f64;
         let mut t = 0.0;
-        while t < 20.0 {
+        while t < 25.0 {
             let lel = p.sample(t).values.get(Metric::GasLel).expect("gas");
             peak = peak.max(lel);
             t += 0.25;
