@@ -54,6 +54,8 @@ pub struct Batch {
     pub signals: Vec<Signal>,
     /// `cmd_ack` events: (device, command id).
     pub command_acks: Vec<(String, String)>,
+    /// When the batch's first message arrived.
+    pub received_ms: Option<i64>,
 }
 
 impl Batch {
@@ -161,7 +163,8 @@ impl DecodeStage {
                 batch.acks.push(store_part);
                 Some(incident_part)
             };
-            rules.incidents.send(Request::Signals { signals, ack }).await.map_err(|_| ())?;
+            let received_ms = batch.received_ms.unwrap_or_else(now_ms);
+            rules.incidents.send(Request::Signals { signals, ack, received_ms }).await.map_err(|_| ())?;
         }
         send_batch(store, batch).await.map_err(|_| ())
     }
@@ -169,6 +172,7 @@ impl DecodeStage {
     /// Decodes one message into `batch`. Synchronous and I/O-free.
     pub fn handle(&mut self, message: Inbound, now: i64, batch: &mut Batch) {
         let Inbound { topic, payload, received_ms, ack } = message;
+        batch.received_ms.get_or_insert(received_ms);
         if let Some(ack) = ack {
             batch.acks.push(ack);
         }

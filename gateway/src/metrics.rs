@@ -122,3 +122,64 @@ mod tests {
         assert_eq!(m.rejected_total(), 2);
     }
 }
+
+/// A latency histogram in the Prometheus sense (cumulative buckets, sum, count), lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in microseconds.
+    bounds_us: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+/// 0.25 ms … 5 s: the incident path lives in the low milliseconds.
+pub const LATENCY_BOUNDS_US: &[u64] = &[250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+
+impl Histogram {
+    pub fn new(bounds_us: &'static [u64]) -> Self {
+        Histogram { bounds_us, buckets: bounds_us.iter().map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0), count: AtomicU64::new(0) }
+    }
+
+    pub fn observe_us(&self, us: u64) {
+        if let Some(i) = self.bounds_us.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Renders `name` in seconds with its HELP and TYPE lines.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in self.bounds_us.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *b as f64 / 1e6);
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative() {
+        let h = Histogram::new(LATENCY_BOUNDS_US);
+        for us in [100, 700, 700, 3_000, 9_000_000] {
+            h.observe_us(us);
+        }
+        let mut text = String::new();
+        h.render("x_seconds", "help", &mut text);
+        assert!(text.contains("x_seconds_bucket{le=\"0.00025\"} 1\n"), "{text}");
+        assert!(text.contains("x_seconds_bucket{le=\"0.001\"} 3\n"), "{text}");
+        assert!(text.contains("x_seconds_bucket{le=\"5\"} 4\n"), "{text}");
+        assert!(text.contains("x_seconds_bucket{le=\"+Inf\"} 5\n"), "{text}");
+        assert!(text.contains("x_seconds_count 5\n"), "{text}");
+    }
+}

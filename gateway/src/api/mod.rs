@@ -382,6 +382,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
              citywatch_device_commands_total{{outcome=\"sent\"}} {}\ncitywatch_device_commands_total{{outcome=\"acked\"}} {}\ncitywatch_device_commands_total{{outcome=\"unanswered\"}} {}\n",
             b.silenced, b.commands_sent, b.commands_acked, b.commands_unanswered
         ));
+        h.timing.render(&mut text);
         if let Ok(counts) = h.store.counts_by_state() {
             text.push_str("# HELP citywatch_incidents Incidents in the store by state.\n# TYPE citywatch_incidents gauge\n");
             for (state, n) in counts {

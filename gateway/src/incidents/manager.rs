@@ -14,6 +14,7 @@ use super::model::{Incident, OutboxItem, Signal};
 use super::silence::{Silence, SilenceConfig};
 use super::store::{Commit, IncidentStore};
 use crate::ingest::{now_ms, Ack};
+use crate::metrics::{Histogram, LATENCY_BOUNDS_US};
 use crate::notify::{Outcome, PublishFn};
 
 /// How often timers run.
@@ -26,8 +27,9 @@ pub const QUEUE: usize = 4096;
 /// What the manager is asked to do.
 #[derive(Debug)]
 pub enum Request {
-    /// Signals from one decode batch; `ack` fires once they are committed.
-    Signals { signals: Vec<Signal>, ack: Option<Ack> },
+    /// Signals from one decode batch; `ack` fires once they are committed. `received_ms`:
+    /// when the batch's first message arrived (for the path latency histogram).
+    Signals { signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64 },
     /// A device acknowledged a command.
     CommandAck { device: String, id: String },
     Transition {
@@ -59,6 +61,33 @@ pub struct IncidentsHandle {
     pub store: Arc<IncidentStore>,
     pub events: broadcast::Sender<LiveEvent>,
     pub stats: Arc<Mutex<BookStats>>,
+    pub timing: Arc<Timing>,
+}
+
+/// What each step of the incident path costs.
+#[derive(Debug)]
+pub struct Timing {
+    /// One incident-store transaction (fsync included).
+    pub commit: Histogram,
+    /// From the arrival of the message that caused a signal to its incident change committed.
+    pub message_to_commit: Histogram,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { commit: Histogram::new(LATENCY_BOUNDS_US), message_to_commit: Histogram::new(LATENCY_BOUNDS_US) }
+    }
+}
+
+impl Timing {
+    pub fn render(&self, out: &mut String) {
+        self.commit.render("citywatch_incident_commit_seconds", "Incident store transactions (fsync included).", out);
+        self.message_to_commit.render(
+            "citywatch_incident_path_seconds",
+            "From the arrival of a message that changed an incident to that change committed (before push).",
+            out,
+        );
+    }
 }
 
 /// The manager is gone (shutting down).
@@ -111,6 +140,7 @@ pub struct Manager {
     retention_ms: i64,
     /// To the decode stage's rule engine.
     releases: Option<mpsc::UnboundedSender<Release>>,
+    timing: Arc<Timing>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -131,8 +161,9 @@ impl Manager {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (events, _) = broadcast::channel(1024);
         let stats = Arc::new(Mutex::new(BookStats::default()));
-        let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats) };
-        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None }, handle, rx)
+        let timing = Arc::new(Timing::default());
+        let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats), timing: Arc::clone(&timing) };
+        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, timing }, handle, rx)
     }
 
     /// Where to tell the rule engine about incidents operators ended.
@@ -150,15 +181,16 @@ impl Manager {
         let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         let mut marks: Vec<(Arc<str>, i64, bool, Option<&'static str>)> = Vec::new();
         let mut stopping = false;
+        let mut earliest: Option<i64> = None;
         loop {
             let mut commit_marks = false;
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { break };
-                    stopping |= self.handle(request, &mut acks, &mut replies);
+                    stopping |= self.handle(request, &mut acks, &mut replies, &mut earliest);
                     // Group commit: take whatever else is already waiting.
                     while let Ok(request) = requests.try_recv() {
-                        stopping |= self.handle(request, &mut acks, &mut replies);
+                        stopping |= self.handle(request, &mut acks, &mut replies, &mut earliest);
                         if acks.len() + replies.len() >= 512 {
                             break;
                         }
@@ -185,7 +217,14 @@ impl Manager {
                 commit.deliveries = std::mem::take(&mut marks);
             }
             if !commit.is_empty() {
-                if let Err(e) = self.commit(commit).await {
+                let changed = !commit.outbox.is_empty();
+                let started = std::time::Instant::now();
+                let result = self.commit(commit).await;
+                self.timing.commit.observe_us(started.elapsed().as_micros() as u64);
+                if let (Some(t0), true, true) = (earliest, changed, result.is_ok()) {
+                    self.timing.message_to_commit.observe_us((now_ms() - t0).max(0) as u64 * 1000);
+                }
+                if let Err(e) = result {
                     // Nothing is acknowledged: the broker redelivers, operators get an error.
                     tracing::error!(error = %e, "incident commit failed; the triggering messages stay unacknowledged");
                     acks.clear();
@@ -198,6 +237,7 @@ impl Manager {
                     let _ = tx.send(r);
                 }
             }
+            earliest = None;
             acks.drain(..).for_each(Ack::done);
             replies.drain(..).for_each(|r| r());
             self.send_commands(commands).await;
@@ -212,10 +252,11 @@ impl Manager {
     }
 
     /// Applies one request; true when it asks to stop.
-    fn handle(&mut self, request: Request, acks: &mut Vec<Ack>, replies: &mut Vec<Box<dyn FnOnce() + Send>>) -> bool {
+    fn handle(&mut self, request: Request, acks: &mut Vec<Ack>, replies: &mut Vec<Box<dyn FnOnce() + Send>>, earliest: &mut Option<i64>) -> bool {
         let now = now_ms();
         match request {
-            Request::Signals { signals, ack } => {
+            Request::Signals { signals, ack, received_ms } => {
+                *earliest = Some(earliest.map_or(received_ms, |e| e.min(received_ms)));
                 for s in signals {
                     self.book.apply(s, now);
                 }
