@@ -9,6 +9,7 @@ mod bins;
 mod gateway;
 mod mosquitto;
 mod process;
+mod publisher;
 mod receiver;
 mod subscriber;
 
@@ -19,6 +20,7 @@ pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::GatewayProcess;
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
+pub use publisher::{birth, device_topic, Publisher};
 pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};

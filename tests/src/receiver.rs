@@ -218,36 +218,35 @@ impl WebhookReceiver {
         rx
     }
 
-    /// Waits until `probe` over the accepted deliveries returns `Some`, woken by every new POST
-    /// (no polling); panics after `within` with what arrived, naming `what`.
+    /// Waits until `probe` over the accepted deliveries returns `Some`; panics after `within`
+    /// with what arrived, naming `what`. Woken by every new POST, and every 250 ms besides so a
+    /// probe may also look at other state (e.g. the gateway's API). The probe gets a snapshot:
+    /// it may take its time without holding up the receiver.
     pub async fn wait_for<T>(
         &self,
         within: Duration,
         what: &str,
         mut probe: impl FnMut(&[Delivery]) -> Option<T>,
     ) -> T {
+        const RECHECK: Duration = Duration::from_millis(250);
         let deadline = tokio::time::Instant::now() + within;
         let mut recorded = self.shared.recorded.subscribe();
         loop {
             // Mark the current count seen before looking, so a POST racing the look wakes us.
             recorded.borrow_and_update();
-            if let Some(found) = probe(&lock(&self.shared.accepted)) {
+            if let Some(found) = probe(&self.deliveries()) {
                 return found;
             }
-            match tokio::time::timeout_at(deadline, recorded.changed()).await {
-                Ok(Ok(())) => {}
-                // The sender lives in `shared`, which we hold: `changed` cannot fail.
-                Ok(Err(_)) => {}
-                Err(_) => {
-                    if let Some(found) = probe(&lock(&self.shared.accepted)) {
-                        return found;
-                    }
-                    panic!(
-                        "timed out after {within:?} waiting for {what} at the webhook receiver\n{}",
-                        self.report()
-                    );
-                }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                panic!(
+                    "timed out after {within:?} waiting for {what} at the webhook receiver\n{}",
+                    self.report()
+                );
             }
+            // Err: the wake-up period passed; the sender lives in `shared`, so `changed`
+            // itself cannot fail.
+            let _ = tokio::time::timeout_at(deadline.min(now + RECHECK), recorded.changed()).await;
         }
     }
 
@@ -318,17 +317,16 @@ impl Drop for WebhookReceiver {
             serving.task.abort();
         }
         if std::thread::panicking() {
-            eprintln!("=== {}=== end of webhook receiver report ===", self.report());
+            eprintln!(
+                "=== {}=== end of webhook receiver report ===",
+                self.report()
+            );
         }
     }
 }
 
 /// The handler: records the POST and answers with the configured status.
-async fn record(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
+async fn record(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let received = Instant::now();
     let wall_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
