@@ -102,6 +102,27 @@ impl GatewayProcess {
         Ok(ureq::get(&url).call().with_context(|| format!("GET {url}"))?.body_mut().read_to_string()?)
     }
 
+    /// POSTs `body` as JSON; returns the status and the answer's JSON whatever the status (an
+    /// empty answer is `Value::Null`, a non-JSON one a `Value::String`). Errors only when no
+    /// answer came.
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{}{path}", self.http);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(READY_TIMEOUT))
+            .build()
+            .into();
+        let mut response = agent.post(&url).send_json(body).with_context(|| format!("POST {url}"))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().with_context(|| format!("POST {url}: body"))?;
+        let answer = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, answer))
+    }
+
     /// The status code of a GET (for error cases).
     pub fn status_of(&self, path: &str) -> anyhow::Result<u16> {
         let url = format!("http://{}{path}", self.http);

@@ -1,20 +1,27 @@
-//! End-to-end test harness for Citywatch: starts real servers (a `mosquitto` broker on a free
-//! loopback port), real MQTT subscribers and the workspace's own binaries, with every wait bounded
-//! and every log kept for the failure report. It is not a mock, not an in-process broker, and not
+//! End-to-end test harness for Citywatch: starts real servers (a `mosquitto` broker, a
+//! Prometheus Alertmanager, an HTTP webhook receiver, each on a free loopback port), real MQTT
+//! subscribers and the workspace's own binaries, with every wait bounded and every log kept for
+//! the failure report. It is not a mock, not an in-process broker, and not
 //! meant for anything but tests.
 
+mod alertmanager;
 mod bins;
 mod gateway;
 mod mosquitto;
 mod process;
+mod publisher;
+mod receiver;
 mod subscriber;
 
 use std::time::Duration;
 
+pub use alertmanager::{Alertmanager, ALERTMANAGER_BIN};
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::GatewayProcess;
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
+pub use publisher::{birth, device_topic, Publisher};
+pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};
 
