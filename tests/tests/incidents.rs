@@ -693,6 +693,12 @@ async fn changes_made_while_the_receiver_is_down_arrive_once_each_and_in_order()
     .await;
     receiver.set_status(200);
 
+    // Both levels of the leak exist before "everything delivered" means anything.
+    gw.wait_for(SCENARIO_WAIT, "gas_low and gas_high incidents", |gw| {
+        let list = incidents(gw, &format!("site={site}")).ok()?;
+        ["gas_low", "gas_high"].iter().all(|r| list.iter().any(|i| i["rule"] == *r)).then_some(())
+    })
+    .await;
     let list = wait_all_delivered(&gw, &receiver, site).await;
     assert!(list.iter().any(|i| i["rule"] == "gas_high"), "{list:?}");
     let got = receiver.deliveries();

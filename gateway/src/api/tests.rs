@@ -29,6 +29,7 @@ fn incidents(dir: &std::path::Path) -> (crate::incidents::manager::IncidentsHand
             kind: DeviceKind::GasDetector,
             ts_ms: now_ms(),
             change: Change::Open { severity: Severity::Critical, metric: Some(Metric::GasLel), value: Some(55.0), threshold: Some(50.0), summary: "gas".into(), action: None },
+            members: Vec::new(),
         },
         now_ms(),
     );

@@ -218,12 +218,9 @@ impl Book {
     }
 
     fn silenced(&self, s: &Signal, now_ms: i64) -> bool {
-        self.silences.iter().any(|x| {
-            // A device's own alarm is never dropped by a broad silence; only one naming the
-            // rule holds it back.
-            let explicit = s.rule.as_ref() != "device_alarm" || x.config.rule.as_deref() == Some("device_alarm");
-            explicit && x.active_at(now_ms) && x.matches(&s.site, &s.device, s.kind, &s.rule)
-        })
+        // Held back, not dropped: a device's own alarm still present when the window ends opens
+        // its incident then (and the event itself is stored either way).
+        self.silences.iter().any(|x| x.active_at(now_ms) && x.matches(&s.site, &s.device, s.kind, &s.rule))
     }
 
     fn new_id(&mut self, now_ms: i64) -> String {
@@ -318,7 +315,7 @@ impl Book {
             escalation: 0,
             flapping: false,
             crew: None,
-            devices: if s.scope == Scope::Site { vec![s.device.to_string()] } else { Vec::new() },
+            devices: if s.scope == Scope::Site { site_members(&s) } else { Vec::new() },
             history: Vec::new(),
         };
         let note = if s.ts_ms < now_ms - 1000 { Some(format!("condition since {}", rfc3339(s.ts_ms))) } else { None };
@@ -371,8 +368,12 @@ impl Book {
         self.stats.repeats += 1;
         inc.count += 1;
         inc.value = value.or(inc.value);
-        if s.scope == Scope::Site && !inc.devices.iter().any(|d| **d == *s.device) {
-            inc.devices.push(s.device.to_string());
+        if s.scope == Scope::Site {
+            for d in site_members(s) {
+                if !inc.devices.contains(&d) {
+                    inc.devices.push(d);
+                }
+            }
             inc.device = s.device.to_string();
         }
         if severity > inc.severity {
@@ -494,7 +495,7 @@ impl Book {
             inc.crew = Some(c);
         }
         let note = match (&inc.crew, action) {
-            (Some(c), Action::Dispatch) => Some(note.map_or_else(|| format!("to {c}"), |n| format!("to {c}: {n}"))),
+            (Some(c), Action::Dispatch) => Some(note.unwrap_or_else(|| format!("to {c}"))),
             _ => note,
         };
         next_revision(&mut inc, &mut self.commit, actor, target.as_str(), note, now_ms);
@@ -611,6 +612,15 @@ impl Book {
         self.commit.outbox.push(arc);
         self.incidents.insert(inc.id.clone(), inc);
     }
+}
+
+/// The devices a site-scoped signal counts, the signalling one included.
+fn site_members(s: &Signal) -> Vec<String> {
+    let mut out: Vec<String> = s.members.iter().map(|d| d.to_string()).collect();
+    if !out.iter().any(|d| **d == *s.device) {
+        out.push(s.device.to_string());
+    }
+    out
 }
 
 /// Adds a history entry in the current revision (no new revision).

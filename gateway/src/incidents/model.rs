@@ -99,6 +99,8 @@ pub struct Signal {
     /// When it happened: the reading's or event's device time, or the engine's clock for timers.
     pub ts_ms: i64,
     pub change: Change,
+    /// Site scope: every device counted so far (empty for device scope).
+    pub members: Vec<Arc<str>>,
 }
 
 /// The change a rule reports.

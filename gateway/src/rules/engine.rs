@@ -343,6 +343,7 @@ impl Emit<'_> {
             kind: self.kind,
             ts_ms,
             change,
+            members: Vec::new(),
         });
     }
 
@@ -990,6 +991,7 @@ impl Engine {
                     device: st.last_device.clone(),
                     kind: st.last_kind,
                     ts_ms: now,
+                    members: Vec::new(),
                     change: Change::Clear {
                         value: None,
                         summary: format!("{} at {site} cleared: nothing contributing for {} s", st.rule, after / 1000),
@@ -1458,7 +1460,7 @@ fn composite_contribute(
     }
     st.recent.push_back((now, dev.id.clone()));
     (st.last_device, st.last_kind, st.last_ms) = (dev.id.clone(), dev.kind, now);
-    let signal = |change| Signal {
+    let signal = |change, members: &Vec<Arc<str>>| Signal {
         rule: rule.name.clone(),
         scope: Scope::Site,
         site: dev.site.clone(),
@@ -1466,6 +1468,7 @@ fn composite_contribute(
         kind: dev.kind,
         ts_ms: ts,
         change,
+        members: members.clone(),
     };
     let threshold = Some(f64::from(c.min_devices));
     if !st.active {
@@ -1474,20 +1477,16 @@ fn composite_contribute(
             st.members = st.recent.iter().map(|(_, d)| d.clone()).collect();
             let value = Some(st.members.len() as f64);
             let summary = summary(rule, dev.id, dev.site, None, value, threshold);
-            out.push(signal(Change::Open {
-                severity: rule.def.severity,
-                metric: None,
-                value,
-                threshold,
-                summary,
-                action: rule.def.action,
-            }));
+            out.push(signal(
+                Change::Open { severity: rule.def.severity, metric: None, value, threshold, summary, action: rule.def.action },
+                &st.members,
+            ));
         }
     } else if !st.members.contains(dev.id) {
         st.members.push(dev.id.clone());
         let value = Some(st.members.len() as f64);
         let summary = summary(rule, dev.id, dev.site, None, value, threshold);
-        out.push(signal(Change::Repeat { severity: rule.def.severity, value, summary }));
+        out.push(signal(Change::Repeat { severity: rule.def.severity, value, summary }, &st.members));
     }
     let next = site_deadline(st);
     arm_site(timers, dev.site, st, next);
