@@ -240,6 +240,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let (readings_1, telemetry_1) = ingest_counters(&gw)?;
+    // What the steps inside the gateway cost (its own histograms, whole run).
+    let text = gw.get_text("/metrics")?;
+    let mean_of = |name: &str| {
+        let count = counter(&text, &format!("{name}_count"));
+        if count > 0.0 { counter(&text, &format!("{name}_sum")) / count * 1000.0 } else { 0.0 }
+    };
+    let commit_ms = mean_of("citywatch_incident_commit_seconds");
+    let path_ms = mean_of("citywatch_incident_path_seconds");
     drop(load);
 
     let readings_per_s = (readings_1 - readings_0) / elapsed;
@@ -276,8 +284,11 @@ async fn main() -> anyhow::Result<()> {
     println!("  max         {:>10.3} ms", max);
     println!("  mean        {:>10.3} ms", mean);
     println!("  background  {:>10.0} readings/s  ({:.0} telemetry msgs/s, {:.2} readings/msg, asked {} msgs/s, {} devices, {} connections)", readings_per_s, telemetry_per_s, per_message, args.rate, args.devices, args.connections);
+    println!("  inside      {:>10.3} ms mean incident-store commit (fsync), {:.3} ms mean message arrival → change committed", commit_ms, path_ms);
     let line = json!({
         "bench": "alert_latency",
+        "gateway_commit_mean_ms": round(commit_ms),
+        "gateway_arrival_to_commit_mean_ms": round(path_ms),
         "n": args.n,
         "measured": latencies_ms.len(),
         "missed": missed.len(),
