@@ -40,7 +40,7 @@ pub enum Request {
         crew: Option<String>,
         reply: oneshot::Sender<Result<Incident, TransitionError>>,
     },
-    AddSilence { config: SilenceConfig, reply: oneshot::Sender<Result<SilenceConfig, String>> },
+    AddSilence { config: Box<SilenceConfig>, reply: oneshot::Sender<Result<SilenceConfig, String>> },
     RemoveSilence { id: String, reply: oneshot::Sender<bool> },
     Silences { reply: oneshot::Sender<Vec<SilenceConfig>> },
     /// Commit what is pending and stop.
@@ -108,7 +108,7 @@ impl IncidentsHandle {
 
     pub async fn add_silence(&self, config: SilenceConfig) -> Result<Result<SilenceConfig, String>, Stopped> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::AddSilence { config, reply }).await.map_err(|_| Stopped)?;
+        self.tx.send(Request::AddSilence { config: Box::new(config), reply }).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 
@@ -205,9 +205,9 @@ impl Manager {
                 _ = tick.tick() => {
                     ticks += 1;
                     let now = now_ms();
-                    self.book.tick(now, ticks % PERSIST_EVERY_TICKS == 0);
+                    self.book.tick(now, ticks.is_multiple_of(PERSIST_EVERY_TICKS));
                     commit_marks = true;
-                    if ticks % 3600 == 0 {
+                    if ticks.is_multiple_of(3600) {
                         self.prune(now).await;
                     }
                 }
@@ -270,7 +270,8 @@ impl Manager {
                     let _ = reply.send(result);
                 }));
             }
-            Request::AddSilence { mut config, reply } => {
+            Request::AddSilence { config, reply } => {
+                let mut config = *config;
                 config.id.get_or_insert_with(|| format!("sil-{now:x}-{:04x}", rand::random::<u16>()));
                 let result = Silence::new(config.clone()).and_then(|s| {
                     let body = serde_json::to_string(&config).map_err(|e| e.to_string())?;
@@ -298,7 +299,7 @@ impl Manager {
         let created = tokio::task::spawn_blocking(move || store.commit(&commit, &names, now_ms()))
             .await
             .map_err(|e| super::store::Error::Io(format!("commit task: {e}")))??;
-        for (seq, incident, body) in created {
+        for super::store::Committed { seq, incident, body } in created {
             for (name, tx) in &self.channels {
                 // A closed queue means the channel's dispatcher stopped (shutdown); the item
                 // stays pending in the outbox and is sent after the next start.

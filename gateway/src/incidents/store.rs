@@ -96,6 +96,15 @@ impl Commit {
     }
 }
 
+/// An incident change in the outbox, as committed.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub seq: i64,
+    pub incident: Arc<Incident>,
+    /// The serialised incident, exactly what every channel sends.
+    pub body: Arc<str>,
+}
+
 /// A filter for listing incidents.
 #[derive(Debug, Clone, Default)]
 pub struct IncidentFilter {
@@ -148,7 +157,7 @@ impl IncidentStore {
 
     /// Commits one step. Returns the outbox items created, with their seq assigned, one per
     /// incident change (the caller fans them out to channels).
-    pub fn commit(&self, commit: &Commit, channels: &[Arc<str>], now_ms: i64) -> Result<Vec<(i64, Arc<Incident>, Arc<str>)>> {
+    pub fn commit(&self, commit: &Commit, channels: &[Arc<str>], now_ms: i64) -> Result<Vec<Committed>> {
         let mut conn = lock(&self.write);
         let tx = conn.transaction()?;
         let mut created = Vec::with_capacity(commit.outbox.len());
@@ -188,7 +197,7 @@ impl IncidentStore {
                 for ch in channels {
                     delivery.execute(params![&**ch, seq])?;
                 }
-                created.push((seq, Arc::clone(inc), body));
+                created.push(Committed { seq, incident: Arc::clone(inc), body });
             }
             let mut done = tx.prepare_cached("UPDATE deliveries SET state = ?3, done_ms = ?4, reason = ?5 WHERE channel = ?1 AND seq = ?2")?;
             for (ch, seq, ok, reason) in &commit.deliveries {
