@@ -252,7 +252,8 @@ impl Config {
         }
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
-        crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Named { key: "rules".into(), reason: e.to_string() })?;
+        // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).
+        crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Parse(e.to_string()))?;
         Ok(())
     }
 }
@@ -296,6 +297,14 @@ mod tests {
         assert!(err.to_string().starts_with("mqtt.url"), "{err}");
         let err = Config::from_toml("[ingest]\nbattery_floor_v = -1.0\n").expect_err("negative");
         assert!(err.to_string().starts_with("ingest.battery_floor_v"), "{err}");
+        let err = Config::from_toml("[[rules.override]]\nrule = \"gas_lo\"\nenabled = false\n").expect_err("unknown rule");
+        assert!(err.to_string().starts_with("rules.override[0].rule"), "{err}");
+        let err = Config::from_toml("[[notify.webhook]]\nurl = \"https://x\"\nsecret = \"s\"\n").expect_err("no TLS yet");
+        assert!(err.to_string().starts_with("notify.webhook[0].url"), "{err}");
+        let err = Config::from_toml("[incidents]\nretention = \"30days\"\n").expect_err("too short");
+        assert!(err.to_string().starts_with("incidents.retention"), "{err}");
+        let err = Config::from_toml("[[incidents.silence]]\nstart = \"soon\"\n").expect_err("bad time");
+        assert!(err.to_string().starts_with("incidents.silence[0].start"), "{err}");
     }
 
     #[test]
