@@ -86,6 +86,10 @@ impl DecodeStage {
     /// tracked for absence from its last message, and `active` (device, rule) pairs — incidents
     /// open before a restart — resume as active, so nothing re-fires.
     pub fn with_rules(mut self, mut engine: Engine, incidents: mpsc::Sender<Request>, releases: mpsc::UnboundedReceiver<Release>, active: &[(String, String)]) -> Self {
+        let mut active_by_device: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (device, rule) in active {
+            active_by_device.entry(device.as_str()).or_default().push(rule.as_str());
+        }
         let mut tracked = Vec::new();
         self.registry.for_each(|d| tracked.push((d.id.clone(), d.site.clone(), d.kind, d.interval_s, d.last_seen_ms)));
         for (id, site, kind, interval_s, last_seen) in tracked {
@@ -93,8 +97,7 @@ impl DecodeStage {
             let site = self.site(&site);
             let ctx = DeviceCtx { id: &id, site: &site, kind, interval_s };
             engine.track(&ctx, last_seen);
-            for (device, rule) in active.iter().filter(|(d, _)| **d == *id) {
-                let _ = device;
+            for rule in active_by_device.get(&*id).into_iter().flatten() {
                 engine.restore_active(&ctx, rule);
             }
         }
@@ -210,10 +213,6 @@ impl DecodeStage {
             _ => {}
         }
         let horizon = self.config.live_horizon.as_ms();
-        let uplink_kind = match &uplink {
-            Uplink::Status(s) => UplinkKind::Status(s.state),
-            _ => UplinkKind::Other,
-        };
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
         let mut kind_and_interval = None;
         let outcome = self.registry.upsert(device, make, |key, d| {
@@ -231,7 +230,7 @@ impl DecodeStage {
                         d.interval_s = i.max(1);
                     }
                     kind_and_interval = Some((d.kind, d.interval_s));
-                    Ok(Accepted::Status)
+                    Ok(Accepted::Status(s.state))
                 }
                 Uplink::Telemetry(t) => {
                     kind_and_interval = Some((d.kind, d.interval_s));
@@ -290,38 +289,37 @@ impl DecodeStage {
                 if let Some(rules) = self.rules.as_mut() {
                     let ctx = DeviceCtx { id: &key, site: &site, kind, interval_s };
                     let out = &mut batch.signals;
-                    rules.engine.on_seen(&ctx, now, out);
-                    match (&outcome, &uplink_kind) {
-                        (Accepted::Status, UplinkKind::Status(state)) => rules.engine.on_status(&ctx, *state, now, out),
-                        (Accepted::Telemetry { historical: false, .. }, _) => {
+                    // Each engine entry point counts as proof of life itself (except an
+                    // `offline` status, which must not clear what it opens); `on_seen` is only
+                    // for messages that reach none of them.
+                    match &outcome {
+                        Accepted::Status(state) => rules.engine.on_status(&ctx, *state, now, out),
+                        Accepted::Telemetry { historical: false, .. } => {
                             for r in &batch.readings[first_reading..] {
                                 rules.engine.on_reading(&ctx, r.metric, r.value, r.ts_ms, now, out);
                             }
                         }
-                        (Accepted::Event(_, e), _) => {
-                            let live = received_ms - e.ts_ms <= horizon;
-                            if live {
-                                rules.engine.on_event(&ctx, e.event, e.metric, e.value, e.ts_ms, now, out);
-                                // An event's measurement is a reading too: a detector that alarms
-                                // at 50 %LEL reports that value in the alarm event, possibly in a
-                                // tick whose telemetry it then skips.
-                                if let (Some(metric), Some(value)) = (e.metric, e.value) {
-                                    if kind.has_metric(metric) && value.is_finite() {
-                                        rules.engine.on_reading(&ctx, metric, value, e.ts_ms, now, out);
-                                    }
+                        Accepted::Event(_, e) if received_ms - e.ts_ms <= horizon => {
+                            rules.engine.on_event(&ctx, e.event, e.metric, e.value, e.ts_ms, now, out);
+                            // An event's measurement is a reading too: a detector that alarms at
+                            // 50 %LEL reports that value in the alarm event, possibly in a tick
+                            // whose telemetry it then skips.
+                            if let (Some(metric), Some(value)) = (e.metric, e.value) {
+                                if kind.has_metric(metric) {
+                                    rules.engine.on_reading(&ctx, metric, value, e.ts_ms, now, out);
                                 }
                             }
-                            if let (EventKind::CmdAck, Some(id)) = (e.event, &e.cmd_id) {
-                                batch.command_acks.push((key.to_string(), id.clone()));
-                            }
                         }
-                        _ => {}
+                        _ => rules.engine.on_seen(&ctx, now, out),
+                    }
+                    if let Accepted::Event(_, EventRecord { event: EventKind::CmdAck, cmd_id: Some(id), .. }) = &outcome {
+                        batch.command_acks.push((key.to_string(), id.clone()));
                     }
                 }
             }
         }
         match outcome {
-            Accepted::Status => {
+            Accepted::Status(_) => {
                 self.metrics.statuses.fetch_add(1, Ordering::Relaxed);
                 self.persist(&key, now, true, batch);
             }
@@ -369,13 +367,8 @@ impl DecodeStage {
     }
 }
 
-enum UplinkKind {
-    Status(LinkState),
-    Other,
-}
-
 enum Accepted {
-    Status,
+    Status(LinkState),
     Telemetry { count: usize, historical: bool, gap: u32 },
     Event(u32, EventRecord),
     Duplicate,
