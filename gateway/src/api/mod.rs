@@ -11,7 +11,7 @@ mod openapi;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::IngestConfig;
+/// RFC 3339 with milliseconds, UTC: one format for every time the API and the pushes show.
+pub use crate::incidents::model::rfc3339;
 use crate::ingest::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::{Device, Health, Registry};
@@ -113,11 +115,6 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// RFC 3339 with milliseconds, UTC.
-pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
 
 /// A time parameter: RFC 3339 (`2026-11-22T10:00:00Z`) or milliseconds since the epoch.
 pub fn parse_time(name: &str, text: &str) -> ApiResult<i64> {

@@ -1,6 +1,8 @@
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
+use std::time::Duration;
+
 use tower::ServiceExt;
 
 use super::*;

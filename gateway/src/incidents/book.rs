@@ -334,7 +334,7 @@ impl Book {
     }
 
     fn reopen(&mut self, id: &str, s: &Signal, now_ms: i64) {
-        let flapping_now = self.flip(id, now_ms, false);
+        let flapping_now = self.flip(id, now_ms);
         let Some(inc) = self.incidents.get_mut(id) else { return };
         if let Change::Open { severity, value, summary, .. } = &s.change {
             inc.severity = inc.severity.max(*severity);
@@ -397,10 +397,10 @@ impl Book {
                     f.last_signal_ms = now_ms;
                     f.pending_clear = true;
                 }
-                self.flip(id, now_ms, true);
+                self.flip(id, now_ms);
             }
             (IncidentState::Open, false) => {
-                let flapping_now = self.flip(id, now_ms, true);
+                let flapping_now = self.flip(id, now_ms);
                 let Some(inc) = self.incidents.get_mut(id) else { return };
                 let mut inc = inc.clone();
                 inc.value = value.or(inc.value);
@@ -435,7 +435,7 @@ impl Book {
     }
 
     /// Records a flip; true when it makes the incident start flapping.
-    fn flip(&mut self, id: &str, now_ms: i64, _is_clear: bool) -> bool {
+    fn flip(&mut self, id: &str, now_ms: i64) -> bool {
         let window = self.cfg.flap_window.as_ms();
         let threshold = self.cfg.flap_threshold as usize;
         let already = self.incidents.get(id).is_some_and(|i| i.flapping);

@@ -206,3 +206,12 @@ impl OutboxItem {
 pub fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_else(|_| ms.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(super::rfc3339(1_800_000_000_123), "2027-01-15T08:00:00.123Z");
+        assert_eq!(super::rfc3339(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
+    }
+}
