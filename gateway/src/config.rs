@@ -84,14 +84,30 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     /// Messages buffered between the source and the pipeline.
     pub queue_capacity: usize,
+    /// Embedded broker: TLS on `listen` (MQTT over TLS; usually port 8883). None: plain TCP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
-/// One embedded-broker account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One embedded-broker account, and what it may touch (see [`crate::sources::door`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttUser {
     pub username: String,
     pub password: String,
+    /// Per-site or per-device account: publishes only under `citywatch/v1/{site}/…` and reads
+    /// only its own `cmd`. None: an unrestricted account (a bridge, the simulator, tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Per-device account: this device only. None with `site` set: the device is the MQTT
+    /// client id of the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+impl std::fmt::Debug for MqttUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttUser").field("username", &self.username).field("site", &self.site).field("device", &self.device).finish_non_exhaustive()
+    }
 }
 
 impl Default for MqttConfig {
@@ -108,6 +124,7 @@ impl Default for MqttConfig {
             keep_alive: Duration::secs(30),
             max_payload_bytes: 64 * 1024,
             queue_capacity: 16_384,
+            tls: None,
         }
     }
 }
@@ -117,11 +134,15 @@ impl Default for MqttConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// `[[http.tokens]]`: API bearer tokens. None: the API is open and must listen on loopback.
+    pub tokens: Vec<crate::api::auth::TokenConfig>,
+    /// `[http.tls]`: HTTPS on `listen`. None: plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), tokens: Vec::new(), tls: None }
     }
 }
 
@@ -250,6 +271,9 @@ impl Config {
         if self.ingest.stale_after_intervals == 0 || self.ingest.offline_after_intervals == 0 {
             return invalid("ingest.offline_after_intervals", "intervals must be at least 1");
         }
+        crate::api::auth::validate(&self.http.tokens).map_err(|(key, reason)| Error::Named { key, reason })?;
+        crate::api::auth::check_exposure(self.http.listen, &self.http.tokens).map_err(|(key, reason)| Error::Named { key, reason })?;
+        crate::sources::door::validate_users(&self.mqtt.users).map_err(|(key, reason)| Error::Named { key, reason })?;
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
         // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).

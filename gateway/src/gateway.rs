@@ -46,6 +46,9 @@ pub enum Error {
     Rules(String),
     #[error("notify: {0}")]
     Notify(String),
+    /// An unsafe or unusable security setting (names the key).
+    #[error("{0}")]
+    Security(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -88,6 +91,9 @@ impl Gateway {
     /// Starts every stage; returns once the HTTP and MQTT listeners accept connections.
     pub async fn start(config: Config, demo: Option<DemoFleet>) -> Result<Gateway> {
         let started = Instant::now();
+        // Before anything opens: an open API must not face the network.
+        crate::api::auth::check_exposure(config.http.listen, &config.http.tokens).map_err(|(key, reason)| Error::Security(format!("{key}: {reason}")))?;
+        let http_tls = config.http.tls.as_ref().map(crate::tls::acceptor).transpose().map_err(|e| Error::Security(format!("http.tls: {e}")))?;
         let (store, writer) = SqliteStore::open(&config.storage)?;
         let store = Arc::new(store);
         let registry = Arc::new(Registry::new());
@@ -202,13 +208,24 @@ impl Gateway {
             notify: channel_states,
         };
         let mut http_stop = stop_rx.clone();
+        let app = api::auth::protect(api::router(state), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
+        // HTTPS when [http.tls] is set: the same router behind a TLS-terminating listener.
+        let (tls_listener, plain_listener) = match http_tls {
+            Some(acceptor) => (Some(crate::tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Http { addr: config.http.listen, source })?), None),
+            None => (None, Some(listener)),
+        };
         tasks.push((
             "http",
             tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = http_stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await {
+                let served = match (tls_listener, plain_listener) {
+                    (Some(tls), _) => axum::serve(tls, app).with_graceful_shutdown(shutdown).await,
+                    (None, Some(plain)) => axum::serve(plain, app).with_graceful_shutdown(shutdown).await,
+                    (None, None) => Ok(()),
+                };
+                if let Err(e) = served {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
             }),

@@ -23,3 +23,4 @@ pub mod registry;
 pub mod rules;
 pub mod sources;
 pub mod store;
+pub mod tls;

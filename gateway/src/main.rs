@@ -45,6 +45,24 @@ enum Command {
     },
     /// Validate a configuration file; names the bad key and why.
     CheckConfig { file: PathBuf },
+    /// API tokens: `token create --name N --role R` prints a new token once and its config snippet.
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token (once) and the `[[http.tokens]]` entry holding only its hash.
+    Create {
+        /// Who holds it (recorded as the actor of their incident transitions).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: citywatch_gateway::api::auth::Role,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config> {
@@ -63,6 +81,11 @@ fn main() -> Result<()> {
         Command::CheckConfig { file } => {
             let config = load(Some(&file))?;
             println!("{}: ok (mqtt mode {:?}, http {}, storage {})", file.display(), config.mqtt.mode, config.http.listen, config.storage.path.display());
+            return Ok(());
+        }
+        Command::Token { action: TokenCommand::Create { name, role } } => {
+            let token = citywatch_gateway::api::auth::new_token();
+            print!("{}", citywatch_gateway::api::auth::token_snippet(&name, role, &token));
             return Ok(());
         }
         Command::Run { config } => (load(config.as_ref())?, None),

@@ -6,6 +6,7 @@
 //! through the incident manager. Every error is JSON `{"error": "…"}` with the right status;
 //! internal errors log once and say little.
 
+pub mod auth;
 mod incidents;
 mod openapi;
 
@@ -358,6 +359,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
             b.forwarded.load(Relaxed),
             b.dropped.load(Relaxed)
         ));
+        text.push_str(&b.door.render());
     }
     text.push_str(&crate::notify::render_metrics(&s.notify));
     if let Some(h) = &s.incidents {

@@ -53,6 +53,8 @@ pub struct BrokerStats {
     /// Publishes lost because rumqttd evicted them from its commit log before the forwarder
     /// read them (the pipeline was more than the log's size behind).
     pub dropped: AtomicU64,
+    /// The TLS/ACL door's counters (zero when it does not run).
+    pub door: Arc<super::door::DoorStats>,
 }
 
 /// The running embedded broker.
@@ -76,6 +78,8 @@ pub struct EmbeddedBroker {
     _commands_rx: LinkRx,
     data_tx: Mutex<LinkTx>,
     forwarder: tokio::task::JoinHandle<()>,
+    /// The TLS/ACL door in front of rumqttd, when configured.
+    door: Option<tokio::task::JoinHandle<()>>,
     stats: Arc<BrokerStats>,
 }
 
@@ -113,7 +117,19 @@ impl EmbeddedBroker {
     ) -> Result<EmbeddedBroker> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::Broker("must be started inside a tokio runtime".into()))?;
-        let addr = resolve_port(cfg.listen)?;
+        // With the door, rumqttd listens on a private loopback port and the door on `listen`.
+        let door_listener = if super::door::needed(cfg) {
+            let l = TcpListener::bind(cfg.listen).map_err(|e| Error::Broker(format!("cannot bind {}: {e}", cfg.listen)))?;
+            l.set_nonblocking(true).map_err(|e| Error::Broker(format!("cannot bind {}: {e}", cfg.listen)))?;
+            Some(l)
+        } else {
+            None
+        };
+        let addr = match door_listener {
+            Some(_) => resolve_port(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?,
+            None => resolve_port(cfg.listen)?,
+        };
+        let tls = cfg.tls.as_ref().map(crate::tls::acceptor).transpose().map_err(|e| Error::Config(format!("mqtt.tls: {e}")))?;
         let mut broker = Broker::new(rumqttd_config(cfg, addr, segment_bytes, segments));
         let link_err = |e: rumqttd::local::LinkError| Error::Broker(format!("local link: {e}"));
         let (data_tx, data_rx) = broker.link(DATA_LINK_ID).map_err(link_err)?;
@@ -133,12 +149,30 @@ impl EmbeddedBroker {
             })
             .map_err(|e| Error::Broker(format!("cannot spawn broker thread: {e}")))?;
         wait_listening(addr, &thread)?;
+        let stats = Arc::new(BrokerStats::default());
+        let (addr, door) = match door_listener {
+            None => (addr, None),
+            Some(listener) => {
+                let front = listener.local_addr().map_err(|e| Error::Broker(format!("door listener: {e}")))?;
+                let _runtime = runtime.enter();
+                let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Broker(format!("door listener: {e}")))?;
+                let door = super::door::Door {
+                    acl: super::door::Acl::new(&cfg.users),
+                    tls,
+                    upstream: addr,
+                    max_packet: cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD),
+                    stats: Arc::clone(&stats.door),
+                };
+                info!(%front, tls = door.tls.is_some(), broker = %addr, "MQTT door (TLS/ACL) in front of the embedded broker");
+                (front, Some(runtime.spawn(super::door::run(listener, Arc::new(door)))))
+            }
+        };
         info!(%addr, "embedded MQTT broker listening");
 
-        let stats = Arc::new(BrokerStats::default());
         let forwarder = runtime.spawn(forward(data_rx, out, stats.clone()));
         Ok(EmbeddedBroker {
             addr,
+            door,
             commands: Mutex::new(commands),
             _commands_rx: commands_rx,
             data_tx,
@@ -184,6 +218,9 @@ impl EmbeddedBroker {
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.forwarder.abort();
+        if let Some(door) = &self.door {
+            door.abort();
+        }
         // Detach the ingest link so the router stops buffering for it.
         let bye = Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None);
         let _ = send_now(&self.data_tx, bye);

@@ -3,6 +3,7 @@
 //! channel, so a slow pipeline pushes back on the broker instead of growing memory.
 
 pub mod broker;
+pub mod door;
 pub mod mqtt;
 
 /// Errors starting or running a source.
