@@ -96,11 +96,21 @@ pub struct TransitionBody {
     crew: Option<String>,
 }
 
-pub async fn transition(State(s): State<ApiState>, Path((id, action)): Path<(String, String)>, body: Option<Json<TransitionBody>>) -> ApiResult<Json<Value>> {
+pub async fn transition(
+    State(s): State<ApiState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<TransitionBody>>,
+) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
     let action = Action::parse(&action).ok_or_else(|| ApiError::NotFound(format!("no action {action:?}: ack, dispatch, resolve or close")))?;
     let Json(body) = body.unwrap_or_default();
-    let actor = body.actor.unwrap_or_default();
+    // With tokens, the record names the token that made the change: a body cannot forge it.
+    let actor = match (caller, body.actor) {
+        (Some(c), Some(a)) if a != c.name => format!("{a} via {}", c.name),
+        (Some(c), _) => c.name.clone(),
+        (None, a) => a.unwrap_or_default(),
+    };
     match h.transition(id, action, actor, body.note, body.crew).await? {
         Ok(incident) => Ok(Json(json!(incident))),
         Err(TransitionError::NotFound(id)) => Err(ApiError::NotFound(format!("no open incident {id}"))),

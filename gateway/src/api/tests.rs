@@ -231,3 +231,50 @@ async fn the_closed_loop_over_http() {
     let (_, list) = get(&f.state, "/api/v1/silences").await;
     assert_eq!(list["silences"].as_array().map(Vec::len), Some(1));
 }
+
+/// The real router behind the token check: reads need viewer, transitions operator, and the
+/// audit trail names the token, not what the body claims.
+#[tokio::test]
+async fn tokens_guard_the_real_routes_and_name_the_actor() {
+    use super::auth::{protect, Authenticator, Role, TokenConfig};
+    let mut f = fixture().await;
+    let tokens = [
+        TokenConfig { name: "wall".into(), role: Role::Viewer, token: Some("viewer-token-0123456789".into()), token_sha256: None },
+        TokenConfig { name: "desk".into(), role: Role::Operator, token: Some("operator-token-0123456789".into()), token_sha256: None },
+    ];
+    let app = protect(router(f.state.clone()), Arc::new(Authenticator::new(&tokens)));
+    let send = |method: &str, uri: String, bearer: Option<&str>, body: Value| {
+        let mut request = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+        if let Some(t) = bearer {
+            request = request.header("authorization", format!("Bearer {t}"));
+        }
+        let app = app.clone();
+        let request = request.body(Body::from(body.to_string())).expect("request");
+        async move {
+            let response = app.oneshot(request).await.expect("response");
+            let status = response.status();
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+        }
+    };
+    let id = f.incident.clone();
+    let (status, body) = send("GET", "/api/v1/incidents".into(), None, Value::Null).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].is_string(), "{body}");
+    let (status, _) = send("GET", "/metrics".into(), None, Value::Null).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = send("GET", "/api/v1/incidents".into(), Some("viewer-token-0123456789"), Value::Null).await;
+    assert_eq!((status, body["count"].as_u64()), (StatusCode::OK, Some(1)));
+    let (status, _) = send("POST", format!("/api/v1/incidents/{id}/ack"), Some("viewer-token-0123456789"), json!({ "actor": "li" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = send("POST", "/api/v1/silences".into(), Some("viewer-token-0123456789"), json!({ "site": "xh", "reason": "works" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = send("POST", format!("/api/v1/incidents/{id}/ack"), Some("operator-token-0123456789"), json!({ "actor": "li" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = send("POST", format!("/api/v1/incidents/{id}/dispatch"), Some("operator-token-0123456789"), json!({ "crew": "crew-7" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, stored) = send("GET", format!("/api/v1/incidents/{id}"), Some("viewer-token-0123456789"), Value::Null).await;
+    assert_eq!(stored["history"][1]["actor"], "li via desk", "{stored}");
+    assert_eq!(stored["history"][2]["actor"], "desk", "{stored}");
+    drop(f.writer.take());
+}

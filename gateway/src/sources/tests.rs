@@ -105,7 +105,7 @@ async fn embedded_delivers_mosquitto_and_rumqttc_publishes_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_checks_username_and_password() {
-    let users = vec![MqttUser { username: "dev".into(), password: "s3cret".into() }];
+    let users = vec![MqttUser { username: "dev".into(), password: "s3cret".into(), site: None, device: None }];
     let (tx, mut rx) = mpsc::channel(64);
     let broker = EmbeddedBroker::start(&embedded_cfg(users), tx).expect("broker starts");
     let port = broker.local_addr().port();
