@@ -180,3 +180,68 @@ pub mod testing {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One HTTP/1.1 request over TLS to `addr`, trusting `cert_pem`; the raw answer.
+    async fn https_get(addr: SocketAddr, cert_pem: &str, path: &str) -> std::io::Result<String> {
+        let connector = tokio_rustls::TlsConnector::from(testing::client_config(cert_pem));
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut answer = String::new();
+        tls.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn https_listener_serves_the_router_and_drops_bad_handshakes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cfg, cert_pem) = testing::self_signed(dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let tls = TlsListener::new(listener, acceptor(&cfg).expect("acceptor")).expect("listener");
+        let addr = axum::serve::Listener::local_addr(&tls).expect("addr");
+        let failed = tls.failed_handshakes();
+        let app = axum::Router::new().route("/hello", axum::routing::get(|| async { "hello over tls" }));
+        let server = tokio::spawn(async move { axum::serve(tls, app).await });
+
+        // Plain HTTP to the TLS port: the handshake fails, the connection is dropped.
+        let mut plain = TcpStream::connect(addr).await.expect("connect");
+        plain.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf)).await.expect("closed in time");
+        assert!(!String::from_utf8_lossy(&buf).contains("hello over tls"));
+
+        let answer = tokio::time::timeout(Duration::from_secs(10), https_get(addr, &cert_pem, "/hello")).await.expect("in time").expect("https");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("hello over tls"), "{answer}");
+        // Counted right after the failed handshake drops the connection: wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while failed.load(std::sync::atomic::Ordering::Relaxed) == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        // A client that trusts another certificate refuses this server.
+        let other = tempfile::tempdir().expect("tempdir");
+        let (_, other_pem) = testing::self_signed(other.path());
+        assert!(https_get(addr, &other_pem, "/hello").await.is_err());
+        server.abort();
+    }
+
+    #[test]
+    fn unreadable_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = TlsConfig { cert: dir.path().join("none.pem"), key: dir.path().join("none-key.pem") };
+        let err = server_config(&missing).expect_err("missing").to_string();
+        assert!(err.contains("none.pem"), "{err}");
+        let (good, _) = testing::self_signed(dir.path());
+        std::fs::write(dir.path().join("empty.pem"), "").expect("write");
+        let err = server_config(&TlsConfig { key: dir.path().join("empty.pem"), ..good }).expect_err("no key").to_string();
+        assert!(err.contains("private key file"), "{err}");
+    }
+}
