@@ -56,7 +56,8 @@ impl GatewayProcess {
         self.child = Some(ChildGuard::spawn("citywatch", cmd)?);
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT * 2;
         loop {
-            if self.get("/api/v1/health").is_ok() {
+            // With [[http.tokens]] configured the health endpoint answers 401: ready as well.
+            if self.get("/api/v1/health").is_ok() || self.status_of("/api/v1/health").ok() == Some(401) {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut() {
