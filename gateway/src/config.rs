@@ -323,7 +323,7 @@ mod tests {
         assert!(err.to_string().starts_with("ingest.battery_floor_v"), "{err}");
         let err = Config::from_toml("[[rules.override]]\nrule = \"gas_lo\"\nenabled = false\n").expect_err("unknown rule");
         assert!(err.to_string().starts_with("rules.override[0].rule"), "{err}");
-        let err = Config::from_toml("[[notify.webhook]]\nurl = \"https://x\"\nsecret = \"s\"\n").expect_err("no TLS yet");
+        let err = Config::from_toml("[[notify.webhook]]\nurl = \"ftp://x\"\nsecret = \"s\"\n").expect_err("not http");
         assert!(err.to_string().starts_with("notify.webhook[0].url"), "{err}");
         let err = Config::from_toml("[incidents]\nretention = \"30days\"\n").expect_err("too short");
         assert!(err.to_string().starts_with("incidents.retention"), "{err}");

@@ -99,7 +99,7 @@ impl AlertmanagerSink {
         let endpoint = format!("{}/api/v2/alerts", config.url.trim_end_matches('/'));
         let alerts_url = reqwest::Url::parse(&endpoint)
             .map_err(|e| Error::Invalid { key: "notify.alertmanager.url".into(), reason: e.to_string() })?;
-        let client = http_client(config.timeout.0).map_err(|source| Error::HttpClient { channel: "alertmanager".into(), source })?;
+        let client = http_client(&alerts_url, config.timeout.0, None).map_err(|source| Error::HttpClient { channel: "alertmanager".into(), source })?;
         Ok(AlertmanagerSink {
             alerts_url,
             generator_url: config.generator_url.clone(),

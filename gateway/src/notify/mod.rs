@@ -82,8 +82,12 @@ pub struct WebhookConfig {
     /// the index counting `[[notify.webhook]]` tables from 0. Letters, digits, `_`, `-`, `.`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Where to POST, `http://…` (required). TLS for outgoing push is not built yet.
+    /// Where to POST, `http://…` or `https://…` (required).
     pub url: String,
+    /// For `https://`: a PEM file of the CA certificates to trust instead of the system's
+    /// (a private PKI). Default: the system trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
     /// HMAC-SHA256 key of `X-Citywatch-Signature` (required, not empty).
     pub secret: String,
     /// Whole-request timeout, connecting included. Default "5s".
@@ -103,6 +107,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("secret", &"<redacted>")
             .field("timeout", &self.timeout)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -265,16 +270,11 @@ impl NotifyConfig {
     }
 }
 
-/// A receiver URL the HTTP client can reach: plain `http://` with a host.
+/// A receiver URL the HTTP client can reach: `http://` or `https://` with a host.
 fn check_push_url(url: &str) -> Result<(), String> {
-    if url.len() >= 8 && url[..8].eq_ignore_ascii_case("https://") {
-        return Err("https:// is not supported yet: TLS for outgoing push is not built; use http:// (for example \
-                    through a local TLS-terminating proxy)"
-            .into());
-    }
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if parsed.scheme() != "http" {
-        return Err(format!("scheme must be http://, not {}://", parsed.scheme()));
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme must be http:// or https://, not {}://", parsed.scheme()));
     }
     if !parsed.has_host() {
         return Err("host missing".into());

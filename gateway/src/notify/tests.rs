@@ -81,6 +81,7 @@ fn webhook_config(addr: SocketAddr) -> NotifyConfig {
             secret: "s3cret".into(),
             timeout: Duration::secs(5),
             headers: [("Authorization".to_owned(), "Bearer t0ken".to_owned())].into(),
+            ca: None,
         }],
         retry: fast_retry(3),
         ..NotifyConfig::default()
@@ -660,25 +661,25 @@ fn config_defaults_and_channel_names() {
 }
 
 #[test]
-fn config_rejects_https_empty_secrets_and_duplicate_names() {
+fn config_rejects_other_schemes_empty_secrets_and_duplicate_names() {
     let (key, reason) = invalid_key(
         r#"
         [[notify.webhook]]
-        url = "https://ops.example/incidents"
+        url = "ftp://ops.example/incidents"
         secret = "k"
         "#,
     );
     assert_eq!(key, "notify.webhook[0].url");
-    assert!(reason.contains("TLS for outgoing push is not built"), "{reason}");
+    assert!(reason.contains("http:// or https://"), "{reason}");
 
     let (key, reason) = invalid_key(
         r#"
         [notify.alertmanager]
-        url = "HTTPS://am.example:9093"
+        url = "gopher://am.example:9093"
         "#,
     );
     assert_eq!(key, "notify.alertmanager.url");
-    assert!(reason.contains("TLS"), "{reason}");
+    assert!(reason.contains("https://"), "{reason}");
 
     let (key, _) = invalid_key(
         r#"
@@ -749,6 +750,47 @@ fn config_rejects_other_mistakes_by_key() {
     // Unknown keys are errors at parse time.
     assert!(toml::from_str::<NotifyConfig>("[mqtt]\ntopik = \"x\"").is_err());
     // build_sinks validates too, naming the key.
-    let cfg = parse("[[notify.webhook]]\nurl = \"https://x/\"\nsecret = \"k\"");
+    let cfg = parse("[[notify.webhook]]\nurl = \"ftp://x/\"\nsecret = \"k\"");
     assert!(matches!(build_sinks(&cfg, None), Err(Error::Invalid { key, .. }) if key == "notify.webhook[0].url"));
+}
+
+/// An https:// receiver with its own CA: delivered and signed as over http; a receiver whose
+/// certificate the `ca` does not vouch for is a transient failure (retried), never a delivery.
+#[tokio::test]
+async fn webhook_over_https_trusts_the_configured_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tls, _) = crate::tls::testing::self_signed(dir.path());
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let listener = crate::tls::TlsListener::new(listener, crate::tls::acceptor(&tls).expect("acceptor")).expect("tls");
+    let app = Router::new().fallback(receive).with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut cfg = webhook_config(SocketAddr::from(([127, 0, 0, 1], port)));
+    cfg.webhook[0].url = format!("https://localhost:{port}/hooks/citywatch");
+    cfg.webhook[0].ca = Some(tls.cert.clone());
+    assert_eq!(cfg.validate(), Ok(()));
+    let (_, sink) = only_sink(&cfg, None);
+    let sent = item_of(1, "webhook:ops", incident("inc-7", 1, IncidentState::Open));
+    sink.deliver(&sent).await.expect("delivered over https");
+    let seen = receiver.wait_for(1).await;
+    assert_eq!(seen[0].body, sent.body.as_bytes());
+    assert!(seen[0].header("x-citywatch-signature").starts_with("sha256="));
+
+    // Another CA: the handshake fails, the delivery is retried later, nothing arrives.
+    let other = tempfile::tempdir().expect("tempdir");
+    let (wrong, _) = crate::tls::testing::self_signed(other.path());
+    cfg.webhook[0].ca = Some(wrong.cert);
+    let (_, sink) = only_sink(&cfg, None);
+    match sink.deliver(&sent).await {
+        Err(DeliveryError::Transient(_)) => {}
+        other => panic!("expected a transient failure, got {other:?}"),
+    }
+    assert_eq!(receiver.seen().len(), 1);
+
+    // A ca file that is not PEM is named at start.
+    std::fs::write(dir.path().join("junk.pem"), "junk").expect("write");
+    cfg.webhook[0].ca = Some(dir.path().join("junk.pem"));
+    assert!(matches!(build_sinks(&cfg, None), Err(Error::Invalid { key, .. }) if key.ends_with(".ca")));
 }

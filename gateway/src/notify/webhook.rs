@@ -54,7 +54,8 @@ impl WebhookSink {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = http_client(config.timeout.0).map_err(|source| Error::HttpClient { channel: channel.to_string(), source })?;
+        let ca = config.ca.as_deref().map(load_ca).transpose().map_err(|reason| invalid("ca", reason))?;
+        let client = http_client(&url, config.timeout.0, ca).map_err(|source| Error::HttpClient { channel: channel.to_string(), source })?;
         Ok(WebhookSink { channel, url, secret: config.secret.as_bytes().to_vec(), headers, client })
     }
 }
@@ -89,13 +90,34 @@ pub(crate) fn user_agent() -> String {
 /// One client per channel: `timeout` bounds each whole attempt (connect, send, response), so a
 /// dispatcher asked to stop never waits longer than that. Redirects are not followed: a POST
 /// redirected is a misconfigured URL, reported as a refusal rather than silently re-sent.
-pub(crate) fn http_client(timeout: std::time::Duration) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// The client of one channel. TLS is rustls with the ring provider (installed as the process
+/// default, since reqwest is built without a provider of its own so that aws-lc stays out).
+/// `https://` trusts `ca` when given, else the system trust store; plain `http://` loads no
+/// trust store at all (so a machine without CA certificates can still push over http).
+pub(crate) fn http_client(url: &reqwest::Url, timeout: std::time::Duration, ca: Option<Vec<reqwest::Certificate>>) -> reqwest::Result<reqwest::Client> {
+    // Err only when a provider is installed already; every provider here is ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(user_agent())
-        .build()
+        .user_agent(user_agent());
+    let builder = match (url.scheme(), ca) {
+        ("https", None) => builder,
+        ("https", Some(certs)) => builder.tls_certs_only(certs),
+        _ => builder.tls_certs_only(Vec::new()),
+    };
+    builder.build()
+}
+
+/// The certificates of a PEM bundle (`ca` of a webhook).
+fn load_ca(path: &std::path::Path) -> std::result::Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE in the file", path.display()));
+    }
+    Ok(certs)
 }
 
 /// How much of a refusing response's body goes into the error (receivers often say why).
