@@ -10,6 +10,8 @@
 //! topic, Alertmanager; SSE is served by [`api`]). Beside them: [`api`] (HTTP), [`metrics`]
 //! (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the stages together
 //! and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
+//! Security: [`api::auth`] (bearer tokens and roles), [`tls`] (rustls/ring for HTTPS and MQTT),
+//! [`sources::door`] (TLS and per-device topic ACLs in front of the embedded broker).
 
 pub mod api;
 pub mod config;

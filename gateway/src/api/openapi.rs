@@ -95,6 +95,10 @@ pub fn document() -> Value {
             "/api/v1/openapi.json": { "get": { "summary": "This document.", "responses": { "200": { "description": "OpenAPI 3.1" } } } },
             "/metrics": { "get": { "summary": "Prometheus text exposition.", "responses": { "200": { "description": "Metrics." } } } },
         },
-        "components": { "schemas": { "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } } } },
+        "components": {
+            "schemas": { "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } } },
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "A [[http.tokens]] token; roles viewer (reads), operator (writes), admin. Not required when no token is configured (loopback only)." } }
+        },
+        "security": [{ "bearer": [] }],
     })
 }
