@@ -237,7 +237,8 @@ impl Gateway {
             let fleet_config = citywatch_edge::sim::FleetConfig {
                 host: "127.0.0.1".into(),
                 port: addr.port(),
-                credentials: config.mqtt.users.first().map(|u| (u.username.clone(), u.password.clone())),
+                // One connection carries many devices: only an unrestricted account can do that.
+                credentials: config.mqtt.users.iter().find(|u| u.site.is_none()).map(|u| (u.username.clone(), u.password.clone())),
                 site: fleet.site,
                 devices: fleet.devices,
                 scenario: fleet.scenario,
