@@ -6,6 +6,7 @@
 //! through the incident manager. Every error is JSON `{"error": "…"}` with the right status;
 //! internal errors log once and say little.
 
+pub mod dashboard;
 mod incidents;
 mod openapi;
 
@@ -111,6 +112,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/silences/{id}", delete(incidents::remove_silence))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into()) })
         .with_state(state)
 }
