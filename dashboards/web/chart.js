@@ -27,17 +27,21 @@ export function lineChart(points, { from, to, metric, threshold, marker, emptyTe
     return `<svg class="chart" viewBox="0 0 ${W} ${H}" role="img"><text x="${W / 2}" y="${H / 2}" class="chart-empty" text-anchor="middle">${esc(emptyText)}</text></svg>`;
   }
   let lo = Math.min(...values), hi = Math.max(...values);
+  const nonNegative = lo >= 0;
   if (lo === hi) { lo -= Math.abs(lo) * 0.1 || 1; hi += Math.abs(hi) * 0.1 || 1; }
   const pad = (hi - lo) * 0.08;
   lo -= pad; hi += pad;
+  // Levels, percentages and flags never go below zero: neither does their axis.
+  if (nonNegative) lo = Math.max(lo, 0);
   const step = niceStep(hi - lo, 4);
   lo = Math.floor(lo / step) * step; hi = Math.ceil(hi / step) * step;
+  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
   const x = (ms) => L + ((ms - from) / (to - from)) * (W - L - R);
   const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
   const parts = [];
   for (let v = lo; v <= hi + step / 2; v += step) {
     parts.push(`<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`);
-    parts.push(`<text class="axis" x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${num(v)}</text>`);
+    parts.push(`<text class="axis" x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${v.toFixed(decimals)}</text>`);
   }
   const span = to - from;
   for (let i = 0; i <= 4; i++) {

@@ -150,6 +150,21 @@ impl Browser {
         }
     }
 
+    /// Clicks the first element matching `selector`, finding it again if the page re-rendered
+    /// it between the find and the click (a stale reference); fails if none matches.
+    pub fn click(&self, selector: &str) -> anyhow::Result<()> {
+        let mut last = None;
+        for _ in 0..5 {
+            let element = self.find(selector)?.with_context(|| format!("no element {selector:?} to click"))?;
+            match element.click() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.to_string().contains("stale element") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("clicking {selector:?}")))
+    }
+
     /// Polls the CSS `selector` until it matches (bounded by `within`).
     pub async fn wait_for_element(&self, selector: &str, within: Duration) -> anyhow::Result<Element<'_>> {
         let deadline = tokio::time::Instant::now() + within;

@@ -141,13 +141,13 @@ async fn operations_centre_shows_a_gas_leak_live_within_2_s_and_acknowledges_it(
 
     // Acknowledge by clicking, with a note.
     let incident_id = browser.find(&row).expect("find").expect("row").attribute("data-incident-id").expect("attr").expect("incident id");
-    browser.find(&format!("{row} button[data-action='ack']")).expect("find").expect("ack button").click().expect("click ack");
+    browser.click(&format!("{row} button[data-action='ack']")).expect("click ack");
     browser.wait_for_element("#action-dialog[open]", WAIT).await.expect("the action dialog");
     let actor = browser.find("#action-actor").expect("find").expect("actor");
     actor.clear().expect("clear");
     actor.type_text("张伟").expect("type actor");
     browser.find("#action-note").expect("find").expect("note").type_text("已电话联系商户，燃气公司抢修队出发").expect("type note");
-    browser.find("#action-submit").expect("find").expect("submit").click().expect("submit");
+    browser.click("#action-submit").expect("submit");
     browser
         .wait_for_element(&format!("tr[data-incident-id='{incident_id}'][data-state='acknowledged']"), WAIT)
         .await
@@ -162,7 +162,7 @@ async fn operations_centre_shows_a_gas_leak_live_within_2_s_and_acknowledges_it(
     assert_eq!(last["note"], "已电话联系商户，燃气公司抢修队出发", "{inc}");
 
     // The detail: history with the acknowledgement, and the metric around the trigger.
-    browser.find(&format!("tr[data-incident-id='{incident_id}'] .inc-title")).expect("find").expect("title").click().expect("open detail");
+    browser.click(&format!("tr[data-incident-id='{incident_id}'] .inc-title")).expect("open detail");
     browser.wait_for_element(&format!(".drawer-title[data-incident-id='{incident_id}']"), WAIT).await.expect("detail drawer");
     let points = browser
         .wait_for_script("the chart around the trigger", "const s = document.querySelector('#inc-chart svg.chart'); return s && Number(s.dataset.points) >= 30 && Number(s.dataset.points)", WAIT)
@@ -185,8 +185,15 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     city.publish("jingan", "jingan-plant-smoke-11", "status", true, json!({"state": "offline", "kind": "smoke_detector", "fw": "0.1.0", "interval_s": 60})).await;
     city.hand_device("xuhui", "xuhui-siren-mount-02", "siren_mount").await;
     city.publish("xuhui", "xuhui-siren-mount-02", "event", false, json!({"seq": 1, "ts": now_ms(), "event": "fault", "metric": "tilt_deg"})).await;
+    // The low-battery one with 40 minutes of history: its battery running down.
     city.hand_device("xuhui", "xuhui-kitchen-gas-11", "gas_detector").await;
-    city.publish("xuhui", "xuhui-kitchen-gas-11", "telemetry", false, json!({"seq": 1, "ts": now_ms(), "values": {"gas_lel": 1.2, "valve_closed": 0, "temp_c": 22.0}, "battery_v": 2.41, "rssi_dbm": -88})).await;
+    let start = now_ms() - 40 * 60_000;
+    for i in 0..=80u32 {
+        let (t, f) = (start + i64::from(i) * 30_000, f64::from(i));
+        let body = json!({"seq": i, "ts": t, "values": {"gas_lel": 1.0 + (f * 0.7).sin().abs() * 0.8, "valve_closed": 0, "temp_c": 22.0 + (f / 12.0).sin() * 1.5},
+                          "battery_v": 2.78 - f * 0.0046, "rssi_dbm": -84.0 - (f * 0.3).cos().abs() * 5.0});
+        city.publish("xuhui", "xuhui-kitchen-gas-11", "telemetry", false, body).await;
+    }
     city.gw
         .wait_for(WAIT, "offline, faulted and low-battery devices", |gw| {
             let by = gw.get("/api/v1/devices").ok()?["by_health"].clone();
@@ -213,7 +220,7 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     shot(&browser, "health-overview");
 
     // Filter: faulted → exactly what the API calls faulted.
-    browser.find("#health-filter button[data-filter='faulted']").expect("find").expect("chip").click().expect("click");
+    browser.click("#health-filter button[data-filter='faulted']").expect("click");
     let shown = browser.script("return [...document.querySelectorAll('#health-rows tr')].map(r => r.dataset.deviceId)", &[]).expect("rows");
     let faulted: Vec<Value> = city.gw.get("/api/v1/devices?health=faulted").expect("faulted")["devices"]
         .as_array()
@@ -222,24 +229,27 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
         .map(|d| d["id"].clone())
         .collect();
     assert_eq!(shown, Value::Array(faulted), "faulted filter");
-    browser.find("#health-filter button[data-filter='low_battery']").expect("find").expect("chip").click().expect("click");
+    browser.click("#health-filter button[data-filter='low_battery']").expect("click");
     let shown = browser.script("return [...document.querySelectorAll('#health-rows tr')].map(r => r.dataset.deviceId)", &[]).expect("rows");
     assert_eq!(shown, json!(["xuhui-kitchen-gas-11"]), "low battery filter");
 
     // A device's detail: one chart per metric of its kind plus battery and signal; a range switch.
-    browser.find("#health-filter button[data-filter='all']").expect("find").expect("chip").click().expect("click");
-    browser.find("#health-rows tr[data-device-id='xuhui-gas-00000']").expect("find").expect("simulated gas detector").click().expect("open");
-    browser.wait_for_element(".drawer-title[data-device-id='xuhui-gas-00000']", WAIT).await.expect("device drawer");
+    browser.click("#health-filter button[data-filter='all']").expect("click");
+    browser.click("#health-rows tr[data-device-id='xuhui-kitchen-gas-11']").expect("open");
+    browser.wait_for_element(".drawer-title[data-device-id='xuhui-kitchen-gas-11']", WAIT).await.expect("device drawer");
     browser
-        .wait_for_script("five charts, gas with data", "const c = document.querySelectorAll('#dev-charts svg.chart'); const g = document.querySelector(\".chart-card[data-metric='gas_lel'] svg.chart\"); return c.length === 5 && g && Number(g.dataset.points) > 0", WAIT)
+        .wait_for_script("five charts, the last hour of battery", "const c = document.querySelectorAll('#dev-charts svg.chart'); const b = document.querySelector(\".chart-card[data-metric='battery_v'] svg.chart\"); return c.length === 5 && b && Number(b.dataset.points) === 81", WAIT)
         .await
         .expect("charts");
-    browser.find("#dev-range button[data-range='24h']").expect("find").expect("24h").click().expect("click");
+    shot(&browser, "health-device-detail");
+    browser.click("#dev-range button[data-range='24h']").expect("click");
     browser
         .wait_for_script("the 24 h range", "return document.querySelector(\"#dev-range button[data-range='24h']\").classList.contains('on') && document.querySelectorAll('#dev-charts svg.chart').length === 5", WAIT)
         .await
         .expect("24h charts");
-    shot(&browser, "health-device-detail");
+    // 24 h in 5-minute steps: 40 minutes of readings fall in 9 or 10 steps.
+    let steps = browser.script("return Number(document.querySelector(\".chart-card[data-metric='battery_v'] svg.chart\").dataset.points)", &[]).expect("steps");
+    assert!(steps.as_u64().is_some_and(|n| (9..=10).contains(&n)), "5-minute steps over 40 minutes: {steps}");
 
     // Maintenance: from the maintenance API when the gateway has it, else estimated (and said so).
     browser.goto(&city.url("#/maintenance")).expect("navigate");
@@ -261,12 +271,12 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     shot(&browser, "maintenance");
 
     // The language switch, remembered across a reload.
-    browser.find("#lang").expect("find").expect("lang").click().expect("click");
+    browser.click("#lang").expect("click");
     browser.goto(&city.url("#/ops")).expect("navigate");
     open(&browser, &city.url("#/ops")).await;
     let tab = browser.find("#tabs a[data-view='ops']").expect("find").expect("tab").text().expect("text");
     assert_eq!(tab, "Operations centre");
-    browser.find("#lang").expect("find").expect("lang").click().expect("click");
+    browser.click("#lang").expect("click");
     let tab = browser.find("#tabs a[data-view='ops']").expect("find").expect("tab").text().expect("text");
     assert_eq!(tab, "运行指挥");
     drop(browser);
