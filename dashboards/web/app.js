@@ -121,7 +121,8 @@ $('#login-form').addEventListener('submit', async (ev) => {
   ev.preventDefault();
   setToken($('#login-token').value.trim());
   try {
-    await api('/api/v1/health');
+    // A call the token guards (health may stay open for probes).
+    await api('/api/v1/incidents?limit=1');
     loginOpen = false;
     $('#login-dialog').close();
     $('#login-token').value = '';

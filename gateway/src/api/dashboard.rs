@@ -118,13 +118,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_file_is_a_json_404() {
-        let (status, _, body) = get("/ui/../Cargo.toml", None).await;
+        let (status, _, _) = get("/ui/../Cargo.toml", None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, _, body2) = get("/ui/nope.js", None).await;
+        let (status, _, body) = get("/ui/nope.js", None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let v: serde_json::Value = serde_json::from_slice(&body2).expect("json");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert!(v["error"].as_str().is_some_and(|e| e.contains("nope.js")), "{v}");
-        drop(body);
     }
 
     /// A file added to dashboards/web/ but not to ASSETS would be missing from the binary.
