@@ -53,7 +53,11 @@ const stream = new LiveStream('/api/v1/events', {
     $('#live-text').textContent = t(`live.${state}`);
   },
   // Subscribed first, then the list: nothing falls between the two (revisions decide).
-  onOpen(resumed) { if (!resumed) loadIncidents().catch(showError); },
+  onOpen(resumed) {
+    document.body.dataset.streamOpens = String(Number(document.body.dataset.streamOpens || 0) + 1);
+    document.body.dataset.streamResumed = String(resumed);
+    if (!resumed) loadIncidents().catch(showError);
+  },
 });
 
 // ---- the critical cue -------------------------------------------------------------------------

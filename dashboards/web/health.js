@@ -9,6 +9,7 @@ import { ago, COMMON_METRICS, dateTime, esc, KIND_METRICS, num, parseTime } from
 import { t, tr } from './i18n.js';
 import { loadMaintenance } from './maintenance.js';
 
+const MAX_ROWS = 500;
 const HEALTH = ['online', 'offline', 'stale', 'low_battery', 'stuck', 'faulted'];
 const FILTERS = ['all', 'offline', 'stale', 'low_battery', 'stuck', 'faulted', 'inspection_due'];
 const RANGES = { '1h': [3600e3, null], '6h': [6 * 3600e3, '1m'], '24h': [86400e3, '5m'], '7d': [7 * 86400e3, '30m'], '30d': [30 * 86400e3, '2h'] };
@@ -45,8 +46,8 @@ export function relabel() {
 
 async function refresh() {
   try {
-    const [list, maint] = await Promise.all([api('/api/v1/devices'), loadMaintenance().catch(() => null)]);
-    devices = list.devices;
+    devices = (await api('/api/v1/devices')).devices;
+    const maint = await loadMaintenance(devices).catch(() => null);
     due = new Set((maint?.items ?? []).filter((i) => i.days_left <= 30).map((i) => i.device));
     render();
   } catch (e) { showError(e); }
@@ -133,8 +134,9 @@ function render() {
   const rank = (d) => (d.health === 'online' ? HEALTH.length : HEALTH.indexOf(d.health));
   const rows = devices.filter(matches).sort((a, b) => rank(a) - rank(b) || a.id.localeCompare(b.id));
   const now = Date.now();
-  root.querySelector('#health-shown').textContent = `${t('health.shown')} ${rows.length} ${t('health.of')} ${devices.length}`;
-  root.querySelector('#health-rows').innerHTML = rows.map((d) => {
+  root.querySelector('#health-shown').textContent = `${t('health.shown')} ${Math.min(rows.length, MAX_ROWS)} ${t('health.of')} ${rows.length}`;
+  // A city has many thousands of devices: the table shows the first MAX_ROWS that match.
+  root.querySelector('#health-rows').innerHTML = rows.slice(0, MAX_ROWS).map((d) => {
     const main = KIND_METRICS[d.kind]?.[0];
     const v = main && d.values[main];
     const flags = d.health_flags.map((h) => `<span class="badge h-${h}">${esc(tr('health', h))}</span>`).join('') + (due.has(d.id) ? `<span class="badge h-inspection_due">${esc(t('health.inspectionDue'))}</span>` : '');

@@ -23,7 +23,8 @@ function addMonths(ms, months) {
 }
 
 /// { source: 'api' | 'fallback', items: [{device, site, kind, task, due_ms, days_left, overdue, …}], later }
-export async function loadMaintenance() {
+/// `devices`: the list of `GET /api/v1/devices` if the caller has it already (for the estimate).
+export async function loadMaintenance(devices = null) {
   try {
     const data = await api(`/api/v1/inspections?due_within_days=${WINDOW_DAYS}`);
     const items = data.items.map((i) => ({ ...i, due_ms: Date.parse(i.due) }));
@@ -31,7 +32,7 @@ export async function loadMaintenance() {
   } catch (e) {
     if (!(e instanceof ApiError && e.status === 404)) throw e;
   }
-  const { devices } = await api('/api/v1/devices');
+  devices ??= (await api('/api/v1/devices')).devices;
   const now = Date.now();
   const all = devices.map((d) => {
     const installed = d.install_date ? Date.parse(d.install_date) : NaN;

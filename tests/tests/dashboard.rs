@@ -172,6 +172,26 @@ async fn operations_centre_shows_a_gas_leak_live_within_2_s_and_acknowledges_it(
     let history = browser.find(".history").expect("find").expect("history").text().expect("text");
     assert!(history.contains("张伟") && history.contains("已受理"), "{history}");
     shot(&browser, "ops-incident-detail");
+
+    // The live stream comes back after the gateway restarts, asking for what it missed
+    // (Last-Event-ID), and the board keeps what it had.
+    browser.click("#drawer-close").expect("close the drawer");
+    let mut city = city;
+    assert_eq!(browser.script("return document.body.dataset.streamOpens", &[]).expect("opens"), "1");
+    city.gw.restart().await.expect("restart");
+    browser
+        .wait_for_script("the stream re-opened with Last-Event-ID", "return document.body.dataset.streamOpens === '2' && document.body.dataset.streamResumed === 'true' && document.querySelector('#live').dataset.state === 'live'", WAIT)
+        .await
+        .expect("resumed");
+    let after = Publisher::connect(city.gw.mqtt_addr().expect("broker"), 16).await.expect("publisher after the restart");
+    let smoke = "jingan-garage-smoke-05";
+    after.publish_json(&device_topic("jingan", smoke, "status"), true, &birth("smoke_detector", 60)).await.expect("birth");
+    after
+        .publish_json(&device_topic("jingan", smoke, "event"), false, &json!({"seq": 1, "ts": now_ms(), "event": "alarm", "metric": "smoke_db_m", "value": 0.33}))
+        .await
+        .expect("alarm");
+    browser.wait_for_element(&format!("tr[data-device='{smoke}'][data-rule='device_alarm']"), WAIT).await.expect("a new incident after the restart");
+    browser.find(&format!("tr[data-incident-id='{incident_id}'][data-state='acknowledged']")).expect("find").expect("the acknowledged leak is still on the board");
     drop(browser);
 }
 
