@@ -93,15 +93,27 @@ async fn operations_centre_shows_a_gas_leak_live_within_2_s_and_acknowledges_it(
     city.hand_device("jingan", "jingan-garage-smoke-03", "smoke_detector").await;
     city.publish("jingan", "jingan-garage-smoke-03", "event", false, json!({"seq": 1, "ts": now_ms(), "event": "alarm", "metric": "smoke_db_m", "value": 0.21})).await;
     city.gw
-        .wait_for(WAIT, "the smoke alarm incident", |gw| {
+        .wait_for(WAIT, "the device_alarm and smoke incidents (smoke is held 5 s)", |gw| {
             let list = gw.get("/api/v1/incidents?device=jingan-garage-smoke-03").ok()?;
+            let rules: Vec<&str> = list["incidents"].as_array()?.iter().filter_map(|i| i["rule"].as_str()).collect();
+            (rules.contains(&"device_alarm") && rules.contains(&"smoke")).then_some(())
+        })
+        .await;
+
+    // And a siren mount that said goodbye (a warning).
+    city.hand_device("xuhui", "xuhui-siren-mount-05", "siren_mount").await;
+    city.publish("xuhui", "xuhui-siren-mount-05", "status", true, json!({"state": "offline", "kind": "siren_mount", "fw": "0.1.0", "interval_s": 60})).await;
+    city.gw
+        .wait_for(WAIT, "the device_offline incident", |gw| {
+            let list = gw.get("/api/v1/incidents?device=xuhui-siren-mount-05&rule=device_offline").ok()?;
             (list["count"].as_u64()? >= 1).then_some(())
         })
         .await;
 
     let browser = Browser::start(1600, 1000).await.expect("browser");
     open(&browser, &city.url("#/ops")).await;
-    browser.wait_for_element("tr[data-device='jingan-garage-smoke-03']", WAIT).await.expect("the existing incident is on the board");
+    browser.wait_for_element("tr[data-device='xuhui-siren-mount-05']", WAIT).await.expect("the warning is on the board");
+    browser.wait_for_element("tr[data-device='jingan-garage-smoke-03'][data-rule='smoke']", WAIT).await.expect("the existing incidents are on the board");
     assert_eq!(
         browser.script("return document.body.dataset.criticalCues || '0'", &[]).expect("cues"),
         "0",
