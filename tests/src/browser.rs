@@ -141,6 +141,11 @@ impl Browser {
         self.session_call("POST", "/execute/sync", Some(&json!({ "script": script, "args": args })))
     }
 
+    /// Runs an asynchronous `script`: it ends by calling its last argument with the result.
+    pub fn script_async(&self, script: &str, args: &[Value]) -> anyhow::Result<Value> {
+        self.session_call("POST", "/execute/async", Some(&json!({ "script": script, "args": args })))
+    }
+
     /// The first element matching the CSS `selector`, if any.
     pub fn find(&self, selector: &str) -> anyhow::Result<Option<Element<'_>>> {
         match self.session_call("POST", "/element", Some(&json!({ "using": "css selector", "value": selector }))) {

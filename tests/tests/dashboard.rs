@@ -356,3 +356,45 @@ async fn the_page_asks_for_a_token_on_401_and_sends_it_on_every_call() {
     let stored = browser.script("return localStorage.getItem('citywatch.token')", &[]).expect("storage");
     assert_eq!(stored, Value::Null);
 }
+
+/// The page's event-stream reader (fetch + ReadableStream, since EventSource cannot send a
+/// token) against the format's corners: CRLF and LF, comments, multi-line data, an id without
+/// data, UTF-8 characters and line ends split across chunks of every size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_stream_reader_parses_events_split_anywhere() {
+    let _one = ONE_BROWSER.lock().await;
+    let gw = GatewayProcess::start_embedded("").await.expect("gateway");
+    let browser = Browser::start(800, 600).await.expect("browser");
+    browser.goto(&format!("http://{}/", gw.http_addr())).expect("navigate");
+    browser.wait_for_script("the page", "return document.body.dataset.ready === 'true'", WAIT).await.expect("ready");
+    let script = r#"
+        const done = arguments[arguments.length - 1];
+        const text = ': keep-alive\r\n\r\nevent: incident\r\nid: 7\r\ndata: {"summary":"燃气浓度 62 %LEL"}\r\n\r\n'
+          + 'data: line1\ndata:line2\n\nevent: resync\ndata: {}\n\nid: 9\n\n';
+        const bytes = new TextEncoder().encode(text);
+        import('/ui/api.js').then(async ({ LiveStream }) => {
+          const results = {};
+          for (const size of [1, 2, 3, 5, 7, bytes.length]) {
+            const got = [];
+            const s = new LiveStream('/unused', { onEvent: (type, data, id) => got.push([type, data, id]), onState() {} });
+            const body = new ReadableStream({ start(c) {
+              for (let i = 0; i < bytes.length; i += size) c.enqueue(bytes.slice(i, i + size));
+              c.close();
+            } });
+            await s.read(body);
+            results[size] = { got, last: s.lastEventId };
+          }
+          done(results);
+        }).catch((e) => done({ error: String(e) }));
+    "#;
+    let results = browser.script_async(script, &[]).expect("parser run");
+    let expected = json!({
+        "got": [["incident", "{\"summary\":\"燃气浓度 62 %LEL\"}", "7"], ["message", "line1\nline2", null], ["resync", "{}", null]],
+        "last": "9",
+    });
+    let runs = results.as_object().unwrap_or_else(|| panic!("{results}"));
+    assert_eq!(runs.len(), 6, "{results}");
+    for (size, run) in runs {
+        assert_eq!(run, &expected, "chunks of {size} bytes");
+    }
+}
