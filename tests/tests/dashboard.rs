@@ -310,6 +310,9 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     open(&browser, &city.url("#/ops")).await;
     let tab = browser.find("#tabs a[data-view='ops']").expect("find").expect("tab").text().expect("text");
     assert_eq!(tab, "Operations centre");
+    browser.goto(&city.url("#/health")).expect("navigate");
+    browser.wait_for_element("#health-matrix tr[data-site='jingan']", WAIT).await.expect("health in English");
+    shot(&browser, "health-overview-en");
     browser.click("#lang").expect("click");
     let tab = browser.find("#tabs a[data-view='ops']").expect("find").expect("tab").text().expect("text");
     assert_eq!(tab, "运行指挥");
