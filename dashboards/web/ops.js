@@ -107,7 +107,10 @@ function renderBoard() {
   if (sel.options.length - 1 !== sites.length) {
     sel.innerHTML = `<option value="">${esc(t('common.site'))}: ${esc(t('common.all'))}</option>` + sites.map((s) => `<option ${s === site ? 'selected' : ''}>${esc(s)}</option>`).join('');
   }
-  const source = filter === 'closed' ? closed : all;
+  // Closed ones: those read on choosing the filter, and those closed live since (newest revision wins).
+  const source = filter === 'closed'
+    ? [...new Map([...closed, ...all.filter((i) => i.state === 'closed')].map((i) => [i.id, i])).values()]
+    : all;
   const rows = source
     .filter((i) => FILTERS[filter].includes(i.state))
     .filter((i) => !site || i.site === site)
