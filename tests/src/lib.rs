@@ -6,6 +6,7 @@
 
 mod alertmanager;
 mod bins;
+mod browser;
 mod gateway;
 mod mosquitto;
 mod process;
@@ -16,6 +17,7 @@ mod subscriber;
 use std::time::Duration;
 
 pub use alertmanager::{Alertmanager, ALERTMANAGER_BIN};
+pub use browser::{artifacts_dir, chromedriver_path, chromium_path, Browser, Element};
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::GatewayProcess;
 pub use mosquitto::{Mosquitto, MosquittoBuilder};

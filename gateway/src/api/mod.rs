@@ -7,6 +7,7 @@
 //! internal errors log once and say little.
 
 pub mod auth;
+pub mod dashboard;
 mod incidents;
 mod openapi;
 
@@ -112,6 +113,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/silences/{id}", delete(incidents::remove_silence))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into()) })
         .with_state(state)
 }
