@@ -319,10 +319,8 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     drop(browser);
 }
 
-/// Token login. Needs `[[http.tokens]]` (bearer-token auth, built on another branch): without
-/// it the gateway refuses this config. Run with `--ignored` once both are merged.
+/// Token login: with `[[http.tokens]]` the page stays public, the API asks for a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [[http.tokens]] from the auth branch"]
 async fn the_page_asks_for_a_token_on_401_and_sends_it_on_every_call() {
     let _one = ONE_BROWSER.lock().await;
     let gw = GatewayProcess::start_embedded("[[http.tokens]]\nname = \"duty-desk\"\nrole = \"operator\"\ntoken = \"e2e-dashboard-token-0123456789\"\n")
