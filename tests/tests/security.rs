@@ -180,7 +180,7 @@ async fn https_and_mqtt_over_tls_with_device_acls() {
         let port = port.clone();
         let cert = cert.clone();
         async move {
-            let args = ["-h", "127.0.0.1", "-p", &port, "--cafile", &cert, "-u", "gas-1", "-P", "gas-1-pw", "-q", "1", "-t", topic, "-m", payload];
+            let args = ["-h", "127.0.0.1", "-p", &port, "--cafile", &cert, "-i", "gas-1", "-u", "gas-1", "-P", "gas-1-pw", "-q", "1", "-t", topic, "-m", payload];
             mosquitto_cli("mosquitto_pub", &args).await.0
         }
     };

@@ -142,7 +142,14 @@ impl Acl {
         };
         Ok(match grant {
             Grant::Any => Identity::Any,
-            Grant::Device { site, device } => Identity::Device { prefix: format!("{TOPIC_ROOT}{site}/{device}/") },
+            Grant::Device { site, device } => {
+                // rumqttd's client ids are global: a device using another's id would take over
+                // its connection and its persistent session (subscriptions included).
+                if client_id != device {
+                    return Err("a per-device account's MQTT client id must be its device id");
+                }
+                Identity::Device { prefix: format!("{TOPIC_ROOT}{site}/{device}/") }
+            }
             Grant::Site { site } => {
                 if !valid_id(client_id) {
                     return Err("a per-site account needs the device id as MQTT client id");

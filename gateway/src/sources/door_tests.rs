@@ -108,7 +108,9 @@ fn frames_are_cut_whole_and_bounded() {
 #[test]
 fn per_device_account_stays_in_its_topics() {
     let acl = Acl::new(&accounts());
-    let me = connect("anything", Some("gas-1-acct"), Some("citywatch/v1/xh/gas-1/status"));
+    let me = connect("gas-1", Some("gas-1-acct"), Some("citywatch/v1/xh/gas-1/status"));
+    let impostor = connect("gas-2", Some("gas-1-acct"), None);
+    assert!(matches!(verdict(&acl, &[impostor]), Err(End::Denied("connect", _))), "client id of another device");
     for ch in ["status", "telemetry", "event"] {
         assert_eq!(verdict(&acl, &[me.clone(), publish(&format!("citywatch/v1/xh/gas-1/{ch}"))]), Ok(()), "{ch}");
     }
@@ -119,7 +121,7 @@ fn per_device_account_stays_in_its_topics() {
     for filter in ["#", "citywatch/v1/#", "citywatch/v1/xh/+/cmd", "citywatch/v1/xh/gas-2/cmd", "citywatch/v1/xh/gas-1/#"] {
         assert!(matches!(verdict(&acl, &[me.clone(), subscribe(filter)]), Err(End::Denied("subscribe", _))), "{filter}");
     }
-    let foreign_will = connect("x", Some("gas-1-acct"), Some("citywatch/v1/xh/gas-2/status"));
+    let foreign_will = connect("gas-1", Some("gas-1-acct"), Some("citywatch/v1/xh/gas-2/status"));
     assert!(matches!(verdict(&acl, &[foreign_will]), Err(End::Denied("connect", _))));
 }
 
@@ -234,11 +236,11 @@ async fn embedded_broker_enforces_device_acls() {
     let port = broker.local_addr().port();
     let stats = Arc::clone(&broker.stats().door);
 
-    assert!(mosquitto_pub(port, &["-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "mine"]).await);
+    assert!(mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "mine"]).await);
     assert_eq!(recv(&mut rx).await.topic, "citywatch/v1/xh/gas-1/telemetry");
     // Another device's topic, at QoS 0 and 1: never reaches the gateway.
-    mosquitto_pub(port, &["-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/telemetry", "-m", "forged"]).await;
-    mosquitto_pub(port, &["-q", "1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/event", "-m", "forged"]).await;
+    mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/telemetry", "-m", "forged"]).await;
+    mosquitto_pub(port, &["-q", "1", "-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/event", "-m", "forged"]).await;
     quiet(&mut rx).await;
     counted(&stats.denied_publish, 2).await;
     // A per-site account: the client id is the device.
@@ -248,7 +250,7 @@ async fn embedded_broker_enforces_device_acls() {
     quiet(&mut rx).await;
     counted(&stats.denied_publish, 3).await;
     // Passwords are still rumqttd's: a right username with a wrong password is refused.
-    assert!(!mosquitto_pub(port, &["-u", "gas-1-acct", "-P", "nope", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "x"]).await);
+    assert!(!mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "nope", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "x"]).await);
     quiet(&mut rx).await;
 
     // Reading: its own cmd only.
@@ -259,12 +261,15 @@ async fn embedded_broker_enforces_device_acls() {
     // A Last Will on another device's status would be a forged "offline": refused at CONNECT.
     assert!(subscribe_outcome(port, "gas-1", "gas-1-acct", "citywatch/v1/xh/gas-1/cmd", Some("citywatch/v1/xh/gas-2/status")).await.is_err());
     counted(&stats.denied_connect, 1).await;
+    // Nor may it use another device's client id (that would take over its session).
+    assert!(subscribe_outcome(port, "gas-2", "gas-1-acct", "citywatch/v1/xh/gas-1/cmd", None).await.is_err());
+    counted(&stats.denied_connect, 2).await;
     // Unrestricted accounts (tools, bridges) go anywhere.
     assert_eq!(subscribe_outcome(port, "tool-1", "tool", "citywatch/v1/#", None).await, Ok(()));
 
     // Commands still reach the device that may read them.
     let mut sub = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-q", "1", "-t", "citywatch/v1/xh/gas-1/cmd", "-C", "1", "-W", "10"])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-q", "1", "-t", "citywatch/v1/xh/gas-1/cmd", "-C", "1", "-W", "10"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
