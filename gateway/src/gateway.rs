@@ -46,6 +46,8 @@ pub enum Error {
     Rules(String),
     #[error("notify: {0}")]
     Notify(String),
+    #[error("maintenance: {0}")]
+    Maintenance(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -139,6 +141,10 @@ impl Gateway {
         let incident_store = Arc::new(IncidentStore::open(&config.storage.path)?);
         let unclosed = incident_store.load_unclosed()?;
         let mut silences = config.incidents.silences();
+        // The siren test window holds `siren_activated` back (the maintenance side checks it).
+        if config.inspections.siren_test.enabled {
+            silences.push(config.inspections.siren_test.silence().map_err(Error::Rules)?);
+        }
         for body in incident_store.silences()? {
             match serde_json::from_str::<SilenceConfig>(&body).map_err(|e| e.to_string()).and_then(Silence::new) {
                 Ok(s) if !s.expired_at(now) => silences.push(s),
@@ -184,6 +190,19 @@ impl Gateway {
                 .run(inbound_rx, writer),
         );
 
+        // Maintenance: inventory, schedules, reminders, the siren test day.
+        let (maintenance, maintenance_handle) = crate::inspections::Service::open(
+            config.inspections.clone(),
+            &config.storage.path,
+            Arc::clone(&registry),
+            Some(Arc::clone(&store)),
+            incidents.clone(),
+        )
+        .map_err(|e| Error::Maintenance(e.to_string()))?;
+        tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
+        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats));
+        tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
+
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| Error::Http { addr: config.http.listen, source })?;
@@ -208,7 +227,7 @@ impl Gateway {
                 let shutdown = async move {
                     let _ = http_stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await {
+                if let Err(e) = axum::serve(listener, api::router(state).merge(crate::inspections::api::router(maintenance_handle))).with_graceful_shutdown(shutdown).await {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
             }),
