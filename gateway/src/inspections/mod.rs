@@ -9,6 +9,7 @@
 //! lifecycle (the manager's) and device health (the registry's).
 
 pub mod api;
+pub mod client;
 pub mod inventory;
 pub mod schedule;
 pub mod service;
