@@ -309,6 +309,8 @@ async fn the_siren_test_window_opens_an_incident_for_the_silent_siren_only() {
         .expect("siren_activated");
     publisher.wait_acked(3, WAIT).await.expect("event stored (QoS 1 acks after commit)");
     assert!(jiff::Timestamp::now() < end, "the event went out inside the window");
+    let silences = gw.get("/api/v1/silences").expect("silences");
+    assert!(silences.to_string().contains("siren-test-day"), "the window holds siren_activated back: {silences}");
 
     let silent = gw
         .wait_for(Duration::from_secs(60), "the silent siren's incident", |g| {
@@ -322,6 +324,4 @@ async fn the_siren_test_window_opens_an_incident_for_the_silent_siren_only() {
     assert_eq!(silent[0]["state"], "open");
     let metrics = gw.get_text("/metrics").expect("metrics");
     assert!(metrics.contains("citywatch_siren_test_silent_total 1"), "{metrics}");
-    let silences = gw.get("/api/v1/silences").expect("silences");
-    assert!(silences.to_string().contains("siren-test-day"), "the window is a silence: {silences}");
 }
