@@ -107,19 +107,20 @@ pub fn parse_inventory(bytes: &[u8]) -> (Vec<Row>, Vec<RowError>) {
         }
         Some(Ok(h)) => h,
     };
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut index: ColumnIndex = Default::default();
     for (i, name) in header.iter().enumerate() {
         let name = String::from_utf8_lossy(name).trim().to_ascii_lowercase();
-        if !COLUMNS.contains(&name.as_str()) && !OPTIONAL_COLUMNS.contains(&name.as_str()) {
+        let Some(slot) = column_slot(&name) else {
             errors.push(RowError { line: 1, reason: format!("header: unknown column {name:?}; columns are {}", COLUMNS.join(", ")) });
             return (rows, errors);
-        }
-        if index.insert(name.clone(), i).is_some() {
+        };
+        if index[slot].replace(i).is_some() {
             errors.push(RowError { line: 1, reason: format!("header: column {name:?} appears twice") });
             return (rows, errors);
         }
     }
-    if let Some(missing) = COLUMNS.iter().find(|c| !index.contains_key(**c)) {
+    let width = header.len();
+    if let Some(missing) = COLUMNS.iter().enumerate().find(|(slot, _)| index[*slot].is_none()).map(|(_, c)| c) {
         errors.push(RowError { line: 1, reason: format!("header: missing column {missing:?}") });
         return (rows, errors);
     }
@@ -140,7 +141,7 @@ pub fn parse_inventory(bytes: &[u8]) -> (Vec<Row>, Vec<RowError>) {
         if record.iter().all(|f| f.is_empty()) {
             continue;
         }
-        match parse_row(&record, &index, line) {
+        match parse_row(&record, &index, width, line) {
             Ok(row) => {
                 if let Some(first) = seen.get(&row.device) {
                     errors.push(RowError { line, reason: format!("device {:?} already on line {first}", row.device) });
@@ -183,24 +184,32 @@ fn csv_reason(e: &csv::Error) -> String {
     }
 }
 
-fn parse_row(record: &csv::ByteRecord, index: &HashMap<String, usize>, line: u64) -> Result<Row, String> {
-    let mut fields: HashMap<&str, String> = HashMap::new();
-    let expected = index.len();
-    if record.len() != expected {
-        return Err(format!("{} fields, the header has {expected}", record.len()));
+/// Where each known column is in the file: COLUMNS in order, then OPTIONAL_COLUMNS.
+type ColumnIndex = [Option<usize>; COLUMNS.len() + OPTIONAL_COLUMNS.len()];
+
+fn column_slot(name: &str) -> Option<usize> {
+    COLUMNS.iter().chain(OPTIONAL_COLUMNS.iter()).position(|c| *c == name)
+}
+
+fn parse_row(record: &csv::ByteRecord, index: &ColumnIndex, width: usize, line: u64) -> Result<Row, String> {
+    if record.len() != width {
+        return Err(format!("{} fields, the header has {width}", record.len()));
     }
-    for (name, &i) in index {
-        let raw = record.get(i).unwrap_or_default();
+    let mut fields: [&str; COLUMNS.len() + OPTIONAL_COLUMNS.len()] = [""; COLUMNS.len() + OPTIONAL_COLUMNS.len()];
+    for (slot, at) in index.iter().enumerate() {
+        let Some(i) = at else { continue };
+        let name = COLUMNS.iter().chain(OPTIONAL_COLUMNS.iter()).nth(slot).copied().unwrap_or("?");
+        let raw = record.get(*i).unwrap_or_default();
         let text = std::str::from_utf8(raw).map_err(|_| format!("{name}: not valid UTF-8"))?;
-        if text.chars().count() > MAX_FIELD {
+        if text.len() > MAX_FIELD && text.chars().count() > MAX_FIELD {
             return Err(format!("{name}: longer than {MAX_FIELD} characters"));
         }
         if text.chars().any(char::is_control) {
             return Err(format!("{name}: contains control characters"));
         }
-        fields.insert(name.as_str(), text.to_owned());
+        fields[slot] = text;
     }
-    let get = |name: &str| fields.get(name).map(String::as_str).unwrap_or_default();
+    let get = |name: &str| column_slot(name).map_or("", |i| fields[i]);
     let required = |name: &str| {
         let v = get(name);
         if v.is_empty() {
@@ -337,3 +346,4 @@ mod tests {
         }
     }
 }
+
