@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(parse_inventory(b"").1[0].line, 1);
         let (_, e) = parse_inventory(b"site,device\nx,y\n");
         assert!(e[0].reason.contains("missing column"), "{e:?}");
-        let (_, e) = parse_inventory(format!("{}", HEADER.replace("crew", "team")).as_bytes());
+        let (_, e) = parse_inventory(HEADER.replace("crew", "team").as_bytes());
         assert!(e[0].reason.contains("unknown column \"team\""), "{e:?}");
     }
 

@@ -198,8 +198,7 @@ mod tests {
     #[test]
     fn defaults_validate_and_bad_keys_are_named() {
         InspectionsConfig::default().validate().expect("defaults are valid");
-        let mut c = InspectionsConfig::default();
-        c.tz = "Mars/Olympus".into();
+        let c = InspectionsConfig { tz: "Mars/Olympus".into(), ..InspectionsConfig::default() };
         assert_eq!(c.validate().expect_err("tz").0, "inspections.tz");
         let mut c = InspectionsConfig::default();
         c.siren_mount.season_start = "13-40".into();

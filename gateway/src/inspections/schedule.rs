@@ -189,13 +189,13 @@ pub fn complete(m: &mut Maintained, task: Task, replaced: bool, today: Date) {
 
 /// Whether `task` is one of this kind's (inspection is accepted for every kind).
 pub fn applies(kind: DeviceKind, task: Task) -> bool {
-    match (kind, task) {
-        (_, Task::Inspection) => true,
-        (DeviceKind::GasDetector, Task::Calibration | Task::Replacement) => true,
-        (DeviceKind::SmokeDetector, Task::Cleaning | Task::Replacement) => true,
-        (DeviceKind::SirenMount, Task::SirenSeason | Task::Replacement) => true,
-        _ => false,
-    }
+    matches!(
+        (kind, task),
+        (_, Task::Inspection)
+            | (DeviceKind::GasDetector, Task::Calibration | Task::Replacement)
+            | (DeviceKind::SmokeDetector, Task::Cleaning | Task::Replacement)
+            | (DeviceKind::SirenMount, Task::SirenSeason | Task::Replacement)
+    )
 }
 
 /// What a task needs at `now_ms`.

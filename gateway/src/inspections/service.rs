@@ -518,7 +518,7 @@ impl Service {
             for t in &e.tasks {
                 let days_left = schedule::days_between(today, t.due);
                 let overdue = now >= t.due_ms;
-                if (q.overdue_only && !overdue) || (!overdue && days_left > q.due_within_days) {
+                if !overdue && (q.overdue_only || days_left > q.due_within_days) {
                     continue;
                 }
                 items.push(WorkOrder {
