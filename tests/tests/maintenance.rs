@@ -287,9 +287,9 @@ async fn a_completion_resets_the_schedule_and_closes_the_overdue_incident() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_siren_test_window_opens_an_incident_for_the_silent_siren_only() {
-    // A one-off window starting in 4 s, 10 s long.
-    let start = jiff::Timestamp::now() + 4.seconds();
-    let end = start + 10.seconds();
+    // A one-off window starting in 5 s, 15 s long (room for a slow start on a busy machine).
+    let start = jiff::Timestamp::now() + 5.seconds();
+    let end = start + 15.seconds();
     let extra = format!("[inspections.siren_test]\nstart = \"{start}\"\nend = \"{end}\"\ngrace = \"1s\"\n");
     let gw = GatewayProcess::start_embedded(&format!("[inspections]\ncheck_every = \"200ms\"\n{extra}")).await.expect("gateway");
     let mut publisher = Publisher::connect(gw.mqtt_addr().expect("broker"), 16).await.expect("publisher");
