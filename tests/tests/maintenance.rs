@@ -210,7 +210,7 @@ async fn reminders_fire_on_the_right_days_once_across_restarts() {
     // the checks ran; by then a repeated reminder would have arrived too.
     gw.restart().await.expect("restart");
     import(&gw, &format!("{HEADER}xuhui,r-gas-1,gas_detector,Kitchen D,{},{},,crew-7,13812345678\n", day(-40, -12), day(1, -12)));
-    receiver.wait_for(WAIT, "the 1-day reminder", |d| (!revisions_with(d, "r-gas-1", "open", "in 1 days").is_empty()).then_some(())).await;
+    receiver.wait_for(WAIT, "the 1-day reminder", |d| (!revisions_with(d, "r-gas-1", "open", "in 1 day:").is_empty()).then_some(())).await;
     let deliveries = receiver.deliveries();
     assert_eq!(revisions_with(&deliveries, "r-gas-30", "open", "in 30 days").len(), 1, "{}", receiver.report());
     assert_eq!(unique(&deliveries).iter().filter(|d| d.device() == "r-smoke-7").count(), 1, "{}", receiver.report());
@@ -230,7 +230,7 @@ async fn reminders_fire_on_the_right_days_once_across_restarts() {
     // One more restart on the moved clock, then a fresh import as the marker again.
     gw.restart().await.expect("restart again");
     import(&gw, &format!("{HEADER}xuhui,r-gas-x,gas_detector,Kitchen E,{},{},,crew-7,13812345678\n", day(-40, -12), day(25, -12)));
-    receiver.wait_for(WAIT, "r-gas-x's reminder", |d| (!revisions_with(d, "r-gas-x", "open", "in 1 days").is_empty()).then_some(())).await;
+    receiver.wait_for(WAIT, "r-gas-x's reminder", |d| (!revisions_with(d, "r-gas-x", "open", "in 1 day:").is_empty()).then_some(())).await;
     let deliveries = receiver.deliveries();
     assert_eq!(revisions_with(&deliveries, "r-gas-30", "reminder", "in 7 days").len(), 1, "{}", receiver.report());
     assert_eq!(unique(&deliveries).iter().filter(|d| d.device() == "r-gas-30").count(), 2, "30-day open + 7-day reminder\n{}", receiver.report());

@@ -622,7 +622,15 @@ impl Service {
             Change::Remind {
                 due_ms: t.due_ms,
                 days_before,
-                summary: format!("{} of {device} ({}, {}) due on {}, in {days_before} days: {}; {whom}", t.task.as_str(), item.site, item.location, t.due, t.note),
+                summary: format!(
+                    "{} of {device} ({}, {}) due on {}, in {days_before} day{}: {}; {whom}",
+                    t.task.as_str(),
+                    item.site,
+                    item.location,
+                    t.due,
+                    if days_before == 1 { "" } else { "s" },
+                    t.note
+                ),
             }
         };
         Some(self.signal(item, RULE_INSPECTION_DUE, now, change))
