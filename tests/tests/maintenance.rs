@@ -287,6 +287,8 @@ async fn a_completion_resets_the_schedule_and_closes_the_overdue_incident() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_siren_test_window_opens_an_incident_for_the_silent_siren_only() {
+    // Built before the window is chosen (a cold build takes minutes).
+    citywatch_bin();
     // A one-off window starting in 5 s, 15 s long (room for a slow start on a busy machine).
     let start = jiff::Timestamp::now() + 5.seconds();
     let end = start + 15.seconds();
