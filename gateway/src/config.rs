@@ -49,6 +49,8 @@ pub struct Config {
     pub incidents: crate::incidents::IncidentsConfig,
     /// `[notify]`: push channels.
     pub notify: crate::notify::NotifyConfig,
+    /// `[inspections]`: maintenance schedules, reminders, the siren test day.
+    pub inspections: crate::inspections::InspectionsConfig,
 }
 
 /// Where devices' messages come from.
@@ -276,6 +278,7 @@ impl Config {
         crate::sources::door::validate_users(&self.mqtt.users).map_err(|(key, reason)| Error::Named { key, reason })?;
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
+        self.inspections.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).
         crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Parse(e.to_string()))?;
         Ok(())

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub historical: AtomicU64,
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
+    /// The maintenance side's counters (reminders, rejected inventory lines), once it runs.
+    pub maintenance: std::sync::OnceLock<std::sync::Arc<crate::inspections::service::Stats>>,
 }
 
 /// Reasons the gateway adds to the wire contract's.
@@ -99,6 +101,9 @@ impl Metrics {
         }
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        if let Some(m) = self.maintenance.get() {
+            m.render(&mut out);
         }
         out
     }

@@ -65,6 +65,12 @@ pub struct Device {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    /// The crew that maintains it (from the inventory).
+    #[serde(default)]
+    pub crew: Option<String>,
+    /// The crew's phone, masked (`138****5678`); the full number stays in the inventory.
+    #[serde(default)]
+    pub phone: Option<String>,
     /// What the device last announced on `status` (the will says offline).
     pub link: LinkState,
     pub first_seen_ms: i64,
@@ -102,6 +108,8 @@ impl Device {
             interval_s: 60,
             location: None,
             install_date: None,
+            crew: None,
+            phone: None,
             link: LinkState::Online,
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,

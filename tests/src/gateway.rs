@@ -124,6 +124,26 @@ impl GatewayProcess {
         Ok((status, answer))
     }
 
+    /// POSTs raw `body` with `content_type` (e.g. an inventory as text/csv); returns the status
+    /// and the answer's JSON (a non-JSON answer as `Value::String`).
+    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{}{path}", self.http);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(READY_TIMEOUT * 6))
+            .build()
+            .into();
+        let mut response = agent
+            .post(&url)
+            .header("content-type", content_type)
+            .send(body)
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().with_config().limit(256 << 20).read_to_string().with_context(|| format!("POST {url}: body"))?;
+        let answer = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, answer))
+    }
+
     /// The status code of a GET (for error cases).
     pub fn status_of(&self, path: &str) -> anyhow::Result<u16> {
         let url = format!("http://{}{path}", self.http);

@@ -167,6 +167,11 @@ pub struct DeviceView {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crew: Option<String>,
+    /// Always masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
     pub health: Health,
     pub health_flags: Vec<Health>,
     pub link: citywatch_edge::wire::LinkState,
@@ -191,6 +196,8 @@ impl DeviceView {
             interval_s: d.interval_s,
             location: d.location.clone(),
             install_date: d.install_date.clone(),
+            crew: d.crew.clone(),
+            phone: d.phone.clone(),
             health: flags[0],
             health_flags: flags,
             link: d.link,
