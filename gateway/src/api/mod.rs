@@ -346,6 +346,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         ("citywatch_store_batches", "Store transactions committed.", st.batches as f64),
         ("citywatch_store_readings_written", "Readings committed to the store.", st.readings_written as f64),
         ("citywatch_store_write_errors", "Store write errors.", st.write_errors as f64),
+        ("citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", f64::from(u8::from(st.refusing))),
         ("citywatch_devices", "Devices in the registry.", s.registry.len() as f64),
         ("citywatch_uptime_seconds", "Seconds since start.", s.started.elapsed().as_secs_f64()),
     ];
