@@ -386,7 +386,8 @@ fn device_time(d: &mut Device, ts: Option<u64>, received_ms: i64, clock: &ClockS
         d.clock_skewed += 1;
         d.clock_offset_ms = Some(offset);
         clock.metrics.clock_skew.fetch_add(1, Ordering::Relaxed);
-        received_ms
+        d.clock_assigned_ms = received_ms.max(d.clock_assigned_ms.saturating_add(1));
+        d.clock_assigned_ms
     } else {
         d.clock_offset_ms = None;
         received_ms + offset

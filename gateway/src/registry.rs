@@ -86,6 +86,10 @@ pub struct Device {
     /// The last such offset (device `ts` − receive time, ms); None once a message is on time.
     #[serde(default)]
     pub clock_offset_ms: Option<i64>,
+    /// The last receive time given to a skewed message, so that several arriving in one
+    /// millisecond get distinct times instead of colliding on the store's (device, metric, ts) key.
+    #[serde(default)]
+    pub clock_assigned_ms: i64,
 }
 
 /// What the decode stage learnt from a `seq`.
@@ -124,6 +128,7 @@ impl Device {
             values: BTreeMap::new(),
             clock_skewed: 0,
             clock_offset_ms: None,
+            clock_assigned_ms: 0,
         }
     }
 
