@@ -8,7 +8,7 @@
 //! is the topic itself (bad topics).
 #![no_main]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use citywatch_gateway::config::IngestConfig;
 use citywatch_gateway::decode::{Batch, DecodeStage};
@@ -25,7 +25,9 @@ const SITES: [&str; 2] = ["xuhui", "pudong"];
 fuzz_target!(|data: &[u8]| {
     let (incidents, _incidents_rx) = tokio::sync::mpsc::channel(1);
     let (_releases_tx, releases) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::new(Arc::new(RuleSet::default_pack()));
+    // Parsing the pack is the slow part; it is the same for every input.
+    static PACK: OnceLock<Arc<RuleSet>> = OnceLock::new();
+    let engine = Engine::new(Arc::clone(PACK.get_or_init(|| Arc::new(RuleSet::default_pack()))));
     let mut stage = DecodeStage::new(Arc::new(Registry::new()), Arc::new(Metrics::new()), IngestConfig::default())
         .with_rules(engine, incidents, releases, &[]);
     let mut now: i64 = 1_800_000_000_000;
