@@ -591,7 +591,12 @@ fn finite(value: Option<f64>) -> Result<Option<f64>, DecodeError> {
     }
 }
 
+/// A free-text field (`fw`, a command `id`). JSON forbids raw control characters in strings;
+/// the parser lets them by, and echoing one back would write invalid JSON (found by fuzzing).
 fn bounded<const N: usize>(text: &str) -> Result<String<N>, DecodeError> {
+    if text.bytes().any(|b| b < 0x20) {
+        return Err(DecodeError::NotJson);
+    }
     String::try_from(text).map_err(|_| DecodeError::FieldTooLong)
 }
 

@@ -49,6 +49,8 @@ pub struct Config {
     pub incidents: crate::incidents::IncidentsConfig,
     /// `[notify]`: push channels.
     pub notify: crate::notify::NotifyConfig,
+    /// `[inspections]`: maintenance schedules, reminders, the siren test day.
+    pub inspections: crate::inspections::InspectionsConfig,
 }
 
 /// Where devices' messages come from.
@@ -195,6 +197,12 @@ pub struct IngestConfig {
     pub battery_floor_v: f64,
     /// Rejections of one reason are logged at most once per this period.
     pub log_every: Duration,
+    /// A device `ts` more than this ahead of the receive time is a wrong clock, not a reading
+    /// from the future: the message is stored at its receive time and flagged `clock_skew`.
+    pub clock_skew_ahead: Duration,
+    /// A device `ts` more than this behind the receive time is a reset clock, not a replay:
+    /// stored at its receive time (and so evaluated live) and flagged `clock_skew`.
+    pub clock_skew_behind: Duration,
 }
 
 impl Default for IngestConfig {
@@ -207,6 +215,8 @@ impl Default for IngestConfig {
             stuck_after: Duration::secs(86_400),
             battery_floor_v: 2.7,
             log_every: Duration::secs(10),
+            clock_skew_ahead: Duration::secs(120),
+            clock_skew_behind: Duration::secs(30 * 86_400),
         }
     }
 }
@@ -276,6 +286,7 @@ impl Config {
         crate::sources::door::validate_users(&self.mqtt.users).map_err(|(key, reason)| Error::Named { key, reason })?;
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
+        self.inspections.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).
         crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Parse(e.to_string()))?;
         Ok(())

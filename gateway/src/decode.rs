@@ -213,6 +213,7 @@ impl DecodeStage {
             _ => {}
         }
         let horizon = self.config.live_horizon.as_ms();
+        let clock = ClockSkew { ahead_ms: self.config.clock_skew_ahead.as_ms(), behind_ms: self.config.clock_skew_behind.as_ms(), metrics: &self.metrics };
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
         let mut kind_and_interval = None;
         let outcome = self.registry.upsert(device, make, |key, d| {
@@ -240,7 +241,7 @@ impl DecodeStage {
                     let SeqCheck::Fresh { gap } = d.check_seq(t.seq) else {
                         return Ok(Accepted::Duplicate);
                     };
-                    let ts = t.ts.map_or(received_ms, |ts| ts as i64);
+                    let ts = device_time(d, t.ts, received_ms, &clock);
                     let historical = received_ms - ts > horizon;
                     // A telemetry message is proof of life, even after an `offline` will.
                     if !historical {
@@ -267,7 +268,7 @@ impl DecodeStage {
                     d.on_event(e.event);
                     Ok(Accepted::Event(gap, EventRecord {
                         device: Arc::clone(key),
-                        ts_ms: e.ts.map_or(received_ms, |ts| ts as i64),
+                        ts_ms: device_time(d, e.ts, received_ms, &clock),
                         seq: e.seq,
                         event: e.event,
                         metric: e.metric,
@@ -364,6 +365,32 @@ impl DecodeStage {
             tracing::warn!(%reason, %topic, total = self.metrics.rejected().get(reason).copied().unwrap_or(0), "rejected input quarantined (logged at most once per period per reason)");
         }
         batch.writes.push(Write::Quarantine(QuarantineEntry { id: 0, received_ms, topic, reason: reason.to_owned(), payload }));
+    }
+}
+
+/// The skew limits of [`IngestConfig`] and where to count a skewed message.
+struct ClockSkew<'a> {
+    ahead_ms: i64,
+    behind_ms: i64,
+    metrics: &'a Metrics,
+}
+
+/// The time a message's readings are stored under: its `ts`, or the receive time when it has
+/// none or when the device's clock is far off (then the device is flagged and the message
+/// counted). A reset clock (1970) is not a replay: its readings are live, so a gas alarm from
+/// a device that lost its time still reaches the rules.
+fn device_time(d: &mut Device, ts: Option<u64>, received_ms: i64, clock: &ClockSkew) -> i64 {
+    let Some(ts) = ts else { return received_ms };
+    let offset = i64::try_from(ts).unwrap_or(i64::MAX).saturating_sub(received_ms);
+    if offset > clock.ahead_ms || offset < -clock.behind_ms {
+        d.clock_skewed += 1;
+        d.clock_offset_ms = Some(offset);
+        clock.metrics.clock_skew.fetch_add(1, Ordering::Relaxed);
+        d.clock_assigned_ms = received_ms.max(d.clock_assigned_ms.saturating_add(1));
+        d.clock_assigned_ms
+    } else {
+        d.clock_offset_ms = None;
+        received_ms + offset
     }
 }
 

@@ -49,6 +49,8 @@ pub enum Error {
     /// An unsafe or unusable security setting (names the key).
     #[error("{0}")]
     Security(String),
+    #[error("maintenance: {0}")]
+    Maintenance(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -145,6 +147,10 @@ impl Gateway {
         let incident_store = Arc::new(IncidentStore::open(&config.storage.path)?);
         let unclosed = incident_store.load_unclosed()?;
         let mut silences = config.incidents.silences();
+        // The siren test window holds `siren_activated` back (the maintenance side checks it).
+        if config.inspections.siren_test.enabled {
+            silences.push(config.inspections.siren_test.silence().map_err(Error::Rules)?);
+        }
         for body in incident_store.silences()? {
             match serde_json::from_str::<SilenceConfig>(&body).map_err(|e| e.to_string()).and_then(Silence::new) {
                 Ok(s) if !s.expired_at(now) => silences.push(s),
@@ -190,6 +196,19 @@ impl Gateway {
                 .run(inbound_rx, writer),
         );
 
+        // Maintenance: inventory, schedules, reminders, the siren test day.
+        let (maintenance, maintenance_handle) = crate::inspections::Service::open(
+            config.inspections.clone(),
+            &config.storage.path,
+            Arc::clone(&registry),
+            Some(Arc::clone(&store)),
+            incidents.clone(),
+        )
+        .map_err(|e| Error::Maintenance(e.to_string()))?;
+        tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
+        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats));
+        tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
+
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| Error::Http { addr: config.http.listen, source })?;
@@ -208,7 +227,7 @@ impl Gateway {
             notify: channel_states,
         };
         let mut http_stop = stop_rx.clone();
-        let app = api::auth::protect(api::router(state), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
+        let app = api::auth::protect(api::router(state).merge(crate::inspections::api::router(maintenance_handle)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
         // HTTPS when [http.tls] is set: the same router behind a TLS-terminating listener.
         let (tls_listener, plain_listener) = match http_tls {
             Some(acceptor) => (Some(crate::tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Http { addr: config.http.listen, source })?), None),

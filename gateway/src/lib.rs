@@ -7,7 +7,8 @@
 //! events and statuses also go through [`rules`] (the pure rule engine) → [`incidents`] (one
 //! manager task: the closed loop, silences, flapping, escalation, device commands; its own
 //! SQLite file with the audit trail and the durable outbox) → [`notify`] (webhook, MQTT ops
-//! topic, Alertmanager; SSE is served by [`api`]). Beside them: [`api`] (HTTP), [`metrics`]
+//! topic, Alertmanager; SSE is served by [`api`]). Beside them: [`inspections`] (inventory, schedules,
+//! reminders, the siren test day), [`api`] (HTTP), [`metrics`]
 //! (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the stages together
 //! and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
 //! Security: [`api::auth`] (bearer tokens and roles), [`tls`] (rustls/ring for HTTPS and MQTT),
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod gateway;
 pub mod incidents;
 pub mod ingest;
+pub mod inspections;
 pub mod metrics;
 pub mod notify;
 pub mod registry;

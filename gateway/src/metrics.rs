@@ -25,8 +25,12 @@ pub struct Metrics {
     pub seq_gaps: AtomicU64,
     /// Readings older than the live horizon when they arrived.
     pub historical: AtomicU64,
+    /// Telemetry and events whose `ts` was far off the receive time (stored at receive time).
+    pub clock_skew: AtomicU64,
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
+    /// The maintenance side's counters (reminders, rejected inventory lines), once it runs.
+    pub maintenance: std::sync::OnceLock<std::sync::Arc<crate::inspections::service::Stats>>,
 }
 
 /// Reasons the gateway adds to the wire contract's.
@@ -88,6 +92,7 @@ impl Metrics {
         counter("citywatch_duplicates_total", "Messages dropped as duplicates of an earlier seq.", self.duplicates.load(Ordering::Relaxed));
         counter("citywatch_seq_gaps_total", "Messages missing between consecutive seqs.", self.seq_gaps.load(Ordering::Relaxed));
         counter("citywatch_historical_readings_total", "Readings older than the live horizon on arrival.", self.historical.load(Ordering::Relaxed));
+        counter("citywatch_clock_skew_total", "Messages whose device ts was far off the receive time; stored at receive time.", self.clock_skew.load(Ordering::Relaxed));
         counter("citywatch_received_bytes_total", "Payload bytes received.", self.received_bytes.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP citywatch_messages_received_total Messages received by channel.\n# TYPE citywatch_messages_received_total counter");
         for c in Channel::ALL {
@@ -99,6 +104,9 @@ impl Metrics {
         }
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        if let Some(m) = self.maintenance.get() {
+            m.render(&mut out);
         }
         out
     }

@@ -24,11 +24,13 @@ pub enum Health {
     Stale,
     LowBattery,
     Stuck,
+    /// The device's last message carried a `ts` far off the gateway's clock.
+    ClockSkew,
     Online,
 }
 
 impl Health {
-    pub const ALL: [Health; 6] = [Health::Offline, Health::Faulted, Health::Stale, Health::LowBattery, Health::Stuck, Health::Online];
+    pub const ALL: [Health; 7] = [Health::Offline, Health::Faulted, Health::Stale, Health::LowBattery, Health::Stuck, Health::ClockSkew, Health::Online];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -37,6 +39,7 @@ impl Health {
             Health::Stale => "stale",
             Health::LowBattery => "low_battery",
             Health::Stuck => "stuck",
+            Health::ClockSkew => "clock_skew",
             Health::Online => "online",
         }
     }
@@ -65,6 +68,12 @@ pub struct Device {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    /// The crew that maintains it (from the inventory).
+    #[serde(default)]
+    pub crew: Option<String>,
+    /// The crew's phone, masked (`138****5678`); the full number stays in the inventory.
+    #[serde(default)]
+    pub phone: Option<String>,
     /// What the device last announced on `status` (the will says offline).
     pub link: LinkState,
     pub first_seen_ms: i64,
@@ -77,6 +86,16 @@ pub struct Device {
     pub faulted: bool,
     pub low_battery_event: bool,
     pub values: BTreeMap<Metric, LastValue>,
+    /// Messages whose `ts` was off the receive time by more than the configured skew.
+    #[serde(default)]
+    pub clock_skewed: u64,
+    /// The last such offset (device `ts` − receive time, ms); None once a message is on time.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
+    /// The last receive time given to a skewed message, so that several arriving in one
+    /// millisecond get distinct times instead of colliding on the store's (device, metric, ts) key.
+    #[serde(default)]
+    pub clock_assigned_ms: i64,
 }
 
 /// What the decode stage learnt from a `seq`.
@@ -102,6 +121,8 @@ impl Device {
             interval_s: 60,
             location: None,
             install_date: None,
+            crew: None,
+            phone: None,
             link: LinkState::Online,
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
@@ -113,6 +134,9 @@ impl Device {
             faulted: false,
             low_battery_event: false,
             values: BTreeMap::new(),
+            clock_skewed: 0,
+            clock_offset_ms: None,
+            clock_assigned_ms: 0,
         }
     }
 
@@ -194,6 +218,9 @@ impl Device {
         });
         if stuck {
             flags.push(Health::Stuck);
+        }
+        if self.clock_offset_ms.is_some() {
+            flags.push(Health::ClockSkew);
         }
         if flags.is_empty() {
             flags.push(Health::Online);

@@ -18,6 +18,8 @@ pub struct GatewayProcess {
     mqtt: Option<String>,
     config_path: PathBuf,
     data: tempfile::TempDir,
+    /// Runs the gateway through this command prefix (e.g. `nsenter … --`), if not empty.
+    wrapper: Vec<std::ffi::OsString>,
 }
 
 impl GatewayProcess {
@@ -35,23 +37,47 @@ impl GatewayProcess {
         GatewayProcess::start_with(&toml, None).await
     }
 
+    /// External mode with its store in `volume` (run inside the volume's mount namespace),
+    /// so a test can fill the disk under it or make it read-only.
+    pub async fn start_external_on(broker: &str, extra: &str, volume: &crate::DataVolume) -> anyhow::Result<GatewayProcess> {
+        let client_id = format!("citywatch-e2e-{}", free_port());
+        let toml = format!("[mqtt]\nmode = \"external\"\nurl = \"mqtt://{broker}\"\nclient_id = \"{client_id}\"\n{extra}");
+        GatewayProcess::start_inner(&toml, None, Some(volume.inside().join("store")), volume.wrapper()).await
+    }
+
     async fn start_with(mqtt_section: &str, mqtt: Option<String>) -> anyhow::Result<GatewayProcess> {
+        GatewayProcess::start_inner(mqtt_section, mqtt, None, Vec::new()).await
+    }
+
+    async fn start_inner(
+        mqtt_section: &str,
+        mqtt: Option<String>,
+        store: Option<PathBuf>,
+        wrapper: Vec<std::ffi::OsString>,
+    ) -> anyhow::Result<GatewayProcess> {
         let data = tempfile::Builder::new().prefix("citywatch-gw-").tempdir().context("data dir")?;
         let http = format!("127.0.0.1:{}", free_port());
-        let store = data.path().join("store");
+        let store = store.unwrap_or_else(|| data.path().join("store"));
         let text = format!(
             "{mqtt_section}\n[http]\nlisten = \"{http}\"\n[storage]\npath = \"{}\"\n",
             store.display()
         );
         let config_path = data.path().join("citywatch.toml");
         std::fs::write(&config_path, text).context("writing the config")?;
-        let mut gateway = GatewayProcess { child: None, http, mqtt, config_path, data };
+        let mut gateway = GatewayProcess { child: None, http, mqtt, config_path, data, wrapper };
         gateway.launch().await?;
         Ok(gateway)
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(citywatch_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(citywatch_bin());
+                cmd
+            }
+            None => Command::new(citywatch_bin()),
+        };
         cmd.arg("run").arg("--config").arg(&self.config_path).env("RUST_LOG", "info,rumqttd=warn");
         self.child = Some(ChildGuard::spawn("citywatch", cmd)?);
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT * 2;
@@ -121,6 +147,26 @@ impl GatewayProcess {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
+        Ok((status, answer))
+    }
+
+    /// POSTs raw `body` with `content_type` (e.g. an inventory as text/csv); returns the status
+    /// and the answer's JSON (a non-JSON answer as `Value::String`).
+    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{}{path}", self.http);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(READY_TIMEOUT * 6))
+            .build()
+            .into();
+        let mut response = agent
+            .post(&url)
+            .header("content-type", content_type)
+            .send(body)
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().with_config().limit(256 << 20).read_to_string().with_context(|| format!("POST {url}: body"))?;
+        let answer = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, answer))
     }
 

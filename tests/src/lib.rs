@@ -13,6 +13,7 @@ mod process;
 mod publisher;
 mod receiver;
 mod subscriber;
+mod volume;
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ pub use publisher::{birth, device_topic, Publisher};
 pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};
+pub use volume::DataVolume;
 
 /// The bound used for every "until it is ready" wait of the harness.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);

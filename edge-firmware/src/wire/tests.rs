@@ -189,3 +189,12 @@ fn values_reject_non_finite_and_overflow() {
     v.set(Metric::ALL[0], 9.0).expect("replace in place");
     assert_eq!(v.get(Metric::ALL[0]), Some(9.0));
 }
+
+#[test]
+fn raw_control_characters_in_strings_are_not_json() {
+    // From the fuzzer: a NUL inside `fw` decoded, then re-encoded to invalid JSON.
+    let status = b"{\"state\":\"online\",\"kind\":\"gas_detector\",\"fw\":\"0\x00c.0\",\"interval_s\":60}";
+    assert_eq!(Status::decode(status), Err(DecodeError::NotJson));
+    let cmd = b"{\"id\":\"c-\x1f\",\"cmd\":\"self_test\"}";
+    assert_eq!(Command::decode(cmd), Err(DecodeError::NotJson));
+}

@@ -167,6 +167,11 @@ pub struct DeviceView {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crew: Option<String>,
+    /// Always masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
     pub health: Health,
     pub health_flags: Vec<Health>,
     pub link: citywatch_edge::wire::LinkState,
@@ -178,6 +183,10 @@ pub struct DeviceView {
     pub seq_gaps: u64,
     pub duplicates: u64,
     pub values: BTreeMap<Metric, Value>,
+    /// Messages whose `ts` was far off the gateway's clock, and the last such offset (ms,
+    /// device − gateway; null once the device's clock is right again).
+    pub clock_skewed: u64,
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl DeviceView {
@@ -191,6 +200,8 @@ impl DeviceView {
             interval_s: d.interval_s,
             location: d.location.clone(),
             install_date: d.install_date.clone(),
+            crew: d.crew.clone(),
+            phone: d.phone.clone(),
             health: flags[0],
             health_flags: flags,
             link: d.link,
@@ -206,6 +217,8 @@ impl DeviceView {
                 .iter()
                 .map(|(m, v)| (*m, json!({ "value": v.value, "ts": rfc3339(v.ts_ms), "unchanged_since": rfc3339(v.unchanged_since_ms) })))
                 .collect(),
+            clock_skewed: d.clock_skewed,
+            clock_offset_ms: d.clock_offset_ms,
         }
     }
 }
@@ -226,7 +239,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
     let health = f
         .health
         .as_deref()
-        .map(|h| Health::parse(h).ok_or_else(|| ApiError::BadRequest(format!("health={h:?}: one of online, offline, stale, low_battery, stuck, faulted"))))
+        .map(|h| Health::parse(h).ok_or_else(|| ApiError::BadRequest(format!("health={h:?}: one of online, offline, stale, low_battery, stuck, clock_skew, faulted"))))
         .transpose()?;
     let now = now_ms();
     let list: Vec<DeviceView> = s
@@ -343,6 +356,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         ("citywatch_store_batches", "Store transactions committed.", st.batches as f64),
         ("citywatch_store_readings_written", "Readings committed to the store.", st.readings_written as f64),
         ("citywatch_store_write_errors", "Store write errors.", st.write_errors as f64),
+        ("citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", f64::from(u8::from(st.refusing))),
         ("citywatch_devices", "Devices in the registry.", s.registry.len() as f64),
         ("citywatch_uptime_seconds", "Seconds since start.", s.started.elapsed().as_secs_f64()),
     ];

@@ -42,7 +42,7 @@ pub fn document() -> Value {
                 "parameters": [
                     query("site", "Only this site.", json!({ "type": "string" })),
                     query("kind", "Only this kind.", json!({ "enum": ["gas_detector", "smoke_detector", "siren_mount"] })),
-                    query("health", "Only devices with this health condition.", json!({ "enum": ["online", "offline", "stale", "low_battery", "stuck", "faulted"] })),
+                    query("health", "Only devices with this health condition.", json!({ "enum": ["online", "offline", "stale", "low_battery", "stuck", "clock_skew", "faulted"] })),
                 ],
                 "responses": { "200": { "description": "count, by_health and devices." }, "400": error_response("A bad filter.") } } },
             "/api/v1/devices/{id}": { "get": { "summary": "One device.", "parameters": [id.clone()],

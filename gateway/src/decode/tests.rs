@@ -127,3 +127,51 @@ fn acks_are_collected_even_for_rejected_and_own_messages() {
     assert_eq!(fired.load(Ordering::SeqCst), 0, "nothing acknowledged before the store commits");
     assert_eq!(quarantined(&b), ["not_json"], "the ops topic is ours, not device input");
 }
+
+#[test]
+fn a_jumping_device_clock_is_accepted_at_receive_time_flagged_and_evaluated_live() {
+    let (incidents, _incidents_rx) = mpsc::channel(1);
+    let (_releases_tx, releases) = mpsc::unbounded_channel();
+    let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
+    let mut s = stage().with_rules(engine, incidents, releases, &[]);
+    let cfg = IngestConfig::default();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    let year = 365 * 86_400_000;
+    // A reset clock (1970), a clock a year ahead, the largest ts the wire allows, and one
+    // inside the limits (a replay a day old, and one a minute ahead).
+    let cases: [(u64, Option<i64>); 5] = [
+        (0, Some(-NOW)),
+        ((NOW + year) as u64, Some(year)),
+        (u64::MAX, Some(i64::MAX - NOW)),
+        ((NOW - 86_400_000) as u64, None),
+        ((NOW + 60_000) as u64, None),
+    ];
+    for (i, (ts, offset)) in cases.into_iter().enumerate() {
+        let mut b = Batch::default();
+        let body = format!(r#"{{"seq":{},"ts":{ts},"values":{{"gas_lel":1.0}}}}"#, i + 1);
+        s.handle(msg("citywatch/v1/xh/gas-1/telemetry", &body, NOW), NOW, &mut b);
+        assert_eq!(b.readings.len(), 1, "accepted: {body}");
+        let d = s.registry.get("gas-1").expect("known");
+        assert_eq!(d.clock_offset_ms, offset, "{body}");
+        let flagged = d.health_flags(NOW, &cfg).contains(&crate::registry::Health::ClockSkew);
+        assert_eq!(flagged, offset.is_some(), "{body}");
+        // Skewed: stored at receive time, one millisecond apart when they arrive together.
+        let want_ts = if offset.is_some() { NOW + i as i64 } else { ts as i64 };
+        assert_eq!(b.readings[0].ts_ms, want_ts, "{body}");
+    }
+    assert_eq!(s.metrics.clock_skew.load(Ordering::Relaxed), 3);
+    assert_eq!(s.registry.get("gas-1").expect("known").clock_skewed, 3);
+    assert!(s.metrics.render(&[]).contains("citywatch_clock_skew_total 3"));
+
+    // A gas alarm from a device whose clock reset is live, not a replay: it opens gas_high.
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":9,"ts":5,"values":{"gas_lel":60.0}}"#, NOW), NOW, &mut b);
+    assert!(!b.readings[0].historical);
+    assert!(b.signals.iter().any(|sig| &*sig.rule == "gas_high"), "{:?}", b.signals);
+    // So does an alarm event stamped in 1970.
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/event", r#"{"seq":10,"ts":7,"event":"alarm","metric":"gas_lel","value":61.0}"#, NOW), NOW, &mut b);
+    assert!(b.signals.iter().any(|sig| &*sig.rule == "device_alarm"), "{:?}", b.signals);
+    assert!(b.writes.iter().any(|w| matches!(w, Write::Event(e) if e.ts_ms > NOW && e.ts_ms < NOW + 10)));
+}

@@ -275,7 +275,8 @@ impl Book {
                 Some(state) if state.is_active() => {
                     let (severity, value, summary) = match &s.change {
                         Change::Open { severity, value, summary, .. } => (*severity, *value, summary.clone()),
-                        Change::Remind { summary, .. } => (Severity::Info, None, summary.clone()),
+                        // Every reminder reaches the channels once: a revision of its own.
+                        Change::Remind { summary, .. } => return self.remind(&id, summary.clone(), now_ms),
                         _ => return,
                     };
                     return self.repeat(&id, &s, severity, value, summary, now_ms);
@@ -353,6 +354,18 @@ impl Book {
         } else {
             next_revision(&mut inc, &mut self.commit, SYSTEM, "reopened", None, now_ms);
         }
+        self.push(inc);
+    }
+
+    /// A further reminder on an incident still active: pushed as a "reminder" revision.
+    fn remind(&mut self, id: &str, summary: String, now_ms: i64) {
+        let Some(inc) = self.incidents.get_mut(id) else { return };
+        inc.count += 1;
+        let mut inc = inc.clone();
+        if inc.severity == Severity::Info {
+            inc.summary = summary.clone();
+        }
+        next_revision(&mut inc, &mut self.commit, SYSTEM, "reminder", Some(summary), now_ms);
         self.push(inc);
     }
 

@@ -160,7 +160,8 @@ pub struct AlertmanagerConfig {
 pub struct RetryConfig {
     /// Longest wait after the first failure. Default "500ms".
     pub initial: Duration,
-    /// The wait's ceiling. Default "1m".
+    /// The wait's ceiling: after a receiver outage of any length, what was queued arrives
+    /// within about this long of its return (GB 26875.1 asks ≤ 10 s device → centre). Default "10s".
     pub max: Duration,
     /// A change the receiver refuses (4xx other than 408/429) is dropped, counted as
     /// `rejected`, after this many refusals. Transient failures (timeouts, 5xx, connection
@@ -172,7 +173,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             initial: Duration(std::time::Duration::from_millis(500)),
-            max: Duration::secs(60),
+            max: Duration::secs(10),
             give_up_after_attempts: 10,
         }
     }

@@ -652,7 +652,7 @@ fn config_defaults_and_channel_names() {
     assert_eq!((am.timeout, am.resend_every, am.generator_url.as_deref()), (Duration::secs(5), Duration::secs(60), None));
     assert_eq!(cfg.retry, RetryConfig::default());
     assert_eq!(cfg.retry.initial, Duration(StdDuration::from_millis(500)));
-    assert_eq!((cfg.retry.max, cfg.retry.give_up_after_attempts), (Duration::secs(60), 10));
+    assert_eq!((cfg.retry.max, cfg.retry.give_up_after_attempts), (Duration::secs(10), 10));
     assert_eq!(NotifyConfig::default().channel_names(), Vec::<Arc<str>>::new());
 
     // Secrets stay out of Debug output.

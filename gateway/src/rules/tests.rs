@@ -991,3 +991,127 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Properties under faults (issue 8): device clocks that jump, devices that come and go.
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The hysteresis property again, with the device's clock jumping anywhere (far past, far
+    /// future, back and forth): "held for" runs on the gateway's clock, so a lying device clock
+    /// can neither open early nor clear early.
+    #[test]
+    fn a_jumping_device_clock_never_makes_hysteresis_flap(
+        steps in proptest::collection::vec(
+            (0..40_000i64, prop_oneof![0.0..30.0f64, Just(5.0), Just(25.0)], prop_oneof![Just(0i64), -400 * DAY..400 * DAY, Just(i64::MIN / 2), Just(i64::MAX / 2)]),
+            1..120,
+        )
+    ) {
+        let mut b = Bench::pack(
+            "[[rule]]\nname = \"gas\"\nkind = \"threshold\"\nseverity = \"major\"\nmetric = \"gas_lel\"\n\
+             open = { at_least = 20.0, for = \"10s\" }\nclear = { below = 10.0, for = \"30s\" }\n",
+        );
+        let g = Dev::gas("g1");
+        let (mut now, mut open_since, mut clear_since): (i64, Option<i64>, Option<i64>) = (T0, None, None);
+        let mut is_open = false;
+        let mut check = |out: Vec<Signal>, now: i64, open_since: Option<i64>, clear_since: Option<i64>| -> Result<(), TestCaseError> {
+            for s in of(&out, "gas") {
+                match s.change {
+                    Change::Open { .. } => {
+                        prop_assert!(!is_open);
+                        prop_assert!(open_since.is_some_and(|t| now - t >= 10 * S), "open too early at {now}: {s:?} {open_since:?}");
+                        is_open = true;
+                    }
+                    Change::Clear { .. } => {
+                        prop_assert!(is_open);
+                        prop_assert!(clear_since.is_some_and(|t| now - t >= 30 * S), "clear too early at {now}: {s:?} {clear_since:?}");
+                        is_open = false;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+        for (gap, value, skew) in steps {
+            let end = now + gap;
+            while now + S <= end {
+                now += S;
+                check(b.tick(now), now, open_since, clear_since)?;
+            }
+            now = end;
+            open_since = if value >= 20.0 { open_since.or(Some(now)) } else { None };
+            clear_since = if value < 10.0 { clear_since.or(Some(now)) } else { None };
+            let mut out = Vec::new();
+            b.engine.on_reading(&g.ctx(), Metric::GasLel, value, now.saturating_add(skew), now, &mut out);
+            check(out, now, open_since, clear_since)?;
+        }
+    }
+
+    /// A device heard from at least every `max(3 × interval, 90 s)` (whatever its clock says)
+    /// never gets a `device_offline`; one that then falls silent gets exactly one.
+    #[test]
+    fn a_device_heard_in_time_never_goes_offline_and_a_silent_one_does_once(
+        gaps in proptest::collection::vec(0..90i64, 1..60),
+        skews in proptest::collection::vec(prop_oneof![Just(0i64), -400 * DAY..400 * DAY], 60),
+    ) {
+        let mut b = Bench::default_pack();
+        let mut g = Dev::gas("g1");
+        g.interval_s = 10; // the bound is then max(30 s, 90 s) = 90 s
+        let mut now = T0;
+        let mut opens = 0;
+        for (i, gap) in gaps.iter().enumerate() {
+            for _ in 0..*gap {
+                now += S;
+                opens += changes(&b.tick(now), "device_offline").iter().filter(|c| **c == "open").count();
+            }
+            let mut out = Vec::new();
+            b.engine.on_reading(&g.ctx(), Metric::GasLel, 1.0, now.saturating_add(skews[i]), now, &mut out);
+            opens += changes(&out, "device_offline").iter().filter(|c| **c == "open").count();
+        }
+        prop_assert_eq!(opens, 0, "offline while heard within 90 s");
+        for _ in 0..200 {
+            now += S;
+            opens += changes(&b.tick(now), "device_offline").iter().filter(|c| **c == "open").count();
+        }
+        prop_assert_eq!(opens, 1, "one device_offline after 200 s of silence");
+    }
+
+    /// Devices that churn (appear, talk, go, are forgotten) leave no engine state behind once
+    /// their timers have come due: nothing keyed by device outlives the device.
+    #[test]
+    fn churned_devices_leave_no_state_behind(ops in proptest::collection::vec(op(), 1..150)) {
+        let kinds = [DeviceKind::GasDetector, DeviceKind::SmokeDetector, DeviceKind::SirenMount];
+        let devs: Vec<Dev> = (0..6).map(|i| Dev::new(&format!("d{i}"), "a", kinds[i % 3])).collect();
+        let mut b = Bench::default_pack();
+        let mut now = T0;
+        let mut out = Vec::new();
+        for op in ops {
+            match op {
+                Op::Reading { dev, metric, value, ts } => {
+                    b.engine.on_reading(&devs[dev].ctx(), Metric::ALL[metric], value, ts.unwrap_or(now), now, &mut out)
+                }
+                Op::Event { dev, event } => b.engine.on_event(&devs[dev].ctx(), EventKind::ALL[event], None, None, now, now, &mut out),
+                Op::Status { dev, online } => {
+                    let state = if online { LinkState::Online } else { LinkState::Offline };
+                    b.engine.on_status(&devs[dev].ctx(), state, now, &mut out)
+                }
+                Op::Seen { dev } => b.engine.on_seen(&devs[dev].ctx(), now, &mut out),
+                Op::Due { dev, days } => b.engine.set_due(&devs[dev].ctx(), "inspection_due", Some(now + days * DAY), now, &mut out),
+                Op::Forget { dev } => b.engine.forget(&devs[dev].id),
+                Op::Wait { ms } => {
+                    now += ms;
+                    b.engine.tick(now, &mut out);
+                }
+            }
+        }
+        for d in &devs {
+            b.engine.forget(&d.id);
+        }
+        // Every deadline a device could have queued (follow-ups, held-for, absence, trends,
+        // stuck sensors, due dates) lies within 400 days.
+        b.engine.tick(now + 400 * DAY, &mut out);
+        let stats = b.engine.stats();
+        prop_assert_eq!((stats.devices, stats.timers_pending), (0, 0), "{:?}", stats);
+    }
+}

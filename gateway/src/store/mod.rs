@@ -132,6 +132,9 @@ pub struct StoreStats {
     pub queue_capacity: u64,
     /// Write errors (each logged once); the writer keeps going.
     pub write_errors: u64,
+    /// The disk refuses writes (full, read-only): the current batch is being retried and
+    /// ingestion waits behind it.
+    pub refusing: bool,
 }
 
 /// Store errors.

@@ -96,6 +96,9 @@ struct Shared {
     max_batch_us: AtomicU64,
     last_batch_rows: AtomicU64,
     write_errors: AtomicU64,
+    /// Set while a batch keeps failing for want of disk (full, read-only, I/O error) and is
+    /// being retried; ingestion is paused behind it.
+    refusing: std::sync::atomic::AtomicBool,
 }
 
 /// Sends writes to the writer thread. Cheap to clone; when the last clone is dropped the writer
@@ -299,6 +302,7 @@ impl SqliteStore {
             queue_depth: depth as u64,
             queue_capacity: self.queue_capacity as u64,
             write_errors: get(&s.write_errors),
+            refusing: s.refusing.load(Ordering::Relaxed),
         }
     }
 
@@ -675,12 +679,42 @@ impl Writer {
                 other => writes.push(other),
             }
         }
-        let mut new_keys = Vec::new();
-        let mut counts = BatchCounts::default();
-        let result = apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts);
+        // A batch that fails for want of disk is retried until it commits, holding its acks:
+        // the queue fills, the decode stage and the source wait, and the broker keeps every
+        // unacknowledged QoS 1 message. Ingestion pauses; nothing is lost or half-written.
+        // Other errors (a bug, a constraint) drop the batch as before. On shutdown (every
+        // sender gone) the retries stop and the unacked messages are redelivered after restart.
+        let mut wait = STORAGE_RETRY_INITIAL;
+        let mut attempts = 0u64;
+        let result = loop {
+            let mut new_keys = Vec::new();
+            let mut counts = BatchCounts::default();
+            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, &writes, &mut new_keys, &mut counts) {
+                Ok(()) => break Ok(counts),
+                Err(e) => {
+                    // The transaction rolled back: ids handed out in it no longer exist.
+                    for k in new_keys {
+                        self.keys.remove(&k);
+                    }
+                    self.error("batch", &e);
+                    attempts += 1;
+                    if !is_storage_unavailable(&e) || self.rx.is_closed() {
+                        break Err(());
+                    }
+                    if !self.shared.refusing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, dir = %self.opts.dir.display(), "the store cannot write: ingestion paused, retrying; unacknowledged QoS 1 messages stay with the broker");
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(STORAGE_RETRY_MAX);
+                }
+            }
+        };
+        if self.shared.refusing.swap(false, Ordering::Relaxed) && result.is_ok() {
+            tracing::warn!(attempts, "the store writes again; ingestion resumes");
+        }
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
-            Ok(()) => {
+            Ok(counts) => {
                 let s = &self.shared;
                 s.readings_written.fetch_add(counts.readings, Ordering::Relaxed);
                 s.events_written.fetch_add(counts.events, Ordering::Relaxed);
@@ -693,12 +727,7 @@ impl Writer {
                     fire(ack);
                 }
             }
-            Err(e) => {
-                // The transaction rolled back: ids handed out in it no longer exist.
-                for k in new_keys {
-                    self.keys.remove(&k);
-                }
-                self.error("batch", &e);
+            Err(()) => {
                 // `acks` drop here unfired: the broker redelivers those messages.
             }
         }
@@ -780,12 +809,26 @@ fn error_kind(e: &rusqlite::Error) -> String {
     }
 }
 
+/// First and longest wait between attempts at a batch the disk refuses.
+const STORAGE_RETRY_INITIAL: std::time::Duration = std::time::Duration::from_millis(250);
+const STORAGE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Errors of the disk rather than of the batch: retrying the same batch later can succeed.
+fn is_storage_unavailable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, C::DiskFull | C::SystemIoFailure | C::ReadOnly | C::CannotOpen | C::DatabaseBusy | C::DatabaseLocked | C::PermissionDenied | C::OutOfMemory)
+    )
+}
+
 /// Writes one batch in one transaction. On error nothing is committed.
 fn apply_batch(
     conn: &mut Connection,
     keys: &mut HashMap<Arc<str>, i64>,
     opts: &StoreOptions,
-    batch: Vec<Write>,
+    batch: &[Write],
     new_keys: &mut Vec<Arc<str>>,
     counts: &mut BatchCounts,
 ) -> rusqlite::Result<()> {
@@ -796,12 +839,12 @@ fn apply_batch(
         match w {
             Write::Readings(readings) => {
                 rows.reserve(readings.len());
-                for Reading { device, metric, ts_ms, value, historical } in readings {
+                for &Reading { ref device, metric, ts_ms, value, historical } in readings {
                     if !value.is_finite() {
                         tracing::debug!(%device, %metric, value, "non-finite reading dropped");
                         continue;
                     }
-                    let device = key(&tx, keys, new_keys, &device)?;
+                    let device = key(&tx, keys, new_keys, device)?;
                     rows.push(Row { device, metric: metric_index(metric), ts: ts_ms, value, historical });
                 }
             }

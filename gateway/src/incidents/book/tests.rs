@@ -216,3 +216,19 @@ fn a_restart_resumes_open_incidents_without_reopening() {
     assert_eq!((p[0].1, p[0].2), (2, IncidentState::Cleared));
     let _ = Arc::clone(&commit.outbox[0]);
 }
+
+#[test]
+fn each_reminder_is_its_own_pushed_revision_and_overdue_raises_it() {
+    let mut b = book();
+    let remind = |days: u32| signal("g1", "inspection_due", Change::Remind { due_ms: T0 + 30 * 86_400_000, days_before: days, summary: format!("due in {days} days") });
+    b.apply(remind(30), T0);
+    b.apply(remind(7), T0 + 1000);
+    b.apply(open("g1", "inspection_due", Severity::Warning), T0 + 2000);
+    let p = pushed(&mut b);
+    assert_eq!(p.iter().map(|x| x.1).collect::<Vec<_>>(), [1, 2, 3], "open, reminder, severity: {p:?}");
+    let inc = b.get(&p[0].0).expect("incident");
+    assert_eq!(inc.severity, Severity::Warning);
+    let actions: Vec<&str> = inc.history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(actions, ["open", "reminder", "severity"]);
+    assert_eq!(inc.history[1].note.as_deref(), Some("due in 7 days"));
+}

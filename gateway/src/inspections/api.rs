@@ -1,0 +1,112 @@
+//! The maintenance endpoints (SPEC §6, shape agreed with the dashboard): inventory import,
+//! crews' completions, and the work orders as JSON or CSV. Merged into the main router; every
+//! error is JSON `{"error": …}` like the rest of the API.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::schedule::Task;
+use super::service::{CompletionRequest, InspectionsHandle, Outcome, WorkOrderQuery};
+use super::Error;
+use crate::api::{rfc3339, ApiError};
+
+/// Largest inventory file accepted in one request (100k lines are about 10 MB).
+pub const MAX_IMPORT_BYTES: usize = 64 * 1024 * 1024;
+/// Largest `due_within_days`.
+pub const MAX_DAYS: i64 = 3660;
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::UnknownDevice(_) => ApiError::NotFound(e.to_string()),
+            Error::Invalid(m) => ApiError::BadRequest(m),
+            Error::Stopped => ApiError::Unavailable(e.to_string()),
+            Error::Store(_) | Error::Io(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+pub fn router(handle: InspectionsHandle) -> Router {
+    Router::new()
+        .route("/api/v1/devices/import", post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)))
+        .route("/api/v1/devices/{id}/inspections", post(complete))
+        .route("/api/v1/inspections", get(work_orders))
+        .with_state(handle)
+}
+
+async fn import(State(h): State<InspectionsHandle>, headers: HeaderMap, body: Bytes) -> Result<Json<super::service::ImportReport>, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("text/csv");
+    if content_type.starts_with("application/json") || content_type.starts_with("application/x-www-form-urlencoded") {
+        return Err(ApiError::BadRequest(format!("Content-Type {content_type}: send the inventory as text/csv")));
+    }
+    Ok(Json(h.import(body.to_vec()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionBody {
+    result: Outcome,
+    #[serde(default)]
+    notes: String,
+    by: String,
+    #[serde(default)]
+    task: Option<String>,
+}
+
+async fn complete(State(h): State<InspectionsHandle>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let b: CompletionBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body: {e}; expected {{\"result\":\"pass|fail|replaced\",\"notes\":\"…\",\"by\":\"…\",\"task\":\"inspection\"}}")))?;
+    let task_text = b.task.as_deref().unwrap_or("inspection");
+    let task = Task::parse(task_text)
+        .ok_or_else(|| ApiError::BadRequest(format!("task: {task_text:?} is not one of inspection, calibration, cleaning, replacement, siren_season")))?;
+    if b.notes.chars().count() > 2000 {
+        return Err(ApiError::BadRequest("notes: at most 2000 characters".into()));
+    }
+    let view = h.complete(CompletionRequest { device: id, task, result: b.result, notes: b.notes, by: b.by }).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct WorkOrderParams {
+    due_within_days: Option<i64>,
+    site: Option<String>,
+    overdue: Option<bool>,
+    format: Option<String>,
+}
+
+async fn work_orders(State(h): State<InspectionsHandle>, headers: HeaderMap, Query(p): Query<WorkOrderParams>) -> Result<Response, ApiError> {
+    let days = p.due_within_days.unwrap_or(30);
+    if !(0..=MAX_DAYS).contains(&days) {
+        return Err(ApiError::BadRequest(format!("due_within_days: 0–{MAX_DAYS}")));
+    }
+    let accept_csv = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/csv"));
+    let csv = match p.format.as_deref() {
+        None => accept_csv,
+        Some("csv") => true,
+        Some("json") => false,
+        Some(other) => return Err(ApiError::BadRequest(format!("format: {other:?} is not json or csv"))),
+    };
+    let orders = h.work_orders(WorkOrderQuery { due_within_days: days, site: p.site, overdue_only: p.overdue.unwrap_or(false) }).await?;
+    if !csv {
+        return Ok(Json(json!({ "now": rfc3339(orders.now_ms), "due_within_days": days, "items": orders.items })).into_response());
+    }
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let header_row = ["device", "site", "kind", "location", "task", "due", "days_left", "overdue", "crew", "phone", "last_inspection", "note"];
+    let write = |w: &mut csv::Writer<Vec<u8>>, rec: &[&str]| w.write_record(rec).map_err(|e| ApiError::Internal(e.to_string()));
+    write(&mut w, &header_row)?;
+    for o in &orders.items {
+        let (days_left, overdue) = (o.days_left.to_string(), o.overdue.to_string());
+        write(
+            &mut w,
+            &[&o.device, &o.site, o.kind.as_str(), &o.location, o.task.as_str(), &o.due, &days_left, &overdue, &o.crew, &o.phone, o.last_inspection.as_deref().unwrap_or(""), &o.note],
+        )?;
+    }
+    let body = w.into_inner().map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8"), (header::CONTENT_DISPOSITION, "attachment; filename=\"work-orders.csv\"")], body).into_response())
+}
