@@ -1,6 +1,5 @@
 //! The inspections CSV inventory import, as uploaded by a facility manager: any bytes give
-//! rows or an error naming the line, never a panic. Built only with `--features inventory`
-//! (scripts/fuzz enables it once `citywatch_gateway::inspections` exists).
+//! rows or an error naming the line, never a panic. Built with `--features gateway`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
