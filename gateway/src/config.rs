@@ -49,6 +49,8 @@ pub struct Config {
     pub incidents: crate::incidents::IncidentsConfig,
     /// `[notify]`: push channels.
     pub notify: crate::notify::NotifyConfig,
+    /// `[modbus]`: legacy controllers to poll.
+    pub modbus: crate::sources::modbus::ModbusConfig,
 }
 
 /// Where devices' messages come from.
@@ -141,6 +143,9 @@ pub struct StorageConfig {
     pub queue_capacity: usize,
     /// Rejected messages kept in the quarantine table (oldest removed first).
     pub quarantine_max_rows: usize,
+    /// `[storage.influx]`: the long-term store; absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub influx: Option<crate::store::influx::InfluxConfig>,
 }
 
 impl Default for StorageConfig {
@@ -153,6 +158,7 @@ impl Default for StorageConfig {
             batch_max_rows: 10_000,
             queue_capacity: 128,
             quarantine_max_rows: 100_000,
+            influx: None,
         }
     }
 }
@@ -250,6 +256,10 @@ impl Config {
         if self.ingest.stale_after_intervals == 0 || self.ingest.offline_after_intervals == 0 {
             return invalid("ingest.offline_after_intervals", "intervals must be at least 1");
         }
+        if let Some(influx) = &self.storage.influx {
+            influx.validate().map_err(|(key, reason)| Error::Invalid { key, reason })?;
+        }
+        self.modbus.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
         // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).

@@ -27,6 +27,13 @@ pub struct Metrics {
     pub historical: AtomicU64,
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
+    /// Components that render their own series (the InfluxDB sink, the Modbus poller).
+    sections: Mutex<Vec<std::sync::Arc<dyn MetricsSection>>>,
+}
+
+/// A component's own block of `/metrics`, appended after the gateway's counters.
+pub trait MetricsSection: Send + Sync + std::fmt::Debug {
+    fn render(&self, out: &mut String);
 }
 
 /// Reasons the gateway adds to the wire contract's.
@@ -72,6 +79,13 @@ impl Metrics {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// Adds a component's block to every render.
+    pub fn add_section(&self, section: std::sync::Arc<dyn MetricsSection>) {
+        if let Ok(mut s) = self.sections.lock() {
+            s.push(section);
+        }
+    }
+
     pub fn rejected_total(&self) -> u64 {
         self.rejected().values().sum()
     }
@@ -99,6 +113,9 @@ impl Metrics {
         }
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        if let Ok(sections) = self.sections.lock() {
+            sections.iter().for_each(|s| s.render(&mut out));
         }
         out
     }

@@ -3,6 +3,7 @@
 //! channel, so a slow pipeline pushes back on the broker instead of growing memory.
 
 pub mod broker;
+pub mod modbus;
 pub mod mqtt;
 
 /// Errors starting or running a source.
@@ -14,6 +15,8 @@ pub enum Error {
     External(String),
     #[error("invalid MQTT settings: {0}")]
     Config(String),
+    #[error("modbus: {0}")]
+    Modbus(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

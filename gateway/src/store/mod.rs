@@ -6,6 +6,7 @@
 //! fire after the commit that made their message durable. The InfluxDB sink (another issue)
 //! is a second consumer, not a replacement.
 
+pub mod influx;
 pub mod sqlite;
 
 use std::sync::Arc;
