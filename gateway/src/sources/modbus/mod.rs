@@ -279,7 +279,8 @@ impl BusPoller {
             let Some(set) = state else { continue };
             let before = dev.flags[f];
             dev.flags[f] = Some(set);
-            let spec = &dev.map.flags[f];
+            let map = Arc::clone(&dev.map);
+            let spec = &map.flags[f];
             let event = match (before, set) {
                 (Some(b), s) if b == s => None,
                 (_, true) => Some(spec.on_set),
