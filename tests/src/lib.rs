@@ -7,23 +7,27 @@
 mod alertmanager;
 mod bins;
 mod gateway;
+mod modbus_server;
 mod mosquitto;
 mod process;
 mod publisher;
 mod receiver;
 mod subscriber;
+mod victoria;
 
 use std::time::Duration;
 
 pub use alertmanager::{Alertmanager, ALERTMANAGER_BIN};
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::GatewayProcess;
+pub use modbus_server::{ModbusServer, RegisterTable, MODBUS_PYTHON};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use publisher::{birth, device_topic, Publisher};
 pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};
+pub use victoria::VictoriaMetrics;
 
 /// The bound used for every "until it is ready" wait of the harness.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);

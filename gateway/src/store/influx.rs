@@ -380,6 +380,13 @@ impl InfluxTap {
         }
     }
 
+    /// Hands over `readings`, waiting while the sink is behind (for producers that may wait,
+    /// like the benchmark; the decode stage uses [`InfluxTap::readings`]). False once the sink
+    /// has stopped.
+    pub async fn readings_wait(&self, readings: Vec<Reading>) -> bool {
+        self.tx.send(SinkInput::Readings(readings)).await.is_ok()
+    }
+
     /// Hands over an incident change (its revision's time).
     pub fn incident(&self, incident: Arc<crate::incidents::Incident>, ts_ms: i64) {
         if self.tx.try_send(SinkInput::Incident(incident, ts_ms)).is_err() {
