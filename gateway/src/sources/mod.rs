@@ -1,5 +1,5 @@
 //! Where messages come from: the embedded MQTT broker ([`broker`]) or an external one
-//! ([`mqtt`]). Both deliver [`Inbound`](crate::ingest::Inbound) messages into one bounded
+//! ([`mqtt`]), and Modbus controllers polled by the gateway ([`modbus`]). All deliver [`Inbound`](crate::ingest::Inbound) messages into one bounded
 //! channel, so a slow pipeline pushes back on the broker instead of growing memory.
 
 pub mod broker;
