@@ -276,7 +276,7 @@ impl RegisterMap {
             .filter_map(|v| {
                 let at = |i: u16| regs.get(&(v.table, v.address.wrapping_add(base).wrapping_add(i))).copied();
                 let raw = decode(v.value_type, v.word_order, v.bit, at(0)?, if v.value_type.registers() == 2 { at(1)? } else { 0 })?;
-                let value = raw * v.scale + v.offset;
+                let value = scaled(raw, v.scale) + v.offset;
                 value.is_finite().then_some((v.metric, value))
             })
             .collect()
@@ -286,6 +286,17 @@ impl RegisterMap {
     pub fn flags(&self, channel: u16, regs: &Registers) -> Vec<Option<bool>> {
         let base = channel.wrapping_mul(self.channel_stride);
         self.flags.iter().map(|f| regs.get(&(f.table, f.address.wrapping_add(base))).map(|r| r & (1 << f.bit) != 0)).collect()
+    }
+}
+
+/// `raw × scale`, dividing by 1/scale when that is an integer (0.1, 0.01, 0.001…): 554 × 0.1 is
+/// 55.400000000000006 in binary floating point, 554 / 10 is the 55.4 the panel meant.
+pub fn scaled(raw: f64, scale: f64) -> f64 {
+    let inverse = 1.0 / scale;
+    if scale.abs() < 1.0 && inverse.is_finite() && (inverse - inverse.round()).abs() < 1e-9 {
+        raw / inverse.round()
+    } else {
+        raw * scale
     }
 }
 
@@ -329,6 +340,9 @@ mod tests {
         assert!((f - 0.15).abs() < 1e-6, "{f}");
         assert_eq!(decode(ValueType::F32, WordOrder::HighFirst, 0, 0x7FC0, 0), None, "NaN is left out");
         assert_eq!(decode(ValueType::Bit, WordOrder::HighFirst, 3, 0b1000, 0), Some(1.0));
+        assert_eq!(scaled(554.0, 0.1), 55.4);
+        assert_eq!(scaled(1234.0, 0.01), 12.34);
+        assert_eq!(scaled(7.0, 2.5), 17.5);
     }
 
     #[test]
