@@ -165,6 +165,9 @@ impl BusPoller {
                 }
             }
             for i in 0..self.devices.len() {
+                if *stop.borrow() {
+                    break; // a round of timeouts must not hold up shutdown
+                }
                 let result = match ctx.as_mut() {
                     Some(c) => read_device(c, &self.devices[i], self.bus.timeout.0, &self.stats).await,
                     None => Err(Failure::NotConnected),
