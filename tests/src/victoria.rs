@@ -61,16 +61,30 @@ impl VictoriaMetrics {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL: the server is gone at once, mid-request if need be.
+    /// SIGKILL: the server is gone at once, mid-request if need be. VictoriaMetrics keeps the
+    /// last seconds of writes in memory, so this may lose data it already acknowledged (its own
+    /// documented behaviour); tests of the sink use [`VictoriaMetrics::stop`].
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill();
         }
     }
 
-    /// Starts again on the same port and data directory.
+    /// SIGTERM, then waits (bounded) for it to exit: the server refuses connections from then
+    /// on, and what it acknowledged is on disk.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.terminate()?;
+            if c.wait_timeout(READY_TIMEOUT).await?.is_none() {
+                c.kill();
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts again on the same port and data directory (stopping it first if it runs).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
+        self.stop().await?;
         self.launch().await
     }
 

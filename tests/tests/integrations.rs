@@ -165,8 +165,10 @@ async fn influx_sink_values_read_back_from_victoria_metrics_match_and_nothing_is
     let labels = vm.export("reading_gas_lel").expect("export").into_iter().find(|(_, l, _, _)| l["device"] == device).expect("a series").1;
     assert_eq!((labels["site"].as_str(), labels["kind"].as_str()), (Some("putuo"), Some("gas_detector")), "{labels}");
 
-    // The server dies (SIGKILL): readings keep coming, the sink buffers, then spools.
-    vm.kill();
+    // The server goes away (SIGTERM, so that what it acknowledged is on disk: SIGKILL loses
+    // VictoriaMetrics' own last seconds of acknowledged writes): readings keep coming, the sink
+    // buffers, then spools.
+    vm.stop().await.expect("stop victoria-metrics");
     publish_telemetry(&mut p, device, 150..300, base_ms, &mut sent).await;
     gw.wait_for(WAIT, "failed writes and a spool in use", |g| {
         (metric(g, "citywatch_influx_failed_requests_total").unwrap_or(0.0) >= 1.0 && metric(g, "citywatch_influx_spooled_lines").unwrap_or(0.0) > 0.0).then_some(())

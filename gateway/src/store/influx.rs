@@ -411,6 +411,9 @@ pub struct InfluxSink {
     current_lines: usize,
 }
 
+/// A write request on its way.
+type WriteRequest = std::pin::Pin<Box<dyn std::future::Future<Output = Sent> + Send>>;
+
 enum Sent {
     Ok,
     /// The server refused the data itself (bad lines, too large): retrying cannot help.
@@ -459,7 +462,7 @@ impl InfluxSink {
     pub async fn run(mut self, mut input: mpsc::Receiver<SinkInput>) {
         let mut flush = tokio::time::interval(self.config.flush_interval.0);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut inflight: Option<(Batch, std::pin::Pin<Box<dyn std::future::Future<Output = Sent> + Send>>)> = None;
+        let mut inflight: Option<(Batch, WriteRequest)> = None;
         let mut retry_delay = self.config.retry_min.0;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut open = true;
@@ -642,7 +645,7 @@ impl InfluxSink {
                         Sent::Retry(why)
                     }
                 }
-                Err(e) => Sent::Retry(e.to_string()),
+                Err(e) => Sent::Retry(error_chain(&e)),
             }
         }
     }
@@ -657,6 +660,18 @@ fn device_tags(cache: &mut HashMap<Arc<str>, DeviceTags>, registry: Option<&Regi
     let t = registry?.get(device).map(|d| DeviceTags { site: d.site, kind: d.kind.as_str() })?;
     cache.insert(device.into(), t.clone());
     Some(t)
+}
+
+/// An error with its causes ("error sending request: … : Connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn gzip(raw: &[u8]) -> Bytes {
