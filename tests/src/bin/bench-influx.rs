@@ -3,7 +3,7 @@
 //! (tight loops POSTing large pre-built line-protocol bodies), so the ratio says how much of the
 //! server's capacity the sink uses. Measures only; passes or fails nothing on time.
 //!
-//! Usage: bench-influx [LINES=1000000] [--devices 1000] [--clients 4]
+//! Usage: bench-influx [LINES=1000000] [--devices 1000] [--clients 1] [--no-gzip]
 //! (scripts/bench-influx builds the release binary first and runs this.)
 
 use std::sync::atomic::Ordering;
@@ -49,12 +49,14 @@ fn now_ms() -> i64 {
 async fn main() -> anyhow::Result<()> {
     let mut lines = 1_000_000usize;
     let mut devices = 1000usize;
-    let mut clients = 4usize;
+    let mut clients = 1usize;
+    let mut gzip = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--devices" => devices = args.next().context("--devices N")?.parse()?,
             "--clients" => clients = args.next().context("--clients N")?.parse()?,
+            "--no-gzip" => gzip = false,
             n => lines = n.parse().with_context(|| format!("LINES, not {n:?}"))?,
         }
     }
@@ -82,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let devs: Vec<Arc<str>> = (0..devices).map(|i| Arc::from(device(i))).collect();
 
     // A: the sink, fed decode-sized batches of readings as fast as it takes them.
-    let config = InfluxConfig { url: vm.url(), batch_max_lines: BATCH, buffer_max_lines: 4 * BATCH, queue_capacity: 64, ..InfluxConfig::default() };
+    let config = InfluxConfig { url: vm.url(), gzip, batch_max_lines: BATCH, buffer_max_lines: 4 * BATCH, queue_capacity: 64, ..InfluxConfig::default() };
     let (sink, tap, rx) = InfluxSink::open(config, dir.path(), Some(Arc::clone(&registry)))?;
     let stats = sink.stats();
     let started = Instant::now();
@@ -144,12 +146,13 @@ async fn main() -> anyhow::Result<()> {
     let sink_rate = lines as f64 / sink_secs;
     let raw_rate = lines as f64 / raw_secs;
     println!("bench-influx: {lines} lines, {devices} devices, into victoria-metrics {}", vm.url());
-    println!("  sink (gzip, batches of {BATCH}, one request in flight): {sink_rate:>10.0} lines/s  ({sink_secs:.2} s, {failed} failed requests, {sink_stored} points stored)");
+    let body = if gzip { "gzip" } else { "plain" };
+    println!("  sink ({body}, batches of {BATCH}, one request in flight): {sink_rate:>10.0} lines/s  ({sink_secs:.2} s, {failed} failed requests, {sink_stored} points stored)");
     println!("  raw  ({clients} clients, pre-built bodies of {BATCH}, plain):   {raw_rate:>10.0} lines/s  ({raw_secs:.2} s, {raw_stored} points stored)");
     println!("  ratio sink/raw: {:.2}", sink_rate / raw_rate);
     println!(
         "{}",
-        serde_json::json!({"lines": lines, "devices": devices, "clients": clients, "sink_lines_per_s": sink_rate.round(), "raw_lines_per_s": raw_rate.round(), "ratio": (sink_rate / raw_rate * 100.0).round() / 100.0, "sink_points_stored": sink_stored, "raw_points_stored": raw_stored})
+        serde_json::json!({"gzip": gzip, "lines": lines, "devices": devices, "clients": clients, "sink_lines_per_s": sink_rate.round(), "raw_lines_per_s": raw_rate.round(), "ratio": (sink_rate / raw_rate * 100.0).round() / 100.0, "sink_points_stored": sink_stored, "raw_points_stored": raw_stored})
     );
     if sink_stored != lines || raw_stored != lines {
         bail!("points stored differ from lines sent: sink {sink_stored}, raw {raw_stored}, sent {lines}");
