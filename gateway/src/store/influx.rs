@@ -210,6 +210,35 @@ pub struct DeviceTags {
 /// Appends readings as lines to `buf`; consecutive readings of one device at one time share a
 /// line (one field per metric). Returns the number of lines written.
 pub fn encode_readings(readings: &[Reading], tags: &mut impl FnMut(&str) -> Option<DeviceTags>, buf: &mut Vec<u8>) -> usize {
+    encode_readings_cached(readings, tags, &mut PrefixCache::default(), buf)
+}
+
+/// Each device's line prefix (measurement and escaped tags), built once by the line-protocol
+/// builder and reused: escaping character by character is most of the cost of a line.
+#[derive(Debug, Default)]
+pub struct PrefixCache(HashMap<Arc<str>, Vec<u8>>);
+
+/// The line prefix of a device, `reading,site=…,device=…,kind=…`, escaped by the builder.
+pub fn reading_prefix(device: &str, tags: Option<&DeviceTags>) -> Vec<u8> {
+    let mut b = LineProtocolBuilder::new().measurement(READING_MEASUREMENT);
+    if let Some(t) = tags {
+        b = b.tag("site", &t.site);
+    }
+    b = b.tag("device", device);
+    if let Some(t) = tags {
+        b = b.tag("kind", t.kind);
+    }
+    // The builder only hands back whole lines: end one with a known field and cut it off.
+    const PROBE: &str = " _=0i\n";
+    let mut line = b.field("_", 0i64).close_line().build();
+    line.truncate(line.len() - PROBE.len());
+    line
+}
+
+/// [`encode_readings`] with prefixes cached across calls (devices with known tags only: an
+/// unknown device may be registered any moment).
+pub fn encode_readings_cached(readings: &[Reading], tags: &mut impl FnMut(&str) -> Option<DeviceTags>, cache: &mut PrefixCache, buf: &mut Vec<u8>) -> usize {
+    use std::io::Write as _;
     let mut lines = 0;
     let mut i = 0;
     while i < readings.len() {
@@ -218,20 +247,24 @@ pub fn encode_readings(readings: &[Reading], tags: &mut impl FnMut(&str) -> Opti
         while end < readings.len() && readings[end].device == first.device && readings[end].ts_ms == first.ts_ms {
             end += 1;
         }
-        let t = tags(&first.device);
-        let mut b = LineProtocolBuilder::new_with(std::mem::take(buf)).measurement(READING_MEASUREMENT);
-        if let Some(t) = &t {
-            b = b.tag("site", &t.site);
+        match cache.0.get(&first.device) {
+            Some(prefix) => buf.extend_from_slice(prefix),
+            None => {
+                let t = tags(&first.device);
+                let prefix = reading_prefix(&first.device, t.as_ref());
+                buf.extend_from_slice(&prefix);
+                if t.is_some() {
+                    cache.0.insert(Arc::clone(&first.device), prefix);
+                }
+            }
         }
-        b = b.tag("device", &first.device);
-        if let Some(t) = &t {
-            b = b.tag("kind", t.kind);
+        for (k, r) in readings[i..end].iter().enumerate() {
+            buf.push(if k == 0 { b' ' } else { b',' });
+            // Metric names are [a-z_]: nothing to escape in a field key. Values are finite
+            // (the decode stage rejects others) and print as the builder prints an f64.
+            let _ = write!(buf, "{}={}", metric_field(r.metric), r.value);
         }
-        let mut f = b.field(metric_field(first.metric), first.value);
-        for r in &readings[i + 1..end] {
-            f = f.field(metric_field(r.metric), r.value);
-        }
-        *buf = f.timestamp(first.ts_ms).close_line().build();
+        let _ = writeln!(buf, " {}", first.ts_ms);
         lines += 1;
         i = end;
     }
@@ -403,6 +436,7 @@ pub struct InfluxSink {
     write_url: String,
     registry: Option<Arc<Registry>>,
     tags: HashMap<Arc<str>, DeviceTags>,
+    prefixes: PrefixCache,
     memory: VecDeque<Batch>,
     memory_lines: usize,
     spool: Spool,
@@ -441,6 +475,7 @@ impl InfluxSink {
             write_url,
             registry,
             tags: HashMap::new(),
+            prefixes: PrefixCache::default(),
             memory: VecDeque::new(),
             memory_lines: 0,
             spool,
@@ -542,7 +577,7 @@ impl InfluxSink {
                 for chunk in readings.chunks(self.config.batch_max_lines) {
                     let (tags, registry) = (&mut self.tags, &self.registry);
                     let mut lookup = |device: &str| device_tags(tags, registry.as_deref(), device);
-                    self.current_lines += encode_readings(chunk, &mut lookup, &mut self.current);
+                    self.current_lines += encode_readings_cached(chunk, &mut lookup, &mut self.prefixes, &mut self.current);
                     if self.current_lines >= self.config.batch_max_lines {
                         self.seal();
                     }

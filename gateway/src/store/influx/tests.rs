@@ -44,6 +44,28 @@ fn golden_escaping_of_spaces_commas_and_equals_in_tags() {
 }
 
 #[test]
+fn cached_prefixes_give_the_same_lines_as_the_builder() {
+    let readings = [reading("a b", Metric::GasLel, 1, 0.1), reading("c", Metric::GasLel, 1, 1e21), reading("a b", Metric::TempC, 2, -0.0)];
+    let mut cache = PrefixCache::default();
+    let mut first = Vec::new();
+    encode_readings_cached(&readings, &mut tags_of("s=1", "gas_detector"), &mut cache, &mut first);
+    let mut second = Vec::new();
+    encode_readings_cached(&readings, &mut |_| panic!("cached: no lookup"), &mut cache, &mut second);
+    assert_eq!(first, second);
+    // The same lines straight from the builder, field and timestamp included.
+    let mut expected = Vec::new();
+    for r in &readings {
+        let b = LineProtocolBuilder::new_with(std::mem::take(&mut expected))
+            .measurement(READING_MEASUREMENT)
+            .tag("site", "s=1")
+            .tag("device", &r.device)
+            .tag("kind", "gas_detector");
+        expected = b.field(r.metric.as_str(), r.value).timestamp(r.ts_ms).close_line().build();
+    }
+    assert_eq!(String::from_utf8(first).expect("utf-8"), String::from_utf8(expected).expect("utf-8"));
+}
+
+#[test]
 fn an_unknown_device_is_written_without_site_and_kind() {
     let mut buf = Vec::new();
     encode_readings(&[reading("new-1", Metric::TiltDeg, 7, 0.25)], &mut |_| None, &mut buf);
