@@ -51,6 +51,8 @@ pub struct Config {
     pub notify: crate::notify::NotifyConfig,
     /// `[inspections]`: maintenance schedules, reminders, the siren test day.
     pub inspections: crate::inspections::InspectionsConfig,
+    /// `[modbus]`: legacy controllers to poll.
+    pub modbus: crate::sources::modbus::ModbusConfig,
 }
 
 /// Where devices' messages come from.
@@ -164,6 +166,9 @@ pub struct StorageConfig {
     pub queue_capacity: usize,
     /// Rejected messages kept in the quarantine table (oldest removed first).
     pub quarantine_max_rows: usize,
+    /// `[storage.influx]`: the long-term store; absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub influx: Option<crate::store::influx::InfluxConfig>,
 }
 
 impl Default for StorageConfig {
@@ -176,6 +181,7 @@ impl Default for StorageConfig {
             batch_max_rows: 10_000,
             queue_capacity: 128,
             quarantine_max_rows: 100_000,
+            influx: None,
         }
     }
 }
@@ -284,6 +290,10 @@ impl Config {
         crate::api::auth::validate(&self.http.tokens).map_err(|(key, reason)| Error::Named { key, reason })?;
         crate::api::auth::check_exposure(self.http.listen, &self.http.tokens).map_err(|(key, reason)| Error::Named { key, reason })?;
         crate::sources::door::validate_users(&self.mqtt.users).map_err(|(key, reason)| Error::Named { key, reason })?;
+        if let Some(influx) = &self.storage.influx {
+            influx.validate().map_err(|(key, reason)| Error::Invalid { key, reason })?;
+        }
+        self.modbus.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
         self.inspections.validate().map_err(|(key, reason)| Error::Named { key, reason })?;

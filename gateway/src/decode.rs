@@ -75,11 +75,13 @@ pub struct DecodeStage {
     rules: Option<Rules>,
     /// Site names, shared by every device of the site.
     sites: HashMap<String, Arc<str>>,
+    /// The long-term store (InfluxDB), fed copies of the readings without waiting.
+    influx: Option<crate::store::influx::InfluxTap>,
 }
 
 impl DecodeStage {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, config: IngestConfig) -> Self {
-        DecodeStage { registry, metrics, config, persisted_at: HashMap::new(), logged_at: HashMap::new(), rules: None, sites: HashMap::new() }
+        DecodeStage { registry, metrics, config, persisted_at: HashMap::new(), logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None }
     }
 
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
@@ -102,6 +104,12 @@ impl DecodeStage {
             }
         }
         self.rules = Some(Rules { engine, incidents, releases });
+        self
+    }
+
+    /// Also hands every batch's readings to the InfluxDB sink.
+    pub fn with_influx(mut self, tap: crate::store::influx::InfluxTap) -> Self {
+        self.influx = Some(tap);
         self
     }
 
@@ -151,6 +159,9 @@ impl DecodeStage {
 
     /// Signals first (the incident path must not wait behind readings), then the store.
     async fn send(&mut self, store: &StoreWriter, mut batch: Batch) -> Result<(), ()> {
+        if let Some(tap) = &self.influx {
+            tap.readings(&batch.readings);
+        }
         let Some(rules) = self.rules.as_ref() else {
             return send_batch(store, batch).await.map_err(|_| ());
         };

@@ -51,6 +51,8 @@ pub enum Error {
     Security(String),
     #[error("maintenance: {0}")]
     Maintenance(String),
+    #[error("{0}")]
+    Influx(#[from] crate::store::influx::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -81,6 +83,8 @@ pub struct Gateway {
     dispatchers: Vec<tokio::task::JoinHandle<()>>,
     dispatch_stop: watch::Sender<bool>,
     broker: Option<Arc<EmbeddedBroker>>,
+    /// The InfluxDB sink's task: it ends after the decode stage drops its tap.
+    influx: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -110,6 +114,11 @@ impl Gateway {
 
         // The source first: its publisher carries device commands and the MQTT push channel.
         let mut tasks = Vec::new();
+        // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
+        for poller in crate::sources::modbus::build(&config.modbus)? {
+            metrics.add_section(poller.stats());
+            tasks.push(("modbus", tokio::spawn(poller.run(inbound_tx.clone(), stop_rx.clone()))));
+        }
         let (broker, mqtt_addr, publish): (Option<Arc<EmbeddedBroker>>, _, PublishFn) = match config.mqtt.mode {
             MqttMode::Embedded => {
                 let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound_tx)?);
@@ -190,11 +199,17 @@ impl Gateway {
         // Rules, then the decode stage that feeds them.
         let rules = Arc::new(RuleSet::from_config(&config.rules).map_err(|e| Error::Rules(e.to_string()))?);
         let engine = Engine::new(Arc::clone(&rules));
-        let decode = tokio::spawn(
-            DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
-                .with_rules(engine, incidents.sender(), releases_rx, &active)
-                .run(inbound_rx, writer),
-        );
+        let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).with_rules(engine, incidents.sender(), releases_rx, &active);
+        // The long-term store, if configured: a copy of every reading, never waited for.
+        let mut influx = None;
+        if let Some(influx_config) = &config.storage.influx {
+            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(&registry)))?;
+            metrics.add_section(sink.stats());
+            tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
+            influx = Some(tokio::spawn(sink.run(rx)));
+            stage = stage.with_influx(tap);
+        }
+        let decode = tokio::spawn(stage.run(inbound_rx, writer));
 
         // Maintenance: inventory, schedules, reminders, the siren test day.
         let (maintenance, maintenance_handle) = crate::inspections::Service::open(
@@ -286,12 +301,12 @@ impl Gateway {
             );
         }
 
-        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, dispatch_stop, broker })
+        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, dispatch_stop, broker, influx })
     }
 
     /// Stops every stage in order and waits until the store has committed everything.
     pub async fn shutdown(self) -> Result<()> {
-        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, dispatch_stop, .. } = self;
+        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, dispatch_stop, influx, .. } = self;
         let _ = stop.send(true);
         for (name, task) in tasks {
             if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
@@ -304,6 +319,12 @@ impl Gateway {
         }
         if tokio::time::timeout(Duration::from_secs(30), decode).await.is_err() {
             tracing::warn!("decode stage did not drain within 30 s");
+        }
+        // The decode stage dropped its tap: the sink finishes its request and spools the rest.
+        if let Some(sink) = influx {
+            if tokio::time::timeout(Duration::from_secs(30), sink).await.is_err() {
+                tracing::warn!("InfluxDB sink did not stop within 30 s");
+            }
         }
         // The decode stage has sent its last signals; the manager commits them and stops.
         let _ = incidents.sender().send(Request::Shutdown).await;

@@ -1,9 +1,9 @@
 //! Citywatch gateway: watches a city's gas alarms, smoke detectors and siren mounts.
 //!
 //! The flow, one stage per module:
-//! [`sources`] (embedded broker or external MQTT) → [`ingest::Inbound`] → [`decode`] (wire
+//! [`sources`] (embedded broker, external MQTT, or Modbus polling) → [`ingest::Inbound`] → [`decode`] (wire
 //! contract, duplicates, quarantine, [`registry`] of devices and their health) → [`store`]
-//! (SQLite time series; QoS 1 acks fire after commit). From the decode stage, live readings,
+//! (SQLite time series; QoS 1 acks fire after commit; copies to the InfluxDB sink). From the decode stage, live readings,
 //! events and statuses also go through [`rules`] (the pure rule engine) → [`incidents`] (one
 //! manager task: the closed loop, silences, flapping, escalation, device commands; its own
 //! SQLite file with the audit trail and the durable outbox) → [`notify`] (webhook, MQTT ops

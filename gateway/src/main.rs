@@ -106,6 +106,8 @@ fn main() -> Result<()> {
     let (config, demo) = match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::CheckConfig { file } => {
             let config = load(Some(&file))?;
+            // Register maps are files of their own: load them too, so a bad map is named here.
+            citywatch_gateway::sources::modbus::build(&config.modbus).with_context(|| format!("configuration {}", file.display()))?;
             println!("{}: ok (mqtt mode {:?}, http {}, storage {})", file.display(), config.mqtt.mode, config.http.listen, config.storage.path.display());
             return Ok(());
         }

@@ -31,6 +31,13 @@ pub struct Metrics {
     rejected: Mutex<BTreeMap<String, u64>>,
     /// The maintenance side's counters (reminders, rejected inventory lines), once it runs.
     pub maintenance: std::sync::OnceLock<std::sync::Arc<crate::inspections::service::Stats>>,
+    /// Components that render their own series (the InfluxDB sink, the Modbus poller).
+    sections: Mutex<Vec<std::sync::Arc<dyn MetricsSection>>>,
+}
+
+/// A component's own block of `/metrics`, appended after the gateway's counters.
+pub trait MetricsSection: Send + Sync + std::fmt::Debug {
+    fn render(&self, out: &mut String);
 }
 
 /// Reasons the gateway adds to the wire contract's.
@@ -76,6 +83,13 @@ impl Metrics {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// Adds a component's block to every render.
+    pub fn add_section(&self, section: std::sync::Arc<dyn MetricsSection>) {
+        if let Ok(mut s) = self.sections.lock() {
+            s.push(section);
+        }
+    }
+
     pub fn rejected_total(&self) -> u64 {
         self.rejected().values().sum()
     }
@@ -107,6 +121,9 @@ impl Metrics {
         }
         if let Some(m) = self.maintenance.get() {
             m.render(&mut out);
+        }
+        if let Ok(sections) = self.sections.lock() {
+            sections.iter().for_each(|s| s.render(&mut out));
         }
         out
     }

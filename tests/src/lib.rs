@@ -8,12 +8,14 @@ mod alertmanager;
 mod bins;
 mod browser;
 mod gateway;
+mod modbus_server;
 mod mosquitto;
 mod process;
 mod publisher;
 mod receiver;
 mod subscriber;
 mod volume;
+mod victoria;
 
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ pub use alertmanager::{Alertmanager, ALERTMANAGER_BIN};
 pub use browser::{artifacts_dir, chromedriver_path, chromium_path, Browser, Element};
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::GatewayProcess;
+pub use modbus_server::{ModbusServer, RegisterTable, MODBUS_PYTHON};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use publisher::{birth, device_topic, Publisher};
@@ -28,6 +31,7 @@ pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIG
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};
 pub use volume::DataVolume;
+pub use victoria::VictoriaMetrics;
 
 /// The bound used for every "until it is ready" wait of the harness.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);

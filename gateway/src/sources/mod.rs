@@ -1,9 +1,10 @@
 //! Where messages come from: the embedded MQTT broker ([`broker`]) or an external one
-//! ([`mqtt`]). Both deliver [`Inbound`](crate::ingest::Inbound) messages into one bounded
+//! ([`mqtt`]), and Modbus controllers polled by the gateway ([`modbus`]). All deliver [`Inbound`](crate::ingest::Inbound) messages into one bounded
 //! channel, so a slow pipeline pushes back on the broker instead of growing memory.
 
 pub mod broker;
 pub mod door;
+pub mod modbus;
 pub mod mqtt;
 
 /// Errors starting or running a source.
@@ -15,6 +16,8 @@ pub enum Error {
     External(String),
     #[error("invalid MQTT settings: {0}")]
     Config(String),
+    #[error("modbus: {0}")]
+    Modbus(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

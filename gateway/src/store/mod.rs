@@ -3,9 +3,10 @@
 //!
 //! Writes go through a [`StoreWriter`] (a bounded channel into one writer thread that batches
 //! many rows per transaction); reads go through [`SqliteStore`]. Acks ride along with writes and
-//! fire after the commit that made their message durable. The InfluxDB sink (another issue)
+//! fire after the commit that made their message durable. The InfluxDB sink ([`influx`])
 //! is a second consumer, not a replacement.
 
+pub mod influx;
 pub mod sqlite;
 
 use std::sync::Arc;
