@@ -87,10 +87,10 @@ pub(crate) fn user_agent() -> String {
     format!("citywatch/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// One client per channel: `timeout` bounds each whole attempt (connect, send, response), so a
-/// dispatcher asked to stop never waits longer than that. Redirects are not followed: a POST
-/// redirected is a misconfigured URL, reported as a refusal rather than silently re-sent.
-/// The client of one channel. TLS is rustls with the ring provider (installed as the process
+/// One client per channel (and for the InfluxDB sink): `timeout` bounds each whole attempt
+/// (connect, send, response), so a task asked to stop never waits longer than that. Redirects
+/// are not followed: a POST redirected is a misconfigured URL, reported as a refusal rather
+/// than silently re-sent. TLS is rustls with the ring provider (installed as the process
 /// default, since reqwest is built without a provider of its own so that aws-lc stays out).
 /// `https://` trusts `ca` when given, else the system trust store; plain `http://` loads no
 /// trust store at all (so a machine without CA certificates can still push over http).

@@ -83,9 +83,6 @@ impl InfluxConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(("storage.influx.url", "must start with http:// or https://".into()));
         }
-        if self.url.starts_with("https://") {
-            return Err(("storage.influx.url", "https is not supported by this build (reqwest without TLS); use a local TLS proxy".into()));
-        }
         if self.bucket.is_empty() {
             return Err(("storage.influx.bucket", "must not be empty".into()));
         }
@@ -460,11 +457,9 @@ impl InfluxSink {
     /// Opens the spool under `data_dir`; returns the sink and the tap the decode stage feeds.
     pub fn open(config: InfluxConfig, data_dir: &Path, registry: Option<Arc<Registry>>) -> Result<(InfluxSink, InfluxTap, mpsc::Receiver<SinkInput>)> {
         let spool = Spool::open(data_dir)?;
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout.0)
-            .connect_timeout(config.timeout.0.min(StdDuration::from_secs(5)))
-            .build()
-            .map_err(|e| Error::Client(e.to_string()))?;
+        // The push channels' client: rustls with ring, the system trust store for https://.
+        let url = reqwest::Url::parse(&config.url).map_err(|e| Error::Client(format!("storage.influx.url: {e}")))?;
+        let client = crate::notify::webhook::http_client(&url, config.timeout.0, None).map_err(|e| Error::Client(e.to_string()))?;
         let stats = Arc::new(InfluxStats::default());
         stats.spooled_lines.store(spool.lines, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(config.queue_capacity);
