@@ -171,7 +171,19 @@ impl Gateway {
         let active_incidents: Vec<Arc<crate::incidents::Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
         let book = Book::new(config.incidents.clone(), unclosed, silences, now);
         let active: Vec<(String, String)> = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
-        let sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(&publish))).map_err(|e| Error::Notify(e.to_string()))?;
+        let mut sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(&publish))).map_err(|e| Error::Notify(e.to_string()))?;
+        // The long-term store, if configured: a copy of every reading (from the decode stage,
+        // never waited for) and every incident change (the `influx` push channel).
+        let mut influx = None;
+        let mut influx_tap = None;
+        if let Some(influx_config) = &config.storage.influx {
+            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(&registry)))?;
+            metrics.add_section(sink.stats());
+            tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
+            influx = Some(tokio::spawn(sink.run(rx)));
+            sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));
+            influx_tap = Some(tap);
+        }
         let (dispatch_stop, dispatch_stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mut channel_queues = Vec::new();
@@ -201,12 +213,7 @@ impl Gateway {
         let engine = Engine::new(Arc::clone(&rules));
         let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).with_rules(engine, incidents.sender(), releases_rx, &active);
         // The long-term store, if configured: a copy of every reading, never waited for.
-        let mut influx = None;
-        if let Some(influx_config) = &config.storage.influx {
-            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(&registry)))?;
-            metrics.add_section(sink.stats());
-            tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
-            influx = Some(tokio::spawn(sink.run(rx)));
+        if let Some(tap) = influx_tap {
             stage = stage.with_influx(tap);
         }
         let decode = tokio::spawn(stage.run(inbound_rx, writer));
@@ -320,12 +327,6 @@ impl Gateway {
         if tokio::time::timeout(Duration::from_secs(30), decode).await.is_err() {
             tracing::warn!("decode stage did not drain within 30 s");
         }
-        // The decode stage dropped its tap: the sink finishes its request and spools the rest.
-        if let Some(sink) = influx {
-            if tokio::time::timeout(Duration::from_secs(30), sink).await.is_err() {
-                tracing::warn!("InfluxDB sink did not stop within 30 s");
-            }
-        }
         // The decode stage has sent its last signals; the manager commits them and stops.
         let _ = incidents.sender().send(Request::Shutdown).await;
         if tokio::time::timeout(Duration::from_secs(10), manager).await.is_err() {
@@ -334,6 +335,13 @@ impl Gateway {
         let _ = dispatch_stop.send(true);
         for d in dispatchers {
             let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
+        }
+        // The decode stage and the `influx` channel dropped their taps: the sink finishes its
+        // request and spools the rest.
+        if let Some(sink) = influx {
+            if tokio::time::timeout(Duration::from_secs(30), sink).await.is_err() {
+                tracing::warn!("InfluxDB sink did not stop within 30 s");
+            }
         }
         drop(broker);
         let store = Arc::try_unwrap(store).map_err(|_| crate::store::Error::Invalid("store still in use at shutdown".into()));

@@ -186,6 +186,20 @@ async fn influx_sink_values_read_back_from_victoria_metrics_match_and_nothing_is
     gw.wait_for(WAIT, "400 readings in victoria-metrics", |_| (exported(&vm, device, "gas_lel").len() >= 400).then_some(())).await;
     assert_eq!(exported(&vm, device, "gas_lel"), expected(&gw), "nothing missing, nothing extra after the restart");
     assert_eq!(exported(&vm, device, "temp_c"), stored(&gw, device, "temp_c", base_ms - 1));
+
+    // A live leak opens gas_high: the incident change reaches the long-term store too (the
+    // `influx` push channel → measurement `incident`), for Grafana's incident-rate dashboard.
+    let leak = json!({"seq": 400, "ts": citywatch_tests_now_ms(), "values": {"gas_lel": 61.0, "temp_c": 21.0}});
+    p.publish_json(&device_topic("putuo", device, "telemetry"), false, &leak).await.expect("publish the leak");
+    gw.wait_for(WAIT, "gas_high in victoria-metrics' incident series", |_| {
+        vm.export("incident_revision")
+            .ok()?
+            .into_iter()
+            .find(|(_, l, _, v)| l["device"] == device && l["rule"] == "gas_high" && l["severity"] == "critical" && *v >= 1.0)
+    })
+    .await;
+    let value = vm.export("incident_value").expect("export");
+    assert!(value.iter().any(|(_, l, _, v)| l["rule"] == "gas_high" && *v == 61.0), "the incident's value is stored: {value:?}");
     let text = gw.get_text("/metrics").expect("metrics");
     for reason in ["queue_full", "spool_full", "rejected_by_server", "spool_error"] {
         assert!(text.contains(&format!("citywatch_influx_dropped_lines_total{{reason=\"{reason}\"}} 0")), "dropped for {reason}:\n{text}");

@@ -8,6 +8,7 @@
 
 pub mod alertmanager;
 pub mod dispatch;
+pub mod influx;
 pub mod mqtt;
 pub mod webhook;
 

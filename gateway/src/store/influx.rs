@@ -417,11 +417,11 @@ impl InfluxTap {
         self.tx.send(SinkInput::Readings(readings)).await.is_ok()
     }
 
-    /// Hands over an incident change (its revision's time).
-    pub fn incident(&self, incident: Arc<crate::incidents::Incident>, ts_ms: i64) {
-        if self.tx.try_send(SinkInput::Incident(incident, ts_ms)).is_err() {
-            self.stats.drop_lines("queue_full", 1);
-        }
+    /// Hands over an incident change (its revision's time) for the `incident` measurement.
+    /// False when the sink is behind or stopped: the caller, the `influx` push channel, retries
+    /// from the durable outbox, so nothing is dropped here.
+    pub fn try_incident(&self, incident: Arc<crate::incidents::Incident>, ts_ms: i64) -> bool {
+        self.tx.try_send(SinkInput::Incident(incident, ts_ms)).is_ok()
     }
 }
 
