@@ -105,8 +105,10 @@ pub async fn import(base_url: &str, token: Option<&str>, bytes: &[u8], records_p
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().map_err(|e| Error::Invalid(format!("HTTP client: {e}")))?;
     let url = format!("{}/api/v1/devices/import", base_url.trim_end_matches('/'));
+    // The gateway's one HTTP client setup: rustls with ring (reqwest has no provider of its own).
+    let parsed = reqwest::Url::parse(&url).map_err(|e| Error::Invalid(format!("--url {base_url:?}: {e}")))?;
+    let client = crate::notify::webhook::http_client(&parsed, Duration::from_secs(300), None).map_err(|e| Error::Invalid(format!("HTTP client: {e}")))?;
     let mut report = FileReport::default();
     for chunk in chunks {
         let mut request = client.post(&url).header(reqwest::header::CONTENT_TYPE, "text/csv").body(chunk.body);
