@@ -593,8 +593,11 @@ fn finite(value: Option<f64>) -> Result<Option<f64>, DecodeError> {
 
 /// A free-text field (`fw`, a command `id`). JSON forbids raw control characters in strings;
 /// the parser lets them by, and echoing one back would write invalid JSON (found by fuzzing).
+/// The heap-free parser also hands over escape sequences (`\n`, `\u0041`, even invalid ones
+/// like `\k`) undecoded, so the text would be misread and re-escaped on the way back (found by
+/// fuzzing too): text with a backslash is refused as well. Contract ids and versions need none.
 fn bounded<const N: usize>(text: &str) -> Result<String<N>, DecodeError> {
-    if text.bytes().any(|b| b < 0x20) {
+    if text.bytes().any(|b| b < 0x20 || b == b'\\') {
         return Err(DecodeError::NotJson);
     }
     String::try_from(text).map_err(|_| DecodeError::FieldTooLong)

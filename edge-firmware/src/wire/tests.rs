@@ -198,3 +198,15 @@ fn raw_control_characters_in_strings_are_not_json() {
     let cmd = b"{\"id\":\"c-\x1f\",\"cmd\":\"self_test\"}";
     assert_eq!(Command::decode(cmd), Err(DecodeError::NotJson));
 }
+
+#[test]
+fn escapes_in_free_text_are_refused_not_misread() {
+    // From the fuzzer: `\k` inside a command id decoded as the raw text `\k`, then the encoder
+    // escaped the backslash and the round trip no longer matched.
+    let cmd = br#"{"id":"kkkkkikkkkkkkk\kkkNaNc-3","cmd":"silence","arg":600}"#;
+    assert_eq!(Command::decode(cmd), Err(DecodeError::NotJson));
+    let status = br#"{"state":"online","kind":"gas_detector","fw":"0.1\u0030","interval_s":60}"#;
+    assert_eq!(Status::decode(status), Err(DecodeError::NotJson));
+    // Plain text still decodes.
+    assert!(Command::decode(br#"{"id":"c-42","cmd":"self_test"}"#).is_ok());
+}
