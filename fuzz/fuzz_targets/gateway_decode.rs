@@ -23,7 +23,7 @@ const DEVICES: [&str; 4] = ["gas-1", "smoke-1", "siren-1", "gas-2"];
 const SITES: [&str; 2] = ["xuhui", "pudong"];
 
 fuzz_target!(|data: &[u8]| {
-    let (incidents, _incidents_rx) = tokio::sync::mpsc::channel(1);
+    let incidents = citywatch_gateway::decode::Unwired;
     let (_releases_tx, releases) = tokio::sync::mpsc::unbounded_channel();
     // Parsing the pack is the slow part; it is the same for every input.
     static PACK: OnceLock<Arc<RuleSet>> = OnceLock::new();

@@ -15,24 +15,65 @@ use std::sync::Arc;
 use citywatch_edge::wire::{Channel, DeviceKind, EventKind, LinkState, Metric, Topic, Uplink};
 use tokio::sync::mpsc;
 
-use crate::config::IngestConfig;
+use crate::ingest::IngestConfig;
 use crate::ingest::{now_ms, Ack, Inbound};
 use crate::metrics::{self, Metrics};
-use crate::incidents::book::Release;
-use crate::incidents::manager::Request;
-use crate::incidents::Signal;
+use crate::model::{DeviceCtx, Release, Signal, Stopped};
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
-use crate::rules::{DeviceCtx, Engine};
 use crate::store::{EventRecord, QuarantineEntry, Reading, StoreWriter, Write};
 
 /// How often the rule engine's timers run (held-for durations, absence, schedules).
 pub const RULE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The rule engine as the decode stage sees it: told every accepted status, reading and event,
+/// and the time. Implemented by `rules::Engine`; the trait lives here so that decode does not
+/// import the later stage (dependencies point against the flow). Synchronous and I/O-free.
+pub trait Evaluator: Send + Sync + std::fmt::Debug {
+    /// Starts tracking a registered device for absence from `last_seen_ms`.
+    fn track(&mut self, dev: &DeviceCtx, last_seen_ms: i64);
+    /// An incident open before a restart: its rule resumes as active, so nothing re-fires.
+    fn restore_active(&mut self, dev: &DeviceCtx, rule: &str);
+    /// An operator ended the incident: the rule is no longer active for it.
+    fn release(&mut self, release: &Release);
+    fn on_status(&mut self, dev: &DeviceCtx, state: LinkState, now_ms: i64, out: &mut Vec<Signal>);
+    fn on_reading(&mut self, dev: &DeviceCtx, metric: Metric, value: f64, ts_ms: i64, now_ms: i64, out: &mut Vec<Signal>);
+    #[allow(clippy::too_many_arguments)]
+    fn on_event(&mut self, dev: &DeviceCtx, event: EventKind, metric: Option<Metric>, value: Option<f64>, ts_ms: i64, now_ms: i64, out: &mut Vec<Signal>);
+    /// A message that reached none of the entry points above: proof of life only.
+    fn on_seen(&mut self, dev: &DeviceCtx, now_ms: i64, out: &mut Vec<Signal>);
+    /// Timers: held-for durations, absence.
+    fn tick(&mut self, now_ms: i64, out: &mut Vec<Signal>);
+}
+
+/// Where the decode stage's signals and command acknowledgements go: the incident manager's
+/// handle implements it. Each call resolves once the receiver has queued the input (a full
+/// queue pushes back on ingestion; nothing is dropped).
+pub trait SignalSink: Send + Sync + std::fmt::Debug {
+    /// Signals from one batch; `ack` fires once they are committed.
+    fn signals(&self, signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>>;
+    /// A device acknowledged the command `id`.
+    fn command_ack(&self, device: String, id: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>>;
+}
+
+/// A [`SignalSink`] with nothing behind it, for tests and fuzzing that call
+/// [`DecodeStage::handle`] only: every call fails with [`Stopped`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unwired;
+
+impl SignalSink for Unwired {
+    fn signals(&self, _: Vec<Signal>, _: Option<Ack>, _: i64) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(std::future::ready(Err(Stopped)))
+    }
+    fn command_ack(&self, _: String, _: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(std::future::ready(Err(Stopped)))
+    }
+}
+
 /// The rule engine and where its signals go.
 #[derive(Debug)]
 pub struct Rules {
-    pub engine: Engine,
-    pub incidents: mpsc::Sender<Request>,
+    pub engine: Box<dyn Evaluator>,
+    pub incidents: Box<dyn SignalSink>,
     /// Incidents operators ended: the engine stops treating their rules as active.
     pub releases: mpsc::UnboundedReceiver<Release>,
 }
@@ -87,7 +128,14 @@ impl DecodeStage {
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
     /// tracked for absence from its last message, and `active` (device, rule) pairs — incidents
     /// open before a restart — resume as active, so nothing re-fires.
-    pub fn with_rules(mut self, mut engine: Engine, incidents: mpsc::Sender<Request>, releases: mpsc::UnboundedReceiver<Release>, active: &[(String, String)]) -> Self {
+    pub fn with_rules(
+        mut self,
+        engine: impl Evaluator + 'static,
+        incidents: impl SignalSink + 'static,
+        releases: mpsc::UnboundedReceiver<Release>,
+        active: &[(String, String)],
+    ) -> Self {
+        let mut engine: Box<dyn Evaluator> = Box::new(engine);
         let mut active_by_device: HashMap<&str, Vec<&str>> = HashMap::new();
         for (device, rule) in active {
             active_by_device.entry(device.as_str()).or_default().push(rule.as_str());
@@ -103,7 +151,7 @@ impl DecodeStage {
                 engine.restore_active(&ctx, rule);
             }
         }
-        self.rules = Some(Rules { engine, incidents, releases });
+        self.rules = Some(Rules { engine, incidents: Box::new(incidents), releases });
         self
     }
 
@@ -144,7 +192,7 @@ impl DecodeStage {
                 _ = tick.tick() => {
                     if let Some(rules) = self.rules.as_mut() {
                         while let Ok(r) = rules.releases.try_recv() {
-                            rules.engine.release(r.scope, &r.site, &r.device, &r.rule);
+                            rules.engine.release(&r);
                         }
                         rules.engine.tick(now_ms(), &mut batch.signals);
                     }
@@ -166,7 +214,7 @@ impl DecodeStage {
             return send_batch(store, batch).await.map_err(|_| ());
         };
         for (device, id) in std::mem::take(&mut batch.command_acks) {
-            rules.incidents.send(Request::CommandAck { device, id }).await.map_err(|_| ())?;
+            rules.incidents.command_ack(device, id).await.map_err(|_| ())?;
         }
         if !batch.signals.is_empty() {
             let signals = std::mem::take(&mut batch.signals);
@@ -178,7 +226,7 @@ impl DecodeStage {
                 Some(incident_part)
             };
             let received_ms = batch.received_ms.unwrap_or_else(now_ms);
-            rules.incidents.send(Request::Signals { signals, ack, received_ms }).await.map_err(|_| ())?;
+            rules.incidents.signals(signals, ack, received_ms).await.map_err(|_| ())?;
         }
         send_batch(store, batch).await.map_err(|_| ())
     }

@@ -19,11 +19,11 @@ use crate::api::{self, ApiState};
 use crate::config::{Config, MqttMode};
 use crate::decode::DecodeStage;
 use crate::incidents::book::Book;
-use crate::incidents::manager::{IncidentsHandle, Manager, Request};
+use crate::incidents::manager::{IncidentsHandle, Manager};
 use crate::incidents::silence::{Silence, SilenceConfig};
 use crate::incidents::store::IncidentStore;
 use crate::metrics::Metrics;
-use crate::notify::PublishFn;
+use crate::model::PublishFn;
 use crate::rules::{Engine, RuleSet};
 use crate::registry::Registry;
 use crate::sources::broker::EmbeddedBroker;
@@ -211,7 +211,7 @@ impl Gateway {
         // Rules, then the decode stage that feeds them.
         let rules = Arc::new(RuleSet::from_config(&config.rules).map_err(|e| Error::Rules(e.to_string()))?);
         let engine = Engine::new(Arc::clone(&rules));
-        let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).with_rules(engine, incidents.sender(), releases_rx, &active);
+        let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).with_rules(engine, incidents.clone(), releases_rx, &active);
         // The long-term store, if configured: a copy of every reading, never waited for.
         if let Some(tap) = influx_tap {
             stage = stage.with_influx(tap);
@@ -328,7 +328,7 @@ impl Gateway {
             tracing::warn!("decode stage did not drain within 30 s");
         }
         // The decode stage has sent its last signals; the manager commits them and stops.
-        let _ = incidents.sender().send(Request::Shutdown).await;
+        incidents.shutdown().await;
         if tokio::time::timeout(Duration::from_secs(10), manager).await.is_err() {
             tracing::warn!("incident manager did not stop within 10 s");
         }

@@ -3,9 +3,13 @@
 //!
 //! Sources know MQTT, not the contract; the pipeline decodes. An [`Ack`] travels with the
 //! message into the store writer and fires only after the transaction holding it commits, so
-//! a QoS 1 message is never acknowledged to the broker before it is on disk.
+//! a QoS 1 message is never acknowledged to the broker before it is on disk. Also `[ingest]`,
+//! the decode stage's and the registry's limits.
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::units::Duration;
 
 /// One received publish.
 #[derive(Debug)]
@@ -70,6 +74,47 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Readings older than this when they arrive are stored as historical (a replay).
+    pub live_horizon: Duration,
+    /// Health: `stale` after this many intervals of silence.
+    pub stale_after_intervals: u32,
+    /// Health: `offline` after max(offline_after_intervals × interval, offline_min).
+    pub offline_after_intervals: u32,
+    pub offline_min: Duration,
+    /// Health: `stuck` when an analog metric has not changed for this long.
+    pub stuck_after: Duration,
+    /// Health: `low_battery` under this voltage.
+    pub battery_floor_v: f64,
+    /// Rejections of one reason are logged at most once per this period.
+    pub log_every: Duration,
+    /// A device `ts` more than this ahead of the receive time is a wrong clock, not a reading
+    /// from the future: the message is stored at its receive time and flagged `clock_skew`.
+    pub clock_skew_ahead: Duration,
+    /// A device `ts` more than this behind the receive time is a reset clock, not a replay:
+    /// stored at its receive time (and so evaluated live) and flagged `clock_skew`.
+    pub clock_skew_behind: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            live_horizon: Duration::secs(300),
+            stale_after_intervals: 3,
+            offline_after_intervals: 3,
+            offline_min: Duration::secs(90),
+            stuck_after: Duration::secs(86_400),
+            battery_floor_v: 2.7,
+            log_every: Duration::secs(10),
+            clock_skew_ahead: Duration::secs(120),
+            clock_skew_behind: Duration::secs(30 * 86_400),
+        }
+    }
 }
 
 #[cfg(test)]

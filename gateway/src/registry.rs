@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use citywatch_edge::wire::{DeviceKind, EventKind, LinkState, Metric};
 use serde::{Deserialize, Serialize};
 
-use crate::config::IngestConfig;
+use crate::ingest::IngestConfig;
 use crate::store::DeviceRecord;
 
 /// A device's health, worst first.

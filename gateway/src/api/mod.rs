@@ -7,6 +7,7 @@
 //! internal errors log once and say little.
 
 pub mod auth;
+pub mod config;
 pub mod dashboard;
 mod incidents;
 mod openapi;
@@ -24,9 +25,10 @@ use citywatch_edge::wire::{DeviceKind, Metric};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::IngestConfig;
+pub use config::HttpConfig;
+use crate::ingest::IngestConfig;
 /// RFC 3339 with milliseconds, UTC: one format for every time the API and the pushes show.
-pub use crate::incidents::model::rfc3339;
+pub use crate::model::rfc3339;
 use crate::ingest::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::{Device, Health, Registry};

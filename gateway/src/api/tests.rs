@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower::ServiceExt;
 
 use super::*;
-use crate::config::StorageConfig;
+use crate::store::StorageConfig;
 use crate::store::{Reading, Write};
 
 struct Fixture {

@@ -1,6 +1,7 @@
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::rules::Engine;
 
 fn stage() -> DecodeStage {
     DecodeStage::new(Arc::new(Registry::new()), Arc::new(Metrics::new()), IngestConfig::default())
@@ -130,7 +131,7 @@ fn acks_are_collected_even_for_rejected_and_own_messages() {
 
 #[test]
 fn a_jumping_device_clock_is_accepted_at_receive_time_flagged_and_evaluated_live() {
-    let (incidents, _incidents_rx) = mpsc::channel(1);
+    let incidents = crate::decode::Unwired;
     let (_releases_tx, releases) = mpsc::unbounded_channel();
     let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
     let mut s = stage().with_rules(engine, incidents, releases, &[]);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use citywatch_edge::wire::CommandKind;
 
 use super::config::IncidentsConfig;
-use super::model::{rfc3339, Change, HistoryEntry, Incident, IncidentState, Scope, Severity, Signal};
+use crate::model::{rfc3339, Change, HistoryEntry, Incident, IncidentState, Release, Scope, Severity, Signal};
 use super::silence::Silence;
 use super::store::Commit;
 
@@ -69,16 +69,6 @@ pub enum TransitionError {
     NotAllowed { action: &'static str, state: &'static str, allowed: String },
     #[error("{0}")]
     Invalid(String),
-}
-
-/// An incident an operator ended while its rule may still be active in the engine; the engine
-/// releases it so the condition persisting (or returning) opens a new incident.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Release {
-    pub scope: Scope,
-    pub site: String,
-    pub device: String,
-    pub rule: String,
 }
 
 /// A command to publish to a device.

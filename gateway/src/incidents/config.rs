@@ -3,9 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::Severity;
+use crate::model::Severity;
 use super::silence::{Silence, SilenceConfig};
-use crate::config::Duration;
+use crate::units::Duration;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::book::{Action, Book, BookStats, Command, Release, TransitionError};
-use super::model::{Incident, OutboxItem, Signal};
+use super::book::{Action, Book, BookStats, Command, TransitionError};
+use crate::model::{Incident, OutboxItem, Release, Signal};
 use super::silence::{Silence, SilenceConfig};
 use super::store::{Commit, IncidentStore};
 use crate::ingest::{now_ms, Ack};
 use crate::metrics::{Histogram, LATENCY_BOUNDS_US};
-use crate::notify::{Outcome, PublishFn};
+use crate::model::{Outcome, PublishFn};
 
 /// How often timers run.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -24,9 +24,10 @@ pub const PERSIST_EVERY_TICKS: u64 = 10;
 /// Requests buffered ahead of the manager.
 pub const QUEUE: usize = 4096;
 
-/// What the manager is asked to do.
+/// What the manager is asked to do: its protocol, private to this module; callers use the
+/// methods of [`IncidentsHandle`].
 #[derive(Debug)]
-pub enum Request {
+pub(crate) enum Request {
     /// Signals from one decode batch; `ack` fires once they are committed. `received_ms`:
     /// when the batch's first message arrived (for the path latency histogram).
     Signals { signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64 },
@@ -46,6 +47,10 @@ pub enum Request {
     /// Commit what is pending and stop.
     Shutdown,
 }
+
+/// The manager's queue of requests, opaque: handed from [`Manager::new`] to [`Manager::run`].
+#[derive(Debug)]
+pub struct Requests(mpsc::Receiver<Request>);
 
 /// One committed incident change, for the live stream.
 #[derive(Debug, Clone)]
@@ -91,13 +96,23 @@ impl Timing {
 }
 
 /// The manager is gone (shutting down).
-#[derive(Debug, thiserror::Error)]
-#[error("the incident manager has stopped")]
-pub struct Stopped;
+pub use crate::model::Stopped;
 
 impl IncidentsHandle {
-    pub fn sender(&self) -> mpsc::Sender<Request> {
-        self.tx.clone()
+    /// Signals from one batch (decode, inspections); `ack` fires once they are committed.
+    /// `received_ms`: when the first message behind them arrived (path latency histogram).
+    pub async fn raise(&self, signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64) -> Result<(), Stopped> {
+        self.tx.send(Request::Signals { signals, ack, received_ms }).await.map_err(|_| Stopped)
+    }
+
+    /// A device acknowledged the command `id`.
+    pub async fn command_ack(&self, device: String, id: String) -> Result<(), Stopped> {
+        self.tx.send(Request::CommandAck { device, id }).await.map_err(|_| Stopped)
+    }
+
+    /// Commits what is pending and stops the manager (after the requests queued before it).
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Request::Shutdown).await;
     }
 
     pub async fn transition(&self, id: String, action: Action, actor: String, note: Option<String>, crew: Option<String>) -> Result<Result<Incident, TransitionError>, Stopped> {
@@ -129,6 +144,16 @@ impl IncidentsHandle {
     }
 }
 
+/// The decode stage hands its signals to the manager through this.
+impl crate::decode::SignalSink for IncidentsHandle {
+    fn signals(&self, signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(self.raise(signals, ack, received_ms))
+    }
+    fn command_ack(&self, device: String, id: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(IncidentsHandle::command_ack(self, device, id))
+    }
+}
+
 /// The manager task's state.
 pub struct Manager {
     book: Book,
@@ -157,13 +182,13 @@ impl Manager {
         channels: Vec<(Arc<str>, mpsc::UnboundedSender<OutboxItem>)>,
         publish: Option<PublishFn>,
         retention_ms: i64,
-    ) -> (Manager, IncidentsHandle, mpsc::Receiver<Request>) {
+    ) -> (Manager, IncidentsHandle, Requests) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (events, _) = broadcast::channel(1024);
         let stats = Arc::new(Mutex::new(BookStats::default()));
         let timing = Arc::new(Timing::default());
         let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats), timing: Arc::clone(&timing) };
-        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, timing }, handle, rx)
+        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, timing }, handle, Requests(rx))
     }
 
     /// Where to tell the rule engine about incidents operators ended.
@@ -172,8 +197,8 @@ impl Manager {
         self
     }
 
-    /// Runs until [`Request::Shutdown`] or until every sender is gone.
-    pub async fn run(mut self, mut requests: mpsc::Receiver<Request>, mut delivered: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>) {
+    /// Runs until [`IncidentsHandle::shutdown`] or until every handle is gone.
+    pub async fn run(mut self, Requests(mut requests): Requests, mut delivered: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;

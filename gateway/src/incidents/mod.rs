@@ -5,9 +5,9 @@
 pub mod book;
 pub mod config;
 pub mod manager;
-pub mod model;
 pub mod silence;
 pub mod store;
 
 pub use config::IncidentsConfig;
-pub use model::{Change, HistoryEntry, Incident, IncidentState, OutboxItem, Scope, Severity, Signal};
+// The incident vocabulary lives in the leaf module `model` so that every stage can name it.
+pub use crate::model::{Change, HistoryEntry, Incident, IncidentState, OutboxItem, Scope, Severity, Signal};

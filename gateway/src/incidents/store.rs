@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::model::{HistoryEntry, Incident, IncidentState, OutboxItem};
+use crate::model::{HistoryEntry, Incident, IncidentState, OutboxItem};
 
 /// Incident store errors.
 #[derive(Debug, thiserror::Error)]

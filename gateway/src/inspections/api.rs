@@ -14,7 +14,8 @@ use serde_json::json;
 use super::schedule::Task;
 use super::service::{CompletionRequest, InspectionsHandle, Outcome, WorkOrderQuery};
 use super::Error;
-use crate::api::{rfc3339, ApiError};
+use crate::api::ApiError;
+use crate::model::rfc3339;
 
 /// Largest inventory file accepted in one request (100k lines are about 10 MB).
 pub const MAX_IMPORT_BYTES: usize = 64 * 1024 * 1024;

@@ -22,7 +22,7 @@ pub use inventory::{parse_inventory, Premises, Row, RowError};
 pub use schedule::{Task, TaskDue};
 pub use service::{InspectionsHandle, Service};
 
-use crate::config::Duration;
+use crate::units::Duration;
 
 /// Errors of the maintenance side.
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,9 @@ use super::siren_test::WindowTracker;
 use super::store::{merge, Completion, ImportCounts, Item, MaintenanceStore};
 use super::{mask_phone, Error, InspectionsConfig, Result, RULE_INSPECTION_DUE, RULE_SIREN_TEST_SILENT};
 use crate::incidents::book::Action;
-use crate::incidents::manager::{IncidentsHandle, Request};
+use crate::incidents::manager::IncidentsHandle;
 use crate::incidents::store::IncidentFilter;
-use crate::incidents::{Change, IncidentState, Scope, Severity, Signal};
+use crate::model::{Change, IncidentState, Scope, Severity, Signal};
 use crate::ingest::Ack;
 use crate::registry::Registry;
 use crate::store::SqliteStore;
@@ -500,7 +500,7 @@ impl Service {
             tasks: e
                 .tasks
                 .iter()
-                .map(|t| TaskView { task: t.task, due: crate::api::rfc3339(t.due_ms), days_left: schedule::days_between(today, t.due), note: t.note.clone() })
+                .map(|t| TaskView { task: t.task, due: crate::model::rfc3339(t.due_ms), days_left: schedule::days_between(today, t.due), note: t.note.clone() })
                 .collect(),
             incident_closed,
         })
@@ -527,7 +527,7 @@ impl Service {
                     kind: e.item.m.kind,
                     location: e.item.location.clone(),
                     task: t.task,
-                    due: crate::api::rfc3339(t.due_ms),
+                    due: crate::model::rfc3339(t.due_ms),
                     days_left,
                     overdue,
                     crew: e.item.crew.clone(),
@@ -658,8 +658,7 @@ impl Service {
         let ack = Ack::new(move || {
             let _ = done.send(());
         });
-        let request = Request::Signals { signals, ack: Some(ack), received_ms: (self.wall)() };
-        if self.incidents.sender().send(request).await.is_err() {
+        if self.incidents.raise(signals, Some(ack), (self.wall)()).await.is_err() {
             return false;
         }
         matches!(tokio::time::timeout(COMMIT_TIMEOUT, committed).await, Ok(Ok(())))
@@ -694,7 +693,7 @@ impl Service {
         .await;
         let Ok(mut silent) = heard else { return };
         silent.sort();
-        let window = format!("{}–{}", crate::api::rfc3339(start), crate::api::rfc3339(end));
+        let window = format!("{}–{}", crate::model::rfc3339(start), crate::model::rfc3339(end));
         tracing::info!(sirens = sirens.len(), silent = silent.len(), %window, "siren test window checked");
         let signals: Vec<Signal> = silent
             .iter()

@@ -9,7 +9,7 @@ use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Duration;
+use crate::units::Duration;
 use crate::incidents::silence::{Recurring, Silence, SilenceConfig};
 
 /// `[inspections.siren_test]`.

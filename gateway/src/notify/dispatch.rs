@@ -50,13 +50,7 @@ pub enum DeliveryError {
     Permanent(String),
 }
 
-/// What became of one item; the outbox records it (`Dropped` as failed, never as delivered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
-    /// Given up on; `reason` is one of [`drop_reason::ALL`] and has been counted.
-    Dropped { reason: &'static str },
-}
+pub use crate::model::Outcome;
 
 /// A channel's name and its sink, as [`build_sinks`] returns them.
 pub type NamedSink = (Arc<str>, Arc<dyn Sink>);
@@ -301,8 +295,8 @@ mod unit {
     #[test]
     fn backoff_grows_to_max_and_stays_within_it() {
         let retry = RetryConfig {
-            initial: crate::config::Duration(std::time::Duration::from_millis(100)),
-            max: crate::config::Duration(std::time::Duration::from_millis(1000)),
+            initial: crate::units::Duration(std::time::Duration::from_millis(100)),
+            max: crate::units::Duration(std::time::Duration::from_millis(1000)),
             give_up_after_attempts: 3,
         };
         let mut backoff = Backoff::new(&retry);

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Duration;
+use crate::units::Duration;
 
 pub use alertmanager::{Alert, AlertmanagerSink};
 pub use dispatch::{build_sinks, run, DeliveryError, NamedSink, Outcome, Sink};

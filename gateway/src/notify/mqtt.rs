@@ -3,7 +3,6 @@
 //! It owns no connection: the gateway injects a [`PublishFn`] over the broker connection it
 //! already has (embedded or external), so this module stays free of any MQTT client.
 
-use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
@@ -11,10 +10,7 @@ use super::dispatch::{DeliveryError, Sink};
 use super::MqttNotifyConfig;
 use crate::incidents::OutboxItem;
 
-/// Publishes `(topic, payload, retain)` at QoS 1 and resolves once the broker has it (or the
-/// client has queued it durably). An error is retried, so it must mean "not published".
-pub type PublishFn =
-    Arc<dyn Fn(String, Vec<u8>, bool) -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync>;
+pub use crate::model::PublishFn;
 
 /// Longest one publish may take before it counts as failed and is tried again (receivers
 /// de-duplicate by `id` + `revision`, so a publish that did get through is harmless).

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::config::Duration;
+use crate::units::Duration;
 use crate::incidents::{Incident, IncidentState, OutboxItem, Scope, Severity};
 
 const WAIT: StdDuration = StdDuration::from_secs(10);
@@ -41,8 +41,8 @@ fn incident(id: &str, revision: u32, state: IncidentState) -> Incident {
         metric: Some(Metric::GasLel),
         value: Some(55.5),
         threshold: Some(50.0),
-        opened_at: crate::incidents::model::rfc3339(T0),
-        updated_at: crate::incidents::model::rfc3339(T0 + i64::from(revision) * 1000),
+        opened_at: crate::model::rfc3339(T0),
+        updated_at: crate::model::rfc3339(T0 + i64::from(revision) * 1000),
         opened_ms: T0,
         updated_ms: T0 + i64::from(revision) * 1000,
         summary: format!("gas at 55.5 %LEL (revision {revision})"),

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::Duration;
+use crate::units::Duration;
 use crate::incidents::Severity;
 
 /// Most levels a threshold rule can have: one per severity, strictly rising.

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::config::{number, render, Composite, FollowUp, RuleDef, RuleSpec, Threshold, Trend, MAX_LEVELS};
 use super::RuleSet;
-use crate::incidents::{Change, Scope, Severity, Signal};
+use crate::model::{Change, DeviceCtx, Scope, Severity, Signal};
 
 /// "Not set" for times.
 const NONE: i64 = i64::MIN;
@@ -28,16 +28,6 @@ const RATE_SAMPLES: usize = 32;
 /// Recent contributions a composite rule keeps per site (distinct devices).
 const COMPOSITE_RECENT: usize = 64;
 const DAY_MS: i64 = 86_400_000;
-
-/// The device a message is from, as the registry knows it.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceCtx<'a> {
-    pub id: &'a Arc<str>,
-    pub site: &'a Arc<str>,
-    pub kind: DeviceKind,
-    /// Telemetry interval from the device's `status`; 0 = unknown.
-    pub interval_s: u32,
-}
 
 /// What the engine holds, for `/metrics` and the health endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -1,6 +1,6 @@
 //! Alert rules: the rule pack (SPEC §4) with its per-kind, per-site and per-device overrides
 //! ([`RuleSet`]), and the [`Engine`] turning readings, events, link states and time into
-//! [`Signal`](crate::incidents::Signal)s. No incidents, no I/O past loading a pack file: what a
+//! [`Signal`](crate::model::Signal)s. No incidents, no I/O past loading a pack file: what a
 //! signal becomes (de-duplication, flapping, silences, escalation) is the incident manager's.
 
 mod config;
@@ -17,7 +17,8 @@ pub use config::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, InvalidRule, Level, Override, Per, Rate,
     RuleDef, RuleSpec, RulesConfig, Schedule, Stuck, Threshold, Trend,
 };
-pub use engine::{DeviceCtx, Engine, EngineStats, SignalCounts};
+pub use crate::model::DeviceCtx;
+pub use engine::{Engine, EngineStats, SignalCounts};
 
 use config::{PackError, Tier};
 use engine::Effective;
@@ -213,5 +214,43 @@ impl RuleSet {
             ),
         })?;
         Ok(defs)
+    }
+}
+
+/// The decode stage runs the engine inline on every accepted message (constant work per
+/// reading); it knows the engine only through [`crate::decode::Evaluator`].
+impl crate::decode::Evaluator for Engine {
+    fn track(&mut self, dev: &DeviceCtx, last_seen_ms: i64) {
+        Engine::track(self, dev, last_seen_ms)
+    }
+    fn restore_active(&mut self, dev: &DeviceCtx, rule: &str) {
+        Engine::restore_active(self, dev, rule)
+    }
+    fn release(&mut self, r: &crate::model::Release) {
+        Engine::release(self, r.scope, &r.site, &r.device, &r.rule)
+    }
+    fn on_status(&mut self, dev: &DeviceCtx, state: citywatch_edge::wire::LinkState, now_ms: i64, out: &mut Vec<crate::model::Signal>) {
+        Engine::on_status(self, dev, state, now_ms, out)
+    }
+    fn on_reading(&mut self, dev: &DeviceCtx, metric: citywatch_edge::wire::Metric, value: f64, ts_ms: i64, now_ms: i64, out: &mut Vec<crate::model::Signal>) {
+        Engine::on_reading(self, dev, metric, value, ts_ms, now_ms, out)
+    }
+    fn on_event(
+        &mut self,
+        dev: &DeviceCtx,
+        event: citywatch_edge::wire::EventKind,
+        metric: Option<citywatch_edge::wire::Metric>,
+        value: Option<f64>,
+        ts_ms: i64,
+        now_ms: i64,
+        out: &mut Vec<crate::model::Signal>,
+    ) {
+        Engine::on_event(self, dev, event, metric, value, ts_ms, now_ms, out)
+    }
+    fn on_seen(&mut self, dev: &DeviceCtx, now_ms: i64, out: &mut Vec<crate::model::Signal>) {
+        Engine::on_seen(self, dev, now_ms, out)
+    }
+    fn tick(&mut self, now_ms: i64, out: &mut Vec<crate::model::Signal>) {
+        Engine::tick(self, now_ms, out)
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::{Error, Result};
-use crate::config::MqttConfig;
+use crate::sources::config::MqttConfig;
 use crate::ingest::{now_ms, Inbound};
 
 /// Most simultaneous device connections.

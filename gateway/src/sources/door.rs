@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{MqttConfig, MqttUser};
+use crate::sources::config::{MqttConfig, MqttUser};
 use crate::ingest::now_ms;
 
 /// The channels a device publishes on (SPEC §3); it reads only `cmd`.

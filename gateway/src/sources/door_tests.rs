@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::*;
-use crate::config::{MqttConfig, MqttMode};
+use crate::sources::config::{MqttConfig, MqttMode};
 use crate::ingest::Inbound;
 use crate::sources::broker::EmbeddedBroker;
 

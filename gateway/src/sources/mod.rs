@@ -3,6 +3,7 @@
 //! channel, so a slow pipeline pushes back on the broker instead of growing memory.
 
 pub mod broker;
+pub mod config;
 pub mod door;
 pub mod modbus;
 pub mod mqtt;

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{Error, Result};
-use crate::config::MqttConfig;
+use crate::sources::config::MqttConfig;
 use crate::ingest::{now_ms, Ack, Inbound};
 
 /// Room for the topic and header on top of `max_payload_bytes`.

@@ -14,7 +14,7 @@ use tokio::time::timeout;
 
 use crate::sources::broker::EmbeddedBroker;
 use crate::sources::mqtt;
-use crate::config::{MqttConfig, MqttMode, MqttUser};
+use crate::sources::config::{MqttConfig, MqttMode, MqttUser};
 use crate::ingest::Inbound;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -425,7 +425,7 @@ impl Mosquitto {
             url: format!("mqtt://127.0.0.1:{}", self.port),
             client_id: client_id.into(),
             topic_filter: "citywatch/v1/#".into(),
-            keep_alive: crate::config::Duration::secs(5),
+            keep_alive: crate::units::Duration::secs(5),
             queue_capacity: 64,
             ..MqttConfig::default()
         }
@@ -602,6 +602,6 @@ fn external_rejects_bad_settings() {
     assert!(mqtt::connect(&bad_url).is_err());
     let no_id = MqttConfig { client_id: String::new(), ..MqttConfig::default() };
     assert!(mqtt::connect(&no_id).is_err());
-    let short = MqttConfig { keep_alive: crate::config::Duration(Duration::from_millis(500)), ..MqttConfig::default() };
+    let short = MqttConfig { keep_alive: crate::units::Duration(Duration::from_millis(500)), ..MqttConfig::default() };
     assert!(mqtt::connect(&short).is_err());
 }

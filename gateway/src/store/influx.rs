@@ -23,7 +23,7 @@ use influxdb_line_protocol::builder::LineProtocolBuilder;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::Duration;
+use crate::units::Duration;
 use crate::registry::Registry;
 use crate::store::Reading;
 

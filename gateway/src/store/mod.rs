@@ -6,6 +6,7 @@
 //! fire after the commit that made their message durable. The InfluxDB sink ([`influx`])
 //! is a second consumer, not a replacement.
 
+pub mod config;
 pub mod influx;
 pub mod sqlite;
 
@@ -18,6 +19,7 @@ use crate::ingest::Ack;
 
 pub use sqlite::{SqliteStore, StoreOptions};
 pub use sqlite::StoreWriter;
+pub use config::StorageConfig;
 
 /// One metric value of one device at one time.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use super::{
     DeviceRecord, Error, EventRecord, Point, QuarantineEntry, Reading, ReadingQuery, Result, StoreStats, Write,
 };
-use crate::config::StorageConfig;
+use crate::store::StorageConfig;
 use crate::ingest::{now_ms, Ack};
 
 #[cfg(test)]

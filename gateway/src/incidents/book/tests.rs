@@ -129,7 +129,7 @@ fn silences_hold_signals_back_and_release_them_when_they_end() {
         kind: None,
         rule: None,
         start: None,
-        end: Some(crate::incidents::model::rfc3339(T0 + 60_000)),
+        end: Some(crate::model::rfc3339(T0 + 60_000)),
         recurring: None,
         reason: "maintenance".into(),
         actor: None,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Duration;
+use crate::units::Duration;
 
 /// `[modbus]`
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

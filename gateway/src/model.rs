@@ -1,8 +1,11 @@
-//! The incident vocabulary shared by the rule engine, the incident manager, the outbox and the
-//! API: what a rule reports ([`Signal`]), what an incident is ([`Incident`]) and what the outbox
-//! hands to a push channel ([`OutboxItem`]). Types only; no I/O, no policy.
+//! The plain vocabulary every stage shares, so no stage has to import another to name it:
+//! what a rule reports ([`Signal`]), what an incident is ([`Incident`]), what the outbox hands
+//! to a push channel ([`OutboxItem`]) and what became of it ([`Outcome`]), and time formatting.
+//! A leaf module: types only, no I/O, no policy, and nothing imported from the rest of the crate.
 
 use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 
 use citywatch_edge::wire::{CommandKind, DeviceKind, Metric};
 use serde::{Deserialize, Serialize};
@@ -206,6 +209,45 @@ impl OutboxItem {
 pub fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_else(|_| ms.to_string())
 }
+
+/// The device a message is from, as the registry knows it (what the rule engine is told).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceCtx<'a> {
+    pub id: &'a Arc<str>,
+    pub site: &'a Arc<str>,
+    pub kind: DeviceKind,
+    /// Telemetry interval from the device's `status`; 0 = unknown.
+    pub interval_s: u32,
+}
+
+/// An incident an operator ended while its rule may still be active in the engine; the engine
+/// releases it so the condition persisting (or returning) opens a new incident.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    pub scope: Scope,
+    pub site: String,
+    pub device: String,
+    pub rule: String,
+}
+
+/// What became of one outbox item; the outbox records it (`Dropped` as failed, never as
+/// delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Given up on; `reason` is one of `notify::drop_reason::ALL` and has been counted.
+    Dropped { reason: &'static str },
+}
+
+/// Publishes `(topic, payload, retain)` at QoS 1 and resolves once the broker has it (or the
+/// client has queued it durably). An error is retried, so it must mean "not published".
+pub type PublishFn =
+    Arc<dyn Fn(String, Vec<u8>, bool) -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync>;
+
+/// The stage a message was sent to has stopped (the gateway is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the incident manager has stopped")]
+pub struct Stopped;
 
 #[cfg(test)]
 mod tests {

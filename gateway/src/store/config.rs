@@ -1,0 +1,44 @@
+//! `[storage]`: where and how long the embedded time series keeps readings. Parsing only.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::Duration;
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// Raw readings are kept this long.
+    pub raw_retention: Duration,
+    /// One-minute rollups are kept this long.
+    pub rollup_retention: Duration,
+    /// Most rows in one transaction.
+    pub batch_max_rows: usize,
+    /// Writes buffered ahead of the writer thread. One write is a whole decode batch (up to
+    /// ~10k readings), so this bounds memory: 128 × 10k readings of ~40 bytes ≈ 50 MB.
+    pub queue_capacity: usize,
+    /// Rejected messages kept in the quarantine table (oldest removed first).
+    pub quarantine_max_rows: usize,
+    /// `[storage.influx]`: the long-term store; absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub influx: Option<crate::store::influx::InfluxConfig>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("./citywatch-data"),
+            raw_retention: Duration::secs(30 * 86_400),
+            // humantime's year is 365.25 days, so "2years" in example.toml is exactly this.
+            rollup_retention: Duration::secs(2 * 31_557_600),
+            batch_max_rows: 10_000,
+            queue_capacity: 128,
+            quarantine_max_rows: 100_000,
+            influx: None,
+        }
+    }
+}
+
