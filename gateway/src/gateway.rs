@@ -228,7 +228,7 @@ impl Gateway {
         )
         .map_err(|e| Error::Maintenance(e.to_string()))?;
         tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
-        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats));
+        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats) as Arc<dyn crate::metrics::MetricsSection>);
         tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -353,5 +353,12 @@ impl Gateway {
         }
         tracing::info!("gateway stopped; pending writes flushed");
         Ok(())
+    }
+}
+
+/// The maintenance counters render after the gateway's own (metrics knows only the trait).
+impl crate::metrics::MetricsSection for crate::inspections::service::Stats {
+    fn render(&self, out: &mut String) {
+        crate::inspections::service::Stats::render(self, out)
     }
 }

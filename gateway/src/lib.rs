@@ -18,6 +18,7 @@ pub mod api;
 pub mod config;
 pub mod decode;
 pub mod gateway;
+pub mod http_client;
 pub mod incidents;
 pub mod ingest;
 pub mod inspections;

@@ -30,7 +30,7 @@ pub struct Metrics {
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
     /// The maintenance side's counters (reminders, rejected inventory lines), once it runs.
-    pub maintenance: std::sync::OnceLock<std::sync::Arc<crate::inspections::service::Stats>>,
+    pub maintenance: std::sync::OnceLock<std::sync::Arc<dyn MetricsSection>>,
     /// Components that render their own series (the InfluxDB sink, the Modbus poller).
     sections: Mutex<Vec<std::sync::Arc<dyn MetricsSection>>>,
 }

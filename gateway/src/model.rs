@@ -249,6 +249,17 @@ pub type PublishFn =
 #[error("the incident manager has stopped")]
 pub struct Stopped;
 
+/// Why one attempt to deliver to a receiver failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth retrying as long as it takes: no answer, timeout, 408, 429, 5xx, broker away.
+    #[error("{0}")]
+    Transient(String),
+    /// The receiver refused this item (4xx): retried `give_up_after_attempts` times, then dropped.
+    #[error("{0}")]
+    Permanent(String),
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

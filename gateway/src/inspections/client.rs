@@ -108,7 +108,7 @@ pub async fn import(base_url: &str, token: Option<&str>, bytes: &[u8], records_p
     let url = format!("{}/api/v1/devices/import", base_url.trim_end_matches('/'));
     // The gateway's one HTTP client setup: rustls with ring (reqwest has no provider of its own).
     let parsed = reqwest::Url::parse(&url).map_err(|e| Error::Invalid(format!("--url {base_url:?}: {e}")))?;
-    let client = crate::notify::webhook::http_client(&parsed, Duration::from_secs(300), None).map_err(|e| Error::Invalid(format!("HTTP client: {e}")))?;
+    let client = crate::http_client::build(&parsed, Duration::from_secs(300), None).map_err(|e| Error::Invalid(format!("HTTP client: {e}")))?;
     let mut report = FileReport::default();
     for chunk in chunks {
         let mut request = client.post(&url).header(reqwest::header::CONTENT_TYPE, "text/csv").body(chunk.body);

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
-use super::dispatch::{DeliveryError, Sink};
-use super::webhook::{http_client, send};
+use super::sink::{DeliveryError, Sink};
+use crate::http_client::{build as http_client, send};
 use super::{AlertmanagerConfig, Error, Result};
-use crate::incidents::{Incident, OutboxItem};
+use crate::model::{Incident, OutboxItem};
 
 /// One alert of the v2 API's `postableAlerts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -11,73 +11,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::alertmanager::AlertmanagerSink;
-use super::mqtt::{MqttSink, PublishFn};
-use super::webhook::WebhookSink;
-use super::{drop_reason, now_ms, ChannelState, Error, NotifyConfig, Result, RetryConfig};
-use crate::incidents::{Incident, OutboxItem};
-
-/// One push channel's way of sending. Called by one dispatcher only, never concurrently.
-pub trait Sink: Send + Sync + 'static {
-    /// One attempt to deliver one item. Must end on its own (a timeout), because the
-    /// dispatcher lets the current attempt finish before it stops.
-    fn deliver<'a>(&'a self, item: &'a OutboxItem) -> BoxFuture<'a, Result<(), DeliveryError>>;
-
-    /// Called about once a second between attempts (Alertmanager re-posts its active alerts).
-    /// May be cancelled at any await when the gateway stops.
-    fn tick<'a>(&'a self, _now_ms: i64) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-
-    /// Told at start which incidents are active, newest revision each, before any item is
-    /// delivered: state a sink keeps in memory across deliveries (Alertmanager's re-post set)
-    /// would otherwise be empty after a restart.
-    fn resume(&self, _active: &[Arc<Incident>]) {}
-}
-
-/// Why one attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeliveryError {
-    /// Worth retrying as long as it takes: no answer, timeout, 408, 429, 5xx, broker away.
-    #[error("{0}")]
-    Transient(String),
-    /// The receiver refused this item (4xx): retried `give_up_after_attempts` times, then dropped.
-    #[error("{0}")]
-    Permanent(String),
-}
+use super::sink::{DeliveryError, Sink};
+use super::{drop_reason, now_ms, ChannelState, RetryConfig};
+use crate::model::OutboxItem;
 
 pub use crate::model::Outcome;
-
-/// A channel's name and its sink, as [`build_sinks`] returns them.
-pub type NamedSink = (Arc<str>, Arc<dyn Sink>);
-
-/// Builds every configured channel's sink, named as [`NotifyConfig::channel_names`] names them
-/// and in that order. `publish` is required when `[notify.mqtt]` is configured.
-pub fn build_sinks(cfg: &NotifyConfig, publish: Option<PublishFn>) -> Result<Vec<NamedSink>> {
-    cfg.validate().map_err(|(key, reason)| Error::Invalid { key, reason })?;
-    let names = cfg.channel_names();
-    let mut names = names.into_iter();
-    let mut sinks: Vec<NamedSink> = Vec::new();
-    let mut next_name =
-        || names.next().ok_or_else(|| Error::Invalid { key: "notify".into(), reason: "channel names out of step".into() });
-    for hook in &cfg.webhook {
-        let name = next_name()?;
-        let sink = WebhookSink::new(Arc::clone(&name), hook)?;
-        sinks.push((name, Arc::new(sink)));
-    }
-    if let Some(mqtt) = &cfg.mqtt {
-        let publish = publish.ok_or(Error::NoPublisher)?;
-        sinks.push((next_name()?, Arc::new(MqttSink::new(mqtt, publish))));
-    }
-    if let Some(am) = &cfg.alertmanager {
-        sinks.push((next_name()?, Arc::new(AlertmanagerSink::new(am)?)));
-    }
-    Ok(sinks)
-}
 
 /// How often [`Sink::tick`] is called.
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);

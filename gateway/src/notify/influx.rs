@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use super::dispatch::{DeliveryError, Sink};
-use crate::incidents::OutboxItem;
+use super::sink::{DeliveryError, Sink};
+use crate::model::OutboxItem;
 use crate::store::influx::InfluxTap;
 
 /// The channel's name in the outbox, `/api/v1/notify` and `/metrics`.

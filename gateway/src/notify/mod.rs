@@ -10,6 +10,7 @@ pub mod alertmanager;
 pub mod dispatch;
 pub mod influx;
 pub mod mqtt;
+pub mod sink;
 pub mod webhook;
 
 #[cfg(test)]
@@ -25,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::units::Duration;
 
 pub use alertmanager::{Alert, AlertmanagerSink};
-pub use dispatch::{build_sinks, run, DeliveryError, NamedSink, Outcome, Sink};
+pub use dispatch::{run, Outcome};
 pub use mqtt::{MqttSink, PublishFn};
+pub use sink::{DeliveryError, NamedSink, Sink};
 pub use webhook::{sign, WebhookSink};
 
 /// Why a push channel could not be built.
@@ -56,6 +58,30 @@ pub mod drop_reason {
     pub const REJECTED: &str = "rejected";
     /// Every reason, so `/metrics` shows each series from the start.
     pub const ALL: &[&str] = &[REJECTED];
+}
+
+/// Builds every configured channel's sink, named as [`NotifyConfig::channel_names`] names them
+/// and in that order. `publish` is required when `[notify.mqtt]` is configured.
+pub fn build_sinks(cfg: &NotifyConfig, publish: Option<PublishFn>) -> Result<Vec<NamedSink>> {
+    cfg.validate().map_err(|(key, reason)| Error::Invalid { key, reason })?;
+    let names = cfg.channel_names();
+    let mut names = names.into_iter();
+    let mut sinks: Vec<NamedSink> = Vec::new();
+    let mut next_name =
+        || names.next().ok_or_else(|| Error::Invalid { key: "notify".into(), reason: "channel names out of step".into() });
+    for hook in &cfg.webhook {
+        let name = next_name()?;
+        let sink = WebhookSink::new(Arc::clone(&name), hook)?;
+        sinks.push((name, Arc::new(sink)));
+    }
+    if let Some(mqtt) = &cfg.mqtt {
+        let publish = publish.ok_or(Error::NoPublisher)?;
+        sinks.push((next_name()?, Arc::new(MqttSink::new(mqtt, publish))));
+    }
+    if let Some(am) = &cfg.alertmanager {
+        sinks.push((next_name()?, Arc::new(AlertmanagerSink::new(am)?)));
+    }
+    Ok(sinks)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@
 
 use futures_util::future::BoxFuture;
 
-use super::dispatch::{DeliveryError, Sink};
+use super::sink::{DeliveryError, Sink};
 use super::MqttNotifyConfig;
-use crate::incidents::OutboxItem;
+use crate::model::OutboxItem;
 
 pub use crate::model::PublishFn;
 

@@ -274,7 +274,7 @@ fn metric_field(m: Metric) -> &'static str {
 
 /// Appends one incident change as a line: tags site/device/rule/severity/state, fields
 /// `revision` (integer), `value` and `threshold` (floats, when known), `summary` (string).
-pub fn encode_incident(i: &crate::incidents::Incident, ts_ms: i64, buf: &mut Vec<u8>) {
+pub fn encode_incident(i: &crate::model::Incident, ts_ms: i64, buf: &mut Vec<u8>) {
     let b = LineProtocolBuilder::new_with(std::mem::take(buf))
         .measurement(INCIDENT_MEASUREMENT)
         .tag("site", &i.site)
@@ -389,7 +389,7 @@ struct Batch {
 #[derive(Debug)]
 pub enum SinkInput {
     Readings(Vec<Reading>),
-    Incident(Arc<crate::incidents::Incident>, i64),
+    Incident(Arc<crate::model::Incident>, i64),
 }
 
 /// The decode stage's side of the sink: never waits.
@@ -420,7 +420,7 @@ impl InfluxTap {
     /// Hands over an incident change (its revision's time) for the `incident` measurement.
     /// False when the sink is behind or stopped: the caller, the `influx` push channel, retries
     /// from the durable outbox, so nothing is dropped here.
-    pub fn try_incident(&self, incident: Arc<crate::incidents::Incident>, ts_ms: i64) -> bool {
+    pub fn try_incident(&self, incident: Arc<crate::model::Incident>, ts_ms: i64) -> bool {
         self.tx.try_send(SinkInput::Incident(incident, ts_ms)).is_ok()
     }
 }
@@ -459,7 +459,7 @@ impl InfluxSink {
         let spool = Spool::open(data_dir)?;
         // The push channels' client: rustls with ring, the system trust store for https://.
         let url = reqwest::Url::parse(&config.url).map_err(|e| Error::Client(format!("storage.influx.url: {e}")))?;
-        let client = crate::notify::webhook::http_client(&url, config.timeout.0, None).map_err(|e| Error::Client(e.to_string()))?;
+        let client = crate::http_client::build(&url, config.timeout.0, None).map_err(|e| Error::Client(e.to_string()))?;
         let stats = Arc::new(InfluxStats::default());
         stats.spooled_lines.store(spool.lines, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(config.queue_capacity);
