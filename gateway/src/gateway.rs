@@ -249,7 +249,7 @@ impl Gateway {
             notify: channel_states,
         };
         let mut http_stop = stop_rx.clone();
-        let app = api::auth::protect(api::router(state).merge(crate::inspections::api::router(maintenance_handle)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
+        let app = api::auth::protect(api::router(state).merge(api::inspections::router(maintenance_handle)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
         // HTTPS when [http.tls] is set: the same router behind a TLS-terminating listener.
         let (tls_listener, plain_listener) = match http_tls {
             Some(acceptor) => (Some(crate::tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Http { addr: config.http.listen, source })?), None),

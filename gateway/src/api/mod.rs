@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod dashboard;
 mod incidents;
+pub mod inspections;
 mod openapi;
 
 use std::collections::BTreeMap;

@@ -5,10 +5,9 @@
 //! The domain is pure and clocked from outside ([`inventory::parse_inventory`],
 //! [`schedule`], [`siren_test`]); [`service`] is the one task that owns the inventory store,
 //! sends reminders and overdue/silent-siren signals to the incident manager (so they reach
-//! every push channel through the durable outbox), and answers [`api`]. Not here: incident
+//! every push channel through the durable outbox), and answers the maintenance endpoints ([`crate::api::inspections`]). Not here: incident
 //! lifecycle (the manager's) and device health (the registry's).
 
-pub mod api;
 pub mod client;
 pub mod inventory;
 pub mod schedule;

@@ -14,7 +14,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::units::Duration;
-use crate::incidents::Severity;
+use crate::model::Severity;
 
 /// Most levels a threshold rule can have: one per severity, strictly rising.
 pub const MAX_LEVELS: usize = 4;

@@ -11,10 +11,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::schedule::Task;
-use super::service::{CompletionRequest, InspectionsHandle, Outcome, WorkOrderQuery};
-use super::Error;
-use crate::api::ApiError;
+use crate::inspections::schedule::Task;
+use crate::inspections::service::{CompletionRequest, InspectionsHandle, Outcome, WorkOrderQuery};
+use crate::inspections::Error;
+use super::ApiError;
 use crate::model::rfc3339;
 
 /// Largest inventory file accepted in one request (100k lines are about 10 MB).
@@ -41,7 +41,7 @@ pub fn router(handle: InspectionsHandle) -> Router {
         .with_state(handle)
 }
 
-async fn import(State(h): State<InspectionsHandle>, headers: HeaderMap, body: Bytes) -> Result<Json<super::service::ImportReport>, ApiError> {
+async fn import(State(h): State<InspectionsHandle>, headers: HeaderMap, body: Bytes) -> Result<Json<crate::inspections::service::ImportReport>, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("text/csv");
     if content_type.starts_with("application/json") || content_type.starts_with("application/x-www-form-urlencoded") {
         return Err(ApiError::BadRequest(format!("Content-Type {content_type}: send the inventory as text/csv")));
