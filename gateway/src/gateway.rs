@@ -22,8 +22,11 @@ use crate::incidents::book::Book;
 use crate::incidents::manager::{IncidentsHandle, Manager};
 use crate::incidents::silence::{Silence, SilenceConfig};
 use crate::incidents::store::IncidentStore;
+use crate::ingest::Inbound;
+use crate::inspections::service::InspectionsHandle;
 use crate::metrics::Metrics;
-use crate::model::PublishFn;
+use crate::model::{Incident, OutboxItem, Outcome, PublishFn};
+use crate::store::influx::InfluxTap;
 use crate::rules::{Engine, RuleSet};
 use crate::registry::Registry;
 use crate::sources::broker::EmbeddedBroker;
@@ -43,14 +46,17 @@ pub enum Error {
     #[error("{0}")]
     Incidents(#[from] crate::incidents::store::Error),
     #[error("rules: {0}")]
-    Rules(String),
+    Rules(#[from] crate::rules::Error),
+    /// The siren test day's silence (`[inspections.siren_test]`) is unusable.
+    #[error("rules: {0}")]
+    SirenTestSilence(String),
     #[error("notify: {0}")]
-    Notify(String),
+    Notify(#[from] crate::notify::Error),
     /// An unsafe or unusable security setting (names the key).
     #[error("{0}")]
     Security(String),
     #[error("maintenance: {0}")]
-    Maintenance(String),
+    Maintenance(#[from] crate::inspections::Error),
     #[error("{0}")]
     Influx(#[from] crate::store::influx::Error),
 }
@@ -95,6 +101,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Starts every stage; returns once the HTTP and MQTT listeners accept connections.
+    /// Reads as the pipeline: each stage is built from its config by one function below.
     pub async fn start(config: Config, demo: Option<DemoFleet>) -> Result<Gateway> {
         let started = Instant::now();
         // Before anything opens: an open API must not face the network.
@@ -108,134 +115,30 @@ impl Gateway {
         registry.load(devices);
         let metrics = Arc::new(Metrics::new());
         let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
 
+        // sources → (bounded) → decode
         let (inbound_tx, inbound_rx) = mpsc::channel(config.mqtt.queue_capacity);
         let queue_probe = inbound_tx.clone();
-
-        // The source first: its publisher carries device commands and the MQTT push channel.
-        let mut tasks = Vec::new();
-        // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
-        for poller in crate::sources::modbus::build(&config.modbus)? {
-            metrics.add_section(poller.stats());
-            tasks.push(("modbus", tokio::spawn(poller.run(inbound_tx.clone(), stop_rx.clone()))));
-        }
-        let (broker, mqtt_addr, publish): (Option<Arc<EmbeddedBroker>>, _, PublishFn) = match config.mqtt.mode {
-            MqttMode::Embedded => {
-                let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound_tx)?);
-                let addr = broker.local_addr();
-                tracing::info!(%addr, "embedded MQTT broker listening");
-                let b = Arc::clone(&broker);
-                let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
-                    let result = b.publish(&topic, payload, retain).map_err(|e| e.to_string());
-                    Box::pin(async move { result })
-                });
-                (Some(broker), Some(addr), publish)
-            }
-            MqttMode::External => {
-                let (publisher, source) = crate::sources::mqtt::connect(&config.mqtt)?;
-                let rx = stop_rx.clone();
-                tracing::info!(url = %config.mqtt.url, "subscribing to the external broker");
-                tasks.push((
-                    "mqtt",
-                    tokio::spawn(async move {
-                        if let Err(e) = source.run(inbound_tx, rx).await {
-                            tracing::error!(error = %e, "external MQTT source stopped");
-                        }
-                    }),
-                ));
-                let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
-                    let p = publisher.clone();
-                    Box::pin(async move { p.publish(&topic, payload, retain).await.map_err(|e| e.to_string()) })
-                });
-                (None, None, publish)
-            }
-        };
-
-        // Incidents: their store, the push channels with their backlogs, the manager.
-        let now = crate::ingest::now_ms();
-        let incident_store = Arc::new(IncidentStore::open(&config.storage.path)?);
-        let unclosed = incident_store.load_unclosed()?;
-        let mut silences = config.incidents.silences();
-        // The siren test window holds `siren_activated` back (the maintenance side checks it).
-        if config.inspections.siren_test.enabled {
-            silences.push(config.inspections.siren_test.silence().map_err(Error::Rules)?);
-        }
-        for body in incident_store.silences()? {
-            match serde_json::from_str::<SilenceConfig>(&body).map_err(|e| e.to_string()).and_then(Silence::new) {
-                Ok(s) if !s.expired_at(now) => silences.push(s),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "a stored silence is invalid; ignored"),
-            }
-        }
-        tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
-        let active_incidents: Vec<Arc<crate::incidents::Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
-        let book = Book::new(config.incidents.clone(), unclosed, silences, now);
-        let active: Vec<(String, String)> = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
-        let mut sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(&publish))).map_err(|e| Error::Notify(e.to_string()))?;
-        // The long-term store, if configured: a copy of every reading (from the decode stage,
-        // never waited for) and every incident change (the `influx` push channel).
-        let mut influx = None;
-        let mut influx_tap = None;
-        if let Some(influx_config) = &config.storage.influx {
-            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(&registry)))?;
-            metrics.add_section(sink.stats());
-            tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
-            influx = Some(tokio::spawn(sink.run(rx)));
-            sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));
-            influx_tap = Some(tap);
-        }
-        let (dispatch_stop, dispatch_stop_rx) = watch::channel(false);
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let mut channel_queues = Vec::new();
-        let mut channel_states = Vec::new();
-        let mut dispatchers = Vec::new();
-        for (name, sink) in sinks {
-            // Alertmanager forgets alerts not re-posted: the sink re-posts what is still active.
-            sink.resume(&active_incidents);
-            let state = crate::notify::ChannelState::new(Arc::clone(&name));
-            let backlog = incident_store.pending(&name)?;
-            if !backlog.is_empty() {
-                tracing::info!(channel = %name, pending = backlog.len(), "undelivered incident changes from before the restart");
-            }
-            let (tx, rx) = mpsc::unbounded_channel();
-            channel_queues.push((Arc::clone(&name), tx));
-            channel_states.push(Arc::clone(&state));
-            dispatchers.push(tokio::spawn(crate::notify::run(sink, state, backlog, rx, done_tx.clone(), config.notify.retry.clone(), dispatch_stop_rx.clone())));
-        }
-        drop(done_tx);
+        let sources = start_sources(&config, &metrics, inbound_tx, &stop_rx, &mut tasks)?;
+        // incidents → notify (and the long-term store beside them)
+        let opened = open_incidents(&config)?;
+        let influx = start_influx(&config, &registry, &metrics)?;
+        let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap))?;
         let (manager, incidents, requests) =
-            Manager::new(book, Arc::clone(&incident_store), channel_queues, Some(Arc::clone(&publish)), config.incidents.retention.as_ms());
+            Manager::new(opened.book, Arc::clone(&opened.store), notify.queues, Some(Arc::clone(&sources.publish)), config.incidents.retention.as_ms());
         let (releases_tx, releases_rx) = mpsc::unbounded_channel();
-        let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, done_rx));
-
-        // Rules, then the decode stage that feeds them.
-        let rules = Arc::new(RuleSet::from_config(&config.rules).map_err(|e| Error::Rules(e.to_string()))?);
-        let engine = Engine::new(Arc::clone(&rules));
-        let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone()).with_rules(engine, incidents.clone(), releases_rx, &active);
-        // The long-term store, if configured: a copy of every reading, never waited for.
-        if let Some(tap) = influx_tap {
-            stage = stage.with_influx(tap);
+        let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
+        // decode (with the rule engine inline) → store, incidents
+        let rules = Arc::new(RuleSet::from_config(&config.rules)?);
+        let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
+            .with_rules(Engine::new(Arc::clone(&rules)), incidents.clone(), releases_rx, &opened.active);
+        if let Some((_, tap)) = &influx {
+            stage = stage.with_influx(tap.clone());
         }
         let decode = tokio::spawn(stage.run(inbound_rx, writer));
-
-        // Maintenance: inventory, schedules, reminders, the siren test day.
-        let (maintenance, maintenance_handle) = crate::inspections::Service::open(
-            config.inspections.clone(),
-            &config.storage.path,
-            Arc::clone(&registry),
-            Some(Arc::clone(&store)),
-            incidents.clone(),
-        )
-        .map_err(|e| Error::Maintenance(e.to_string()))?;
-        tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
-        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats) as Arc<dyn crate::metrics::MetricsSection>);
-        tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
-
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|source| Error::Http { addr: config.http.listen, source })?;
-        let http_addr = listener.local_addr().map_err(|source| Error::Http { addr: config.http.listen, source })?;
-        let broker_stats = broker.as_ref().map(|b| b.stats());
+        // Beside the pipeline: maintenance, then the HTTP API over everything.
+        let maintenance = start_maintenance(&config, &registry, &store, &metrics, &incidents, &stop_rx, &mut tasks)?;
         let state = ApiState {
             registry: Arc::clone(&registry),
             store: Arc::clone(&store),
@@ -243,71 +146,18 @@ impl Gateway {
             ingest: config.ingest.clone(),
             started,
             source_queue: Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity())),
-            broker: broker_stats,
+            broker: sources.broker.as_ref().map(|b| b.stats()),
             incidents: Some(incidents.clone()),
             rules,
-            notify: channel_states,
+            notify: notify.states,
         };
-        let mut http_stop = stop_rx.clone();
-        let app = api::auth::protect(api::router(state).merge(api::inspections::router(maintenance_handle)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
-        // HTTPS when [http.tls] is set: the same router behind a TLS-terminating listener.
-        let (tls_listener, plain_listener) = match http_tls {
-            Some(acceptor) => (Some(crate::tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Http { addr: config.http.listen, source })?), None),
-            None => (None, Some(listener)),
-        };
-        tasks.push((
-            "http",
-            tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = http_stop.wait_for(|s| *s).await;
-                };
-                let served = match (tls_listener, plain_listener) {
-                    (Some(tls), _) => axum::serve(tls, app).with_graceful_shutdown(shutdown).await,
-                    (None, Some(plain)) => axum::serve(plain, app).with_graceful_shutdown(shutdown).await,
-                    (None, None) => Ok(()),
-                };
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
-            }),
-        ));
-        tracing::info!(%http_addr, "HTTP API listening");
-
+        let app = api::auth::protect(api::router(state).merge(api::inspections::router(maintenance)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
+        let http_addr = start_http(&config, app, http_tls, &stop_rx, &mut tasks).await?;
         if let Some(fleet) = demo {
-            let addr = mqtt_addr.ok_or_else(|| Error::Demo("the demo fleet needs the embedded broker ([mqtt] mode = \"embedded\")".into()))?;
-            let fleet_config = citywatch_edge::sim::FleetConfig {
-                host: "127.0.0.1".into(),
-                port: addr.port(),
-                // One connection carries many devices: only an unrestricted account can do that.
-                credentials: config.mqtt.users.iter().find(|u| u.site.is_none()).map(|u| (u.username.clone(), u.password.clone())),
-                site: fleet.site,
-                devices: fleet.devices,
-                scenario: fleet.scenario,
-                rate: fleet.rate,
-                connections: 4,
-                interval_s: fleet.interval_s,
-                telemetry_qos1: false,
-                offline_after: Duration::from_secs(60),
-                offline_for: Duration::from_secs(30),
-                seed: 1,
-            };
-            fleet_config.validate().map_err(Error::Demo)?;
-            let stats = Arc::new(citywatch_edge::sim::FleetStats::default());
-            let rx = stop_rx.clone();
-            tracing::info!(devices = fleet_config.devices, scenario = fleet_config.scenario.as_str(), "demo fleet starting");
-            tasks.insert(
-                0,
-                (
-                    "demo fleet",
-                    tokio::spawn(async move {
-                        if let Err(e) = citywatch_edge::sim::run(fleet_config, stats, rx).await {
-                            tracing::error!(error = %e, "demo fleet stopped");
-                        }
-                    }),
-                ),
-            );
+            start_demo(&config, fleet, sources.mqtt_addr, &stop_rx, &mut tasks)?;
         }
-
+        let (broker, mqtt_addr, dispatchers, dispatch_stop) = (sources.broker, sources.mqtt_addr, notify.dispatchers, notify.stop);
+        let influx = influx.map(|(task, _)| task);
         Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, dispatch_stop, broker, influx })
     }
 
@@ -354,6 +204,223 @@ impl Gateway {
         tracing::info!("gateway stopped; pending writes flushed");
         Ok(())
     }
+}
+
+/// The tasks stopped by the one stop signal, in the order they are awaited.
+type Tasks = Vec<(&'static str, tokio::task::JoinHandle<()>)>;
+
+/// What the source stage leaves running: the embedded broker (if any) and the publisher that
+/// carries device commands and the MQTT push channel.
+struct Sources {
+    broker: Option<Arc<EmbeddedBroker>>,
+    mqtt_addr: Option<SocketAddr>,
+    publish: PublishFn,
+}
+
+/// Modbus buses, then the MQTT source (embedded broker or external client), all into `inbound`.
+fn start_sources(config: &Config, metrics: &Metrics, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
+    // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
+    for poller in crate::sources::modbus::build(&config.modbus)? {
+        metrics.add_section(poller.stats());
+        tasks.push(("modbus", tokio::spawn(poller.run(inbound.clone(), stop_rx.clone()))));
+    }
+    match config.mqtt.mode {
+        MqttMode::Embedded => {
+            let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound)?);
+            let addr = broker.local_addr();
+            tracing::info!(%addr, "embedded MQTT broker listening");
+            let b = Arc::clone(&broker);
+            let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
+                let result = b.publish(&topic, payload, retain).map_err(|e| e.to_string());
+                Box::pin(async move { result })
+            });
+            Ok(Sources { broker: Some(broker), mqtt_addr: Some(addr), publish })
+        }
+        MqttMode::External => {
+            let (publisher, source) = crate::sources::mqtt::connect(&config.mqtt)?;
+            let rx = stop_rx.clone();
+            tracing::info!(url = %config.mqtt.url, "subscribing to the external broker");
+            tasks.push((
+                "mqtt",
+                tokio::spawn(async move {
+                    if let Err(e) = source.run(inbound, rx).await {
+                        tracing::error!(error = %e, "external MQTT source stopped");
+                    }
+                }),
+            ));
+            let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
+                let p = publisher.clone();
+                Box::pin(async move { p.publish(&topic, payload, retain).await.map_err(|e| e.to_string()) })
+            });
+            Ok(Sources { broker: None, mqtt_addr: None, publish })
+        }
+    }
+}
+
+/// The incident store as found at start: the book rebuilt from the unclosed incidents and the
+/// silences, and what is still active (for the rule engine and the push channels).
+struct OpenedIncidents {
+    store: Arc<IncidentStore>,
+    book: Book,
+    /// (device, rule) pairs the rule engine resumes as active.
+    active: Vec<(String, String)>,
+    active_incidents: Vec<Arc<Incident>>,
+}
+
+fn open_incidents(config: &Config) -> Result<OpenedIncidents> {
+    let now = crate::ingest::now_ms();
+    let store = Arc::new(IncidentStore::open(&config.storage.path)?);
+    let unclosed = store.load_unclosed()?;
+    let mut silences = config.incidents.silences();
+    // The siren test window holds `siren_activated` back (the maintenance side checks it).
+    if config.inspections.siren_test.enabled {
+        silences.push(config.inspections.siren_test.silence().map_err(Error::SirenTestSilence)?);
+    }
+    for body in store.silences()? {
+        match serde_json::from_str::<SilenceConfig>(&body).map_err(|e| e.to_string()).and_then(Silence::new) {
+            Ok(s) if !s.expired_at(now) => silences.push(s),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "a stored silence is invalid; ignored"),
+        }
+    }
+    tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
+    let active_incidents: Vec<Arc<Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
+    let book = Book::new(config.incidents.clone(), unclosed, silences, now);
+    let active = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
+    Ok(OpenedIncidents { store, book, active, active_incidents })
+}
+
+/// The long-term store, if configured: its task and the tap that feeds it a copy of every
+/// reading (from the decode stage, never waited for) and every incident change.
+fn start_influx(config: &Config, registry: &Arc<Registry>, metrics: &Metrics) -> Result<Option<(tokio::task::JoinHandle<()>, InfluxTap)>> {
+    let Some(influx_config) = &config.storage.influx else { return Ok(None) };
+    let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(registry)))?;
+    metrics.add_section(sink.stats());
+    tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
+    Ok(Some((tokio::spawn(sink.run(rx)), tap)))
+}
+
+/// The push channels, each dispatching from its backlog in the outbox and then from its queue.
+struct Notify {
+    /// Each channel's queue, fed by the incident manager.
+    queues: Vec<(Arc<str>, mpsc::UnboundedSender<OutboxItem>)>,
+    states: Vec<Arc<crate::notify::ChannelState>>,
+    dispatchers: Vec<tokio::task::JoinHandle<()>>,
+    /// Delivery outcomes, back to the incident manager.
+    done: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>,
+    stop: watch::Sender<bool>,
+}
+
+fn start_notify(config: &Config, opened: &OpenedIncidents, publish: &PublishFn, influx: Option<&InfluxTap>) -> Result<Notify> {
+    let mut sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(publish)))?;
+    if let Some(tap) = influx {
+        sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let (done_tx, done) = mpsc::unbounded_channel();
+    let mut notify = Notify { queues: Vec::new(), states: Vec::new(), dispatchers: Vec::new(), done, stop };
+    for (name, sink) in sinks {
+        // Alertmanager forgets alerts not re-posted: the sink re-posts what is still active.
+        sink.resume(&opened.active_incidents);
+        let state = crate::notify::ChannelState::new(Arc::clone(&name));
+        let backlog = opened.store.pending(&name)?;
+        if !backlog.is_empty() {
+            tracing::info!(channel = %name, pending = backlog.len(), "undelivered incident changes from before the restart");
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        notify.queues.push((Arc::clone(&name), tx));
+        notify.states.push(Arc::clone(&state));
+        let dispatcher = crate::notify::Dispatcher { sink, state, backlog, retry: config.notify.retry.clone() };
+        notify.dispatchers.push(tokio::spawn(dispatcher.run(rx, done_tx.clone(), stop_rx.clone())));
+    }
+    Ok(notify)
+}
+
+/// Maintenance: inventory, schedules, reminders, the siren test day.
+fn start_maintenance(
+    config: &Config,
+    registry: &Arc<Registry>,
+    store: &Arc<SqliteStore>,
+    metrics: &Metrics,
+    incidents: &IncidentsHandle,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> Result<InspectionsHandle> {
+    let (maintenance, handle) =
+        crate::inspections::Service::open(config.inspections.clone(), &config.storage.path, Arc::clone(registry), Some(Arc::clone(store)), incidents.clone())?;
+    tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
+    let _ = metrics.maintenance.set(Arc::clone(&handle.stats) as Arc<dyn crate::metrics::MetricsSection>);
+    tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
+    Ok(handle)
+}
+
+/// The HTTP API (HTTPS when `[http.tls]` is set), stopped with the sources.
+async fn start_http(config: &Config, app: axum::Router, tls: Option<tokio_rustls::TlsAcceptor>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| Error::Http { addr: config.http.listen, source })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Http { addr: config.http.listen, source })?;
+    let mut http_stop = stop_rx.clone();
+    // HTTPS when [http.tls] is set: the same router behind a TLS-terminating listener.
+    let (tls_listener, plain_listener) = match tls {
+        Some(acceptor) => (Some(crate::tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Http { addr: config.http.listen, source })?), None),
+        None => (None, Some(listener)),
+    };
+    tasks.push((
+        "http",
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            };
+            let served = match (tls_listener, plain_listener) {
+                (Some(tls), _) => axum::serve(tls, app).with_graceful_shutdown(shutdown).await,
+                (None, Some(plain)) => axum::serve(plain, app).with_graceful_shutdown(shutdown).await,
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }),
+    ));
+    tracing::info!(%http_addr, "HTTP API listening");
+    Ok(http_addr)
+}
+
+/// `citywatch demo`: a simulated fleet on the embedded broker, stopped first.
+fn start_demo(config: &Config, fleet: DemoFleet, mqtt_addr: Option<SocketAddr>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<()> {
+    let addr = mqtt_addr.ok_or_else(|| Error::Demo("the demo fleet needs the embedded broker ([mqtt] mode = \"embedded\")".into()))?;
+    let fleet_config = citywatch_edge::sim::FleetConfig {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+        // One connection carries many devices: only an unrestricted account can do that.
+        credentials: config.mqtt.users.iter().find(|u| u.site.is_none()).map(|u| (u.username.clone(), u.password.clone())),
+        site: fleet.site,
+        devices: fleet.devices,
+        scenario: fleet.scenario,
+        rate: fleet.rate,
+        connections: 4,
+        interval_s: fleet.interval_s,
+        telemetry_qos1: false,
+        offline_after: Duration::from_secs(60),
+        offline_for: Duration::from_secs(30),
+        seed: 1,
+    };
+    fleet_config.validate().map_err(Error::Demo)?;
+    let stats = Arc::new(citywatch_edge::sim::FleetStats::default());
+    let rx = stop_rx.clone();
+    tracing::info!(devices = fleet_config.devices, scenario = fleet_config.scenario.as_str(), "demo fleet starting");
+    tasks.insert(
+        0,
+        (
+            "demo fleet",
+            tokio::spawn(async move {
+                if let Err(e) = citywatch_edge::sim::run(fleet_config, stats, rx).await {
+                    tracing::error!(error = %e, "demo fleet stopped");
+                }
+            }),
+        ),
+    );
+    Ok(())
 }
 
 /// The maintenance counters render after the gateway's own (metrics knows only the trait).

@@ -23,6 +23,28 @@ pub use crate::model::Outcome;
 /// How often [`Sink::tick`] is called.
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// One channel's dispatcher as built, before it runs: the channel's sink and state, its
+/// undelivered items from the durable outbox, and the retry policy.
+pub struct Dispatcher {
+    pub sink: Arc<dyn Sink>,
+    pub state: Arc<ChannelState>,
+    pub backlog: Vec<OutboxItem>,
+    pub retry: RetryConfig,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").field("channel", self.state.channel()).field("backlog", &self.backlog.len()).finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// See [`run`].
+    pub async fn run(self, new_items: mpsc::UnboundedReceiver<OutboxItem>, done: mpsc::UnboundedSender<(Arc<str>, i64, Outcome)>, shutdown: watch::Receiver<bool>) {
+        run(self, new_items, done, shutdown).await
+    }
+}
+
 /// Delivers one channel's items until `shutdown` turns true (or its sender goes away), or
 /// until `new_items` is closed and everything queued is delivered.
 ///
@@ -37,15 +59,15 @@ const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 /// - On shutdown the current attempt is finished (each is bounded by the sink's timeout) and
 ///   the loop returns, also out of a backoff wait. What is left stays in the durable outbox
 ///   for the next start: it is neither dropped nor reported.
+///
+/// Input: `new_items` from the outbox; output: `done`; and the shutdown signal.
 pub async fn run(
-    sink: Arc<dyn Sink>,
-    state: Arc<ChannelState>,
-    backlog: Vec<OutboxItem>,
+    dispatcher: Dispatcher,
     mut new_items: mpsc::UnboundedReceiver<OutboxItem>,
     done: mpsc::UnboundedSender<(Arc<str>, i64, Outcome)>,
-    retry: RetryConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Dispatcher { sink, state, backlog, retry } = dispatcher;
     let channel = Arc::clone(state.channel());
     let mut queue = Queue::default();
     let mut backlog = backlog;

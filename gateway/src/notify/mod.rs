@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::Duration;
 
 pub use alertmanager::{Alert, AlertmanagerSink};
-pub use dispatch::{run, Outcome};
+pub use dispatch::{run, Dispatcher, Outcome};
 pub use mqtt::{MqttSink, PublishFn};
 pub use sink::{DeliveryError, NamedSink, Sink};
 pub use webhook::{sign, WebhookSink};

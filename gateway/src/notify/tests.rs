@@ -206,7 +206,7 @@ impl Dispatcher {
         }
         let (done_tx, done) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(sink, Arc::clone(&state), backlog, items_rx, done_tx, retry, stop_rx));
+        let task = tokio::spawn(super::Dispatcher { sink, state: Arc::clone(&state), backlog, retry }.run(items_rx, done_tx, stop_rx));
         Dispatcher { state, items, done, stop, task }
     }
 
