@@ -8,6 +8,9 @@
 //! commits what is pending, the push channels stop after their current attempt (what they have
 //! not delivered stays in the outbox), the store writer commits and exits. Nothing accepted is
 //! dropped on the way out.
+//!
+//! [`Gateway::start`] reads as the pipeline; each stage is built from its config by one
+//! `start_*`/`open_*` function below it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,18 +1,39 @@
 //! Citywatch gateway: watches a city's gas alarms, smoke detectors and siren mounts.
 //!
-//! The flow, one stage per module:
-//! [`sources`] (embedded broker, external MQTT, or Modbus polling) → [`ingest::Inbound`] → [`decode`] (wire
-//! contract, duplicates, quarantine, [`registry`] of devices and their health) → [`store`]
-//! (SQLite time series; QoS 1 acks fire after commit; copies to the InfluxDB sink). From the decode stage, live readings,
-//! events and statuses also go through [`rules`] (the pure rule engine) → [`incidents`] (one
-//! manager task: the closed loop, silences, flapping, escalation, device commands; its own
-//! SQLite file with the audit trail and the durable outbox) → [`notify`] (webhook, MQTT ops
-//! topic, Alertmanager; SSE is served by [`api`]). Beside them: [`inspections`] (inventory, schedules,
-//! reminders, the siren test day), [`api`] (HTTP), [`metrics`]
-//! (Prometheus counters), [`config`] (TOML), and [`gateway`], which wires the stages together
-//! and shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
-//! Security: [`api::auth`] (bearer tokens and roles), [`tls`] (rustls/ring for HTTPS and MQTT),
-//! [`sources::door`] (TLS and per-device topic ACLs in front of the embedded broker).
+//! The pipeline, one stage per module, data flowing left to right:
+//!
+//! ```text
+//! sources ──Inbound──▶ decode ──Signal──▶ incidents ──OutboxItem──▶ notify
+//! (broker, mqtt,       (contract, dedup,   (manager task:          (dispatch per channel:
+//!  modbus, door)        quarantine; rules   book, silences,          webhook, mqtt,
+//!                       engine inline)      outbox, audit)           alertmanager, influx)
+//!                         │   ▲ Evaluator                 ▲ Outcome
+//!                         ▼   └── rules (pure)            └──────── delivery results
+//!                       store (SQLite writer, InfluxDB sink)   registry (devices, health)
+//! ```
+//!
+//! - [`sources`] hand [`ingest::Inbound`] messages (with their QoS 1 [`ingest::Ack`]) to
+//!   [`decode`] over one bounded channel. [`decode`] validates, keeps the [`registry`] current,
+//!   writes to the [`store`] (acks fire after commit; copies go to the InfluxDB sink) and runs
+//!   the [`rules`] engine inline through its [`decode::Evaluator`] trait; signals go to the
+//!   incident manager through [`decode::SignalSink`], before the batch goes to the store.
+//! - [`incidents`]: one manager task ([`incidents::manager::IncidentsHandle`] offers methods,
+//!   never its request enum) commits each change and its outbox rows, then hands them to
+//!   [`notify`], whose dispatchers report [`model::Outcome`]s back.
+//! - Beside the pipeline: [`inspections`] (inventory, schedules, reminders, the siren test day;
+//!   raises incidents through the handle), [`api`] (HTTP on top of everything; nothing imports
+//!   it), [`metrics`] (Prometheus counters), [`config`] (gathers each component's own config
+//!   and validates across them) and [`gateway`], which builds each stage from its config and
+//!   shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
+//! - Leaf modules every layer may use, importing nothing from the crate but other leaves:
+//!   [`model`] (Signal, Severity, Scope, Incident, OutboxItem, Outcome, rfc3339), [`units`]
+//!   (config newtypes such as Duration), [`http_client`] (the one outgoing HTTP setup),
+//!   [`metrics`], [`tls`] (rustls/ring for HTTPS and MQTT).
+//!
+//! Imports point against the flow only: a module never imports a later stage or [`api`].
+//! `scripts/check-layers` (run by `scripts/test`) holds the layer order and fails otherwise.
+//! Security: [`api::auth`] (bearer tokens and roles), [`tls`], [`sources::door`] (TLS and
+//! per-device topic ACLs in front of the embedded broker).
 
 pub mod api;
 pub mod config;
