@@ -177,7 +177,7 @@ impl Gateway {
         let mut influx = None;
         let mut influx_tap = None;
         if let Some(influx_config) = &config.storage.influx {
-            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(&registry)))?;
+            let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(registry.clone()))?;
             metrics.add_section(sink.stats());
             tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
             influx = Some(tokio::spawn(sink.run(rx)));
@@ -228,7 +228,7 @@ impl Gateway {
         )
         .map_err(|e| Error::Maintenance(e.to_string()))?;
         tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
-        let _ = metrics.maintenance.set(Arc::clone(&maintenance_handle.stats));
+        metrics.add_section(maintenance_handle.stats.clone());
         tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
