@@ -1,5 +1,9 @@
 use super::*;
+use std::collections::HashMap;
+
+use bytes::Bytes;
 use citywatch_edge::wire::Metric;
+use influxdb_line_protocol::builder::LineProtocolBuilder;
 use std::io::Read as _;
 use std::sync::Mutex;
 
