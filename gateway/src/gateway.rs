@@ -297,7 +297,7 @@ fn open_incidents(config: &Config) -> Result<OpenedIncidents> {
 /// reading (from the decode stage, never waited for) and every incident change.
 fn start_influx(config: &Config, registry: &Arc<Registry>, metrics: &Metrics) -> Result<Option<(tokio::task::JoinHandle<()>, InfluxTap)>> {
     let Some(influx_config) = &config.storage.influx else { return Ok(None) };
-    let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(Arc::clone(registry)))?;
+    let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(registry.clone()))?;
     metrics.add_section(sink.stats());
     tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
     Ok(Some((tokio::spawn(sink.run(rx)), tap)))
@@ -352,7 +352,7 @@ fn start_maintenance(
     let (maintenance, handle) =
         crate::inspections::Service::open(config.inspections.clone(), &config.storage.path, Arc::clone(registry), Some(Arc::clone(store)), incidents.clone())?;
     tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
-    let _ = metrics.maintenance.set(Arc::clone(&handle.stats) as Arc<dyn crate::metrics::MetricsSection>);
+    metrics.add_section(handle.stats.clone());
     tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
     Ok(handle)
 }
@@ -424,11 +424,4 @@ fn start_demo(config: &Config, fleet: DemoFleet, mqtt_addr: Option<SocketAddr>, 
         ),
     );
     Ok(())
-}
-
-/// The maintenance counters render after the gateway's own (metrics knows only the trait).
-impl crate::metrics::MetricsSection for crate::inspections::service::Stats {
-    fn render(&self, out: &mut String) {
-        crate::inspections::service::Stats::render(self, out)
-    }
 }

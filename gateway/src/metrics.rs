@@ -29,9 +29,8 @@ pub struct Metrics {
     pub clock_skew: AtomicU64,
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
-    /// The maintenance side's counters (reminders, rejected inventory lines), once it runs.
-    pub maintenance: std::sync::OnceLock<std::sync::Arc<dyn MetricsSection>>,
-    /// Components that render their own series (the InfluxDB sink, the Modbus poller).
+    /// Components that render their own series (the InfluxDB sink, the Modbus poller, the
+    /// maintenance service).
     sections: Mutex<Vec<std::sync::Arc<dyn MetricsSection>>>,
 }
 
@@ -118,9 +117,6 @@ impl Metrics {
         }
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        }
-        if let Some(m) = self.maintenance.get() {
-            m.render(&mut out);
         }
         if let Ok(sections) = self.sections.lock() {
             sections.iter().for_each(|s| s.render(&mut out));

@@ -13,7 +13,10 @@ use citywatch_edge::wire::{DeviceKind, EventKind, LinkState, Metric};
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::IngestConfig;
-use crate::store::DeviceRecord;
+
+mod view;
+
+pub use view::DeviceView;
 
 /// A device's health, worst first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -96,6 +99,23 @@ pub struct Device {
     /// millisecond get distinct times instead of colliding on the store's (device, metric, ts) key.
     #[serde(default)]
     pub clock_assigned_ms: i64,
+}
+
+/// What the registry keeps about a device, persisted so it survives restarts: the columns the
+/// store indexes, and the whole [`Device`] as JSON. A view of [`Device`] ([`Device::to_record`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub site: String,
+    pub kind: DeviceKind,
+    pub fw: Option<String>,
+    pub interval_s: u32,
+    pub location: Option<String>,
+    pub install_date: Option<String>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    /// Whatever else the registry wants to survive a restart (last values, health inputs).
+    pub state_json: String,
 }
 
 /// What the decode stage learnt from a `seq`.

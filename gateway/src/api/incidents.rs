@@ -6,6 +6,7 @@
 //! transition is on disk and queued for every channel.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -22,7 +23,7 @@ use super::{ApiError, ApiResult, ApiState};
 use crate::incidents::book::{Action, TransitionError};
 use crate::incidents::manager::IncidentsHandle;
 use crate::incidents::silence::SilenceConfig;
-use crate::incidents::store::IncidentFilter;
+use crate::incidents::store::{IncidentFilter, IncidentStore};
 use crate::incidents::IncidentState;
 
 /// Most incidents one list returns.
@@ -30,6 +31,15 @@ pub const MAX_INCIDENTS: usize = 1000;
 
 fn handle(s: &ApiState) -> ApiResult<&IncidentsHandle> {
     s.incidents.as_ref().ok_or_else(|| ApiError::Unavailable("incidents are not running".into()))
+}
+
+/// Runs `f` on the incident store on the blocking pool: SQLite never runs on the async threads.
+async fn blocking<T: Send + 'static>(
+    h: &IncidentsHandle,
+    f: impl FnOnce(&IncidentStore) -> Result<T, crate::incidents::store::Error> + Send + 'static,
+) -> ApiResult<T> {
+    let store = Arc::clone(&h.store);
+    Ok(tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| ApiError::Internal(e.to_string()))??)
 }
 
 impl From<crate::incidents::store::Error> for ApiError {
@@ -73,16 +83,15 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
         return Err(ApiError::BadRequest(format!("limit={limit}: 1–{MAX_INCIDENTS}")));
     }
     let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit };
-    let store = std::sync::Arc::clone(&h.store);
-    let incidents = tokio::task::spawn_blocking(move || store.list(&filter)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
-    let counts = h.store.counts_by_state()?;
+    let (incidents, counts) = blocking(h, move |store| Ok((store.list(&filter)?, store.counts_by_state()?))).await?;
     let by_state: serde_json::Map<String, Value> = counts.into_iter().map(|(k, v)| (k, json!(v))).collect();
     Ok(Json(json!({ "count": incidents.len(), "by_state": by_state, "incidents": incidents })))
 }
 
 pub async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
-    let incident = h.store.get(&id)?.ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
+    let lookup = id.clone();
+    let incident = blocking(h, move |store| store.get(&lookup)).await?.ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
     Ok(Json(json!(incident)))
 }
 
@@ -127,7 +136,7 @@ pub async fn events(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<
     let live = BroadcastStream::new(h.events.subscribe());
     let last: Option<i64> = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
     let backlog = match last {
-        Some(after) => h.store.outbox_since(after, 1000)?,
+        Some(after) => blocking(h, move |store| store.outbox_since(after, 1000)).await?,
         None => Vec::new(),
     };
     let replayed_up_to = backlog.last().map_or(last.unwrap_or(i64::MIN), |(seq, _)| *seq);
@@ -165,7 +174,7 @@ pub async fn rules(State(s): State<ApiState>, Query(p): Query<RulesParams>) -> A
 pub async fn notify(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
     let mut channels: Vec<Value> = s.notify.iter().map(|c| json!(c.status())).collect();
     if let Some(h) = &s.incidents {
-        let counts = h.store.delivery_counts()?;
+        let counts = blocking(h, |store| store.delivery_counts()).await?;
         for c in &mut channels {
             let name = c["channel"].as_str().unwrap_or_default().to_owned();
             if let Some((_, n)) = counts.iter().find(|(ch, _)| *ch == name) {

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use citywatch_edge::wire::{DeviceKind, Metric};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub use config::HttpConfig;
@@ -32,7 +32,9 @@ use crate::ingest::IngestConfig;
 pub use crate::model::rfc3339;
 use crate::ingest::now_ms;
 use crate::metrics::Metrics;
-use crate::registry::{Device, Health, Registry};
+/// A device as the API shows it: a view of the registry's one device model.
+pub use crate::registry::DeviceView;
+use crate::registry::{Health, Registry};
 use crate::store::{ReadingQuery, SqliteStore};
 
 /// What the handlers share.
@@ -160,72 +162,6 @@ async fn health(State(s): State<ApiState>) -> Json<Value> {
     }))
 }
 
-/// A device as the API shows it.
-#[derive(Debug, Serialize)]
-pub struct DeviceView {
-    pub id: String,
-    pub site: String,
-    pub kind: DeviceKind,
-    pub fw: Option<String>,
-    pub interval_s: u32,
-    pub location: Option<String>,
-    pub install_date: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub crew: Option<String>,
-    /// Always masked.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub phone: Option<String>,
-    pub health: Health,
-    pub health_flags: Vec<Health>,
-    pub link: citywatch_edge::wire::LinkState,
-    pub first_seen: String,
-    pub last_seen: String,
-    pub battery_v: Option<f64>,
-    pub rssi_dbm: Option<f64>,
-    pub last_seq: Option<u32>,
-    pub seq_gaps: u64,
-    pub duplicates: u64,
-    pub values: BTreeMap<Metric, Value>,
-    /// Messages whose `ts` was far off the gateway's clock, and the last such offset (ms,
-    /// device − gateway; null once the device's clock is right again).
-    pub clock_skewed: u64,
-    pub clock_offset_ms: Option<i64>,
-}
-
-impl DeviceView {
-    pub fn of(d: &Device, now: i64, cfg: &IngestConfig) -> Self {
-        let flags = d.health_flags(now, cfg);
-        DeviceView {
-            id: d.id.clone(),
-            site: d.site.clone(),
-            kind: d.kind,
-            fw: d.fw.clone(),
-            interval_s: d.interval_s,
-            location: d.location.clone(),
-            install_date: d.install_date.clone(),
-            crew: d.crew.clone(),
-            phone: d.phone.clone(),
-            health: flags[0],
-            health_flags: flags,
-            link: d.link,
-            first_seen: rfc3339(d.first_seen_ms),
-            last_seen: rfc3339(d.last_seen_ms),
-            battery_v: d.battery_v,
-            rssi_dbm: d.rssi_dbm,
-            last_seq: d.last_seq,
-            seq_gaps: d.seq_gaps,
-            duplicates: d.duplicates,
-            values: d
-                .values
-                .iter()
-                .map(|(m, v)| (*m, json!({ "value": v.value, "ts": rfc3339(v.ts_ms), "unchanged_since": rfc3339(v.unchanged_since_ms) })))
-                .collect(),
-            clock_skewed: d.clock_skewed,
-            clock_offset_ms: d.clock_offset_ms,
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct DeviceFilter {
     site: Option<String>,
@@ -249,7 +185,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
         .registry
         .list(|d| f.site.as_deref().is_none_or(|site| d.site == site) && kind.is_none_or(|k| d.kind == k))
         .iter()
-        .map(|d| DeviceView::of(d, now, &s.ingest))
+        .map(|d| d.view(now, &s.ingest))
         .filter(|v| health.is_none_or(|h| v.health_flags.contains(&h)))
         .collect();
     let mut by_health: BTreeMap<&str, usize> = Health::ALL.iter().map(|h| (h.as_str(), 0)).collect();
@@ -261,7 +197,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
 
 async fn device(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<DeviceView>> {
     let d = s.registry.get(&id).ok_or_else(|| ApiError::NotFound(format!("no device {id:?}")))?;
-    Ok(Json(DeviceView::of(&d, now_ms(), &s.ingest)))
+    Ok(Json(d.view(now_ms(), &s.ingest)))
 }
 
 #[derive(Debug, Deserialize)]

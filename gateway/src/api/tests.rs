@@ -7,6 +7,7 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::store::StorageConfig;
+use crate::registry::Device;
 use crate::store::{Reading, Write};
 
 struct Fixture {

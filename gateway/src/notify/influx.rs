@@ -4,13 +4,12 @@
 //! spools while the server is down and drains in order; a full sink queue is a transient
 //! failure that the dispatcher retries from the outbox. On only with `[storage.influx]`.
 
-use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
 use super::sink::{DeliveryError, Sink};
-use crate::model::OutboxItem;
-use crate::store::influx::InfluxTap;
+use crate::incidents::{Incident, OutboxItem};
+use crate::store::influx::{IncidentLine, InfluxTap};
 
 /// The channel's name in the outbox, `/api/v1/notify` and `/metrics`.
 pub const CHANNEL: &str = "influx";
@@ -29,7 +28,7 @@ impl InfluxIncidentSink {
 
 impl Sink for InfluxIncidentSink {
     fn deliver<'a>(&'a self, item: &'a OutboxItem) -> BoxFuture<'a, Result<(), DeliveryError>> {
-        let handed = self.tap.try_incident(Arc::clone(&item.incident), item.incident.updated_ms);
+        let handed = self.tap.try_incident(line(&item.incident));
         Box::pin(async move {
             if handed {
                 Ok(())
@@ -37,5 +36,21 @@ impl Sink for InfluxIncidentSink {
                 Err(DeliveryError::Transient("the InfluxDB sink is behind or stopped".into()))
             }
         })
+    }
+}
+
+/// The change as the sink's plain `incident` line (the sink knows no incident types).
+fn line(i: &Incident) -> IncidentLine {
+    IncidentLine {
+        site: i.site.clone(),
+        device: i.device.clone(),
+        rule: i.rule.clone(),
+        severity: i.severity.as_str(),
+        state: i.state.as_str(),
+        revision: i.revision,
+        value: i.value,
+        threshold: i.threshold,
+        summary: i.summary.clone(),
+        ts_ms: i.updated_ms,
     }
 }

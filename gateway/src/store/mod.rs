@@ -13,7 +13,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use citywatch_edge::wire::{DeviceKind, EventKind, Metric};
+use citywatch_edge::wire::{EventKind, Metric};
 
 use crate::ingest::Ack;
 
@@ -57,21 +57,10 @@ pub struct QuarantineEntry {
     pub payload: Bytes,
 }
 
-/// What the registry keeps about a device, persisted so it survives restarts.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DeviceRecord {
-    pub id: String,
-    pub site: String,
-    pub kind: DeviceKind,
-    pub fw: Option<String>,
-    pub interval_s: u32,
-    pub location: Option<String>,
-    pub install_date: Option<String>,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
-    /// Whatever else the registry wants to survive a restart (last values, health inputs).
-    pub state_json: String,
-}
+/// The registry's persistent form of a device; defined beside the device model it is derived
+/// from, so the registry does not depend on the store.
+pub use crate::registry::DeviceRecord;
+
 
 /// One unit of work for the writer thread.
 #[derive(Debug)]

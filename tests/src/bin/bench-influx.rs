@@ -6,7 +6,6 @@
 //! Usage: bench-influx [LINES=1000000] [--devices 1000] [--clients 1] [--no-gzip]
 //! (scripts/bench-influx builds the release binary first and runs this.)
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A: the sink, fed decode-sized batches of readings as fast as it takes them.
     let config = InfluxConfig { url: vm.url(), gzip, batch_max_lines: BATCH, buffer_max_lines: 4 * BATCH, queue_capacity: 64, ..InfluxConfig::default() };
-    let (sink, tap, rx) = InfluxSink::open(config, dir.path(), Some(Arc::clone(&registry)))?;
+    let (sink, tap, rx) = InfluxSink::open(config, dir.path(), Some(registry.clone()))?;
     let stats = sink.stats();
     let started = Instant::now();
     let task = tokio::spawn(sink.run(rx));
@@ -97,16 +96,16 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     tap.readings_wait(batch).await;
-    while stats.lines_written.load(Ordering::Relaxed) < lines as u64 {
+    while stats.lines_written.get() < lines as u64 {
         if started.elapsed() > PHASE_LIMIT {
-            bail!("the sink wrote {} of {lines} lines within {PHASE_LIMIT:?}", stats.lines_written.load(Ordering::Relaxed));
+            bail!("the sink wrote {} of {lines} lines within {PHASE_LIMIT:?}", stats.lines_written.get());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let sink_secs = started.elapsed().as_secs_f64();
     drop(tap);
     task.await?;
-    let failed = stats.failed_requests.load(Ordering::Relaxed);
+    let failed = stats.failed_requests.get();
     let sink_stored = count_points(&vm, "reading_gas_lel")?;
 
     // B: the server's own fastest style: pre-built bodies, `clients` tight POST loops, no gzip.

@@ -11,13 +11,15 @@ pub mod config;
 pub mod map;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::BackoffBuilder as _;
 use bytes::Bytes;
 use citywatch_edge::wire::{self, Channel, Metric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tokio_modbus::client::{Client as _, Context, Reader};
@@ -32,35 +34,42 @@ use map::{ReadSpan, Registers, Table};
 /// Firmware string polled devices announce.
 pub const FW: &str = "modbus";
 
-/// A bus's counters, rendered into `/metrics` with a `bus` label.
+/// A bus's metrics, registered with a `bus` label by [`BusStats::register`].
 #[derive(Debug, Default)]
 pub struct BusStats {
     pub name: String,
-    pub polls_ok: AtomicU64,
-    pub polls_failed: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub exceptions: AtomicU64,
-    pub connects: AtomicU64,
-    pub connect_failures: AtomicU64,
-    pub connected: AtomicU64,
-    pub devices_offline: AtomicU64,
+    pub polls_ok: Counter,
+    pub polls_failed: Counter,
+    pub timeouts: Counter,
+    pub exceptions: Counter,
+    pub connects: Counter,
+    pub connect_failures: Counter,
+    pub connected: Gauge,
+    pub devices_offline: Gauge,
 }
 
+impl BusStats {
+    /// Adds the bus's series to `registry`, labelled `bus="<name>"` (names without `_total`:
+    /// the crate adds it to counters).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_label(("bus".into(), self.name.clone().into()));
+        r.register("citywatch_modbus_polls", "Device polls that read every register", self.polls_ok.clone());
+        r.register("citywatch_modbus_failed_polls", "Device polls that failed (timeout, exception, no connection)", self.polls_failed.clone());
+        r.register("citywatch_modbus_timeouts", "Calls that hit the bus timeout", self.timeouts.clone());
+        r.register("citywatch_modbus_exceptions", "Modbus exception responses", self.exceptions.clone());
+        r.register("citywatch_modbus_connects", "Connections opened", self.connects.clone());
+        r.register("citywatch_modbus_connect_failures", "Connection attempts that failed", self.connect_failures.clone());
+        r.register("citywatch_modbus_connected", "1 while the bus connection is open", self.connected.clone());
+        r.register("citywatch_modbus_devices_offline", "Devices of the bus announced offline", self.devices_offline.clone());
+    }
+}
+
+/// The old `/metrics` path, until every section is in the gateway's one registry.
 impl crate::metrics::MetricsSection for BusStats {
     fn render(&self, out: &mut String) {
-        let bus = self.name.replace(['"', '\\', '\n'], "_");
-        for (name, kind, help, v) in [
-            ("citywatch_modbus_polls_total", "counter", "Device polls that read every register.", &self.polls_ok),
-            ("citywatch_modbus_failed_polls_total", "counter", "Device polls that failed (timeout, exception, no connection).", &self.polls_failed),
-            ("citywatch_modbus_timeouts_total", "counter", "Calls that hit the bus timeout.", &self.timeouts),
-            ("citywatch_modbus_exceptions_total", "counter", "Modbus exception responses.", &self.exceptions),
-            ("citywatch_modbus_connects_total", "counter", "Connections opened.", &self.connects),
-            ("citywatch_modbus_connect_failures_total", "counter", "Connection attempts that failed.", &self.connect_failures),
-            ("citywatch_modbus_connected", "gauge", "1 while the bus connection is open.", &self.connected),
-            ("citywatch_modbus_devices_offline", "gauge", "Devices of the bus announced offline.", &self.devices_offline),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{bus=\"{bus}\"}} {}", v.load(Ordering::Relaxed));
-        }
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
     }
 }
 
@@ -129,13 +138,22 @@ impl BusPoller {
         Arc::clone(&self.stats)
     }
 
+    /// Delays between connection attempts: `reconnect_min`, doubling up to `reconnect_max`.
+    fn reconnect_backoff(&self) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::new()
+            .with_min_delay(self.bus.reconnect_min.0)
+            .with_max_delay(self.bus.reconnect_max.0)
+            .without_max_times()
+            .build()
+    }
+
     /// Polls until `stop`, sending contract messages into `out` (waiting when it is full, like
     /// the MQTT sources: polling slows down rather than dropping).
     pub async fn run(mut self, out: mpsc::Sender<Inbound>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.bus.poll_interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ctx: Option<Context> = None;
-        let mut backoff = self.bus.reconnect_min.0;
+        let mut backoff = self.reconnect_backoff();
         let mut next_connect = Instant::now();
         let mut logged_down = false;
         loop {
@@ -147,10 +165,10 @@ impl BusPoller {
                 match self.connect().await {
                     Ok(c) => {
                         tracing::info!(bus = %self.bus.name, "Modbus bus connected");
-                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        self.stats.connected.store(1, Ordering::Relaxed);
+                        self.stats.connects.inc();
+                        self.stats.connected.set(1);
                         ctx = Some(c);
-                        backoff = self.bus.reconnect_min.0;
+                        backoff = self.reconnect_backoff();
                         logged_down = false;
                     }
                     Err(e) => {
@@ -158,9 +176,9 @@ impl BusPoller {
                             tracing::warn!(bus = %self.bus.name, error = %e, "Modbus bus unreachable; retrying with backoff (logged once until it returns)");
                             logged_down = true;
                         }
-                        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        next_connect = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.bus.reconnect_max.0);
+                        self.stats.connect_failures.inc();
+                        // Unlimited attempts: the iterator never ends.
+                        next_connect = Instant::now() + backoff.next().unwrap_or(self.bus.reconnect_max.0);
                     }
                 }
             }
@@ -174,18 +192,18 @@ impl BusPoller {
                 };
                 let messages = match result {
                     Ok(regs) => {
-                        self.stats.polls_ok.fetch_add(1, Ordering::Relaxed);
+                        self.stats.polls_ok.inc();
                         self.on_success(i, &regs)
                     }
                     Err(failure) => {
-                        self.stats.polls_failed.fetch_add(1, Ordering::Relaxed);
+                        self.stats.polls_failed.inc();
                         match &failure {
                             Failure::Transport(e) => {
                                 tracing::debug!(bus = %self.bus.name, error = %e, "Modbus transport error; reconnecting");
                                 if let Some(mut c) = ctx.take() {
                                     let _ = timeout(self.bus.timeout.0, c.disconnect()).await;
                                 }
-                                self.stats.connected.store(0, Ordering::Relaxed);
+                                self.stats.connected.set(0);
                             }
                             Failure::Exception(e) => tracing::debug!(bus = %self.bus.name, device = %self.devices[i].config.id, error = %e, "Modbus exception"),
                             Failure::NotConnected => {}
@@ -328,7 +346,7 @@ impl BusPoller {
 
     fn recount_offline(&self) {
         let n = self.devices.iter().filter(|d| !d.online && d.seq > 0).count();
-        self.stats.devices_offline.store(n as u64, Ordering::Relaxed);
+        self.stats.devices_offline.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -366,12 +384,12 @@ async fn read_device(ctx: &mut Context, dev: &Polled, limit: Duration, stats: &B
         };
         let words = match timeout(limit, call).await {
             Err(_) => {
-                stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                stats.timeouts.inc();
                 return Err(Failure::Transport(format!("unit {} timed out after {limit:?}", dev.config.unit)));
             }
             Ok(Err(e)) => return Err(Failure::Transport(e.to_string())),
             Ok(Ok(Err(exception))) => {
-                stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                stats.exceptions.inc();
                 return Err(Failure::Exception(format!("unit {}: {exception}", dev.config.unit)));
             }
             Ok(Ok(Ok(words))) => words,
@@ -442,11 +460,11 @@ mod tests {
         let offline = texts(&p.on_failure(0));
         assert_eq!(offline.len(), 1);
         assert!(offline[0].0 == "status" && offline[0].1.contains("\"offline\""), "{offline:?}");
-        assert_eq!(p.stats.devices_offline.load(Ordering::Relaxed), 1);
+        assert_eq!(p.stats.devices_offline.get(), 1);
         assert!(p.on_failure(0).is_empty(), "announced once");
         let back = texts(&p.on_success(0, &regs));
         assert!(back[0].1.contains("\"online\""), "{back:?}");
-        assert_eq!(p.stats.devices_offline.load(Ordering::Relaxed), 0);
+        assert_eq!(p.stats.devices_offline.get(), 0);
     }
 
     #[test]

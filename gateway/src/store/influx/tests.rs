@@ -1,4 +1,9 @@
 use super::*;
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use citywatch_edge::wire::Metric;
+use influxdb_line_protocol::builder::LineProtocolBuilder;
 use std::io::Read as _;
 use std::sync::Mutex;
 
@@ -72,21 +77,25 @@ fn an_unknown_device_is_written_without_site_and_kind() {
     assert_eq!(String::from_utf8(buf).expect("utf-8"), "reading,device=new-1 tilt_deg=0.25 7\n");
 }
 
-fn incident(summary: &str) -> crate::incidents::Incident {
-    let text = serde_json::json!({
-        "id": "inc-1", "key": "xuhui/gas-1/gas_high", "revision": 3, "rule": "gas_high", "severity": "critical",
-        "state": "open", "scope": "device", "site": "xuhui", "device": "gas-1", "kind": "gas_detector",
-        "metric": "gas_lel", "value": 55.0, "threshold": 50.0, "opened_at": "2026-01-01T00:00:00Z",
-        "updated_at": "2026-01-01T00:00:00Z", "opened_ms": 0, "updated_ms": 0, "summary": summary,
-        "count": 1, "escalation": 0, "flapping": false, "devices": ["gas-1"], "history": []
-    });
-    serde_json::from_value(text).expect("an incident")
+fn incident(summary: &str, ts_ms: i64) -> IncidentLine {
+    IncidentLine {
+        site: "xuhui".into(),
+        device: "gas-1".into(),
+        rule: "gas_high".into(),
+        severity: "critical",
+        state: "open",
+        revision: 3,
+        value: Some(55.0),
+        threshold: Some(50.0),
+        summary: summary.into(),
+        ts_ms,
+    }
 }
 
 #[test]
 fn golden_escaping_of_quotes_and_backslashes_in_string_fields() {
     let mut buf = Vec::new();
-    encode_incident(&incident("gas \"55\" %LEL\\ at stall\nB"), 9, &mut buf);
+    encode_incident(&incident("gas \"55\" %LEL\\ at stall\nB", 9), &mut buf);
     assert_eq!(
         String::from_utf8(buf).expect("utf-8"),
         "incident,site=xuhui,device=gas-1,rule=gas_high,severity=critical,state=open revision=3i,value=55,threshold=50,summary=\"gas \\\"55\\\" %LEL\\\\ at stall B\" 9\n"
@@ -188,13 +197,13 @@ async fn an_outage_spills_to_the_spool_and_drains_in_order_when_the_server_retur
         tap.readings(&[reading("d", Metric::TempC, ts, 20.0)]);
         tokio::task::yield_now().await;
     }
-    wait_for("the spool to hold the overflow", || stats.spooled_lines.load(Ordering::Relaxed) >= 80).await;
-    assert!(stats.failed_requests.load(Ordering::Relaxed) > 0);
-    assert_eq!(stats.lines_written.load(Ordering::Relaxed), 0);
+    wait_for("the spool to hold the overflow", || stats.spooled_lines.get() >= 80).await;
+    assert!(stats.failed_requests.get() > 0);
+    assert_eq!(stats.lines_written.get(), 0);
     *fake.status.lock().expect("lock") = 204;
-    wait_for("everything to arrive", || stats.lines_written.load(Ordering::Relaxed) == 100).await;
+    wait_for("everything to arrive", || stats.lines_written.get() == 100).await;
     assert_eq!(received_values(&fake), (0..100).collect::<Vec<_>>(), "every line once, oldest first");
-    assert_eq!(stats.spooled_lines.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.spooled_lines.get(), 0);
     assert!(fake.auth.lock().expect("lock").iter().all(|a| a == "Token s3cret"));
     assert!(DROP_REASONS.iter().all(|r| stats.dropped(r) == 0));
     drop(tap);
@@ -213,17 +222,17 @@ async fn unsent_lines_survive_a_restart_of_the_gateway() {
     for ts in 0..35 {
         tap.readings(&[reading("d", Metric::TempC, ts, 1.0)]);
     }
-    wait_for("a failed attempt", || stats.failed_requests.load(Ordering::Relaxed) > 0 && stats.spooled_lines.load(Ordering::Relaxed) > 0).await;
+    wait_for("a failed attempt", || stats.failed_requests.get() > 0 && stats.spooled_lines.get() > 0).await;
     drop(tap);
     tokio::time::timeout(StdDuration::from_secs(10), task).await.expect("stops").expect("no panic");
-    assert_eq!(stats.spooled_lines.load(Ordering::Relaxed), 35, "memory saved to the spool at shutdown");
+    assert_eq!(stats.spooled_lines.get(), 35, "memory saved to the spool at shutdown");
 
     *fake.status.lock().expect("lock") = 204;
     let (sink, tap, rx) = InfluxSink::open(config(url), dir.path(), None).expect("reopen");
     let stats = sink.stats();
     let task = tokio::spawn(sink.run(rx));
     tap.readings(&[reading("d", Metric::TempC, 35, 1.0)]);
-    wait_for("the backlog and the new line", || stats.lines_written.load(Ordering::Relaxed) == 36).await;
+    wait_for("the backlog and the new line", || stats.lines_written.get() == 36).await;
     assert_eq!(received_values(&fake), (0..36).collect::<Vec<_>>());
     drop(tap);
     tokio::time::timeout(StdDuration::from_secs(10), task).await.expect("stops").expect("no panic");

@@ -10,7 +10,8 @@ use rusqlite::Connection;
 
 use super::*;
 use crate::ingest::Ack;
-use crate::store::{Point, QuarantineEntry, ReadingQuery};
+use crate::ingest::now_ms;
+use crate::store::{DeviceRecord, EventRecord, Point, QuarantineEntry, Reading, ReadingQuery};
 
 const WAIT: Duration = Duration::from_secs(10);
 
