@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         spawn_edge_sim(&["--broker", &broker, "--devices", "9", "--site", "jingan", "--interval", "5"]),
     ];
     let ids: Vec<String> = (0..WARM_LEAKS).map(|j| format!("bench-warm-gas-{j}")).chain((0..n).map(|i| format!("bench-gas-{i}"))).collect();
-    let mut publisher = Publisher::connect(&broker, ids.len() + 16).await?;
+    let publisher = Publisher::connect(&broker, ids.len() + 16).await?;
     for id in &ids {
         publisher.publish_json(&device_topic(SITE, id, "status"), true, &birth("gas_detector", 3600)).await?;
     }
