@@ -7,8 +7,9 @@
 //! - [`buffer`]: the store-and-forward ring that holds messages while the link is down;
 //! - [`device`]: the device loop — sample, decide, publish through a [`device::Transport`].
 //!
-//! The core is `no_std` with no heap. The `std` feature adds [`sim`], the fleet simulator
-//! behind the `edge-sim` binary, which runs this same core over simulated physics.
+//! The core is `no_std` with no heap. The `std` feature adds only the std error impls, so a
+//! host (the gateway) reaches the wire contract alone; the `sim` feature (default) adds [`sim`],
+//! the fleet simulator behind the `edge-sim` binary, which runs this same core over simulated physics.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(unsafe_code)]
 
@@ -18,5 +19,5 @@ pub mod device;
 pub mod drivers;
 pub mod wire;
 
-#[cfg(feature = "std")]
+#[cfg(feature = "sim")]
 pub mod sim;

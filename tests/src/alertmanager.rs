@@ -1,5 +1,5 @@
-//! A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) per test, on a free
-//! loopback port, with a generated minimal config (one route to a receiver without
+//! A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) per test, on a loopback
+//! port it binds itself (port 0) and logs, with a generated minimal config (one route to a receiver without
 //! integrations), private storage and no cluster gossip. It only collects alerts for the test
 //! to read back through its v2 API; it notifies nobody.
 
@@ -8,15 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value;
-use tokio::time::Instant;
 
-use crate::{free_port, ChildGuard, READY_TIMEOUT};
+use crate::{wait_for, ChildGuard, READY_TIMEOUT};
 
 /// Where Debian's package installs the binary.
 pub const ALERTMANAGER_BIN: &str = "/usr/bin/prometheus-alertmanager";
 
-/// Attempts at a fresh port when the one picked was taken before Alertmanager bound it.
-const PORT_ATTEMPTS: usize = 5;
+/// How Alertmanager logs the address it bound (port 0 given: the port it got).
+const LISTENING_ON: &str = "msg=\"Listening on\" address=";
 
 /// One route, to a receiver with no integrations: alerts are kept and listed, never sent on.
 const CONFIG: &str = "\
@@ -55,30 +54,32 @@ impl Alertmanager {
         let storage = dir.path().join("data");
         std::fs::create_dir(&storage).context("creating Alertmanager's storage dir")?;
 
-        let mut last_error = None;
-        for _ in 0..PORT_ATTEMPTS {
-            let port = free_port();
-            let mut cmd = Command::new(ALERTMANAGER_BIN);
-            cmd.arg(format!("--config.file={}", config.display()))
-                .arg(format!("--storage.path={}", storage.display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--cluster.listen-address=")
-                .arg("--log.level=info");
-            let mut child = ChildGuard::spawn("alertmanager", cmd)?;
-            match wait_ready(port, &mut child).await {
-                Ok(()) => {
-                    return Ok(Alertmanager {
-                        port,
-                        child,
-                        _dir: dir,
-                    })
-                }
-                // Exited at once: most likely the port was taken meanwhile; try another one.
-                Err(Ready::Exited(e)) => last_error = Some(e),
-                Err(Ready::TimedOut(e)) => return Err(e),
+        let mut cmd = Command::new(ALERTMANAGER_BIN);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", storage.display()))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg("--cluster.listen-address=")
+            .arg("--log.level=info");
+        let mut child = ChildGuard::spawn("alertmanager", cmd)?;
+        // Port 0: it binds one of its own choosing and logs it.
+        let bound = wait_for("Alertmanager to log its address", READY_TIMEOUT, || {
+            let logs = child.stderr() + &child.stdout();
+            let port = logs.lines().find_map(|l| l.split_once(LISTENING_ON)).and_then(|(_, addr)| addr.split_whitespace().next()?.rsplit_once(':')?.1.parse::<u16>().ok());
+            match port {
+                Some(port) => Some(Ok(port)),
+                None => child.try_wait().ok().flatten().map(Err),
             }
+        })
+        .await;
+        let port = match bound {
+            Ok(Ok(port)) => port,
+            Ok(Err(status)) => anyhow::bail!("Alertmanager exited with {status} before it was ready:\n{}", child.logs()),
+            Err(e) => anyhow::bail!("{e}:\n{}", child.logs()),
+        };
+        match wait_ready(port, &mut child).await {
+            Ok(()) => Ok(Alertmanager { port, child, _dir: dir }),
+            Err(Ready::Exited(e) | Ready::TimedOut(e)) => Err(e),
         }
-        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("Alertmanager did not start")))
     }
 
     /// `http://127.0.0.1:PORT`, the base URL (the gateway appends `/api/v2/alerts`).
@@ -142,26 +143,16 @@ async fn wait_ready(port: u16, child: &mut ChildGuard) -> Result<(), Ready> {
         .http_status_as_error(false)
         .build()
         .into();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
+    let ready = wait_for("Alertmanager GET /-/ready 200", READY_TIMEOUT, || {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(Ready::Exited(anyhow::anyhow!(
-                "Alertmanager exited before it was ready ({status}) on port {port}:\n{}",
-                child.logs()
-            )));
+            return Some(Err(status));
         }
-        if let Ok(response) = probe.get(&url).call() {
-            if response.status() == 200 {
-                return Ok(());
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(Ready::TimedOut(anyhow::anyhow!(
-                "Alertmanager on port {port} did not answer GET /-/ready with 200 within \
-                 {READY_TIMEOUT:?}:\n{}",
-                child.logs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        probe.get(&url).call().ok().filter(|r| r.status() == 200).map(|_| Ok(()))
+    })
+    .await;
+    match ready {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(status)) => Err(Ready::Exited(anyhow::anyhow!("Alertmanager exited before it was ready ({status}) on port {port}:\n{}", child.logs()))),
+        Err(e) => Err(Ready::TimedOut(anyhow::anyhow!("Alertmanager on port {port}: {e}:\n{}", child.logs()))),
     }
 }

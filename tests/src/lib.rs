@@ -1,5 +1,5 @@
 //! End-to-end test harness for Citywatch: starts real servers (a `mosquitto` broker, a
-//! Prometheus Alertmanager, an HTTP webhook receiver, each on a free loopback port), real MQTT
+//! Prometheus Alertmanager, an HTTP webhook receiver, each on its own loopback port), real MQTT
 //! subscribers and the workspace's own binaries, with every wait bounded and every log kept for
 //! the failure report. It is not a mock, not an in-process broker, and not
 //! meant for anything but tests.
@@ -22,10 +22,10 @@ use std::time::Duration;
 pub use alertmanager::{Alertmanager, ALERTMANAGER_BIN};
 pub use browser::{artifacts_dir, chromedriver_path, chromium_path, Browser, Element};
 pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
-pub use gateway::GatewayProcess;
+pub use gateway::{printed_addresses, GatewayProcess};
 pub use modbus_server::{ModbusServer, RegisterTable, MODBUS_PYTHON};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
-pub use process::{spawn_citywatch, spawn_edge_sim, ChildGuard};
+pub use process::{listening_ports, spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use publisher::{birth, device_topic, Publisher};
 pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
@@ -36,7 +36,44 @@ pub use victoria::VictoriaMetrics;
 /// The bound used for every "until it is ready" wait of the harness.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Polls `condition` until it yields `Some`, at most `timeout`; the error names `what`.
+///
+/// The one bounded wait of the harness: every "until it is ready / until it arrived" goes
+/// through here (or [`wait_for_async`]) instead of an ad-hoc loop or a bare sleep. The poll
+/// interval starts at 10 ms and doubles up to 200 ms, so fast events are seen fast.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    wait_for_async(what, timeout, || std::future::ready(condition())).await
+}
+
+/// [`wait_for`] with an asynchronous condition; a probe that hangs is cut at the deadline too.
+pub async fn wait_for_async<T, F>(what: &str, timeout: Duration, mut condition: impl FnMut() -> F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match tokio::time::timeout_at(deadline, condition()).await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(_) => anyhow::bail!("timed out after {timeout:?} waiting for {what}"),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read the port, drop).
+///
+/// Racy by nature: only for a server that cannot bind port 0 (mosquitto 2.0.11), and only with
+/// a retry on a fresh port when its bind fails. Everything else binds port 0 itself and tells
+/// the port: the gateway and chromedriver print it, Alertmanager logs it, the Modbus server
+/// prints it, VictoriaMetrics' is read from /proc ([`ChildGuard::listening_ports`]), the
+/// in-process receivers read it from their listener.
 pub fn free_port() -> u16 {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a free port");

@@ -1,16 +1,15 @@
 //! A real Modbus TCP server per test: pymodbus (Debian `python3-pymodbus`) running
-//! `modbus/server.py` on a free loopback port, whose registers the test sets over stdin. It can
-//! be paused (SIGSTOP: connections stay open, nothing answers) to play a controller that hangs.
+//! `modbus/server.py` on a loopback port it binds itself (port 0) and reports, whose registers
+//! the test sets over stdin. It can be paused (SIGSTOP: connections stay open, nothing answers) to play a controller that hangs.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 
-use crate::{free_port, READY_TIMEOUT};
+use crate::READY_TIMEOUT;
 
 /// The Python that has the Debian `python3-pymodbus` package (not a pyenv or venv shim).
 pub const MODBUS_PYTHON: &str = "/usr/bin/python3";
@@ -44,11 +43,10 @@ impl ModbusServer {
         let dir = tempfile::Builder::new().prefix("citywatch-modbus-").tempdir().context("temp dir")?;
         let script = dir.path().join("server.py");
         std::fs::write(&script, SCRIPT).context("writing server.py")?;
-        let port = free_port();
         let units: Vec<String> = units.iter().map(u8::to_string).collect();
         let mut child = Command::new(MODBUS_PYTHON)
             .arg(&script)
-            .arg(port.to_string())
+            .arg("0")
             .arg(units.join(","))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -57,20 +55,19 @@ impl ModbusServer {
             .spawn()
             .context("spawning the pymodbus server")?;
         let stdin = child.stdin.take().context("stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut server = ModbusServer { child, stdin, stdout, port, _dir: dir };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Ok(server);
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        // Its first line, once listening: "listening PORT". End of output: it exited.
+        let mut first = String::new();
+        let read = timeout(READY_TIMEOUT, stdout.read_line(&mut first)).await;
+        let port = first.strip_prefix("listening ").and_then(|p| p.trim().parse::<u16>().ok());
+        let mut server = ModbusServer { child, stdin, stdout, port: port.unwrap_or(0), _dir: dir };
+        match (read, port) {
+            (Ok(Ok(_)), Some(_)) => Ok(server),
+            (Err(_), _) => bail!("the pymodbus server did not listen within {READY_TIMEOUT:?}:\n{}", server.stderr()),
+            _ => {
+                let status = timeout(READY_TIMEOUT, server.child.wait()).await.ok().and_then(Result::ok);
+                bail!("the pymodbus server did not start ({first:?}, exit {status:?}):\n{}", server.stderr())
             }
-            if let Some(status) = server.child.try_wait()? {
-                bail!("the pymodbus server exited with {status}:\n{}", server.stderr());
-            }
-            if Instant::now() >= deadline {
-                bail!("the pymodbus server did not listen within {READY_TIMEOUT:?}:\n{}", server.stderr());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -9,10 +9,11 @@ use anyhow::{bail, Context as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{timeout, Instant};
 
-use crate::{find_executable, free_port, tail, READY_TIMEOUT};
+use crate::{find_executable, free_port, tail, wait_for_async, READY_TIMEOUT};
 
 /// Attempts at a fresh port when the broker could not bind the one picked (another process took
-/// it between [`free_port`] and the broker's bind).
+/// it between [`free_port`] and the broker's bind). Mosquitto 2.0.11 cannot bind port 0 and
+/// report it (`listener 0 HOST` opens a unix socket named HOST), so it is started that way.
 const PORT_ATTEMPTS: usize = 5;
 
 /// Options of a [`Mosquitto`] broker; build with [`Mosquitto::builder`].
@@ -239,31 +240,30 @@ impl Mosquitto {
             .map_err(StartError::Other)?;
         self.child = Some(child);
 
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(StartError::Exited(anyhow::anyhow!(
-                        "mosquitto exited before it was ready ({status}) on port {}; log:\n{}",
-                        self.port,
-                        tail(&self.log(), 60)
-                    )));
+        let port = self.port;
+        let ready = wait_for_async("mosquitto to answer CONNECT with CONNACK", READY_TIMEOUT, || {
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(status));
                 }
+                matches!(timeout(Duration::from_secs(1), probe_connack(port)).await, Ok(Ok(true))).then_some(Ok(()))
             }
-            if let Ok(Ok(true)) = timeout(Duration::from_secs(1), probe_connack(self.port)).await {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                self.stop();
-                return Err(StartError::Other(anyhow::anyhow!(
-                    "mosquitto on port {} did not answer CONNECT with CONNACK within {:?}; log:\n{}",
-                    self.port,
-                    READY_TIMEOUT,
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(status)) => {
+                self.child = None;
+                Err(StartError::Exited(anyhow::anyhow!(
+                    "mosquitto exited before it was ready ({status}) on port {port}; log:\n{}",
                     tail(&self.log(), 60)
-                )));
+                )))
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(e) => {
+                self.stop();
+                Err(StartError::Other(anyhow::anyhow!("mosquitto on port {port}: {e}; log:\n{}", tail(&self.log(), 60))))
+            }
         }
     }
 }

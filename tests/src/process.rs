@@ -102,6 +102,13 @@ impl ChildGuard {
         let _ = self.child.wait();
     }
 
+    /// The TCP ports it listens on, read from Linux's /proc (its socket inodes, matched against
+    /// the LISTEN entries of its network namespace): for a server told to bind port 0 that does
+    /// not say which port it got (VictoriaMetrics).
+    pub fn listening_ports(&self) -> Vec<u16> {
+        listening_ports(self.id())
+    }
+
     /// Path of the captured stdout.
     pub fn stdout_path(&self) -> &Path {
         &self.stdout_path
@@ -159,4 +166,31 @@ pub fn spawn_citywatch(args: &[&str]) -> ChildGuard {
     let mut cmd = Command::new(citywatch_bin());
     cmd.args(args);
     ChildGuard::spawn("citywatch", cmd).expect("spawning citywatch")
+}
+
+/// The TCP ports process `pid` listens on (Linux /proc; empty elsewhere or if it is gone).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9)) else { continue };
+            if *state != "0A" || !inodes.contains(*inode) {
+                continue;
+            }
+            if let Some(port) = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
 }

@@ -1,14 +1,13 @@
-//! A real VictoriaMetrics (Debian `victoria-metrics`) per test, on a free loopback port with its
-//! own data directory: it accepts the InfluxDB v2 write API (`/api/v2/write`), and its export
+//! A real VictoriaMetrics (Debian `victoria-metrics`) per test, on a loopback port it binds
+//! itself, with its own data directory: it accepts the InfluxDB v2 write API (`/api/v2/write`), and its export
 //! API reads back what was stored. It can be killed and restarted on the same port and data.
 
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use crate::{find_executable, free_port, ChildGuard, READY_TIMEOUT};
+use crate::{find_executable, wait_for, ChildGuard, READY_TIMEOUT};
 
 /// A running victoria-metrics.
 #[derive(Debug)]
@@ -26,7 +25,9 @@ impl VictoriaMetrics {
             anyhow::anyhow!("victoria-metrics is not installed: run `scripts/test`, which installs the Debian package victoria-metrics")
         })?;
         let data = tempfile::Builder::new().prefix("citywatch-vm-").tempdir().context("data dir")?;
-        let mut vm = VictoriaMetrics { child: None, port: free_port(), data, bin };
+        // Port 0 first: it binds one of its own choosing, read from /proc (it logs ":0"); restarts
+        // reuse that port.
+        let mut vm = VictoriaMetrics { child: None, port: 0, data, bin };
         vm.launch().await?;
         Ok(vm)
     }
@@ -38,22 +39,26 @@ impl VictoriaMetrics {
             .arg("-retentionPeriod=100y")
             .arg("-loggerLevel=WARN");
         let mut child = ChildGuard::spawn("victoria-metrics", cmd)?;
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(mut r) = ureq::get(&format!("{}/health", self.url())).call() {
-                if r.body_mut().read_to_string().is_ok_and(|b| b.trim() == "OK") {
-                    self.child = Some(child);
-                    return Ok(());
-                }
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("victoria-metrics exited with {status}:\n{}", child.logs());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("victoria-metrics not healthy within {READY_TIMEOUT:?}:\n{}", child.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let bound = wait_for("victoria-metrics to listen", READY_TIMEOUT, || match child.listening_ports().first() {
+            Some(&port) => Some(Ok(port)),
+            None => child.try_wait().ok().flatten().map(Err),
+        })
+        .await;
+        match bound {
+            Ok(Ok(port)) => self.port = port,
+            Ok(Err(status)) => bail!("victoria-metrics exited with {status}:\n{}", child.logs()),
+            Err(e) => bail!("{e}:\n{}", child.logs()),
         }
+        let url = format!("{}/health", self.url());
+        let healthy = wait_for("victoria-metrics /health", READY_TIMEOUT, || {
+            ureq::get(&url).call().ok()?.body_mut().read_to_string().ok().filter(|b| b.trim() == "OK").map(drop)
+        })
+        .await;
+        if let Err(e) = healthy {
+            bail!("{e}:\n{}", child.logs());
+        }
+        self.child = Some(child);
+        Ok(())
     }
 
     /// "http://127.0.0.1:PORT", the base URL of every API.

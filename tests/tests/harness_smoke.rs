@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use citywatch_tests::{spawn_edge_sim, unique_client_id, Mosquitto, Subscriber};
+use citywatch_tests::{spawn_edge_sim, unique_client_id, wait_for, Mosquitto, Subscriber};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
 };
@@ -411,23 +411,11 @@ async fn alertmanager_accepts_and_lists_an_alert() -> anyhow::Result<()> {
         "generatorURL": "http://127.0.0.1/harness"
     }]);
     am.post_alerts(&alert)?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let listed = loop {
-        let alerts = am.alerts()?;
-        if let Some(a) = alerts
-            .iter()
-            .find(|a| a["labels"]["alertname"] == "harness_smoke")
-        {
-            break a.clone();
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "the alert was not listed within {WAIT:?}: {alerts:?}\n{}",
-                am.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let listed = wait_for("the alert listed", WAIT, || {
+        am.alerts().ok()?.into_iter().find(|a| a["labels"]["alertname"] == "harness_smoke")
+    })
+    .await
+    .with_context(|| format!("{:?}\n{}", am.alerts(), am.logs()))?;
     assert_eq!(listed["labels"]["device"], "am-gas-00000");
     assert_eq!(
         listed["annotations"]["summary"],

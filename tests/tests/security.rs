@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use citywatch_tests::{citywatch_bin, free_port, workspace_root, ChildGuard, GatewayProcess, Mosquitto, READY_TIMEOUT};
+use citywatch_tests::{citywatch_bin, printed_addresses, wait_for, workspace_root, ChildGuard, GatewayProcess, Mosquitto, READY_TIMEOUT};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -90,7 +90,7 @@ async fn api_tokens_and_roles_guard_the_real_gateway() {
 async fn an_open_api_is_refused_on_a_network_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("open.toml");
-    std::fs::write(&config, format!("[mqtt]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"0.0.0.0:{}\"\n[storage]\npath = \"{}\"\n", free_port(), free_port(), dir.path().join("store").display()))
+    std::fs::write(&config, format!("[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"0.0.0.0:0\"\n[storage]\npath = \"{}\"\n", dir.path().join("store").display()))
         .expect("write config");
     for args in [vec!["check-config", config.to_str().expect("path")], vec!["run", "--config", config.to_str().expect("path")]] {
         let mut cmd = std::process::Command::new(citywatch_bin());
@@ -127,16 +127,9 @@ async fn mosquitto_cli(bin: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Polls `probe` every 100 ms until it returns Some, at most WAIT.
-async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The harness's bounded wait, at most WAIT; a timeout fails the test.
+async fn eventually<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    wait_for(what, WAIT, probe).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 const STATUS: &str = r#"{"state":"online","kind":"gas_detector","fw":"0.1.0","interval_s":60}"#;
@@ -145,12 +138,12 @@ const STATUS: &str = r#"{"state":"online","kind":"gas_detector","fw":"0.1.0","in
 async fn https_and_mqtt_over_tls_with_device_acls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key, pem) = certificate(dir.path());
-    let (mqtt_port, http_port) = (free_port(), free_port());
+    // Port 0 for both: the gateway binds them and prints what it got.
     let toml = format!(
-        "[mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          [[mqtt.users]]\nusername = \"gas-1\"\npassword = \"gas-1-pw\"\nsite = \"xh\"\ndevice = \"gas-1\"\n\
          [mqtt.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n\
          [[http.tokens]]\nname = \"wall\"\nrole = \"viewer\"\ntoken = \"viewer-token-0123456789\"\n\
          [http.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
          [storage]\npath = \"{}\"\n",
@@ -161,6 +154,18 @@ async fn https_and_mqtt_over_tls_with_device_acls() {
     let mut cmd = std::process::Command::new(citywatch_bin());
     cmd.args(["run", "--config", config.to_str().expect("path")]).env("RUST_LOG", "info,rumqttd=warn");
     let mut gateway = ChildGuard::spawn("citywatch", cmd).expect("spawn");
+    let (http_addr, mqtt_addr) = eventually("the printed addresses", || {
+        if let Ok(Some(status)) = gateway.try_wait() {
+            panic!("citywatch exited with {status}: {}", gateway.logs());
+        }
+        match printed_addresses(&gateway.stdout()) {
+            (Some(http), Some(mqtt)) => Some((http, mqtt)),
+            _ => None,
+        }
+    })
+    .await;
+    let port_of = |addr: &str| addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or_else(|| panic!("address {addr:?}"));
+    let (http_port, mqtt_port) = (port_of(&http_addr), port_of(&mqtt_addr));
     let agent = tls_agent(&pem);
     let base = format!("https://127.0.0.1:{http_port}");
     let token = Some("viewer-token-0123456789");

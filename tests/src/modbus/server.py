@@ -1,7 +1,8 @@
 """A Modbus TCP server for Citywatch's end-to-end tests (pymodbus 3.0, Debian python3-pymodbus).
 
-argv: PORT UNITS (comma-separated unit ids). Registers start at 0 (zero_mode). Commands on
-stdin, one per line, each answered with "ok" on stdout once applied:
+argv: PORT UNITS (comma-separated unit ids; PORT 0: the system picks one). Once listening it
+prints "listening PORT" (the bound port) on stdout. Registers start at 0 (zero_mode). Commands
+on stdin, one per line, each answered with "ok" on stdout once applied:
     set UNIT input|holding ADDRESS VALUE [VALUE ...]
 End of stdin stops the server.
 """
@@ -42,8 +43,12 @@ async def main():
             else:
                 print("error unknown command", flush=True)
 
+    server = await StartAsyncTcpServer(context=context, address=("127.0.0.1", port), defer_start=True)
+    serving = asyncio.get_running_loop().create_task(server.serve_forever())
+    await server.serving
+    print("listening", server.server.sockets[0].getsockname()[1], flush=True)
     asyncio.get_running_loop().create_task(commands())
-    await StartAsyncTcpServer(context=context, address=("127.0.0.1", port))
+    await serving
 
 
 asyncio.run(main())
