@@ -115,12 +115,6 @@ impl IncidentsHandle {
         let _ = self.tx.send(Request::Shutdown).await;
     }
 
-    /// Hands rule signals to the manager (waiting while its queue is full); `ack` fires once
-    /// they are committed. For producers outside the decode stage (the maintenance service).
-    pub async fn send_signals(&self, signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64) -> Result<(), Stopped> {
-        self.tx.send(Request::Signals { signals, ack, received_ms }).await.map_err(|_| Stopped)
-    }
-
     pub async fn transition(&self, id: String, action: Action, actor: String, note: Option<String>, crew: Option<String>) -> Result<Result<Incident, TransitionError>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Transition { id, action, actor, note, crew, reply }).await.map_err(|_| Stopped)?;

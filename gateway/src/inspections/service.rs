@@ -412,7 +412,7 @@ impl Service {
         let ack = Ack::new(move || {
             let _ = done.send(());
         });
-        if self.incidents.send_signals(signals, Some(ack), (self.wall)()).await.is_err() {
+        if self.incidents.raise(signals, Some(ack), (self.wall)()).await.is_err() {
             return false;
         }
         matches!(tokio::time::timeout(COMMIT_TIMEOUT, committed).await, Ok(Ok(())))
