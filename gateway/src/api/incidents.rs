@@ -73,15 +73,7 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
         states.push(st);
     }
     let limit = page::limit(p.limit, DEFAULT_INCIDENTS, MAX_INCIDENTS)?;
-    let key = p.cursor.as_deref().map(page::decode).transpose()?;
-    let after = match key.as_deref() {
-        None => None,
-        Some(key) => {
-            let parts = page::split(key, 2)?;
-            let updated_ms = parts[0].parse::<i64>().map_err(|_| ApiError::BadRequest("cursor is not a cursor of this list".into()))?;
-            Some((updated_ms, parts[1].to_owned()))
-        }
-    };
+    let after = p.cursor.as_deref().map(page::incident_after).transpose()?;
     // One more than asked: whether a next page exists.
     let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit: limit + 1 };
     let store = std::sync::Arc::clone(&h.store);
@@ -93,7 +85,7 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let more = found.len() > limit;
     found.truncate(limit);
-    let next_cursor = more.then(|| found.last().map(|(t, i)| page::encode(&page::join(&[&t.to_string(), &i.id])))).flatten();
+    let next_cursor = more.then(|| found.last().map(|(t, i)| page::incident_cursor(*t, &i.id))).flatten();
     let incidents: Vec<_> = found.into_iter().map(|(_, i)| i).collect();
     let by_state: serde_json::Map<String, Value> = counts.into_iter().map(|(k, v)| (k, json!(v))).collect();
     Ok(Json(json!({

@@ -15,7 +15,7 @@ pub mod page;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::header;
@@ -96,33 +96,34 @@ pub fn router(state: ApiState) -> Router {
 }
 
 
-/// A time parameter: RFC 3339 (`2026-11-22T10:00:00Z`, any offset) or milliseconds since the epoch.
+/// A time parameter: epoch milliseconds (up to 14 digits) or RFC 3339 with an offset
+/// (`2026-11-22T10:00:00Z`, `…+08:00`) — exactly what the OpenAPI document states.
 pub fn parse_time(name: &str, text: &str) -> ApiResult<i64> {
-    if let Ok(ms) = text.parse::<i64>() {
+    if let Some(ms) = page::digits(text, 14) {
         return Ok(ms);
     }
     text.parse::<jiff::Timestamp>()
         .map(|t| t.as_millisecond())
-        .or_else(|_| {
-            humantime::parse_rfc3339_weak(text)
-                .ok()
-                .and_then(|t: SystemTime| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as i64)
-                .ok_or(())
-        })
-        .map_err(|()| ApiError::BadRequest(format!("{name}={text:?} is neither RFC 3339 nor epoch milliseconds")))
+        .map_err(|_| ApiError::BadRequest(format!("{name}={text:?} is neither RFC 3339 nor epoch milliseconds")))
 }
 
-/// A step parameter: a duration (`1m`, `30s`) or milliseconds.
+/// A step parameter: milliseconds (≥ 1000, up to 12 digits) or a count (up to 6 digits) of
+/// s, m, h or d — exactly what the OpenAPI document states.
 pub fn parse_step(text: &str) -> ApiResult<i64> {
-    let ms = match text.parse::<i64>() {
-        Ok(ms) => ms,
-        Err(_) => humantime::parse_duration(text)
-            .map(|d| d.as_millis() as i64)
-            .map_err(|_| ApiError::BadRequest(format!("step={text:?} is not a duration like 1m or 30s")))?,
+    let bad = || ApiError::BadRequest(format!("step={text:?}: milliseconds (at least 1000) or a duration like 30s, 5m, 1h, 1d"));
+    let (number, unit_ms, max_digits) = match text.as_bytes().last() {
+        Some(b's') => (&text[..text.len() - 1], 1000, 6),
+        Some(b'm') => (&text[..text.len() - 1], 60_000, 6),
+        Some(b'h') => (&text[..text.len() - 1], 3_600_000, 6),
+        Some(b'd') => (&text[..text.len() - 1], 86_400_000, 6),
+        _ => (text, 1, 12),
     };
+    if number.starts_with('0') {
+        return Err(bad());
+    }
+    let ms = page::digits(number, max_digits).ok_or_else(bad)? * unit_ms;
     if ms < 1000 {
-        return Err(ApiError::BadRequest("step must be at least 1s".into()));
+        return Err(bad());
     }
     Ok(ms)
 }
@@ -233,7 +234,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
         })
         .transpose()?;
     let limit = page::limit(f.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
-    let after = f.cursor.as_deref().map(|c| page::decode(c)).transpose()?;
+    let after = f.cursor.as_deref().map(page::device_after).transpose()?;
     let now = now_ms();
     let placed = |d: &Device| f.site.as_deref().is_none_or(|site| d.site == site) && kind.is_none_or(|k| d.kind == k);
     let mut total = 0usize;
@@ -251,7 +252,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
     let found = s.registry.page(after.as_deref(), limit, |d| placed(d) && health.is_none_or(|h| d.health_flags(now, &s.ingest).contains(&h)));
     let list: Vec<DeviceView> = found.devices.iter().map(|d| DeviceView::of(d, now, &s.ingest)).collect();
     Ok(Json(json!({
-        "count": list.len(), "total": total, "limit": limit, "next_cursor": found.next_after.as_deref().map(page::encode),
+        "count": list.len(), "total": total, "limit": limit, "next_cursor": found.next_after.as_deref().map(page::hex_part),
         "by_health": by_health, "devices": list,
     })))
 }
@@ -313,15 +314,15 @@ struct QuarantineParams {
     limit: Option<usize>,
     cursor: Option<String>,
     /// Entries with an id below this (the paging of old clients; `cursor` is the same).
-    before: Option<i64>,
+    before: Option<u64>,
 }
 
 /// `GET quarantine`: newest first; the cursor is the last entry's id.
 async fn quarantine(State(s): State<ApiState>, Query(p): Query<QuarantineParams>) -> ApiResult<Json<Value>> {
     let limit = page::limit(p.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
     let before = match p.cursor.as_deref() {
-        None => p.before,
-        Some(c) => Some(page::decode(c)?.parse::<i64>().map_err(|_| ApiError::BadRequest("cursor is not a cursor of this list".into()))?),
+        None => p.before.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+        Some(c) => Some(page::quarantine_before(c)?),
     };
     let store = Arc::clone(&s.store);
     // One more than asked: whether a next page exists.
@@ -332,7 +333,7 @@ async fn quarantine(State(s): State<ApiState>, Query(p): Query<QuarantineParams>
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let more = entries.len() > limit;
     entries.truncate(limit);
-    let next_cursor = more.then(|| entries.last().map(|e| page::encode(&e.id.to_string()))).flatten();
+    let next_cursor = more.then(|| entries.last().map(|e| e.id.to_string())).flatten();
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::page::{DEFAULT_LIMIT, MAX_LIMIT};
+use super::page::{DEFAULT_LIMIT, DEVICE_CURSOR, INCIDENT_CURSOR, MAX_LIMIT, QUARANTINE_CURSOR, WORK_ORDER_CURSOR};
 
 /// Paths the document lists that a GET answers with 200 on the test fixture (the tests walk them).
 #[cfg_attr(not(test), allow(dead_code))]
@@ -43,10 +43,10 @@ fn schema(name: &str) -> Value {
 }
 
 /// `limit` and `cursor` of a paginated list.
-fn paging(default: usize, max: usize) -> [Value; 2] {
+fn paging(default: usize, max: usize, cursor: &str) -> [Value; 2] {
     [
         query("limit", &format!("Items per page, 1–{max} (default {default})."), json!({ "type": "integer", "minimum": 1, "maximum": max })),
-        query("cursor", "Opaque: the `next_cursor` of the previous page.", json!({ "type": "string", "pattern": "^([0-9a-f]{2})+$" })),
+        query("cursor", "Opaque: the `next_cursor` of the previous page.", json!({ "type": "string", "pattern": cursor })),
     ]
 }
 
@@ -95,8 +95,10 @@ fn body_errors(mut responses: Value) -> Value {
 pub fn document() -> Value {
     let device_id = json!({ "name": "id", "in": "path", "required": true, "description": "Device id, unique across the deployment.", "schema": { "type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$" } });
     let incident_id = json!({ "name": "id", "in": "path", "required": true, "description": "Incident id (inc-…).", "schema": { "type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$" } });
-    let [dev_limit, dev_cursor] = paging(DEFAULT_LIMIT, MAX_LIMIT);
-    let [inc_limit, inc_cursor] = paging(super::incidents::DEFAULT_INCIDENTS, super::incidents::MAX_INCIDENTS);
+    let [dev_limit, dev_cursor] = paging(DEFAULT_LIMIT, MAX_LIMIT, DEVICE_CURSOR);
+    let [inc_limit, inc_cursor] = paging(super::incidents::DEFAULT_INCIDENTS, super::incidents::MAX_INCIDENTS, INCIDENT_CURSOR);
+    let [q_limit, q_cursor] = paging(DEFAULT_LIMIT, MAX_LIMIT, QUARANTINE_CURSOR);
+    let [wo_limit, wo_cursor] = paging(DEFAULT_LIMIT, MAX_LIMIT, WORK_ORDER_CURSOR);
     let health_values = json!(["offline", "faulted", "stale", "low_battery", "stuck", "clock_skew", "online"]);
     let kinds = json!(["gas_detector", "smoke_detector", "siren_mount"]);
     let incident_states = "open, acknowledged, dispatched, resolved, cleared, closed, or active (the first three); comma-separated.";
@@ -115,7 +117,7 @@ pub fn document() -> Value {
                 query("site", "Only this site.", json!({ "type": "string" })),
                 query("kind", "Only this kind.", json!({ "enum": kinds })),
                 query("health", "Only devices with this health condition.", json!({ "enum": health_values })),
-                dev_limit.clone(), dev_cursor.clone(),
+                dev_limit, dev_cursor,
             ],
             "responses": { "200": ok("A page of devices.", page_of("devices", schema("Device"), json!({ "by_health": { "type": "object", "additionalProperties": { "type": "integer" } } }))),
                            "400": error("A bad filter, limit or cursor.") } })),
@@ -164,7 +166,7 @@ pub fn document() -> Value {
                 query("site", "Only this site.", json!({ "type": "string" })),
                 query("overdue", "Only overdue work.", json!({ "type": "boolean" })),
                 query("format", "json (default) or csv (all work orders, unpaginated).", json!({ "enum": ["json", "csv"] })),
-                dev_limit.clone(), dev_cursor.clone(),
+                wo_limit, wo_cursor,
             ],
             "responses": { "200": { "description": "A page of work orders, or the CSV.", "content": {
                     "application/json": { "schema": page_of("items", json!({ "type": "object" }), json!({ "now": { "type": "string" }, "due_within_days": { "type": "integer" } })) },
@@ -174,8 +176,8 @@ pub fn document() -> Value {
     paths.insert(
         "/api/v1/quarantine".into(),
         get(json!({ "summary": "Rejected input, newest first, with its raw bytes; `counts` by reason.", "operationId": "listQuarantine",
-            "parameters": [ dev_limit, dev_cursor,
-                query("before", "Entries with an id below this (older paging; `cursor` is the same).", json!({ "type": "integer", "minimum": 0 })) ],
+            "parameters": [ q_limit, q_cursor,
+                query("before", "Entries with an id below this (older paging; `cursor` is the same).", json!({ "type": "integer", "minimum": 0, "maximum": i64::MAX })) ],
             "responses": { "200": ok("A page of entries.", page_of("entries", json!({ "type": "object" }), json!({ "counts": { "type": "object", "additionalProperties": { "type": "integer" } } }))),
                            "400": error("A bad limit or cursor.") } })),
     );
@@ -244,7 +246,7 @@ pub fn document() -> Value {
             "responses": { "200": ok("The channels.", json!({ "type": "object", "required": ["channels"] })) } })),
     );
     let silence = json!({ "type": "object", "additionalProperties": false, "properties": {
-        "site": { "type": "string" }, "device": { "type": "string" }, "kind": { "enum": kinds }, "rule": { "type": "string" },
+        "site": { "type": "string" }, "device": { "type": "string" }, "kind": { "enum": kinds }, "rule": { "type": "string", "minLength": 1 },
         "start": { "type": "string", "format": "date-time" }, "end": { "type": "string", "format": "date-time" },
         "recurring": { "type": "object", "description": "{month, day, weekday, nth, from, to, tz}" },
         "reason": { "type": "string" }, "actor": { "type": "string" } } });

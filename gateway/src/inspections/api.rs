@@ -97,22 +97,21 @@ async fn work_orders(State(h): State<InspectionsHandle>, headers: HeaderMap, Que
         Some(other) => return Err(ApiError::BadRequest(format!("format: {other:?} is not json or csv"))),
     };
     let limit = page::limit(p.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
-    let after = p.cursor.as_deref().map(page::decode).transpose()?;
+    let after = p.cursor.as_deref().map(page::work_order_after).transpose()?;
     let orders = h.work_orders(WorkOrderQuery { due_within_days: days, site: p.site, overdue_only: p.overdue.unwrap_or(false) }).await?;
     if !csv {
         // Work orders come sorted by (due, device, task): a page starts after the cursor's key.
         let total = orders.items.len();
-        let start = match after.as_deref() {
+        let start = match after {
             None => 0,
-            Some(after) => {
-                let parts = page::split(after, 3)?;
-                let task = Task::parse(parts[2]).ok_or_else(|| ApiError::BadRequest("cursor is not a cursor of this list".into()))?;
-                let after = (parts[0], parts[1], task);
+            Some((due, device, task)) => {
+                let task = Task::parse(&task).ok_or_else(|| ApiError::BadRequest("cursor is not a cursor of this list".into()))?;
+                let after = (due.as_str(), device.as_str(), task);
                 orders.items.partition_point(|o| (o.due.as_str(), o.device.as_str(), o.task) <= after)
             }
         };
         let items = &orders.items[start..(start + limit).min(total)];
-        let next_cursor = (start + limit < total).then(|| items.last().map(|o| page::encode(&page::join(&[&o.due, &o.device, o.task.as_str()])))).flatten();
+        let next_cursor = (start + limit < total).then(|| items.last().map(|o| page::work_order_cursor(&o.due, &o.device, o.task.as_str()))).flatten();
         return Ok(Json(json!({
             "now": rfc3339(orders.now_ms), "due_within_days": days,
             "count": items.len(), "total": total, "limit": limit, "next_cursor": next_cursor, "items": items,
