@@ -238,7 +238,7 @@ pub fn document() -> Value {
         "/api/v1/rules".into(),
         get(json!({ "summary": "The rule pack, or with ?device= the rules in effect for that device after overrides.", "operationId": "rules",
             "parameters": [query("device", "A device id.", json!({ "type": "string" }))],
-            "responses": { "200": ok("The rules.", json!({ "type": "object", "required": ["rules"] })), "404": error("Unknown device.") } })),
+            "responses": { "200": ok("The rules.", json!({ "type": "object", "required": ["rules"] })), "400": error("An unknown parameter."), "404": error("Unknown device.") } })),
     );
     paths.insert(
         "/api/v1/notify".into(),
