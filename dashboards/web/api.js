@@ -40,6 +40,19 @@ export async function api(path, { method = 'GET', body } = {}) {
   return data;
 }
 
+/// Every item of a paginated list (`GET devices`, `inspections`, …): follows `next_cursor`
+/// page by page (1000 a page). Returns the first page's document with `key` holding all items.
+export async function apiAll(path, key) {
+  const sep = path.includes('?') ? '&' : '?';
+  const first = await api(`${path}${sep}limit=1000`);
+  const items = [...(first[key] ?? [])];
+  for (let page = first; page.next_cursor; ) {
+    page = await api(`${path}${sep}limit=1000&cursor=${encodeURIComponent(page.next_cursor)}`);
+    items.push(...(page[key] ?? []));
+  }
+  return { ...first, [key]: items, count: items.length, next_cursor: null };
+}
+
 /// A Server-Sent Events reader over fetch(). `onEvent(type, data, id)` for each event;
 /// `onState('connecting' | 'live' | 'reconnecting' | 'offline')`; `onOpen(resumed)` once the
 /// stream answers (resumed = it was asked to catch up from Last-Event-ID).

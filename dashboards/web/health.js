@@ -2,7 +2,7 @@
 // (offline, low battery, stuck, faulted, inspection due, …) and a device's detail with
 // charts of its metrics over a chosen range, and its incidents.
 
-import { api } from './api.js';
+import { api, apiAll } from './api.js';
 import { openDrawer, showError } from './app.js';
 import { lineChart } from './chart.js';
 import { ago, COMMON_METRICS, dateTime, esc, KIND_METRICS, num, parseTime } from './format.js';
@@ -46,7 +46,7 @@ export function relabel() {
 
 async function refresh() {
   try {
-    devices = (await api('/api/v1/devices')).devices;
+    devices = (await apiAll('/api/v1/devices', 'devices')).devices;
     const maint = await loadMaintenance(devices).catch(() => null);
     due = new Set((maint?.items ?? []).filter((i) => i.days_left <= 30).map((i) => i.device));
     render();

@@ -3,7 +3,7 @@
 // the devices' install dates + 12 months (first-seen date where none is known), and the page
 // says so.
 
-import { api, ApiError } from './api.js';
+import { api, apiAll, ApiError } from './api.js';
 import { showError } from './app.js';
 import { date, esc } from './format.js';
 import { t, tr } from './i18n.js';
@@ -26,13 +26,13 @@ function addMonths(ms, months) {
 /// `devices`: the list of `GET /api/v1/devices` if the caller has it already (for the estimate).
 export async function loadMaintenance(devices = null) {
   try {
-    const data = await api(`/api/v1/inspections?due_within_days=${WINDOW_DAYS}`);
+    const data = await apiAll(`/api/v1/inspections?due_within_days=${WINDOW_DAYS}`, 'items');
     const items = data.items.map((i) => ({ ...i, due_ms: Date.parse(i.due) }));
     return { source: 'api', items, later: [] };
   } catch (e) {
     if (!(e instanceof ApiError && e.status === 404)) throw e;
   }
-  devices ??= (await api('/api/v1/devices')).devices;
+  devices ??= (await apiAll('/api/v1/devices', 'devices')).devices;
   const now = Date.now();
   const all = devices.map((d) => {
     const installed = d.install_date ? Date.parse(d.install_date) : NaN;

@@ -6,7 +6,8 @@
 //! updates it per message; the API reads snapshots. Health is derived on read from times and
 //! flags, so nothing has to tick for a device to turn `stale` or `offline`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 use citywatch_edge::wire::{DeviceKind, EventKind, LinkState, Metric};
@@ -297,6 +298,17 @@ pub fn infer_kind(metrics: impl IntoIterator<Item = Metric>) -> Option<DeviceKin
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: RwLock<HashMap<Arc<str>, Device>>,
+    /// Every id in order, for the API's pages (a page is a range here, not a sort of all
+    /// devices). Changed only when a device is added; lock order: `devices`, then `order`.
+    order: RwLock<BTreeSet<Arc<str>>>,
+}
+
+/// One page of devices in id order: the ones matching after a cursor, and the id to continue after.
+#[derive(Debug, Default)]
+pub struct DevicePage {
+    pub devices: Vec<Device>,
+    /// The last id of this page when more matching devices follow.
+    pub next_after: Option<String>,
 }
 
 impl Registry {
@@ -306,9 +318,11 @@ impl Registry {
 
     /// Loads persisted devices (at startup).
     pub fn load(&self, records: impl IntoIterator<Item = DeviceRecord>) {
-        if let Ok(mut map) = self.devices.write() {
+        if let (Ok(mut map), Ok(mut order)) = (self.devices.write(), self.order.write()) {
             for r in records {
-                map.insert(Arc::from(r.id.as_str()), Device::from_record(&r));
+                let key: Arc<str> = Arc::from(r.id.as_str());
+                order.insert(Arc::clone(&key));
+                map.insert(key, Device::from_record(&r));
             }
         }
     }
@@ -332,6 +346,9 @@ impl Registry {
             None => {
                 let key: Arc<str> = Arc::from(id);
                 map.insert(Arc::clone(&key), make());
+                if let Ok(mut order) = self.order.write() {
+                    order.insert(Arc::clone(&key));
+                }
                 key
             }
         };
@@ -358,6 +375,26 @@ impl Registry {
         let mut out: Vec<Device> = map.values().filter(|d| keep(d)).cloned().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Up to `limit` devices matching `keep` with ids after `after`, in id order: a range of
+    /// the id index, so an unfiltered page costs O(log n + limit) whatever the fleet's size.
+    pub fn page(&self, after: Option<&str>, limit: usize, mut keep: impl FnMut(&Device) -> bool) -> DevicePage {
+        let (Ok(map), Ok(order)) = (self.devices.read(), self.order.read()) else { return DevicePage::default() };
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = DevicePage::default();
+        for id in order.range::<str, _>((start, Bound::Unbounded)) {
+            let Some(d) = map.get(id) else { continue };
+            if !keep(d) {
+                continue;
+            }
+            if page.devices.len() == limit {
+                page.next_after = page.devices.last().map(|d| d.id.clone());
+                break;
+            }
+            page.devices.push(d.clone());
+        }
+        page
     }
 
     pub fn len(&self) -> usize {

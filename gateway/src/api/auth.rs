@@ -263,9 +263,10 @@ pub async fn require(State(auth): State<Arc<Authenticator>>, mut req: Request, n
     next.run(req).await
 }
 
-/// Wraps a router (every route, the fallback included) in the token check.
+/// Wraps a router (every route, the fallback included) in the token check, and every error
+/// of the whole app — routers merged into the API's included — in JSON ([`super::error::json_errors`]).
 pub fn protect(router: axum::Router, auth: Arc<Authenticator>) -> axum::Router {
-    router.layer(axum::middleware::from_fn_with_state(auth, require))
+    router.layer(axum::middleware::from_fn_with_state(auth, require)).layer(axum::middleware::from_fn(super::error::json_errors))
 }
 
 /// A fresh random token (256 bits from the OS-seeded CSPRNG), printable.

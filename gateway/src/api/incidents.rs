@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{ApiError, ApiResult, ApiState};
+use super::{page, ApiError, ApiResult, ApiState, JsonBody, Path, Query};
 use crate::incidents::book::{Action, TransitionError};
 use crate::incidents::manager::IncidentsHandle;
 use crate::incidents::silence::SilenceConfig;
@@ -63,7 +63,11 @@ pub struct IncidentParams {
     site: Option<String>,
     device: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
+
+/// Incidents listed when `limit` is not given.
+pub const DEFAULT_INCIDENTS: usize = 200;
 
 pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
@@ -78,14 +82,26 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
         })?;
         states.push(st);
     }
-    let limit = p.limit.unwrap_or(200);
-    if limit == 0 || limit > MAX_INCIDENTS {
-        return Err(ApiError::BadRequest(format!("limit={limit}: 1–{MAX_INCIDENTS}")));
-    }
-    let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit };
-    let (incidents, counts) = blocking(h, move |store| Ok((store.list(&filter)?, store.counts_by_state()?))).await?;
+    let limit = page::limit(p.limit, DEFAULT_INCIDENTS, MAX_INCIDENTS)?;
+    let after = p.cursor.as_deref().map(page::incident_after).transpose()?;
+    // One more than asked: whether a next page exists.
+    let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit: limit + 1 };
+    let store = std::sync::Arc::clone(&h.store);
+    let (mut found, total, counts) = tokio::task::spawn_blocking(move || -> Result<_, crate::incidents::store::Error> {
+        let (found, total) = store.page(&filter, after.as_ref().map(|(t, id)| (*t, id.as_str())))?;
+        Ok((found, total, store.counts_by_state()?))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let more = found.len() > limit;
+    found.truncate(limit);
+    let next_cursor = more.then(|| found.last().map(|(t, i)| page::incident_cursor(*t, &i.id))).flatten();
+    let incidents: Vec<_> = found.into_iter().map(|(_, i)| i).collect();
     let by_state: serde_json::Map<String, Value> = counts.into_iter().map(|(k, v)| (k, json!(v))).collect();
-    Ok(Json(json!({ "count": incidents.len(), "by_state": by_state, "incidents": incidents })))
+    Ok(Json(json!({
+        "count": incidents.len(), "total": total, "limit": limit, "next_cursor": next_cursor,
+        "by_state": by_state, "incidents": incidents,
+    })))
 }
 
 pub async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -109,11 +125,11 @@ pub async fn transition(
     State(s): State<ApiState>,
     caller: Option<axum::Extension<super::auth::Caller>>,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<TransitionBody>>,
+    body: Option<JsonBody<TransitionBody>>,
 ) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
     let action = Action::parse(&action).ok_or_else(|| ApiError::NotFound(format!("no action {action:?}: ack, dispatch, resolve or close")))?;
-    let Json(body) = body.unwrap_or_default();
+    let JsonBody(body) = body.unwrap_or_default();
     // With tokens, the record names the token that made the change: a body cannot forge it.
     let actor = match (caller, body.actor) {
         (Some(c), Some(a)) if a != c.name => format!("{a} via {}", c.name),
@@ -190,7 +206,7 @@ pub async fn silences(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "silences": list })))
 }
 
-pub async fn add_silence(State(s): State<ApiState>, Json(body): Json<SilenceConfig>) -> ApiResult<Response> {
+pub async fn add_silence(State(s): State<ApiState>, JsonBody(body): JsonBody<SilenceConfig>) -> ApiResult<Response> {
     let h = handle(&s)?;
     match h.add_silence(body).await? {
         Ok(created) => Ok((StatusCode::CREATED, Json(json!(created))).into_response()),

@@ -3,7 +3,7 @@
 //! error is JSON `{"error": …}` like the rest of the API.
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::inspections::schedule::Task;
 use crate::inspections::service::{CompletionRequest, InspectionsHandle, Outcome, WorkOrderQuery};
 use crate::inspections::Error;
-use super::ApiError;
+use super::{page, ApiError, Path, Query};
 use crate::model::rfc3339;
 
 /// Largest inventory file accepted in one request (100k lines are about 10 MB).
@@ -74,11 +74,15 @@ async fn complete(State(h): State<InspectionsHandle>, Path(id): Path<String>, bo
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WorkOrderParams {
     due_within_days: Option<i64>,
     site: Option<String>,
     overdue: Option<bool>,
     format: Option<String>,
+    /// JSON pages (the CSV export is always whole).
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 async fn work_orders(State(h): State<InspectionsHandle>, headers: HeaderMap, Query(p): Query<WorkOrderParams>) -> Result<Response, ApiError> {
@@ -93,9 +97,27 @@ async fn work_orders(State(h): State<InspectionsHandle>, headers: HeaderMap, Que
         Some("json") => false,
         Some(other) => return Err(ApiError::BadRequest(format!("format: {other:?} is not json or csv"))),
     };
+    let limit = page::limit(p.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
+    let after = p.cursor.as_deref().map(page::work_order_after).transpose()?;
     let orders = h.work_orders(WorkOrderQuery { due_within_days: days, site: p.site, overdue_only: p.overdue.unwrap_or(false) }).await?;
     if !csv {
-        return Ok(Json(json!({ "now": rfc3339(orders.now_ms), "due_within_days": days, "items": orders.items })).into_response());
+        // Work orders come sorted by (due, device, task): a page starts after the cursor's key.
+        let total = orders.items.len();
+        let start = match after {
+            None => 0,
+            Some((due, device, task)) => {
+                let task = Task::parse(&task).ok_or_else(|| ApiError::BadRequest("cursor is not a cursor of this list".into()))?;
+                let after = (due.as_str(), device.as_str(), task);
+                orders.items.partition_point(|o| (o.due.as_str(), o.device.as_str(), o.task) <= after)
+            }
+        };
+        let items = &orders.items[start..(start + limit).min(total)];
+        let next_cursor = (start + limit < total).then(|| items.last().map(|o| page::work_order_cursor(&o.due, &o.device, o.task.as_str()))).flatten();
+        return Ok(Json(json!({
+            "now": rfc3339(orders.now_ms), "due_within_days": days,
+            "count": items.len(), "total": total, "limit": limit, "next_cursor": next_cursor, "items": items,
+        }))
+        .into_response());
     }
     let mut w = csv::Writer::from_writer(Vec::new());
     let header_row = ["device", "site", "kind", "location", "task", "due", "days_left", "overdue", "crew", "phone", "last_inspection", "note"];

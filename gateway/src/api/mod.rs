@@ -9,17 +9,19 @@
 pub mod auth;
 pub mod config;
 pub mod dashboard;
+pub mod error;
 mod incidents;
 pub mod inspections;
 mod openapi;
+pub mod page;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use citywatch_edge::wire::{DeviceKind, Metric};
@@ -34,8 +36,9 @@ use crate::ingest::now_ms;
 use crate::metrics::Metrics;
 /// A device as the API shows it: a view of the registry's one device model.
 pub use crate::registry::DeviceView;
-use crate::registry::{Health, Registry};
+use crate::registry::{Device, Health, Registry};
 use crate::store::{ReadingQuery, SqliteStore};
+pub use error::{ApiError, JsonBody, Path, Query};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -65,33 +68,6 @@ impl std::fmt::Debug for ApiState {
 /// Most raw points one readings query returns.
 pub const MAX_POINTS: usize = 10_000;
 
-/// An API error: a status and a message for the user.
-#[derive(Debug)]
-pub enum ApiError {
-    BadRequest(String),
-    NotFound(String),
-    /// The request conflicts with the resource's state (e.g. closing an open incident).
-    Conflict(String),
-    Unavailable(String),
-    Internal(String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, message) = match self {
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
-            ApiError::Internal(detail) => {
-                tracing::error!(%detail, "internal error serving an API request");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
-            }
-        };
-        (status, Json(json!({ "error": message }))).into_response()
-    }
-}
-
 impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> Self {
         ApiError::Internal(e.to_string())
@@ -120,32 +96,39 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into()) })
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 
 
-/// A time parameter: RFC 3339 (`2026-11-22T10:00:00Z`) or milliseconds since the epoch.
+/// A time parameter: epoch milliseconds (up to 14 digits) or RFC 3339 with an offset
+/// (`2026-11-22T10:00:00Z`, `…+08:00`) — exactly what the OpenAPI document states.
 pub fn parse_time(name: &str, text: &str) -> ApiResult<i64> {
-    if let Ok(ms) = text.parse::<i64>() {
+    if let Some(ms) = page::digits(text, 14) {
         return Ok(ms);
     }
-    humantime::parse_rfc3339_weak(text)
-        .ok()
-        .and_then(|t: SystemTime| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .ok_or_else(|| ApiError::BadRequest(format!("{name}={text:?} is neither RFC 3339 nor epoch milliseconds")))
+    text.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|_| ApiError::BadRequest(format!("{name}={text:?} is neither RFC 3339 nor epoch milliseconds")))
 }
 
-/// A step parameter: a duration (`1m`, `30s`) or milliseconds.
+/// A step parameter: milliseconds (≥ 1000, up to 12 digits) or a count (up to 6 digits) of
+/// s, m, h or d — exactly what the OpenAPI document states.
 pub fn parse_step(text: &str) -> ApiResult<i64> {
-    let ms = match text.parse::<i64>() {
-        Ok(ms) => ms,
-        Err(_) => humantime::parse_duration(text)
-            .map(|d| d.as_millis() as i64)
-            .map_err(|_| ApiError::BadRequest(format!("step={text:?} is not a duration like 1m or 30s")))?,
+    let bad = || ApiError::BadRequest(format!("step={text:?}: milliseconds (at least 1000) or a duration like 30s, 5m, 1h, 1d"));
+    let (number, unit_ms, max_digits) = match text.as_bytes().last() {
+        Some(b's') => (&text[..text.len() - 1], 1000, 6),
+        Some(b'm') => (&text[..text.len() - 1], 60_000, 6),
+        Some(b'h') => (&text[..text.len() - 1], 3_600_000, 6),
+        Some(b'd') => (&text[..text.len() - 1], 86_400_000, 6),
+        _ => (text, 1, 12),
     };
+    if number.starts_with('0') {
+        return Err(bad());
+    }
+    let ms = page::digits(number, max_digits).ok_or_else(bad)? * unit_ms;
     if ms < 1000 {
-        return Err(ApiError::BadRequest("step must be at least 1s".into()));
+        return Err(bad());
     }
     Ok(ms)
 }
@@ -163,12 +146,17 @@ async fn health(State(s): State<ApiState>) -> Json<Value> {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeviceFilter {
     site: Option<String>,
     kind: Option<String>,
     health: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// `GET devices`: one page in id order. The page is a range of the registry's id index;
+/// `total` and `by_health` count every matching device in one pass without copying or sorting.
 async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> ApiResult<Json<Value>> {
     let kind = f
         .kind
@@ -178,21 +166,34 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
     let health = f
         .health
         .as_deref()
-        .map(|h| Health::parse(h).ok_or_else(|| ApiError::BadRequest(format!("health={h:?}: one of online, offline, stale, low_battery, stuck, clock_skew, faulted"))))
+        .map(|h| {
+            Health::parse(h).ok_or_else(|| {
+                ApiError::BadRequest(format!("health={h:?}: one of {}", Health::ALL.map(Health::as_str).join(", ")))
+            })
+        })
         .transpose()?;
+    let limit = page::limit(f.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
+    let after = f.cursor.as_deref().map(page::device_after).transpose()?;
     let now = now_ms();
-    let list: Vec<DeviceView> = s
-        .registry
-        .list(|d| f.site.as_deref().is_none_or(|site| d.site == site) && kind.is_none_or(|k| d.kind == k))
-        .iter()
-        .map(|d| d.view(now, &s.ingest))
-        .filter(|v| health.is_none_or(|h| v.health_flags.contains(&h)))
-        .collect();
+    let placed = |d: &Device| f.site.as_deref().is_none_or(|site| d.site == site) && kind.is_none_or(|k| d.kind == k);
+    let mut total = 0usize;
     let mut by_health: BTreeMap<&str, usize> = Health::ALL.iter().map(|h| (h.as_str(), 0)).collect();
-    for v in &list {
-        *by_health.entry(v.health.as_str()).or_default() += 1;
-    }
-    Ok(Json(json!({ "count": list.len(), "by_health": by_health, "devices": list })))
+    s.registry.for_each(|d| {
+        if !placed(d) {
+            return;
+        }
+        let flags = d.health_flags(now, &s.ingest);
+        if health.is_none_or(|h| flags.contains(&h)) {
+            total += 1;
+            *by_health.entry(flags[0].as_str()).or_default() += 1;
+        }
+    });
+    let found = s.registry.page(after.as_deref(), limit, |d| placed(d) && health.is_none_or(|h| d.health_flags(now, &s.ingest).contains(&h)));
+    let list: Vec<DeviceView> = found.devices.iter().map(|d| d.view(now, &s.ingest)).collect();
+    Ok(Json(json!({
+        "count": list.len(), "total": total, "limit": limit, "next_cursor": found.next_after.as_deref().map(page::hex_part),
+        "by_health": by_health, "devices": list,
+    })))
 }
 
 async fn device(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<DeviceView>> {
@@ -217,17 +218,20 @@ async fn readings(State(s): State<ApiState>, Path(id): Path<String>, Query(p): Q
     let metric = Metric::parse(&metric_name).ok_or_else(|| ApiError::BadRequest(format!("metric={metric_name:?} is not a metric of the contract")))?;
     let now = now_ms();
     let to = p.to.as_deref().map(|t| parse_time("to", t)).transpose()?.unwrap_or(now + 1);
-    let from = p.from.as_deref().map(|t| parse_time("from", t)).transpose()?.unwrap_or(to - 3_600_000);
-    if from >= to {
-        return Err(ApiError::BadRequest("from must be before to".into()));
-    }
+    let mut from = p.from.as_deref().map(|t| parse_time("from", t)).transpose()?.unwrap_or(to.saturating_sub(3_600_000));
     let step_ms = p.step.as_deref().map(parse_step).transpose()?;
     if let Some(step) = step_ms {
-        if (to - from) / step > MAX_POINTS as i64 {
-            return Err(ApiError::BadRequest(format!("more than {MAX_POINTS} steps: widen step or narrow the range")));
-        }
+        // At most MAX_POINTS buckets: a longer range is answered from its last ones (the
+        // answer's `from` says where it starts).
+        from = from.max(to.saturating_sub(step.saturating_mul(MAX_POINTS as i64)));
     }
-    let limit = p.limit.unwrap_or(MAX_POINTS).clamp(1, MAX_POINTS);
+    if from >= to {
+        // An empty range has no points.
+        return Ok(Json(json!({
+            "device": id, "metric": metric, "from": rfc3339(from), "to": rfc3339(to), "step_ms": step_ms, "count": 0, "points": [],
+        })));
+    }
+    let limit = page::limit(p.limit, MAX_POINTS, MAX_POINTS)?;
     let store = Arc::clone(&s.store);
     let query = ReadingQuery { device: id.clone(), metric, from_ms: from, to_ms: to, step_ms, limit };
     let points = tokio::task::spawn_blocking(move || store.readings(&query))
@@ -244,19 +248,31 @@ async fn readings(State(s): State<ApiState>, Path(id): Path<String>, Query(p): Q
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QuarantineParams {
     limit: Option<usize>,
-    before: Option<i64>,
+    cursor: Option<String>,
+    /// Entries with an id below this (the paging of old clients; `cursor` is the same).
+    before: Option<u64>,
 }
 
+/// `GET quarantine`: newest first; the cursor is the last entry's id.
 async fn quarantine(State(s): State<ApiState>, Query(p): Query<QuarantineParams>) -> ApiResult<Json<Value>> {
-    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = page::limit(p.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
+    let before = match p.cursor.as_deref() {
+        None => p.before.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+        Some(c) => Some(page::quarantine_before(c)?),
+    };
     let store = Arc::clone(&s.store);
-    let (entries, counts) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
-        Ok((store.quarantine(limit, p.before)?, store.quarantine_counts()?))
+    // One more than asked: whether a next page exists.
+    let (mut entries, counts) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+        Ok((store.quarantine(limit + 1, before)?, store.quarantine_counts()?))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next_cursor = more.then(|| entries.last().map(|e| e.id.to_string())).flatten();
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -269,7 +285,11 @@ async fn quarantine(State(s): State<ApiState>, Query(p): Query<QuarantineParams>
         })
         .collect();
     let counts: BTreeMap<String, u64> = counts.into_iter().collect();
-    Ok(Json(json!({ "counts": counts, "rejected_since_start": s.metrics.rejected(), "entries": entries })))
+    let total: u64 = counts.values().sum();
+    Ok(Json(json!({
+        "count": entries.len(), "total": total, "limit": limit, "next_cursor": next_cursor,
+        "counts": counts, "rejected_since_start": s.metrics.rejected(), "entries": entries,
+    })))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -279,35 +279,49 @@ impl IncidentStore {
 
     /// Incidents matching `filter`, most recently updated first.
     pub fn list(&self, filter: &IncidentFilter) -> Result<Vec<Incident>> {
-        let mut sql = String::from("SELECT id, body FROM incidents WHERE 1=1");
-        let mut args: Vec<String> = Vec::new();
+        Ok(self.page(filter, None)?.0.into_iter().map(|(_, incident)| incident).collect())
+    }
+
+    /// One page of [`list`](Self::list): up to `filter.limit` incidents after `after` (the
+    /// `(updated_ms, id)` of the previous page's last one), each with its `updated_ms`, and how
+    /// many incidents match the filter in all.
+    pub fn page(&self, filter: &IncidentFilter, after: Option<(i64, &str)>) -> Result<(Vec<(i64, Incident)>, u64)> {
+        let mut clause = String::from(" WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if !filter.states.is_empty() {
             let marks: Vec<String> = filter
                 .states
                 .iter()
                 .map(|s| {
-                    args.push(s.as_str().to_owned());
+                    args.push(s.as_str().to_owned().into());
                     format!("?{}", args.len())
                 })
                 .collect();
-            sql.push_str(&format!(" AND state IN ({})", marks.join(",")));
+            clause.push_str(&format!(" AND state IN ({})", marks.join(",")));
         }
         for (column, value) in [("rule", &filter.rule), ("site", &filter.site), ("device", &filter.device)] {
             if let Some(v) = value {
-                args.push(v.clone());
-                sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+                args.push(v.clone().into());
+                clause.push_str(&format!(" AND {column} = ?{}", args.len()));
             }
         }
-        sql.push_str(&format!(" ORDER BY updated_ms DESC LIMIT {}", filter.limit.max(1)));
         let conn = lock(&self.read);
+        let total: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM incidents{clause}"), rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+        if let Some((updated_ms, id)) = after {
+            args.push(updated_ms.into());
+            args.push(id.to_owned().into());
+            let (t, i) = (args.len() - 1, args.len());
+            clause.push_str(&format!(" AND (updated_ms < ?{t} OR (updated_ms = ?{t} AND id < ?{i}))"));
+        }
+        let sql = format!("SELECT id, body, updated_ms FROM incidents{clause} ORDER BY updated_ms DESC, id DESC LIMIT {}", filter.limit.max(1));
         let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, body) = row?;
-            out.push(serde_json::from_str(&body).map_err(|e| Error::Corrupt { id, reason: e.to_string() })?);
+            let (id, body, updated_ms) = row?;
+            out.push((updated_ms, serde_json::from_str(&body).map_err(|e| Error::Corrupt { id, reason: e.to_string() })?));
         }
-        Ok(out)
+        Ok((out, total.max(0) as u64))
     }
 
     /// Counts of incidents by state.
