@@ -8,6 +8,7 @@ pub mod manager;
 pub mod model;
 pub mod silence;
 pub mod store;
+pub mod summary;
 
 pub use config::IncidentsConfig;
 pub use model::{Change, HistoryEntry, Incident, IncidentState, OutboxItem, Scope, Severity, Signal};
