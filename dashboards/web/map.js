@@ -22,6 +22,7 @@ let root = null;
 let devices = [];
 let timer = 0;
 let view = null; // { cx, cy, scale }: centre in Mercator units (0..1), screen px per unit
+let userView = false; // zoomed or panned by hand: stop fitting every site in on each redraw
 let detailSite = null;
 let tiles = localStorage.getItem(TILES_KEY) || '';
 let datum = localStorage.getItem(DATUM_KEY) === 'gcj02' ? 'gcj02' : 'wgs84';
@@ -185,13 +186,13 @@ function build() {
       <p id="map-empty" class="empty" hidden>${esc(t('map.empty'))}</p>
     </div>`;
   const svg = root.querySelector('#map');
-  root.querySelector('#map-fit').addEventListener('click', () => { view = null; draw(); });
+  root.querySelector('#map-fit').addEventListener('click', () => { userView = false; draw(); });
   root.querySelector('#map-apply').addEventListener('click', () => {
     tiles = root.querySelector('#map-tiles').value.trim();
     datum = root.querySelector('#map-datum').value === 'gcj02' ? 'gcj02' : 'wgs84';
     if (tiles) localStorage.setItem(TILES_KEY, tiles); else localStorage.removeItem(TILES_KEY);
     localStorage.setItem(DATUM_KEY, datum);
-    view = null;
+    userView = false;
     draw();
   });
   svg.addEventListener('click', (ev) => {
@@ -208,6 +209,7 @@ function build() {
     view.cx += px / view.scale - px / (view.scale * factor);
     view.cy += py / view.scale - py / (view.scale * factor);
     view.scale = Math.min(2 ** 30, Math.max(256, view.scale * factor));
+    userView = true;
     draw();
   }, { passive: false });
   let drag = null, dragged = false;
@@ -219,6 +221,7 @@ function build() {
     if (!dragged) return;
     view.cx = drag.cx - dx / view.scale;
     view.cy = drag.cy - dy / view.scale;
+    userView = true;
     draw();
   });
   window.addEventListener('pointerup', () => { drag = null; setTimeout(() => { dragged = false; }, 0); });
@@ -274,7 +277,7 @@ function draw() {
   root.querySelector('#map-empty').hidden = all.length > 0;
   if (!all.length) { svg.innerHTML = ''; svg.dataset.sites = '0'; return; }
   const devicePoints = new Map(placed.map((d) => [d.id, project(d.lat, d.lon)]));
-  view ??= fit([...devicePoints.values()], width, height);
+  if (!view || !userView) view = fit([...devicePoints.values()], width, height);
   const sx = (p) => (p[0] - view.cx) * view.scale + width / 2;
   const sy = (p) => (p[1] - view.cy) * view.scale + height / 2;
   const { byDevice, bySite } = activeIncidents();

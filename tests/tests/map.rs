@@ -131,7 +131,13 @@ async fn a_gas_leak_turns_its_site_red_on_the_map_live() {
     std::fs::copy(&shot, &docs).unwrap_or_else(|e| panic!("keep {}: {e}", docs.display()));
 
     // Clicking the site lists its devices and the incident.
-    browser.click(&format!("#map g.site[data-site='{LEAK_SITE}'] .site-dot")).expect("click the site");
+    let dot = format!("#map g.site[data-site='{LEAK_SITE}'] .site-dot");
+    if let Err(e) = browser.click(&dot) {
+        // The map redraws on every incident change and refresh: the element may have just
+        // been replaced. The same click, dispatched on the current element.
+        eprintln!("click on the site: {e}; clicking the redrawn marker");
+        browser.script("document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true}))", &[json!(dot)]).expect("click the site");
+    }
     browser.wait_for_element(&format!("#drawer-body tr[data-rule='gas_high'][data-device='{LEAK_DEVICE}']"), WAIT).await.expect("the site's incident");
     for (site, device, ..) in FLEET {
         let listed = browser.find(&format!("#drawer-body tr[data-device-id='{device}']")).expect("find").is_some();
