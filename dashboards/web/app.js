@@ -1,5 +1,5 @@
 // The dashboard's shell: language switch, token login, hash routing between the three views
-// (operations centre, sensor health, maintenance) and the detail drawer, the live incident
+// (operations centre, city map, sensor health, maintenance) and the detail drawer, the live incident
 // stream shared by every view, the critical cue (banner + Web Audio beep) and the operator
 // action dialog (ack / dispatch / resolve / close with a note).
 
@@ -9,6 +9,7 @@ import { dateTime, esc } from './format.js';
 import * as ops from './ops.js';
 import * as health from './health.js';
 import * as maintenance from './maintenance.js';
+import * as map from './map.js';
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -245,7 +246,7 @@ $('#drawer-close').addEventListener('click', () => {
 
 // ---- routing --------------------------------------------------------------------------------
 
-const VIEWS = { ops, health, maintenance };
+const VIEWS = { ops, map, health, maintenance };
 let shown = null;
 
 function currentRoute() {

@@ -6,7 +6,17 @@ const LANG_KEY = 'citywatch.lang';
 
 const zh = {
   'app.title': '城市安全运行监测', 'app.subtitle': '一网统管',
-  'nav.ops': '运行指挥', 'nav.health': '设备健康', 'nav.maintenance': '维保计划',
+  'nav.ops': '运行指挥', 'nav.map': '城市地图', 'nav.health': '设备健康', 'nav.maintenance': '维保计划',
+  'map.title': '城市地图', 'map.fit': '全部站点', 'map.tiles': '瓦片地址', 'map.apply': '应用', 'map.datum': '瓦片坐标系',
+  'map.datum.wgs84': 'WGS-84 瓦片', 'map.datum.gcj02': 'GCJ-02 瓦片（国内地图）', 'map.noTiles': '无底图 · 坐标 WGS-84',
+  'map.noIncident': '无进行中事件', 'map.healthRing': '外圈：设备健康异常',
+  'map.datumNote': '清单坐标为 WGS-84（GPS），使用 GCJ-02 底图时自动转换。',
+  'map.empty': '没有带坐标的设备：在设备清单中填写 lat、lon 两列（WGS-84）后导入。',
+  'map.count': '{sites} 个站点 · {devices} 台设备有坐标 · {unplaced} 台无坐标', 'map.devices': '{n} 台设备',
+  'common.system': '系统',
+  'note.now': '级别升至{severity}', 'note.since': '条件自 {at} 起成立', 'note.command': '下发指令：{cmd} {id}',
+  'note.flapping': '反复触发与恢复，暂缓推送状态翻转，待稳定后恢复', 'note.escalated': '第 {n} 级升级',
+  'cmd.close_valve': '关闭切断阀', 'cmd.self_test': '自检', 'cmd.silence': '消音', 'cmd.set_interval': '设置上报间隔',
   'live.connecting': '连接中', 'live.live': '实时', 'live.reconnecting': '重连中', 'live.offline': '已断开',
   'sound.on': '声音：开', 'sound.off': '声音：关',
   'auth.title': '登录', 'auth.hint': '此网关需要访问令牌。请输入管理员分配的令牌。', 'auth.token': '访问令牌',
@@ -44,14 +54,17 @@ const zh = {
   'state.open': '待受理', 'state.acknowledged': '已受理', 'state.dispatched': '已派遣', 'state.resolved': '已处置',
   'state.cleared': '已自行恢复', 'state.closed': '已结案', 'state.escalated': '已升级', 'state.renotified': '再次通知',
   'state.updated': '数值更新', 'state.reminder': '提醒', 'state.command': '下发指令', 'state.command_acked': '指令已确认',
-  'state.reopened': '重新打开',
+  'state.reopened': '重新打开', 'state.severity': '级别变化', 'state.flapping': '抖动抑制', 'state.condition_cleared': '条件已恢复', 'state.command_unanswered': '指令未确认',
   'rule.gas_low': '燃气浓度一级报警', 'rule.gas_high': '燃气浓度二级报警', 'rule.gas_valve_failed': '切断阀未关闭',
   'rule.device_alarm': '设备报警', 'rule.smoke': '烟雾报警', 'rule.heat': '温度报警', 'rule.fire_confirmed': '火情确认',
   'rule.mount_tilt': '警报器支架倾斜', 'rule.mount_corrosion': '警报器支架腐蚀', 'rule.device_offline': '设备离线',
   'rule.low_battery': '电量低', 'rule.sensor_fault': '传感器故障', 'rule.sensor_stuck': '读数卡滞', 'rule.inspection_due': '检验到期',
+  'rule.mount_corrosion_rate': '警报器支架腐蚀速率超限', 'rule.siren_test_silent': '试鸣未响应', 'rule.commissioning_overdue': '逾期未投运',
+  'rule.site_offline': '站点设备成批离线',
   'kind.gas_detector': '可燃气体探测器', 'kind.smoke_detector': '感烟感温探测器', 'kind.siren_mount': '防空警报器支架',
   'health.online': '在线', 'health.offline': '离线', 'health.stale': '数据滞后', 'health.low_battery': '电量低',
-  'health.stuck': '读数卡滞', 'health.faulted': '故障',
+  'health.stuck': '读数卡滞', 'health.faulted': '故障', 'health.clock_skew': '时钟偏差', 'health.never_reported': '从未上报',
+  'health.not_in_inventory': '不在清单中',
   'metric.gas_lel': '燃气浓度', 'metric.valve_closed': '切断阀', 'metric.temp_c': '温度', 'metric.smoke_db_m': '烟雾浓度',
   'metric.co_ppm': '一氧化碳', 'metric.tilt_deg': '倾斜角', 'metric.vibration_mg': '振动', 'metric.corrosion_um': '腐蚀深度',
   'metric.section_loss_pct': '截面损失', 'metric.battery_v': '电池电压', 'metric.rssi_dbm': '信号强度',
@@ -59,7 +72,17 @@ const zh = {
 
 const en = {
   'app.title': 'City Safety Operations', 'app.subtitle': 'one network, every problem closed',
-  'nav.ops': 'Operations centre', 'nav.health': 'Sensor health', 'nav.maintenance': 'Maintenance',
+  'nav.ops': 'Operations centre', 'nav.map': 'City map', 'nav.health': 'Sensor health', 'nav.maintenance': 'Maintenance',
+  'map.title': 'City map', 'map.fit': 'All sites', 'map.tiles': 'Tile URL', 'map.apply': 'Apply', 'map.datum': 'Datum of the tiles',
+  'map.datum.wgs84': 'WGS-84 tiles', 'map.datum.gcj02': 'GCJ-02 tiles (Chinese maps)', 'map.noTiles': 'no base map · WGS-84',
+  'map.noIncident': 'no active incident', 'map.healthRing': 'ring: device health not OK',
+  'map.datumNote': 'Inventory positions are WGS-84 (GPS); converted when drawn over GCJ-02 tiles.',
+  'map.empty': 'No device has a position: fill the inventory columns lat, lon (WGS-84) and import it.',
+  'map.count': '{sites} sites · {devices} devices placed · {unplaced} without a position', 'map.devices': '{n} devices',
+  'common.system': 'system',
+  'note.now': 'now {severity}', 'note.since': 'condition since {at}', 'note.command': 'command sent: {cmd} {id}',
+  'note.flapping': 'opening and clearing repeatedly; flips are held back until it is quiet', 'note.escalated': 'escalation level {n}',
+  'cmd.close_valve': 'close the valve', 'cmd.self_test': 'self test', 'cmd.silence': 'silence', 'cmd.set_interval': 'set interval',
   'live.connecting': 'connecting', 'live.live': 'live', 'live.reconnecting': 'reconnecting', 'live.offline': 'disconnected',
   'sound.on': 'Sound: on', 'sound.off': 'Sound: off',
   'auth.title': 'Sign in', 'auth.hint': 'This gateway needs an API token. Enter the token your administrator gave you.',
@@ -98,14 +121,17 @@ const en = {
   'state.open': 'Open', 'state.acknowledged': 'Acknowledged', 'state.dispatched': 'Dispatched', 'state.resolved': 'Resolved',
   'state.cleared': 'Cleared', 'state.closed': 'Closed', 'state.escalated': 'Escalated', 'state.renotified': 'Re-notified',
   'state.updated': 'Updated', 'state.reminder': 'Reminder', 'state.command': 'Command sent', 'state.command_acked': 'Command acked',
-  'state.reopened': 'Re-opened',
+  'state.reopened': 'Re-opened', 'state.severity': 'Severity changed', 'state.flapping': 'Flapping', 'state.condition_cleared': 'Condition cleared', 'state.command_unanswered': 'Command unanswered',
   'rule.gas_low': 'Gas level 1', 'rule.gas_high': 'Gas level 2', 'rule.gas_valve_failed': 'Valve failed to close',
   'rule.device_alarm': 'Device alarm', 'rule.smoke': 'Smoke', 'rule.heat': 'Heat', 'rule.fire_confirmed': 'Fire confirmed',
   'rule.mount_tilt': 'Siren mount tilt', 'rule.mount_corrosion': 'Siren mount corrosion', 'rule.device_offline': 'Device offline',
   'rule.low_battery': 'Low battery', 'rule.sensor_fault': 'Sensor fault', 'rule.sensor_stuck': 'Sensor stuck', 'rule.inspection_due': 'Inspection due',
+  'rule.mount_corrosion_rate': 'Siren mount corrosion rate', 'rule.siren_test_silent': 'Silent in the siren test', 'rule.commissioning_overdue': 'Commissioning overdue',
+  'rule.site_offline': 'Site offline',
   'kind.gas_detector': 'Gas detector', 'kind.smoke_detector': 'Smoke/heat detector', 'kind.siren_mount': 'Siren mount',
   'health.online': 'Online', 'health.offline': 'Offline', 'health.stale': 'Stale', 'health.low_battery': 'Low battery',
-  'health.stuck': 'Stuck', 'health.faulted': 'Faulted',
+  'health.stuck': 'Stuck', 'health.faulted': 'Faulted', 'health.clock_skew': 'Clock skew', 'health.never_reported': 'Never reported',
+  'health.not_in_inventory': 'Not in inventory',
   'metric.gas_lel': 'Gas', 'metric.valve_closed': 'Valve', 'metric.temp_c': 'Temperature', 'metric.smoke_db_m': 'Smoke',
   'metric.co_ppm': 'CO', 'metric.tilt_deg': 'Tilt', 'metric.vibration_mg': 'Vibration', 'metric.corrosion_um': 'Corrosion',
   'metric.section_loss_pct': 'Section loss', 'metric.battery_v': 'Battery', 'metric.rssi_dbm': 'Signal',
@@ -124,6 +150,13 @@ export function t(key, vars) {
 
 /// Rules, states, kinds, metrics and health: the translated word, or the raw name if unknown.
 export const tr = (group, name) => (DICTS[lang][`${group}.${name}`] ?? name);
+
+/// An incident's summary in the current language (SPEC §5 `summary_zh` / `summary_en`;
+/// `summary` from gateways that predate them).
+export const summaryText = (inc) => (lang === 'zh' ? inc.summary_zh : inc.summary_en) || inc.summary || '';
+
+/// The keys of both languages (a test checks they match).
+export const keys = () => ({ zh: Object.keys(zh), en: Object.keys(en) });
 
 export function setLang(next) {
   lang = next === 'en' ? 'en' : 'zh';

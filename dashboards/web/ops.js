@@ -5,7 +5,7 @@ import { api } from './api.js';
 import { incidents, onIncidents, actionButtons, openDrawer, showError } from './app.js';
 import { lineChart } from './chart.js';
 import { ago, dateTime, esc, num, SEVERITY_RANK } from './format.js';
-import { t, tr } from './i18n.js';
+import { lang, summaryText, t, tr } from './i18n.js';
 
 const FILTERS = {
   active: ['open', 'acknowledged', 'dispatched'],
@@ -114,7 +114,7 @@ function renderBoard() {
   const rows = source
     .filter((i) => FILTERS[filter].includes(i.state))
     .filter((i) => !site || i.site === site)
-    .filter((i) => !query || `${i.device} ${i.site} ${i.rule} ${tr('rule', i.rule)} ${i.summary}`.toLowerCase().includes(query))
+    .filter((i) => !query || `${i.device} ${i.site} ${i.rule} ${tr('rule', i.rule)} ${i.summary} ${i.summary_zh ?? ''}`.toLowerCase().includes(query))
     .sort(byPriority);
   const now = Date.now();
   root.querySelector('#ops-rows').innerHTML = rows.map((i) => row(i, now)).join('');
@@ -136,6 +136,21 @@ function row(i, now) {
 }
 
 // ---- detail ---------------------------------------------------------------------------------
+
+/// A history note in the user's language: the gateway's own notes are English sentences of a
+/// few known shapes, translated here; an operator's note is shown as written. A system note of
+/// another shape (a rule's English summary) is left out of the Chinese board: the action
+/// label above it already says what happened.
+export function noteText(h) {
+  const note = h.note ?? '';
+  if (!note || h.actor !== 'system') return note;
+  let m;
+  if ((m = /^now (\w+)$/.exec(note))) return t('note.now', { severity: tr('severity', m[1]) });
+  if ((m = /^condition since (\S+)$/.exec(note))) return t('note.since', { at: dateTime(Date.parse(m[1])) });
+  if ((m = /^(close_valve|self_test|silence|set_interval) (\S+)$/.exec(note))) return t('note.command', { cmd: t(`cmd.${m[1]}`), id: m[2] });
+  if (/flips are held back/.test(note)) return t('note.flapping');
+  return lang === 'zh' ? '' : note;
+}
 
 export async function detail(kind, id) {
   if (kind !== 'incident') return;
@@ -165,14 +180,14 @@ async function renderDetail(id, fetchFresh) {
   ];
   const history = [...inc.history].reverse().map((h) => `
     <li class="h-${esc(h.action)}"><div class="h-head"><b>${esc(tr('state', h.action))}</b><span class="muted small">r${h.revision} · ${esc(dateTime(h.at_ms))}</span></div>
-    <div class="small">${esc(h.actor)}${h.note ? ` — ${esc(h.note)}` : ''}</div></li>`).join('');
+    <div class="small">${esc(h.actor === 'system' ? t('common.system') : h.actor)}${noteText(h) ? ` — ${esc(noteText(h))}` : ''}</div></li>`).join('');
   const body = openDrawer(`
     <div class="drawer-title" data-incident-id="${esc(inc.id)}" data-state="${esc(inc.state)}">
       <span class="sev sev-${esc(inc.severity)}">${esc(tr('severity', inc.severity))}</span>
       <h2>${esc(tr('rule', inc.rule))}</h2>
       <span class="state state-${esc(inc.state)}">${esc(tr('state', inc.state))}</span>
     </div>
-    <p class="muted">${esc(inc.summary)}</p>
+    <p class="muted" id="inc-summary">${esc(summaryText(inc))}</p>
     <div class="actions">${actionButtons(inc)}</div>
     <dl class="facts">${facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${v}</dd>`).join('')}</dl>
     <h3>${esc(t('ops.chart'))}${inc.metric ? ` · ${esc(tr('metric', inc.metric))}` : ''}</h3>

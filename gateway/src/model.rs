@@ -171,6 +171,12 @@ pub struct Incident {
     pub opened_ms: i64,
     pub updated_ms: i64,
     pub summary: String,
+    /// The summary in Chinese and in English (= `summary`), SPEC §5; set on every revision
+    /// by [`super::summary::localise`] (empty in incidents stored before they existed).
+    #[serde(default)]
+    pub summary_zh: String,
+    #[serde(default)]
+    pub summary_en: String,
     /// Signals folded into this incident (the first included).
     pub count: u64,
     /// Escalation level: 0, then +1 each time an unacknowledged critical incident escalates.

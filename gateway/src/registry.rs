@@ -72,6 +72,11 @@ pub struct Device {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    /// Position from the inventory: WGS-84 decimal degrees.
+    #[serde(default)]
+    pub lat: Option<f64>,
+    #[serde(default)]
+    pub lon: Option<f64>,
     /// The crew that maintains it (from the inventory).
     #[serde(default)]
     pub crew: Option<String>,
@@ -142,6 +147,8 @@ impl Device {
             interval_s: 60,
             location: None,
             install_date: None,
+            lat: None,
+            lon: None,
             crew: None,
             phone: None,
             link: LinkState::Online,

@@ -40,6 +40,7 @@ pub const ASSETS: &[Asset] = &[
     asset!("ops.js", "text/javascript; charset=utf-8"),
     asset!("health.js", "text/javascript; charset=utf-8"),
     asset!("maintenance.js", "text/javascript; charset=utf-8"),
+    asset!("map.js", "text/javascript; charset=utf-8"),
     asset!("favicon.svg", "image/svg+xml"),
 ];
 

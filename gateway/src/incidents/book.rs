@@ -302,6 +302,8 @@ impl Book {
             opened_ms: now_ms,
             updated_ms: now_ms,
             summary,
+            summary_zh: String::new(),
+            summary_en: String::new(),
             count: 1,
             escalation: 0,
             flapping: false,
@@ -628,6 +630,7 @@ fn site_members(s: &Signal) -> Vec<String> {
 
 /// Adds a history entry in the current revision (no new revision).
 fn record(inc: &mut Incident, commit: &mut Commit, actor: &str, action: &str, note: Option<String>, now_ms: i64) {
+    super::summary::localise(inc);
     let entry = HistoryEntry { revision: inc.revision, at: rfc3339(now_ms), at_ms: now_ms, actor: actor.to_owned(), action: action.to_owned(), state: inc.state, note };
     commit.audit.push((inc.id.clone(), entry.clone()));
     inc.history.push(entry);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod manager;
 pub mod silence;
 pub mod store;
+pub mod summary;
 
 pub use config::IncidentsConfig;
 // The incident vocabulary lives in the leaf module `model` so that every stage can name it.

@@ -1,6 +1,8 @@
 //! The crews' inventory file: CSV with a header row naming the columns `site, device, kind,
 //! location, install_date, last_inspection, inspection_interval_months, crew, phone` (any
-//! order; an optional `premises` = commercial | residential). Parsing and validation only:
+//! order; an optional `premises` = commercial | residential; optional `lat`, `lon` in decimal
+//! degrees, WGS-84 as GPS gives them — the dashboard converts to GCJ-02 only to draw over a
+//! GCJ-02 tile server). Parsing and validation only:
 //! pure, no I/O, never panics on any input (a fuzz target calls [`parse_inventory`]).
 
 use std::collections::HashMap;
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const COLUMNS: [&str; 9] =
     ["site", "device", "kind", "location", "install_date", "last_inspection", "inspection_interval_months", "crew", "phone"];
 /// Columns a file may add.
-pub const OPTIONAL_COLUMNS: [&str; 1] = ["premises"];
+pub const OPTIONAL_COLUMNS: [&str; 3] = ["premises", "lat", "lon"];
 /// Longest text field accepted.
 pub const MAX_FIELD: usize = 200;
 
@@ -44,6 +46,32 @@ impl Premises {
     }
 }
 
+/// Where a device is: WGS-84 decimal degrees (the datum of GPS and of the inventory file).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatLon {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+// Both are finite (checked on parse), so equality is reflexive.
+impl Eq for LatLon {}
+
+impl LatLon {
+    /// Both given or both empty; latitude −90…90, longitude −180…180.
+    fn parse(lat: &str, lon: &str) -> Result<Option<LatLon>, String> {
+        let coord = |name: &str, text: &str, limit: f64| match text.parse::<f64>() {
+            Ok(v) if v.is_finite() && v.abs() <= limit => Ok(v),
+            _ => Err(format!("{name}: {text:?} is not a WGS-84 {name} in decimal degrees (−{limit}…{limit})")),
+        };
+        match (lat, lon) {
+            ("", "") => Ok(None),
+            ("", _) => Err("lat: required when lon is given".into()),
+            (_, "") => Err("lon: required when lat is given".into()),
+            (a, o) => Ok(Some(LatLon { lat: coord("lat", a, 90.0)?, lon: coord("lon", o, 180.0)? })),
+        }
+    }
+}
+
 /// One valid inventory line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -61,6 +89,8 @@ pub struct Row {
     /// As given (stored so the crew can be called; shown only masked).
     pub phone: String,
     pub premises: Premises,
+    /// Absent when the file has no `lat`/`lon` (or leaves them empty).
+    pub position: Option<LatLon>,
 }
 
 /// A rejected line and why.
@@ -255,6 +285,7 @@ fn parse_row(record: &csv::ByteRecord, index: &ColumnIndex, width: usize, line: 
         "" => Premises::default(),
         t => Premises::parse(t).ok_or_else(|| format!("premises: {t:?} must be commercial or residential"))?,
     };
+    let position = LatLon::parse(get("lat"), get("lon"))?;
     Ok(Row {
         line,
         site: site.to_owned(),
@@ -267,6 +298,7 @@ fn parse_row(record: &csv::ByteRecord, index: &ColumnIndex, width: usize, line: 
         crew: crew.to_owned(),
         phone: phone.to_owned(),
         premises,
+        position,
     })
 }
 
@@ -325,6 +357,24 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(rows[0].premises, Premises::Residential);
         assert_eq!(rows[0].site, "minhang");
+    }
+
+    #[test]
+    fn positions_are_optional_wgs84_degrees() {
+        let head = HEADER.trim_end().to_owned() + ",lat,lon\n";
+        let text = format!(
+            "{head}s,d-1,gas_detector,x,2024-03-01,,,c,13812345678,31.1883,121.4365\n\
+             s,d-2,gas_detector,x,2024-03-01,,,c,13812345678,,\n\
+             s,d-3,gas_detector,x,2024-03-01,,,c,13812345678,91,121\n\
+             s,d-4,gas_detector,x,2024-03-01,,,c,13812345678,31.2,\n\
+             s,d-5,gas_detector,x,2024-03-01,,,c,13812345678,31.2,NaN\n"
+        );
+        let (rows, errors) = parse_inventory(text.as_bytes());
+        assert_eq!(rows.len(), 2, "{errors:?}");
+        assert_eq!(rows[0].position, Some(LatLon { lat: 31.1883, lon: 121.4365 }));
+        assert_eq!(rows[1].position, None);
+        let reasons: Vec<&str> = errors.iter().map(|e| e.reason.as_str()).collect();
+        assert!(reasons[0].starts_with("lat:") && reasons[1].starts_with("lon:") && reasons[2].starts_with("lon:"), "{reasons:?}");
     }
 
     #[test]

@@ -426,6 +426,8 @@ impl Service {
         let make = || crate::registry::Device::new(&item.device, &item.site, item.m.kind, (self.wall)());
         self.registry.upsert(&item.device, make, |_, d| {
             d.location = Some(item.location.clone());
+            d.lat = item.position.map(|p| p.lat);
+            d.lon = item.position.map(|p| p.lon);
             d.install_date = Some(item.m.install_date.to_string());
             d.crew = Some(item.crew.clone());
             d.phone = Some(mask_phone(&item.phone));
@@ -443,8 +445,10 @@ fn completion_word(o: Outcome) -> &'static str {
 
 /// The metric label of a rejected line: the column named first in its reason.
 fn reject_reason(reason: &str) -> &'static str {
-    const LABELS: [&str; 11] =
-        ["site", "device", "kind", "location", "install_date", "last_inspection", "inspection_interval_months", "crew", "phone", "premises", "header"];
+    const LABELS: [&str; 13] = [
+        "site", "device", "kind", "location", "install_date", "last_inspection", "inspection_interval_months", "crew", "phone", "premises", "lat", "lon",
+        "header",
+    ];
     if reason.contains("already on line") {
         return "duplicate";
     }

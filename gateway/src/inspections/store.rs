@@ -8,7 +8,7 @@ use citywatch_edge::wire::DeviceKind;
 use jiff::civil::Date;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::inventory::{Premises, Row};
+use super::inventory::{LatLon, Premises, Row};
 use super::schedule::{Maintained, Task};
 use super::Result;
 
@@ -18,6 +18,8 @@ pub struct Item {
     pub device: String,
     pub site: String,
     pub location: String,
+    /// WGS-84, from the file's optional `lat`/`lon`.
+    pub position: Option<LatLon>,
     pub crew: String,
     /// Full number; shown only through [`super::mask_phone`].
     pub phone: String,
@@ -90,7 +92,9 @@ impl MaintenanceStore {
                  crew TEXT NOT NULL,
                  phone TEXT NOT NULL,
                  premises TEXT NOT NULL,
-                 incident_open INTEGER NOT NULL DEFAULT 0
+                 incident_open INTEGER NOT NULL DEFAULT 0,
+                 lat REAL,
+                 lon REAL
              );
              CREATE TABLE IF NOT EXISTS completions (
                  id INTEGER PRIMARY KEY,
@@ -111,6 +115,11 @@ impl MaintenanceStore {
                  PRIMARY KEY (device, task, due, days_before)
              ) WITHOUT ROWID;",
         )?;
+        // Files from before positions were imported: add the two columns.
+        let has_lat: bool = conn.prepare("SELECT 1 FROM pragma_table_info('inventory') WHERE name = 'lat'")?.exists([])?;
+        if !has_lat {
+            conn.execute_batch("ALTER TABLE inventory ADD COLUMN lat REAL; ALTER TABLE inventory ADD COLUMN lon REAL;")?;
+        }
         Ok(MaintenanceStore { conn })
     }
 
@@ -118,7 +127,7 @@ impl MaintenanceStore {
     pub fn load(&self) -> Result<Vec<Item>> {
         let mut stmt = self.conn.prepare(
             "SELECT device, site, kind, location, install_date, replaced_on, interval_months, last_inspection,
-                    last_calibration, last_cleaning, crew, phone, premises, incident_open FROM inventory",
+                    last_calibration, last_cleaning, crew, phone, premises, incident_open, lat, lon FROM inventory",
         )?;
         let rows = stmt.query_map([], |r| {
             let kind: String = r.get(2)?;
@@ -132,6 +141,10 @@ impl MaintenanceStore {
                     device: r.get(0)?,
                     site: r.get(1)?,
                     location: r.get(3)?,
+                    position: match (r.get::<_, Option<f64>>(14)?, r.get::<_, Option<f64>>(15)?) {
+                        (Some(lat), Some(lon)) if lat.is_finite() && lon.is_finite() => Some(LatLon { lat, lon }),
+                        _ => None,
+                    },
                     crew: r.get(10)?,
                     phone: r.get(11)?,
                     incident_open: r.get::<_, i64>(13)? != 0,
@@ -169,11 +182,12 @@ impl MaintenanceStore {
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO inventory (device, site, kind, location, install_date, replaced_on, interval_months,
-                     last_inspection, last_calibration, last_cleaning, crew, phone, premises, incident_open)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                     last_inspection, last_calibration, last_cleaning, crew, phone, premises, incident_open, lat, lon)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (device) DO UPDATE SET site = ?2, kind = ?3, location = ?4, install_date = ?5,
                      replaced_on = ?6, interval_months = ?7, last_inspection = ?8, last_calibration = ?9,
-                     last_cleaning = ?10, crew = ?11, phone = ?12, premises = ?13, incident_open = ?14",
+                     last_cleaning = ?10, crew = ?11, phone = ?12, premises = ?13, incident_open = ?14,
+                     lat = ?15, lon = ?16",
             )?;
             for it in items {
                 stmt.execute(params![
@@ -191,6 +205,8 @@ impl MaintenanceStore {
                     it.phone,
                     it.m.premises.as_str(),
                     it.incident_open as i64,
+                    it.position.map(|p| p.lat),
+                    it.position.map(|p| p.lon),
                 ])?;
             }
         }
@@ -284,6 +300,7 @@ pub fn merge(row: &Row, old: Option<&Item>) -> Item {
         device: row.device.clone(),
         site: row.site.clone(),
         location: row.location.clone(),
+        position: row.position,
         crew: row.crew.clone(),
         phone: row.phone.clone(),
         m,
@@ -309,6 +326,7 @@ mod tests {
             crew: "crew-7".into(),
             phone: "13812345678".into(),
             premises: Premises::Commercial,
+            position: Some(LatLon { lat: 31.1883, lon: 121.4365 }),
         }
     }
 

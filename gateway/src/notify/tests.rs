@@ -46,6 +46,8 @@ fn incident(id: &str, revision: u32, state: IncidentState) -> Incident {
         opened_ms: T0,
         updated_ms: T0 + i64::from(revision) * 1000,
         summary: format!("gas at 55.5 %LEL (revision {revision})"),
+        summary_zh: String::new(),
+        summary_en: String::new(),
         count: u64::from(revision),
         escalation: 0,
         flapping: false,

@@ -21,6 +21,11 @@ pub struct DeviceView {
     pub interval_s: u32,
     pub location: Option<String>,
     pub install_date: Option<String>,
+    /// From the inventory's `lat`/`lon`: WGS-84 decimal degrees (absent when not given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lat: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lon: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crew: Option<String>,
     /// Always masked.
@@ -56,6 +61,8 @@ impl Device {
             interval_s: d.interval_s,
             location: d.location.clone(),
             install_date: d.install_date.clone(),
+            lat: d.lat,
+            lon: d.lon,
             crew: d.crew.clone(),
             phone: d.phone.clone(),
             health: flags[0],
