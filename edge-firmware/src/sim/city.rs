@@ -6,8 +6,10 @@
 //! local alarm never trips and its ring stays empty because the shared connection paces it.
 //! So each connection keeps one `u32` per device (4 bytes a device) and one [`Physics`] per
 //! device kind for the noise, and encodes the same wire messages the firmware core would: a
-//! retained `online` birth per device when the link comes up (re-sent after a reconnect),
-//! telemetry round-robin at the connection's share of the rate with each device's own `seq`,
+//! retained `online` birth per device when the link comes up (re-sent after a reconnect; a
+//! million QoS 1 births take the broker a while, so they go out in slices beside the telemetry),
+//! telemetry round-robin over the devices born so far at the connection's share of the rate,
+//! with each device's own `seq`,
 //! and an `offline` goodbye at a deliberate stop, for as long as [`GOODBYE_BUDGET`] allows.
 //! No task per device: one task per connection.
 //!
@@ -120,7 +122,7 @@ impl CityConnection {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // Births still to send on the current link; `None` until the first CONNACK.
         let mut births_next: Option<usize> = None;
-        // The pacing clock starts once every device of the connection is born.
+        // The pacing clock starts at the first CONNACK.
         let mut paced_since: Option<Instant> = None;
         let mut paced_sent: u64 = 0;
         let mut next_device = 0usize;
@@ -158,35 +160,35 @@ impl CityConnection {
                     if !link.is_connected() {
                         continue;
                     }
-                    match births_next {
-                        Some(next) if next < len => {
-                            let end = (next + SLICE).min(len);
-                            for local in next..end {
-                                let (topic, payload) = self.status(local, true);
-                                self.count(link.client().publish(topic, QoS::AtLeastOnce, true, payload).await.is_ok(), Channel::Status);
-                            }
-                            births_next = Some(end);
-                            if end == len && paced_since.is_none() {
-                                paced_since = Some(Instant::now());
-                                self.stats.births_done_ms.fetch_max(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                            }
+                    let Some(next) = births_next else { continue };
+                    if next < len {
+                        let end = (next + SLICE).min(len);
+                        for local in next..end {
+                            let (topic, payload) = self.status(local, true);
+                            self.count(link.client().publish(topic, QoS::AtLeastOnce, true, payload).await.is_ok(), Channel::Status);
                         }
-                        Some(_) => {
-                            let Some(since) = paced_since else { continue };
-                            let due = (since.elapsed().as_secs_f64() * self.rate) as u64;
-                            let slice = due.saturating_sub(paced_sent).min(SLICE as u64);
-                            let now_ms = wall_ms();
-                            let t_s = self.started.elapsed().as_secs_f64();
-                            for _ in 0..slice {
-                                let local = next_device;
-                                next_device = (next_device + 1) % len;
-                                let (topic, payload) = self.telemetry(local, now_ms, t_s);
-                                self.count(link.client().publish(topic, telemetry_qos, false, payload).await.is_ok(), Channel::Telemetry);
-                            }
-                            paced_sent += slice;
+                        births_next = Some(end);
+                        if end == len {
+                            self.stats.births_done_ms.fetch_max(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
                         }
-                        None => {}
                     }
+                    // Telemetry round-robin over the devices born so far, from the first CONNACK.
+                    let born = births_next.unwrap_or(0).max(1);
+                    let since = *paced_since.get_or_insert_with(Instant::now);
+                    let due = (since.elapsed().as_secs_f64() * self.rate) as u64;
+                    let slice = due.saturating_sub(paced_sent).min(SLICE as u64);
+                    let now_ms = wall_ms();
+                    let t_s = self.started.elapsed().as_secs_f64();
+                    for _ in 0..slice {
+                        if next_device >= born {
+                            next_device = 0;
+                        }
+                        let local = next_device;
+                        next_device += 1;
+                        let (topic, payload) = self.telemetry(local, now_ms, t_s);
+                        self.count(link.client().publish(topic, telemetry_qos, false, payload).await.is_ok(), Channel::Telemetry);
+                    }
+                    paced_sent += slice;
                 }
             }
         }

@@ -187,9 +187,7 @@ impl FleetStats {
             "elapsed_s": (secs * 1000.0).round() / 1000.0,
             "published": self.published(),
             "rate_per_s": (self.published() as f64 / secs).round(),
-            // Achieved telemetry rate once births were done (city mode births come first).
-            "telemetry_per_s": (self.telemetry.load(Ordering::Relaxed) as f64
-                / (secs - self.births_done_ms.load(Ordering::Relaxed) as f64 / 1000.0).max(1e-3)).round(),
+            "telemetry_per_s": (self.telemetry.load(Ordering::Relaxed) as f64 / secs).round(),
             "telemetry": self.telemetry.load(Ordering::Relaxed),
             "events": self.events.load(Ordering::Relaxed),
             "statuses": self.statuses.load(Ordering::Relaxed),
