@@ -16,6 +16,8 @@ use crate::ingest::{now_ms, Ack, Inbound};
 
 /// Room for the topic and header on top of `max_payload_bytes`.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
+/// Kernel receive buffer of the broker connection (Linux caps it at `net.core.rmem_max`).
+const RECV_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a clean DISCONNECT may take at shutdown.
@@ -78,8 +80,22 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
     // Acks travel through this queue; make it deep enough that `try_ack` practically never
     // finds it full (every message waiting in `out` may be acked at once).
     let capacity = cfg.queue_capacity.saturating_add(1024);
-    let (client, eventloop) = AsyncClient::new(options, capacity);
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    eventloop.set_network_options(network_options());
     Ok((ExternalPublisher { client: client.clone() }, ExternalSource { cfg: cfg.clone(), client, eventloop }))
+}
+
+/// Socket options of the connection to the broker. `TCP_NODELAY`: PUBACKs, subscribes and
+/// gateway → device commands are small writes, and Nagle's algorithm would hold each one back
+/// until the broker acknowledges the previous segment (tens of ms on a quiet link, which is what
+/// an acknowledgement costs the broker's QoS 1 window). A large receive buffer lets the broker
+/// hand over a burst of telemetry while the pipeline is busy, instead of queueing it on its side
+/// (where QoS 0 messages are dropped once its per-client queue is full).
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_tcp_recv_buffer_size(RECV_BUFFER_BYTES);
+    network
 }
 
 /// Subscribes to `cfg.topic_filter` at the external broker and forwards messages into `out`
@@ -142,6 +158,15 @@ impl ExternalSource {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
                     let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack };
+                    // Fast path without building a select: the pipeline usually has room.
+                    let inbound = match out.try_send(inbound) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            info!("external broker: pipeline closed, stopping");
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Full(inbound)) => inbound,
+                    };
                     tokio::select! {
                         biased;
                         // Dropped unacknowledged: redelivered in the next session.
