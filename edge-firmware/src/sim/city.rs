@@ -261,6 +261,13 @@ mod tests {
     }
 
     #[test]
+    fn a_full_simulated_device_is_what_a_city_cannot_afford() {
+        // The reason for this module: a firmware core with its ring is ~100 KiB.
+        let full = std::mem::size_of::<crate::device::Device<{ crate::sim::fleet::RING_CAPACITY }>>();
+        assert!(full > 50_000, "{full} bytes");
+    }
+
+    #[test]
     fn city_devices_speak_the_contract_with_their_own_seq() {
         let cfg = config(10);
         let mut c = CityConnection::new(&cfg, 1, 4, Arc::new(FleetStats::default()), Instant::now());

@@ -16,8 +16,6 @@ use crate::ingest::{now_ms, Ack, Inbound};
 
 /// Room for the topic and header on top of `max_payload_bytes`.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
-/// Kernel receive buffer of the broker connection (Linux caps it at `net.core.rmem_max`).
-const RECV_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a clean DISCONNECT may take at shutdown.
@@ -85,16 +83,15 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
     Ok((ExternalPublisher { client: client.clone() }, ExternalSource { cfg: cfg.clone(), client, eventloop }))
 }
 
-/// Socket options of the connection to the broker. `TCP_NODELAY`: PUBACKs, subscribes and
-/// gateway → device commands are small writes, and Nagle's algorithm would hold each one back
-/// until the broker acknowledges the previous segment (tens of ms on a quiet link, which is what
-/// an acknowledgement costs the broker's QoS 1 window). A large receive buffer lets the broker
-/// hand over a burst of telemetry while the pipeline is busy, instead of queueing it on its side
-/// (where QoS 0 messages are dropped once its per-client queue is full).
+/// Socket options of the connection to the broker. `TCP_NODELAY` (rumqttc leaves Nagle on):
+/// PUBACKs, subscribes and gateway → device commands are small writes, and Nagle's algorithm
+/// holds each one back until the broker acknowledges the previous segment, which with delayed
+/// ACKs costs up to 40 ms per command and keeps the broker's QoS 1 window full for as long.
+/// The receive buffer is left to Linux's autotuning (up to `net.ipv4.tcp_rmem`'s maximum,
+/// 32 MiB here): setting `SO_RCVBUF` would switch autotuning off and cap it lower.
 fn network_options() -> rumqttc::NetworkOptions {
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
-    network.set_tcp_recv_buffer_size(RECV_BUFFER_BYTES);
     network
 }
 
