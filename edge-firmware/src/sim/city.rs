@@ -6,8 +6,8 @@
 //! local alarm never trips and its ring stays empty because the shared connection paces it.
 //! So each connection keeps one `u32` per device (4 bytes a device) and one [`Physics`] per
 //! device kind for the noise, and encodes the same wire messages the firmware core would: a
-//! retained `online` birth per device when the link comes up (re-sent after a reconnect; a
-//! million QoS 1 births take the broker a while, so they go out in slices beside the telemetry),
+//! retained `online` birth per device once (a reconnect resumes them; a million QoS 1 births
+//! take the broker a while, so they go out in slices beside the telemetry),
 //! telemetry round-robin over the devices born so far at the connection's share of the rate,
 //! with each device's own `seq`,
 //! and an `offline` goodbye at a deliberate stop, for as long as [`GOODBYE_BUDGET`] allows.
@@ -145,7 +145,10 @@ impl CityConnection {
                             }
                             ever_up = true;
                             link.subscribe(&filter).await;
-                            births_next = Some(0);
+                            // Births resume where they stopped: the broker keeps the retained
+                            // ones, and there is no will to undo (restarting from 0 on every
+                            // reconnect never finishes a million births on a flaky link).
+                            births_next.get_or_insert(0);
                         }
                         LinkEvent::Down(reason) => tracing::debug!(connection = self.index, %reason, "link down"),
                         LinkEvent::Message { topic, .. } => {
