@@ -165,10 +165,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!(
         "background load: edge-sim --rate {rate} --devices {devices} --connections {connections}"
     );
+    let load_broker = broker.clone();
     let load = tokio::task::spawn_blocking(move || {
         spawn_edge_sim(&[
             "--broker",
-            &broker,
+            &load_broker,
             "--devices",
             &devices,
             "--site",
