@@ -130,7 +130,9 @@ fn main() -> Result<()> {
             Err(_) => eprintln!("edge-sim: devices did not stop within 10 s"),
         }
         progress.abort();
-        println!("{}", stats.summary(&config, elapsed));
+        let mut summary = stats.summary(&config, elapsed);
+        summary["rss_peak_mib"] = peak_rss_mib().into();
+        println!("{summary}");
         Ok(())
     })
 }
@@ -158,4 +160,15 @@ async fn report_progress(stats: Arc<FleetStats>) {
         eprintln!("edge-sim: {:.0} msg/s, {} published, {} buffered", rate, now.1, stats.buffered.load(std::sync::atomic::Ordering::Relaxed));
         last = now;
     }
+}
+
+/// The process's peak resident set (VmHWM), MiB; 0 where /proc is missing.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    (kib / 1024.0 * 10.0).round() / 10.0
 }

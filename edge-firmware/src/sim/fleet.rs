@@ -16,6 +16,7 @@ use rumqttc::{LastWill, QoS};
 use tokio::sync::{mpsc, watch};
 
 use super::bad::BadPayloads;
+use super::city::CityConnection;
 use super::link::{Link, LinkConfig, LinkEvent};
 use super::physics::{CrewAction, Physics, Role};
 use crate::alarm::AlarmConfig;
@@ -96,6 +97,12 @@ pub struct FleetConfig {
 }
 
 impl FleetConfig {
+    /// The load generator with quiet devices runs in city mode (4 bytes a device, see
+    /// [`super::city`]); every other combination runs full firmware cores.
+    pub fn is_city(&self) -> bool {
+        self.rate.is_some() && self.scenario == Scenario::Normal
+    }
+
     /// Checks what a user can get wrong; the message names the option.
     pub fn validate(&self) -> Result<(), String> {
         if self.devices == 0 {
@@ -119,8 +126,7 @@ impl FleetConfig {
         if self.interval_s == 0 {
             return Err("--interval must be at least 1 second".into());
         }
-        let smoke = (0..self.devices).filter(|i| kind_of(*i) == DeviceKind::SmokeDetector).count();
-        if self.scenario == Scenario::Fire && smoke < 2 {
+        if self.scenario == Scenario::Fire && self.devices < 5 {
             return Err("the fire scenario needs two smoke detectors of one site: use --devices 5 or more".into());
         }
         Ok(())
@@ -157,6 +163,10 @@ pub struct FleetStats {
     pub commands: AtomicU64,
     pub link_drops: AtomicU64,
     pub reconnects: AtomicU64,
+    /// City mode: ms from start until the last connection had sent every birth.
+    pub births_done_ms: AtomicU64,
+    /// City mode: goodbyes not sent at stop because the budget ran out.
+    pub goodbyes_skipped: AtomicU64,
     /// Bad messages sent on purpose, by the gateway reason they should earn.
     pub bad: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -177,6 +187,7 @@ impl FleetStats {
             "elapsed_s": (secs * 1000.0).round() / 1000.0,
             "published": self.published(),
             "rate_per_s": (self.published() as f64 / secs).round(),
+            "telemetry_per_s": (self.telemetry.load(Ordering::Relaxed) as f64 / secs).round(),
             "telemetry": self.telemetry.load(Ordering::Relaxed),
             "events": self.events.load(Ordering::Relaxed),
             "statuses": self.statuses.load(Ordering::Relaxed),
@@ -186,6 +197,8 @@ impl FleetStats {
             "commands": self.commands.load(Ordering::Relaxed),
             "link_drops": self.link_drops.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
+            "births_done_s": self.births_done_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            "goodbyes_skipped": self.goodbyes_skipped.load(Ordering::Relaxed),
             "bad": bad,
         })
     }
@@ -246,6 +259,16 @@ struct SimDevice {
 pub async fn run(config: FleetConfig, stats: Arc<FleetStats>, shutdown: watch::Receiver<bool>) -> Result<(), String> {
     config.validate()?;
     let started = Instant::now();
+    if config.is_city() {
+        let n = config.connections.min(config.devices);
+        let tasks: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(CityConnection::new(&config, i, n, Arc::clone(&stats), started).run(shutdown.clone())))
+            .collect();
+        for task in tasks {
+            task.await.map_err(|e| format!("connection task failed: {e}"))?;
+        }
+        return Ok(());
+    }
     let devices = build_devices(&config)?;
     let groups: Vec<Vec<SimDevice>> = match config.rate {
         None => devices.into_iter().map(|d| vec![d]).collect(),
@@ -352,6 +375,7 @@ impl Connection {
             will,
             keep_alive: Duration::from_secs(30),
             request_capacity: if self.rate.is_some() { 4096 } else { 64 },
+            inflight: if self.rate.is_some() { super::city::INFLIGHT } else { 100 },
         }
     }
 

@@ -26,6 +26,8 @@ pub struct LinkConfig {
     pub keep_alive: Duration,
     /// Requests rumqttc may hold before `publish().await` waits.
     pub request_capacity: usize,
+    /// QoS 1 publishes in flight before rumqttc waits for PUBACKs (rumqttc's default: 100).
+    pub inflight: u16,
 }
 
 /// What the poll task tells the device task.
@@ -59,6 +61,7 @@ impl Link {
         options.set_keep_alive(config.keep_alive);
         options.set_clean_session(true);
         options.set_max_packet_size(64 * 1024, 64 * 1024);
+        options.set_inflight(config.inflight.max(1));
         if let Some((user, password)) = &config.credentials {
             options.set_credentials(user, password);
         }

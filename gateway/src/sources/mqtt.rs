@@ -78,8 +78,21 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
     // Acks travel through this queue; make it deep enough that `try_ack` practically never
     // finds it full (every message waiting in `out` may be acked at once).
     let capacity = cfg.queue_capacity.saturating_add(1024);
-    let (client, eventloop) = AsyncClient::new(options, capacity);
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    eventloop.set_network_options(network_options());
     Ok((ExternalPublisher { client: client.clone() }, ExternalSource { cfg: cfg.clone(), client, eventloop }))
+}
+
+/// Socket options of the connection to the broker. `TCP_NODELAY` (rumqttc leaves Nagle on):
+/// PUBACKs, subscribes and gateway → device commands are small writes, and Nagle's algorithm
+/// holds each one back until the broker acknowledges the previous segment, which with delayed
+/// ACKs costs up to 40 ms per command and keeps the broker's QoS 1 window full for as long.
+/// The receive buffer is left to Linux's autotuning (up to `net.ipv4.tcp_rmem`'s maximum,
+/// 32 MiB here): setting `SO_RCVBUF` would switch autotuning off and cap it lower.
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network
 }
 
 /// Subscribes to `cfg.topic_filter` at the external broker and forwards messages into `out`
@@ -142,6 +155,15 @@ impl ExternalSource {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
                     let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack };
+                    // Fast path without building a select: the pipeline usually has room.
+                    let inbound = match out.try_send(inbound) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            info!("external broker: pipeline closed, stopping");
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Full(inbound)) => inbound,
+                    };
                     tokio::select! {
                         biased;
                         // Dropped unacknowledged: redelivered in the next session.

@@ -1,10 +1,16 @@
 //! `bench-alert-latency`: publish → incident at the webhook receiver (SPEC §7), under edge-sim
-//! background load on the release gateway's embedded broker. One incident at a time: a fresh
-//! gas detector reports 55 %LEL once, and the time until its `gas_high` (revision 1) reaches a
-//! real webhook receiver is one sample. Prints percentiles; passes or fails nothing on time.
+//! background load, with the gateway's embedded broker (`--mode embedded`) or subscribed to a
+//! Mosquitto in front (`--mode external`). One incident at a time: a fresh gas detector reports
+//! 55 %LEL once, and the time until its `gas_high` (revision 1) reaches a real webhook receiver
+//! is one sample. Prints percentiles; passes or fails nothing on time.
 //!
-//! Usage: bench-alert-latency [N=1000] [--rate MSGS_PER_S=1900] [--devices 1000]
-//!        [--connections 2] [--warmup SECS=5]
+//! With `--node-red DIR` (a directory where `npm install node-red@4` was run), Node-RED runs
+//! beside the gateway on the same broker and the same background load, with the flow of SPEC §7:
+//! MQTT in (every telemetry topic, JSON) → one threshold (`values.gas_lel` ≥ 50) → HTTP POST to
+//! a receiver in this process. Each publish is one sample for both; both tables are printed.
+//!
+//! Usage: bench-alert-latency [N=1000] [--mode embedded|external] [--node-red DIR]
+//!        [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]
 //! (scripts/bench-alert-latency builds the release binaries first and runs this.)
 //!
 //! The default rate aims at ~10k readings/s: an edge-sim telemetry message of a mixed fleet
@@ -15,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use citywatch_tests::{
-    birth, device_topic, spawn_edge_sim, GatewayProcess, Publisher, QoS, WebhookReceiver,
+    birth, device_topic, spawn_edge_sim, GatewayProcess, Mosquitto, Publisher, QoS, WebhookReceiver,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use serde_json::json;
 
 const SECRET: &str = "bench-secret";
@@ -33,6 +41,8 @@ struct Args {
     devices: usize,
     connections: usize,
     warmup: Duration,
+    external: bool,
+    node_red: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -43,11 +53,21 @@ impl Args {
             devices: 1000,
             connections: 2,
             warmup: Duration::from_secs(5),
+            external: false,
+            node_red: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
             let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
             match arg.as_str() {
+                "--mode" => {
+                    args.external = match value("--mode")?.as_str() {
+                        "external" => true,
+                        "embedded" => false,
+                        other => bail!("--mode {other:?}: embedded or external"),
+                    }
+                }
+                "--node-red" => args.node_red = Some(value("--node-red")?.into()),
                 "--rate" => args.rate = value("--rate")?.parse().context("--rate")?,
                 "--devices" => args.devices = value("--devices")?.parse().context("--devices")?,
                 "--connections" => {
@@ -58,7 +78,7 @@ impl Args {
                         Duration::from_secs_f64(value("--warmup")?.parse().context("--warmup")?)
                 }
                 "-h" | "--help" => {
-                    println!("usage: bench-alert-latency [N=1000] [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]");
+                    println!("usage: bench-alert-latency [N=1000] [--mode embedded|external] [--node-red DIR] [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]");
                     std::process::exit(0);
                 }
                 n if !n.starts_with('-') => {
@@ -119,9 +139,25 @@ async fn main() -> anyhow::Result<()> {
         "[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
         receiver.url()
     );
-    eprintln!("starting the release gateway (embedded broker) ...");
-    let gw = GatewayProcess::start_embedded(&webhook).await?;
-    let broker = gw.mqtt_addr().context("embedded broker")?.to_owned();
+    let mosquitto = if args.external { Some(Mosquitto::start().await?) } else { None };
+    let gw = match &mosquitto {
+        Some(m) => {
+            eprintln!("starting the release gateway (external mode, Mosquitto at {}) ...", m.addr());
+            GatewayProcess::start_external(&m.addr(), &webhook).await?
+        }
+        None => {
+            eprintln!("starting the release gateway (embedded broker) ...");
+            GatewayProcess::start_embedded(&webhook).await?
+        }
+    };
+    let broker = match &mosquitto {
+        Some(m) => m.addr(),
+        None => gw.mqtt_addr().context("embedded broker")?.to_owned(),
+    };
+    let node_red = match &args.node_red {
+        Some(dir) => Some(NodeRed::start(dir, &broker).await?),
+        None => None,
+    };
 
     let rate = args.rate.to_string();
     let devices = args.devices.to_string();
@@ -129,10 +165,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!(
         "background load: edge-sim --rate {rate} --devices {devices} --connections {connections}"
     );
+    let load_broker = broker.clone();
     let load = tokio::task::spawn_blocking(move || {
         spawn_edge_sim(&[
             "--broker",
-            &broker,
+            &load_broker,
             "--devices",
             &devices,
             "--site",
@@ -144,7 +181,6 @@ async fn main() -> anyhow::Result<()> {
         ])
     })
     .await?;
-    let broker = gw.mqtt_addr().context("embedded broker")?.to_owned();
 
     // Warm-up: the load flowing into the gateway, then a little longer to settle.
     let (start_readings, _) = ingest_counters(&gw)?;
@@ -192,6 +228,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut feed = receiver.subscribe();
     let mut latencies_ms = Vec::with_capacity(args.n);
+    let mut red_latencies_ms = Vec::with_capacity(args.n);
+    let mut red_missed = 0usize;
+    let mut red_feed = node_red.as_ref().map(|r| r.subscribe());
     let mut missed = Vec::new();
     let (readings_0, telemetry_0) = ingest_counters(&gw)?;
     let t0 = Instant::now();
@@ -199,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
         let warm = k < WARM_INCIDENTS;
         let topic = device_topic(SITE, id, "telemetry");
         let payload =
-            json!({"seq": 1, "ts": now_ms(), "values": {"gas_lel": 55.0, "valve_closed": 0}})
+            json!({"seq": k + 1, "ts": now_ms(), "values": {"gas_lel": 55.0, "valve_closed": 0}})
                 .to_string()
                 .into_bytes();
         let published = Instant::now();
@@ -234,6 +273,23 @@ async fn main() -> anyhow::Result<()> {
             None if warm => {}
             None => missed.push(id.clone()),
         }
+        if let Some(red) = red_feed.as_mut() {
+            // Node-RED's POST of the same reading (usually in already).
+            let seq = (k + 1) as u64;
+            let got = loop {
+                match tokio::time::timeout_at(deadline, red.recv()).await {
+                    Ok(Some((s, at))) if s == seq => break Some(at),
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break None,
+                }
+            };
+            match got {
+                Some(at) if !warm => red_latencies_ms.push(at.saturating_duration_since(published).as_secs_f64() * 1000.0),
+                Some(_) => {}
+                None if warm => {}
+                None => red_missed += 1,
+            }
+        }
         if !warm && (k - WARM_INCIDENTS + 1).is_multiple_of(100) {
             eprintln!("{} / {} incidents", k - WARM_INCIDENTS + 1, args.n);
         }
@@ -257,22 +313,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         0.0
     };
-    let mut sorted = latencies_ms.clone();
-    sorted.sort_by(f64::total_cmp);
     let round = |v: f64| (v * 1000.0).round() / 1000.0;
-    let (p50, p90, p99, max, mean) = if sorted.is_empty() {
-        (0.0, 0.0, 0.0, 0.0, 0.0)
-    } else {
-        let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-        (
-            percentile(&sorted, 0.50),
-            percentile(&sorted, 0.90),
-            percentile(&sorted, 0.99),
-            sorted[sorted.len() - 1],
-            mean,
-        )
-    };
-    println!("alert latency: publish → gas_high (revision 1) at the webhook receiver");
+    let (p50, p90, p99, max, mean) = stats(&latencies_ms);
+    let mode = if args.external { "external" } else { "embedded" };
+    println!("alert latency ({mode} mode): publish → gas_high (revision 1) at the webhook receiver");
     println!(
         "  incidents   {:>10}  (missed {})",
         latencies_ms.len(),
@@ -285,8 +329,28 @@ async fn main() -> anyhow::Result<()> {
     println!("  mean        {:>10.3} ms", mean);
     println!("  background  {:>10.0} readings/s  ({:.0} telemetry msgs/s, {:.2} readings/msg, asked {} msgs/s, {} devices, {} connections)", readings_per_s, telemetry_per_s, per_message, args.rate, args.devices, args.connections);
     println!("  inside      {:>10.3} ms mean incident-store commit (fsync), {:.3} ms mean message arrival → change committed", commit_ms, path_ms);
+    let red = node_red.as_ref().map(|_| {
+        let (p50, p90, p99, max, mean) = stats(&red_latencies_ms);
+        println!("Node-RED 4, same broker and load: publish → HTTP POST at the receiver");
+        println!("  samples     {:>10}  (missed {})", red_latencies_ms.len(), red_missed);
+        println!("  p50         {:>10.3} ms", p50);
+        println!("  p90         {:>10.3} ms", p90);
+        println!("  p99         {:>10.3} ms", p99);
+        println!("  max         {:>10.3} ms", max);
+        println!("  mean        {:>10.3} ms", mean);
+        json!({"measured": red_latencies_ms.len(), "missed": red_missed, "p50_ms": round(p50),
+               "p90_ms": round(p90), "p99_ms": round(p99), "max_ms": round(max), "mean_ms": round(mean)})
+    });
+    if let Some(red) = &red {
+        let theirs = red["p99_ms"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 {
+            println!("  ratio       {:>10.2}  (Citywatch p99 / Node-RED p99; target ≤ 0.5)", p99 / theirs);
+        }
+    }
     let line = json!({
         "bench": "alert_latency",
+        "mode": mode,
+        "node_red": red,
         "gateway_commit_mean_ms": round(commit_ms),
         "gateway_arrival_to_commit_mean_ms": round(path_ms),
         "n": args.n,
@@ -308,6 +372,8 @@ async fn main() -> anyhow::Result<()> {
         },
     });
     println!("{line}");
+    drop(node_red);
+    drop(mosquitto);
     if !missed.is_empty() {
         eprintln!(
             "missed (no gas_high within {PER_INCIDENT:?}): {:?}",
@@ -315,4 +381,147 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// (p50, p90, p99, max, mean) of the samples, in their unit; zeros when there are none.
+fn stats(samples: &[f64]) -> (f64, f64, f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return (0.0, 0.0, 0.0, 0.0, 0.0);
+    }
+    let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+    (
+        percentile(&sorted, 0.50),
+        percentile(&sorted, 0.90),
+        percentile(&sorted, 0.99),
+        sorted[sorted.len() - 1],
+        mean,
+    )
+}
+
+/// Node-RED 4 with the flow MQTT in → threshold → HTTP POST, and the receiver of its POSTs.
+struct NodeRed {
+    child: std::process::Child,
+    posts: std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<(u64, Instant)>>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeRed {
+    async fn start(install: &std::path::Path, broker: &str) -> anyhow::Result<NodeRed> {
+        let bin = install.join("node_modules/.bin/node-red");
+        anyhow::ensure!(bin.exists(), "{} missing: npm install node-red@4 there first", bin.display());
+        let (host, port) = broker.rsplit_once(':').context("broker host:port")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let post_port = listener.local_addr()?.port();
+        let posts: std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<(u64, Instant)>>>> = Default::default();
+        let sink = posts.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(serve_posts(socket, sink.clone()));
+            }
+        });
+        let dir = tempfile::Builder::new().prefix("citywatch-node-red-").tempdir()?;
+        let flow = json!([
+            {"id": "tab1", "type": "tab", "label": "bench"},
+            {"id": "broker1", "type": "mqtt-broker", "name": "bench", "broker": host, "port": port,
+             "clientid": format!("node-red-bench-{}", std::process::id()), "autoConnect": true, "usetls": false,
+             "protocolVersion": "4", "keepalive": "60", "cleansession": true},
+            {"id": "in1", "type": "mqtt in", "z": "tab1", "topic": "citywatch/v1/+/+/telemetry", "qos": "1",
+             "datatype": "json", "broker": "broker1", "nl": false, "rap": false, "inputs": 0, "wires": [["sw1"]]},
+            {"id": "sw1", "type": "switch", "z": "tab1", "property": "payload.values.gas_lel", "propertyType": "msg",
+             "rules": [{"t": "gte", "v": "50", "vt": "num"}], "checkall": "true", "outputs": 1, "wires": [["post1"]]},
+            {"id": "post1", "type": "http request", "z": "tab1", "method": "POST", "ret": "txt", "paytoqs": "ignore",
+             "url": format!("http://127.0.0.1:{post_port}/alert"), "wires": [[]]}
+        ]);
+        let flow_path = dir.path().join("flows.json");
+        std::fs::write(&flow_path, flow.to_string())?;
+        let log = std::fs::File::create(dir.path().join("node-red.log"))?;
+        let ui_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new(&bin)
+            .arg("--userDir").arg(dir.path())
+            .arg("--port").arg(ui_port.to_string())
+            .arg(&flow_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        // Ready once it says it connected to the broker.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let text = std::fs::read_to_string(dir.path().join("node-red.log")).unwrap_or_default();
+            if text.contains("Connected to broker") {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "Node-RED did not connect to {broker} within 90 s:\n{text}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("Node-RED {} running beside the gateway on {broker}", node_red_version(install));
+        Ok(NodeRed { child, posts, _dir: dir })
+    }
+
+    /// POSTs from now on: (the reading's `seq`, when the body was in).
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<(u64, Instant)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut slot) = self.posts.lock() {
+            *slot = Some(tx);
+        }
+        rx
+    }
+}
+
+impl Drop for NodeRed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_red_version(install: &std::path::Path) -> String {
+    std::fs::read_to_string(install.join("node_modules/node-red/package.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A minimal HTTP/1.1 server for Node-RED's POSTs (keep-alive; Content-Length bodies).
+async fn serve_posts(
+    mut socket: tokio::net::TcpStream,
+    sink: std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<(u64, Instant)>>>>,
+) {
+    let _ = socket.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + 4 + length {
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let at = Instant::now();
+        let body: Vec<u8> = buf.drain(..head_end + 4 + length).skip(head_end + 4).collect();
+        if let Some(seq) = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["seq"].as_u64()) {
+            if let Some(tx) = sink.lock().ok().and_then(|s| s.clone()) {
+                let _ = tx.send((seq, at));
+            }
+        }
+        if socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.is_err() {
+            return;
+        }
+    }
 }
