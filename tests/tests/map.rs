@@ -56,14 +56,14 @@ fn telemetry(kind: &str, seq: u32, gas: f64) -> Value {
 }
 
 async fn open(browser: &Browser, url: &str) {
-    browser.goto(url).expect("navigate");
+    browser.goto(url).await.expect("navigate");
     browser
         .wait_for_script("the page started and the live stream is up", "return document.body.dataset.ready === 'true' && document.querySelector('#live').dataset.state === 'live'", WAIT)
         .await
         .expect("page ready");
 }
 
-fn site_marker(browser: &Browser, site: &str) -> Value {
+async fn site_marker(browser: &Browser, site: &str) -> Value {
     browser
         .script(
             "const g = document.querySelector(`#map g.site[data-site='${arguments[0]}']`);
@@ -72,6 +72,7 @@ fn site_marker(browser: &Browser, site: &str) -> Value {
                      fill: getComputedStyle(g.querySelector('.site-dot')).fill};",
             &[json!(site)],
         )
+        .await
         .expect("marker")
 }
 
@@ -103,9 +104,9 @@ async fn a_gas_leak_turns_its_site_red_on_the_map_live() {
     let browser = Browser::start(1400, 900).await.expect("browser");
     open(&browser, &format!("http://{}/#/map", gw.http_addr())).await;
     browser.wait_for_element("#map g.site[data-site='pudong']", WAIT).await.expect("the sites are drawn");
-    let before = site_marker(&browser, LEAK_SITE);
+    let before = site_marker(&browser, LEAK_SITE).await;
     assert_ne!(before["severity"], "critical", "no leak yet: {before}");
-    let bar = browser.script("return document.querySelector('#map .scale-bar')?.dataset.metres ?? null", &[]).expect("scale bar");
+    let bar = browser.script("return document.querySelector('#map .scale-bar')?.dataset.metres ?? null", &[]).await.expect("scale bar");
     assert!(bar.as_str().and_then(|m| m.parse::<f64>().ok()).is_some_and(|m| m > 0.0), "a scale bar: {bar}");
 
     // The leak: one reading over the level-2 limit (gas_high is immediate and critical).
@@ -114,36 +115,37 @@ async fn a_gas_leak_turns_its_site_red_on_the_map_live() {
         .wait_for_element(&format!("#map g.site[data-site='{LEAK_SITE}'][data-severity='critical']"), WAIT)
         .await
         .unwrap_or_else(|e| panic!("the leak's site never turned critical on the map: {e}\n{}", gw.logs()));
-    let m = site_marker(&browser, LEAK_SITE);
+    let m = site_marker(&browser, LEAK_SITE).await;
     assert_eq!(m["fill"], CRITICAL_FILL, "the incident colour: {m}");
     for (site, ..) in FLEET.iter().filter(|(s, ..)| *s != LEAK_SITE) {
-        let other = site_marker(&browser, site);
+        let other = site_marker(&browser, site).await;
         assert_ne!(other["severity"], "critical", "{site} has no critical incident: {other}");
         assert_ne!(other["fill"], CRITICAL_FILL, "{site}: {other}");
     }
     let device = browser
         .script(&format!("return document.querySelector(\"#map circle.device[data-device='{LEAK_DEVICE}']\")?.dataset.severity ?? null"), &[])
+        .await
         .expect("device marker");
     assert_eq!(device, "critical");
     let shot = artifacts_dir("map").join("map.png");
-    browser.screenshot(&shot).expect("screenshot");
+    browser.screenshot(&shot).await.expect("screenshot");
     let docs = citywatch_tests::workspace_root().join("docs/screenshots/map.png");
     std::fs::copy(&shot, &docs).unwrap_or_else(|e| panic!("keep {}: {e}", docs.display()));
 
     // Clicking the site lists its devices and the incident.
     let dot = format!("#map g.site[data-site='{LEAK_SITE}'] .site-dot");
-    if let Err(e) = browser.click(&dot) {
+    if let Err(e) = browser.click(&dot).await {
         // The map redraws on every incident change and refresh: the element may have just
         // been replaced. The same click, dispatched on the current element.
         eprintln!("click on the site: {e}; clicking the redrawn marker");
-        browser.script("document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true}))", &[json!(dot)]).expect("click the site");
+        browser.script("document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true}))", &[json!(dot)]).await.expect("click the site");
     }
     browser.wait_for_element(&format!("#drawer-body tr[data-rule='gas_high'][data-device='{LEAK_DEVICE}']"), WAIT).await.expect("the site's incident");
     for (site, device, ..) in FLEET {
-        let listed = browser.find(&format!("#drawer-body tr[data-device-id='{device}']")).expect("find").is_some();
+        let listed = browser.find(&format!("#drawer-body tr[data-device-id='{device}']")).await.expect("find").is_some();
         assert_eq!(listed, *site == LEAK_SITE, "{device} of {site} in the {LEAK_SITE} drawer");
     }
-    browser.screenshot(&artifacts_dir("map").join("map-site.png")).expect("screenshot");
+    browser.screenshot(&artifacts_dir("map").join("map-site.png")).await.expect("screenshot");
 
     // Both languages: the incident carries its summary in each, and the Chinese board shows
     // the Chinese one.
@@ -159,6 +161,6 @@ async fn a_gas_leak_turns_its_site_red_on_the_map_live() {
         .await
         .expect("summary");
     assert_eq!(shown, zh, "the Chinese board shows summary_zh");
-    let text = browser.page_text();
+    let text = browser.page_text().await;
     assert!(!text.contains("Combustible") && !text.contains("system"), "English on the Chinese board:\n{text}");
 }
