@@ -219,9 +219,9 @@ async fn main() -> anyhow::Result<()> {
         "every bench device registered",
         |gw| {
             let body = gw
-                .get(&format!("/api/v1/devices?site={SITE}&limit={want}"))
+                .get(&format!("/api/v1/devices?site={SITE}&limit=1"))
                 .ok()?;
-            (body["count"].as_u64()? >= want).then_some(())
+            (body["total"].as_u64()? >= want).then_some(())
         },
     )
     .await;

@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         publisher.publish_json(&device_topic(SITE, id, "status"), true, &birth("gas_detector", 3600)).await?;
     }
     let want = ids.len() as u64 + 21;
-    gw.wait_for(WAIT, "the city and every bench detector registered", |gw| (gw.get("/api/v1/devices?limit=1000").ok()?["count"].as_u64()? >= want).then_some(()))
+    gw.wait_for(WAIT, "the city and every bench detector registered", |gw| (gw.get("/api/v1/devices?limit=1").ok()?["total"].as_u64()? >= want).then_some(()))
         .await;
 
     let browser = Browser::start(1600, 1000).await?;
