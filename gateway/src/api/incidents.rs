@@ -72,6 +72,9 @@ pub const DEFAULT_INCIDENTS: usize = 200;
 pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
     let mut states = Vec::new();
+    if p.state.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        return Err(ApiError::BadRequest("state: empty; give one or more states, or leave the parameter out".into()));
+    }
     for part in p.state.as_deref().unwrap_or("").split(',').map(str::trim).filter(|x| !x.is_empty()) {
         if part == "active" {
             states.extend([IncidentState::Open, IncidentState::Acknowledged, IncidentState::Dispatched]);
@@ -206,7 +209,12 @@ pub async fn silences(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "silences": list })))
 }
 
-pub async fn add_silence(State(s): State<ApiState>, JsonBody(body): JsonBody<SilenceConfig>) -> ApiResult<Response> {
+pub async fn add_silence(State(s): State<ApiState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Response> {
+    // serde takes a JSON array for a struct (fields in order); the contract is an object.
+    if !body.is_object() {
+        return Err(ApiError::BadRequest("the silence must be a JSON object".into()));
+    }
+    let body: SilenceConfig = serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("silence: {e}")))?;
     let h = handle(&s)?;
     match h.add_silence(body).await? {
         Ok(created) => Ok((StatusCode::CREATED, Json(json!(created))).into_response()),

@@ -46,6 +46,9 @@ async fn import(State(h): State<InspectionsHandle>, headers: HeaderMap, body: By
     if content_type.starts_with("application/json") || content_type.starts_with("application/x-www-form-urlencoded") {
         return Err(ApiError::BadRequest(format!("Content-Type {content_type}: send the inventory as text/csv")));
     }
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("empty body: send the inventory as text/csv with a header row".into()));
+    }
     Ok(Json(h.import(body.to_vec()).await?))
 }
 

@@ -260,7 +260,7 @@ struct QuarantineParams {
 async fn quarantine(State(s): State<ApiState>, Query(p): Query<QuarantineParams>) -> ApiResult<Json<Value>> {
     let limit = page::limit(p.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
     let before = match p.cursor.as_deref() {
-        None => p.before.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+        None => p.before.map(|b| i64::try_from(b).map_err(|_| ApiError::BadRequest(format!("before={b}: at most {}", i64::MAX)))).transpose()?,
         Some(c) => Some(page::quarantine_before(c)?),
     };
     let store = Arc::clone(&s.store);

@@ -207,7 +207,7 @@ pub fn document() -> Value {
     ] {
         let mut properties = json!({
             "actor": { "type": "string", "description": "Who acts; with tokens the token's name is recorded (and a different actor as `actor via token`). Required when no token is configured." },
-            "note": { "type": "string" },
+            "note": { "type": ["string", "null"] },
         });
         let mut required = Vec::<&str>::new();
         if crew {
@@ -248,7 +248,9 @@ pub fn document() -> Value {
     let silence = json!({ "type": "object", "additionalProperties": false, "properties": {
         "site": { "type": "string" }, "device": { "type": "string" }, "kind": { "enum": kinds }, "rule": { "type": "string", "minLength": 1 },
         "start": { "type": "string", "format": "date-time" }, "end": { "type": "string", "format": "date-time" },
-        "recurring": { "type": "object", "description": "{month, day, weekday, nth, from, to, tz}" },
+        "recurring": { "type": "object", "additionalProperties": false, "required": ["from", "to"], "description": "A yearly or monthly window: month, day or weekday+nth, from–to (HH:MM), tz (IANA).",
+            "properties": { "month": { "type": "integer", "minimum": 1, "maximum": 12 }, "day": { "type": "integer", "minimum": 1, "maximum": 31 }, "weekday": { "type": "string" }, "nth": { "type": "integer", "minimum": 1, "maximum": 5 },
+                            "from": { "type": "string" }, "to": { "type": "string" }, "tz": { "type": "string" } } },
         "reason": { "type": "string" }, "actor": { "type": "string" } } });
     paths.insert(
         "/api/v1/silences".into(),
