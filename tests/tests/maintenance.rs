@@ -207,7 +207,15 @@ async fn reminders_fire_on_the_right_days_once_across_restarts() {
     assert!(deliveries.iter().all(|d| d.device() != "r-gas-60"), "60 days out: nothing yet\n{}", receiver.report());
 
     // Restart: nothing is sent again. A device due tomorrow, imported after the restart, shows
-    // the checks ran; by then a repeated reminder would have arrived too.
+    // the checks ran; by then a repeated reminder would have arrived too. The restart is a
+    // SIGKILL: first wait until the gateway has recorded both deliveries (nothing pending), or
+    // at-least-once delivery rightly sends them again.
+    gw.wait_for(WAIT, "both reminders recorded as delivered", |g| {
+        let body = g.get("/api/v1/notify").ok()?;
+        let ops = body["channels"].as_array()?.iter().find(|c| c["channel"] == "webhook:ops")?.clone();
+        (ops["pending"].as_u64()? == 0).then_some(())
+    })
+    .await;
     gw.restart().await.expect("restart");
     import(&gw, &format!("{HEADER}xuhui,r-gas-1,gas_detector,Kitchen D,{},{},,crew-7,13812345678\n", day(-40, -12), day(1, -12)));
     receiver.wait_for(WAIT, "the 1-day reminder", |d| (!revisions_with(d, "r-gas-1", "open", "in 1 day:").is_empty()).then_some(())).await;
