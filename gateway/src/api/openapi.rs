@@ -206,7 +206,7 @@ pub fn document() -> Value {
         ("close", "Close after review: resolved or cleared → closed.", false),
     ] {
         let mut properties = json!({
-            "actor": { "type": "string", "description": "Who acts; with tokens the token's name is recorded (and a different actor as `actor via token`). Required when no token is configured." },
+            "actor": { "type": ["string", "null"], "description": "Who acts; with tokens the token's name is recorded (and a different actor as `actor via token`). Required when no token is configured." },
             "note": { "type": ["string", "null"] },
         });
         let mut required = Vec::<&str>::new();
