@@ -1,5 +1,5 @@
 // Sensor health: counts by health state per site and kind, a filterable device table
-// (offline, low battery, stuck, faulted, inspection due, …) and a device's detail with
+// (offline, low battery, stuck, faulted, never reported, not in the inventory, inspection due, …) and a device's detail with
 // charts of its metrics over a chosen range, and its incidents.
 
 import { api, apiAll } from './api.js';
@@ -10,8 +10,8 @@ import { t, tr } from './i18n.js';
 import { loadMaintenance } from './maintenance.js';
 
 const MAX_ROWS = 500;
-const HEALTH = ['online', 'offline', 'stale', 'low_battery', 'stuck', 'faulted'];
-const FILTERS = ['all', 'offline', 'stale', 'low_battery', 'stuck', 'faulted', 'inspection_due'];
+const HEALTH = ['online', 'offline', 'stale', 'low_battery', 'stuck', 'faulted', 'never_reported', 'not_in_inventory'];
+const FILTERS = ['all', 'offline', 'stale', 'low_battery', 'stuck', 'faulted', 'never_reported', 'not_in_inventory', 'inspection_due'];
 const RANGES = { '1h': [3600e3, null], '6h': [6 * 3600e3, '1m'], '24h': [86400e3, '5m'], '7d': [7 * 86400e3, '30m'], '30d': [30 * 86400e3, '2h'] };
 
 let root = null;

@@ -33,6 +33,9 @@ pub struct Config {
     pub inspections: crate::inspections::InspectionsConfig,
     /// `[modbus]`: legacy controllers to poll.
     pub modbus: crate::sources::modbus::ModbusConfig,
+    /// `[cluster]`: join a NATS JetStream cluster instead of the MQTT source (SPEC §9). Default off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// A configuration error, naming the key.
@@ -105,6 +108,9 @@ impl Config {
         self.incidents.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
         self.notify.validate().map_err(|(key, reason)| Error::Named { key: format!("notify.{}", key.trim_start_matches("notify.")), reason })?;
         self.inspections.validate().map_err(|(key, reason)| Error::Named { key, reason })?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(Error::Parse)?;
+        }
         // Rule errors already name their key (`rules.override[0].rule: …`, `rule gas_low: …`).
         crate::rules::RuleSet::from_config(&self.rules).map_err(|e| Error::Parse(e.to_string()))?;
         Ok(())

@@ -75,7 +75,7 @@ pub struct Rules {
     pub engine: Box<dyn Evaluator>,
     pub incidents: Box<dyn SignalSink>,
     /// Incidents operators ended: the engine stops treating their rules as active.
-    pub releases: mpsc::UnboundedReceiver<Release>,
+    pub releases: mpsc::Receiver<Release>,
 }
 
 /// Messages taken from the source channel per batch.
@@ -132,7 +132,7 @@ impl DecodeStage {
         mut self,
         engine: impl Evaluator + 'static,
         incidents: impl SignalSink + 'static,
-        releases: mpsc::UnboundedReceiver<Release>,
+        releases: mpsc::Receiver<Release>,
         active: &[(String, String)],
     ) -> Self {
         let mut engine: Box<dyn Evaluator> = Box::new(engine);
@@ -277,6 +277,11 @@ impl DecodeStage {
         let mut kind_and_interval = None;
         let outcome = self.registry.upsert(device, make, |key, d| {
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
+            if d.never_reported {
+                // Known from the inventory until now: this is its first message.
+                d.never_reported = false;
+                d.first_seen_ms = received_ms;
+            }
             match &uplink {
                 Uplink::Status(s) => {
                     d.link = s.state;

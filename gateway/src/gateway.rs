@@ -22,13 +22,13 @@ use crate::api::{self, ApiState};
 use crate::config::{Config, MqttMode};
 use crate::decode::DecodeStage;
 use crate::incidents::book::Book;
-use crate::incidents::manager::{IncidentsHandle, Manager};
+use crate::incidents::manager::{self, ChannelSender, IncidentsHandle, Manager};
 use crate::incidents::silence::{Silence, SilenceConfig};
 use crate::incidents::store::IncidentStore;
 use crate::ingest::Inbound;
 use crate::inspections::service::InspectionsHandle;
 use crate::metrics::Metrics;
-use crate::model::{Incident, OutboxItem, Outcome, PublishFn};
+use crate::model::{Incident, Outcome, PublishFn};
 use crate::store::influx::InfluxTap;
 use crate::rules::{Engine, RuleSet};
 use crate::registry::Registry;
@@ -62,11 +62,19 @@ pub enum Error {
     Maintenance(#[from] crate::inspections::Error),
     #[error("{0}")]
     Influx(#[from] crate::store::influx::Error),
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Without the `demo` feature there is no fleet to run: `Option<DemoFleet>` is always `None`.
+#[cfg(not(feature = "demo"))]
+#[derive(Debug, Clone)]
+pub enum DemoFleet {}
+
 /// The simulated fleet `citywatch demo` runs against the embedded broker.
+#[cfg(feature = "demo")]
 #[derive(Debug, Clone)]
 pub struct DemoFleet {
     pub devices: usize,
@@ -90,7 +98,6 @@ pub struct Gateway {
     decode: tokio::task::JoinHandle<()>,
     manager: tokio::task::JoinHandle<()>,
     dispatchers: Vec<tokio::task::JoinHandle<()>>,
-    dispatch_stop: watch::Sender<bool>,
     broker: Option<Arc<EmbeddedBroker>>,
     /// The InfluxDB sink's task: it ends after the decode stage drops its tap.
     influx: Option<tokio::task::JoinHandle<()>>,
@@ -123,17 +130,22 @@ impl Gateway {
         // sources → (bounded) → decode
         let (inbound_tx, inbound_rx) = mpsc::channel(config.mqtt.queue_capacity);
         let queue_probe = inbound_tx.clone();
-        let sources = start_sources(&config, &metrics, inbound_tx, &stop_rx, &mut tasks)?;
+        // Cluster mode: owned partitions of the NATS ingest stream replace the MQTT source.
+        let cluster = join_cluster(&config, &inbound_tx, &stop_rx, &mut tasks).await?;
+        let sources = match &cluster {
+            Some((c, leases)) => Sources { broker: None, mqtt_addr: None, publish: c.publisher(Arc::clone(leases)) },
+            None => start_sources(&config, &metrics, inbound_tx, &stop_rx, &mut tasks).await?,
+        };
         // incidents → notify (and the long-term store beside them)
-        let opened = open_incidents(&config)?;
+        let rules = Arc::new(RuleSet::from_config(&config.rules)?);
+        let opened = open_incidents(&config, &rules)?;
         let influx = start_influx(&config, &registry, &metrics)?;
-        let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap))?;
+        let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap), cluster.as_ref())?;
         let (manager, incidents, requests) =
             Manager::new(opened.book, Arc::clone(&opened.store), notify.queues, Some(Arc::clone(&sources.publish)), config.incidents.retention.as_ms());
-        let (releases_tx, releases_rx) = mpsc::unbounded_channel();
+        let (releases_tx, releases_rx) = mpsc::channel(manager::RELEASES_QUEUE);
         let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
         // decode (with the rule engine inline) → store, incidents
-        let rules = Arc::new(RuleSet::from_config(&config.rules)?);
         let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
             .with_rules(Engine::new(Arc::clone(&rules)), incidents.clone(), releases_rx, &opened.active);
         if let Some((_, tap)) = &influx {
@@ -156,21 +168,36 @@ impl Gateway {
         };
         let app = api::auth::protect(api::router(state).merge(api::inspections::router(maintenance)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
         let http_addr = start_http(&config, app, http_tls, &stop_rx, &mut tasks).await?;
+        #[cfg(feature = "demo")]
         if let Some(fleet) = demo {
             start_demo(&config, fleet, sources.mqtt_addr, &stop_rx, &mut tasks)?;
         }
-        let (broker, mqtt_addr, dispatchers, dispatch_stop) = (sources.broker, sources.mqtt_addr, notify.dispatchers, notify.stop);
+        #[cfg(not(feature = "demo"))]
+        if let Some(fleet) = demo {
+            match fleet {}
+        }
+        let (broker, mqtt_addr, dispatchers) = (sources.broker, sources.mqtt_addr, notify.dispatchers);
         let influx = influx.map(|(task, _)| task);
-        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, dispatch_stop, broker, influx })
+        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, broker, influx })
     }
 
     /// Stops every stage in order and waits until the store has committed everything.
+    ///
+    /// One signal, `stop`, reaches the stages at the head of the pipeline (sources, the HTTP
+    /// API, maintenance, the demo fleet); every later stage stops when its input closes, and
+    /// each is awaited in turn: decode (its input closes when the sources are gone; it drops
+    /// its store writer and incident handle), the incident manager (when every handle is gone;
+    /// it commits and drops the push channels' queues), the dispatchers (after their current
+    /// attempt), the InfluxDB sink and the store writer.
     pub async fn shutdown(self) -> Result<()> {
-        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, dispatch_stop, influx, .. } = self;
+        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, influx, .. } = self;
         let _ = stop.send(true);
-        for (name, task) in tasks {
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
-                tracing::warn!(task = name, "did not stop within 10 s");
+        for (name, mut task) in tasks {
+            if tokio::time::timeout(Duration::from_secs(10), &mut task).await.is_err() {
+                // E.g. an HTTP client holding a live stream open: its handles must go.
+                tracing::warn!(task = name, "did not stop within 10 s; aborted");
+                task.abort();
+                let _ = task.await;
             }
         }
         // The embedded broker's forwarder holds the last sender of the source channel.
@@ -180,12 +207,12 @@ impl Gateway {
         if tokio::time::timeout(Duration::from_secs(30), decode).await.is_err() {
             tracing::warn!("decode stage did not drain within 30 s");
         }
-        // The decode stage has sent its last signals; the manager commits them and stops.
-        incidents.shutdown().await;
+        // The decode stage has sent its last signals and the API is gone: with this last handle
+        // dropped, the manager commits what is pending and stops, closing the channel queues.
+        drop(incidents);
         if tokio::time::timeout(Duration::from_secs(10), manager).await.is_err() {
             tracing::warn!("incident manager did not stop within 10 s");
         }
-        let _ = dispatch_stop.send(true);
         for d in dispatchers {
             let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
         }
@@ -221,7 +248,20 @@ struct Sources {
 }
 
 /// Modbus buses, then the MQTT source (embedded broker or external client), all into `inbound`.
-fn start_sources(config: &Config, metrics: &Metrics, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
+/// A joined cluster and the partition leases this gateway holds.
+type Joined = (crate::cluster::Cluster, Arc<crate::cluster::LeaseTable>);
+
+/// Cluster mode (`[cluster]` set): joins, and feeds owned partitions into `inbound`.
+async fn join_cluster(config: &Config, inbound: &mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Option<Joined>> {
+    let Some(cluster_config) = &config.cluster else { return Ok(None) };
+    let c = crate::cluster::Cluster::connect(cluster_config).await?;
+    let (leases, task) = c.join(inbound.clone(), stop_rx.clone()).await?;
+    tasks.push(("cluster", task));
+    tracing::info!(node = %cluster_config.node, nats = ?cluster_config.nats, "joined the cluster");
+    Ok(Some((c, leases)))
+}
+
+async fn start_sources(config: &Config, metrics: &Metrics, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
     // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
     for poller in crate::sources::modbus::build(&config.modbus)? {
         metrics.add_section(poller.stats());
@@ -229,7 +269,7 @@ fn start_sources(config: &Config, metrics: &Metrics, inbound: mpsc::Sender<Inbou
     }
     match config.mqtt.mode {
         MqttMode::Embedded => {
-            let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound)?);
+            let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound).await?);
             let addr = broker.local_addr();
             tracing::info!(%addr, "embedded MQTT broker listening");
             let b = Arc::clone(&broker);
@@ -270,7 +310,7 @@ struct OpenedIncidents {
     active_incidents: Vec<Arc<Incident>>,
 }
 
-fn open_incidents(config: &Config) -> Result<OpenedIncidents> {
+fn open_incidents(config: &Config, rules: &RuleSet) -> Result<OpenedIncidents> {
     let now = crate::ingest::now_ms();
     let store = Arc::new(IncidentStore::open(&config.storage.path)?);
     let unclosed = store.load_unclosed()?;
@@ -288,7 +328,7 @@ fn open_incidents(config: &Config) -> Result<OpenedIncidents> {
     }
     tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
     let active_incidents: Vec<Arc<Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
-    let book = Book::new(config.incidents.clone(), unclosed, silences, now);
+    let book = Book::new(config.incidents.clone(), unclosed, silences, now).with_situations(rules.situations().to_vec());
     let active = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
     Ok(OpenedIncidents { store, book, active, active_incidents })
 }
@@ -306,22 +346,25 @@ fn start_influx(config: &Config, registry: &Arc<Registry>, metrics: &Metrics) ->
 /// The push channels, each dispatching from its backlog in the outbox and then from its queue.
 struct Notify {
     /// Each channel's queue, fed by the incident manager.
-    queues: Vec<(Arc<str>, mpsc::UnboundedSender<OutboxItem>)>,
+    queues: Vec<(Arc<str>, ChannelSender)>,
     states: Vec<Arc<crate::notify::ChannelState>>,
     dispatchers: Vec<tokio::task::JoinHandle<()>>,
     /// Delivery outcomes, back to the incident manager.
-    done: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>,
-    stop: watch::Sender<bool>,
+    done: mpsc::Receiver<(Arc<str>, i64, Outcome)>,
 }
 
-fn start_notify(config: &Config, opened: &OpenedIncidents, publish: &PublishFn, influx: Option<&InfluxTap>) -> Result<Notify> {
+fn start_notify(config: &Config, opened: &OpenedIncidents, publish: &PublishFn, influx: Option<&InfluxTap>, cluster: Option<&Joined>) -> Result<Notify> {
     let mut sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(publish)))?;
+    if let Some((c, leases)) = cluster {
+        // The replicated incident log first; every push fenced by the site's partition lease.
+        let fence = crate::cluster::sinks::Fence { leases: Arc::clone(leases), partitions: c.config.partitions };
+        sinks = crate::cluster::sinks::cluster_sinks(sinks, c.js.clone(), fence);
+    }
     if let Some(tap) = influx {
         sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));
     }
-    let (stop, stop_rx) = watch::channel(false);
-    let (done_tx, done) = mpsc::unbounded_channel();
-    let mut notify = Notify { queues: Vec::new(), states: Vec::new(), dispatchers: Vec::new(), done, stop };
+    let (done_tx, done) = mpsc::channel(manager::OUTCOMES_QUEUE);
+    let mut notify = Notify { queues: Vec::new(), states: Vec::new(), dispatchers: Vec::new(), done };
     for (name, sink) in sinks {
         // Alertmanager forgets alerts not re-posted: the sink re-posts what is still active.
         sink.resume(&opened.active_incidents);
@@ -330,11 +373,12 @@ fn start_notify(config: &Config, opened: &OpenedIncidents, publish: &PublishFn, 
         if !backlog.is_empty() {
             tracing::info!(channel = %name, pending = backlog.len(), "undelivered incident changes from before the restart");
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = manager::channel_queue(manager::CHANNEL_QUEUE);
         notify.queues.push((Arc::clone(&name), tx));
         notify.states.push(Arc::clone(&state));
-        let dispatcher = crate::notify::Dispatcher { sink, state, backlog, retry: config.notify.retry.clone() };
-        notify.dispatchers.push(tokio::spawn(dispatcher.run(rx, done_tx.clone(), stop_rx.clone())));
+        let outbox = Some(Arc::clone(&opened.store));
+        let dispatcher = crate::notify::Dispatcher { sink, state, backlog, retry: config.notify.retry.clone(), outbox };
+        notify.dispatchers.push(tokio::spawn(dispatcher.run(rx, done_tx.clone())));
     }
     Ok(notify)
 }
@@ -390,6 +434,7 @@ async fn start_http(config: &Config, app: axum::Router, tls: Option<tokio_rustls
 }
 
 /// `citywatch demo`: a simulated fleet on the embedded broker, stopped first.
+#[cfg(feature = "demo")]
 fn start_demo(config: &Config, fleet: DemoFleet, mqtt_addr: Option<SocketAddr>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<()> {
     let addr = mqtt_addr.ok_or_else(|| Error::Demo("the demo fleet needs the embedded broker ([mqtt] mode = \"embedded\")".into()))?;
     let fleet_config = citywatch_edge::sim::FleetConfig {

@@ -34,8 +34,11 @@
 //! `scripts/check-layers` (run by `scripts/test`) holds the layer order and fails otherwise.
 //! Security: [`api::auth`] (bearer tokens and roles), [`tls`], [`sources::door`] (TLS and
 //! per-device topic ACLs in front of the embedded broker).
+//! Cluster mode: [`cluster`] (NATS JetStream partitions by site, leases, the replicated incident
+//! log) replaces the MQTT source when `[cluster]` is set.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod gateway;

@@ -4,9 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+#[cfg(feature = "demo")]
 use citywatch_edge::sim::Scenario;
 use citywatch_gateway::config::Config;
-use citywatch_gateway::gateway::{DemoFleet, Gateway};
+#[cfg(feature = "demo")]
+use citywatch_gateway::gateway::DemoFleet;
+use citywatch_gateway::gateway::Gateway;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -24,6 +27,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Embedded broker and store plus a simulated fleet, API on 127.0.0.1:8080.
+    #[cfg(feature = "demo")]
     Demo {
         /// A config file to start from (defaults otherwise; the broker must be embedded).
         #[arg(long)]
@@ -54,6 +58,48 @@ enum Command {
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
+    },
+    /// Cluster mode on NATS JetStream (SPEC §9).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Print one nats-server node's configuration: JetStream, MQTT listener, routes, the site
+    /// partition mapping.
+    NatsConfig {
+        #[arg(long)]
+        name: String,
+        /// NATS client port.
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        cluster_port: u16,
+        #[arg(long)]
+        mqtt_port: u16,
+        /// JetStream store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Every node's route URL, comma-separated: nats://host:cluster_port,…
+        #[arg(long, value_delimiter = ',')]
+        routes: Vec<String>,
+        #[arg(long, default_value_t = citywatch_gateway::cluster::config::DEFAULT_PARTITIONS)]
+        partitions: u16,
+        /// Interface every listener binds.
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// Optional HTTP monitoring port (/healthz).
+        #[arg(long)]
+        http_port: Option<u16>,
+    },
+    /// Print the cluster's members, partitions with owners, and lag per partition as JSON.
+    Status {
+        /// A gateway config with [cluster] (default: the [cluster] defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -99,10 +145,15 @@ fn load(path: Option<&PathBuf>) -> Result<Config> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rumqttd=warn".into()))
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rmqtt=warn,rmqtt_net=warn".into()));
+    if matches!(cli.command, Some(Command::Cluster { .. })) {
+        // `cluster status` prints JSON on stdout for scripts: its logs go to stderr.
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
     let (config, demo) = match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::CheckConfig { file } => {
             let config = load(Some(&file))?;
@@ -141,7 +192,23 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
+        Command::Cluster { command: ClusterCommand::NatsConfig { name, port, cluster_port, mqtt_port, store, routes, partitions, host, http_port } } => {
+            let spec = citywatch_gateway::cluster::nats_config::NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port };
+            print!("{}", citywatch_gateway::cluster::nats_config::render(&spec).map_err(anyhow::Error::msg)?);
+            return Ok(());
+        }
+        Command::Cluster { command: ClusterCommand::Status { config } } => {
+            let cluster_config = load(config.as_ref())?.cluster.unwrap_or_default();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = runtime.block_on(async {
+                let cluster = citywatch_gateway::cluster::Cluster::connect_existing(&cluster_config).await?;
+                citywatch_gateway::cluster::status::status(&cluster).await
+            })?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            return Ok(());
+        }
         Command::Run { config } => (load(config.as_ref())?, None),
+        #[cfg(feature = "demo")]
         Command::Demo { config, devices, site, scenario, interval, rate } => {
             let mut c = load(config.as_ref())?;
             if config.is_none() {

@@ -189,6 +189,14 @@ pub struct Incident {
     /// Devices that contributed (site-scoped rules).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// The situation (rule pack `[[situation]]`) this incident is, e.g. "gas_leak"; None: one
+    /// incident per rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub situation: Option<String>,
+    /// The member rules whose condition is active now (in the order they joined); `rule` is the
+    /// worst of them. Empty once the condition cleared.
+    #[serde(default)]
+    pub rules_active: Vec<String>,
     pub history: Vec<HistoryEntry>,
 }
 

@@ -23,6 +23,8 @@ pub use view::DeviceView;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
+    /// In the inventory, never heard (its only condition until it first reports).
+    NeverReported,
     Offline,
     Faulted,
     Stale,
@@ -30,20 +32,34 @@ pub enum Health {
     Stuck,
     /// The device's last message carried a `ts` far off the gateway's clock.
     ClockSkew,
+    /// Heard, but not in the inventory (only once an inventory exists).
+    NotInInventory,
     Online,
 }
 
 impl Health {
-    pub const ALL: [Health; 7] = [Health::Offline, Health::Faulted, Health::Stale, Health::LowBattery, Health::Stuck, Health::ClockSkew, Health::Online];
+    pub const ALL: [Health; 9] = [
+        Health::NeverReported,
+        Health::Offline,
+        Health::Faulted,
+        Health::Stale,
+        Health::LowBattery,
+        Health::Stuck,
+        Health::ClockSkew,
+        Health::NotInInventory,
+        Health::Online,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Health::NeverReported => "never_reported",
             Health::Offline => "offline",
             Health::Faulted => "faulted",
             Health::Stale => "stale",
             Health::LowBattery => "low_battery",
             Health::Stuck => "stuck",
             Health::ClockSkew => "clock_skew",
+            Health::NotInInventory => "not_in_inventory",
             Health::Online => "online",
         }
     }
@@ -105,6 +121,24 @@ pub struct Device {
     /// millisecond get distinct times instead of colliding on the store's (device, metric, ts) key.
     #[serde(default)]
     pub clock_assigned_ms: i64,
+    /// Registered from the inventory and not heard yet (cleared by its first message).
+    #[serde(default)]
+    pub never_reported: bool,
+    /// Whether the inventory lists it (set by the maintenance service).
+    #[serde(default)]
+    pub inventory: InventoryMark,
+}
+
+/// A device's place in the inventory, as the maintenance service last marked it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InventoryMark {
+    /// No inventory yet (or not checked yet).
+    #[default]
+    Unknown,
+    Listed,
+    /// An inventory exists and does not list it.
+    Missing,
 }
 
 /// What the registry keeps about a device, persisted so it survives restarts: the columns the
@@ -165,7 +199,17 @@ impl Device {
             clock_skewed: 0,
             clock_offset_ms: None,
             clock_assigned_ms: 0,
+            never_reported: false,
+            inventory: InventoryMark::Unknown,
         }
+    }
+
+    /// A device known only from the inventory: listed, never heard.
+    pub fn from_inventory(id: &str, site: &str, kind: DeviceKind, now_ms: i64) -> Self {
+        let mut d = Device::new(id, site, kind, now_ms);
+        d.never_reported = true;
+        d.inventory = InventoryMark::Listed;
+        d
     }
 
     /// Classifies `seq` and advances the device's counter.
@@ -226,6 +270,9 @@ impl Device {
 
     /// Every health condition that holds at `now_ms`, worst first; `[Online]` when none.
     pub fn health_flags(&self, now_ms: i64, cfg: &IngestConfig) -> Vec<Health> {
+        if self.never_reported {
+            return vec![Health::NeverReported];
+        }
         let silent = now_ms - self.last_seen_ms;
         let mut flags = Vec::new();
         if self.link == LinkState::Offline || silent > self.offline_after_ms(cfg) {
@@ -249,6 +296,9 @@ impl Device {
         }
         if self.clock_offset_ms.is_some() {
             flags.push(Health::ClockSkew);
+        }
+        if self.inventory == InventoryMark::Missing {
+            flags.push(Health::NotInInventory);
         }
         if flags.is_empty() {
             flags.push(Health::Online);
@@ -371,6 +421,18 @@ impl Registry {
         }
     }
 
+    /// Visits every device under the write lock (the maintenance service's inventory marks).
+    pub fn for_each_mut(&self, f: impl FnMut(&mut Device)) {
+        if let Ok(mut map) = self.devices.write() {
+            map.values_mut().for_each(f);
+        }
+    }
+
+    /// Whether a known device has reported; `None` when the device is unknown.
+    pub fn has_reported(&self, id: &str) -> Option<bool> {
+        self.devices.read().ok()?.get(id).map(|d| !d.never_reported)
+    }
+
     /// A copy of one device.
     pub fn get(&self, id: &str) -> Option<Device> {
         self.devices.read().ok()?.get(id).cloned()
@@ -484,6 +546,25 @@ mod tests {
         d.observe(Metric::GasLel, 5.0, 2_000);
         d.observe(Metric::GasLel, 1.0, 1_000);
         assert_eq!(d.values[&Metric::GasLel].value, 5.0);
+    }
+
+    #[test]
+    fn inventory_devices_are_never_reported_until_heard_and_strangers_not_in_inventory() {
+        let c = cfg();
+        let mut d = Device::from_inventory("d", "s", DeviceKind::GasDetector, 0);
+        assert_eq!(d.health_flags(10 * 86_400_000, &c), vec![Health::NeverReported], "not offline: never heard");
+        d.never_reported = false;
+        d.last_seen_ms = 1_000;
+        assert_eq!(d.health(2_000, &c), Health::Online);
+        d.inventory = InventoryMark::Missing;
+        assert_eq!(d.health_flags(2_000, &c), vec![Health::NotInInventory]);
+        assert_eq!(Health::parse("never_reported"), Some(Health::NeverReported));
+        assert_eq!(Health::parse("not_in_inventory"), Some(Health::NotInInventory));
+        // Records persisted before these fields load as heard and unmarked.
+        let old = r#"{"id":"o","site":"s","kind":"gas_detector","fw":null,"interval_s":60,"location":null,"install_date":null,"link":"online","first_seen_ms":0,"last_seen_ms":0,"last_seq":null,"seq_gaps":0,"duplicates":0,"battery_v":null,"rssi_dbm":null,"faulted":false,"low_battery_event":false,"values":{}}"#;
+        let o: Device = serde_json::from_str(old).expect("old record");
+        assert!(!o.never_reported);
+        assert_eq!(o.inventory, InventoryMark::Unknown);
     }
 
     #[test]

@@ -66,6 +66,16 @@ impl GatewayProcess {
         GatewayProcess::start_inner(&toml, false, Some(volume.inside().join("store")), volume.wrapper()).await
     }
 
+    /// Cluster mode: `cluster_section` holds the `[cluster]` table (see `NatsCluster::gateway_section`).
+    pub async fn start_cluster(cluster_section: &str) -> anyhow::Result<GatewayProcess> {
+        GatewayProcess::start_inner(cluster_section, false, None, Vec::new()).await
+    }
+
+    /// The process id (for SIGSTOP / SIGCONT), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
     async fn start_inner(
         mqtt_section: &str,
         embedded: bool,

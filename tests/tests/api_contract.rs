@@ -32,7 +32,6 @@ fn schemathesis() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not green yet: the third run found 4 more (actor: null accepted, fixed in the document; the CSV import body is free text that the fuzzer types as a string). Run with --ignored; see the closing note of 2026-12-02"]
 async fn schemathesis_finds_nothing_to_report() {
     let bin = schemathesis();
     let gw = GatewayProcess::start_embedded(&format!("[[http.tokens]]\nname = \"fuzzer\"\nrole = \"admin\"\ntoken = \"{TOKEN}\"\n")).await.expect("gateway");

@@ -28,8 +28,11 @@ fn webhook_toml(receiver: &WebhookReceiver) -> String {
     )
 }
 
+/// These tests are about per-rule behaviour (gas_low, gas_high … each pushed on its own), so
+/// they run with the rule pack's situations off (`[rules] situations = false`, the centres'
+/// one-incident-per-rule mode); tests/tests/situations.rs covers the merged default.
 async fn gateway(extra: &str) -> GatewayProcess {
-    GatewayProcess::start_embedded(extra)
+    GatewayProcess::start_embedded(&format!("[rules]\nsituations = false\n{extra}"))
         .await
         .expect("gateway")
 }

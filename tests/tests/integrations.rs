@@ -50,8 +50,9 @@ async fn modbus_registers_become_readings_alarm_bits_an_incident_and_a_hung_cont
     let smoke = f32_low_first(0.05);
     let temp = f32_low_first(24.5);
     server.set(2, RegisterTable::Holding, 0, &[smoke[0], smoke[1], temp[0], temp[1], 0, 1234, 3000, 0]).await.expect("set");
+    // The panel's alarm bit and gas_high are checked as two incidents: situations off here.
     let extra = format!(
-        "[[modbus.bus]]\nname = \"kitchen-panel\"\naddress = \"{addr}\"\npoll_interval = \"1s\"\ntimeout = \"1s\"\n\
+        "[rules]\nsituations = false\n[[modbus.bus]]\nname = \"kitchen-panel\"\naddress = \"{addr}\"\npoll_interval = \"1s\"\ntimeout = \"1s\"\n\
          offline_after_polls = 3\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n\
          [[modbus.bus.device]]\nid = \"mb-gas-0\"\nsite = \"xuhui\"\nunit = 1\nchannel = 0\nmap = \"{gas}\"\n\
          [[modbus.bus.device]]\nid = \"mb-gas-1\"\nsite = \"xuhui\"\nunit = 1\nchannel = 1\nmap = \"{gas}\"\n\

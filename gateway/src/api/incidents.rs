@@ -211,10 +211,12 @@ pub async fn silences(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
 
 pub async fn add_silence(State(s): State<ApiState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Response> {
     // serde takes a JSON array for a struct (fields in order); the contract is an object.
+    // JSON of the wrong shape is 422, like axum's own rejection; a cross-field rule is 400.
     if !body.is_object() {
-        return Err(ApiError::BadRequest("the silence must be a JSON object".into()));
+        return Err(ApiError::Rejected(StatusCode::UNPROCESSABLE_ENTITY, "the silence must be a JSON object".into()));
     }
-    let body: SilenceConfig = serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("silence: {e}")))?;
+    let body: SilenceConfig =
+        serde_json::from_value(body).map_err(|e| ApiError::Rejected(StatusCode::UNPROCESSABLE_ENTITY, format!("silence: {e}")))?;
     let h = handle(&s)?;
     match h.add_silence(body).await? {
         Ok(created) => Ok((StatusCode::CREATED, Json(json!(created))).into_response()),

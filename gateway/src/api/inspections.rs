@@ -44,12 +44,20 @@ pub fn router(handle: InspectionsHandle) -> Router {
 async fn import(State(h): State<InspectionsHandle>, headers: HeaderMap, body: Bytes) -> Result<Json<crate::inspections::service::ImportReport>, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("text/csv");
     if content_type.starts_with("application/json") || content_type.starts_with("application/x-www-form-urlencoded") {
-        return Err(ApiError::BadRequest(format!("Content-Type {content_type}: send the inventory as text/csv")));
+        return Err(ApiError::Rejected(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type {content_type}: send the inventory as text/csv")));
     }
     if body.is_empty() {
         return Err(ApiError::BadRequest("empty body: send the inventory as text/csv with a header row".into()));
     }
-    Ok(Json(h.import(body.to_vec()).await?))
+    let report = h.import(body.to_vec()).await?;
+    // A file whose header row does not read imports nothing: that is the request's fault (400),
+    // not a per-row rejection.
+    if report.imported == 0 {
+        if let Some(header) = report.errors.iter().find(|e| e.line == 1 && e.reason.starts_with("header")) {
+            return Err(ApiError::BadRequest(header.reason.clone()));
+        }
+    }
+    Ok(Json(report))
 }
 
 #[derive(Debug, Deserialize)]

@@ -145,9 +145,10 @@ pub fn document() -> Value {
     paths.insert(
         "/api/v1/devices/import".into(),
         json!({ "post": guarded(json!({ "summary": "Import the device inventory (CSV: id, site, kind, location, install_date, crew, phone, …); needs admin. Idempotent.", "operationId": "importDevices",
-            "requestBody": { "required": true, "content": { "text/csv": { "schema": { "type": "string" } } } },
-            "responses": { "200": ok("What was imported and what was refused, by line.", json!({ "type": "object" })), "400": error("Not CSV, or unreadable."),
-                           "413": error("Larger than 64 MiB.") } }), true) }),
+            "requestBody": { "required": true, "content": { "text/csv": { "schema": { "type": "string", "minLength": 1,
+                "description": "The CSV file, header row first. Rows that do not parse are reported by line in the 200 answer, not refused as a whole." } } } },
+            "responses": { "200": ok("What was imported and what was refused, by line.", json!({ "type": "object" })), "400": error("An empty body, or a header row that does not read (nothing imported)."),
+                           "413": error("Larger than 64 MiB."), "415": error("A JSON or form body: the inventory is text/csv.") } }), true) }),
     );
     paths.insert(
         "/api/v1/devices/{id}/inspections".into(),

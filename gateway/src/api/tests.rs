@@ -40,7 +40,7 @@ fn incidents(dir: &std::path::Path) -> (crate::incidents::manager::IncidentsHand
     let id = commit.outbox[0].id.clone();
     store.commit(&commit, &[], now_ms()).expect("commit");
     let (manager, handle, requests) = Manager::new(book, store, Vec::new(), None, 400 * 86_400_000);
-    let (_done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (_done_tx, done_rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         let _keep = _done_tx;
         manager.run(requests, done_rx).await

@@ -132,7 +132,7 @@ fn acks_are_collected_even_for_rejected_and_own_messages() {
 #[test]
 fn a_jumping_device_clock_is_accepted_at_receive_time_flagged_and_evaluated_live() {
     let incidents = crate::decode::Unwired;
-    let (_releases_tx, releases) = mpsc::unbounded_channel();
+    let (_releases_tx, releases) = mpsc::channel(16);
     let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
     let mut s = stage().with_rules(engine, incidents, releases, &[]);
     let cfg = IngestConfig::default();

@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use citywatch_edge::wire::CommandKind;
 
+use citywatch_edge::wire::Metric;
+
 use super::config::IncidentsConfig;
 use crate::model::{rfc3339, Change, HistoryEntry, Incident, IncidentState, Release, Scope, Severity, Signal};
+use crate::rules::SituationDef;
 use super::silence::Silence;
 use super::store::Commit;
 
@@ -113,7 +116,40 @@ pub struct Book {
     /// Incidents an operator ended (resolved or closed): the rule engine forgets them as active.
     released: Vec<Release>,
     counter: u64,
+    /// The rule pack's situations (empty: one incident per device × rule).
+    situations: Vec<SituationDef>,
+    /// Situation incidents: their active member rules, in the order they joined.
+    members: HashMap<String, Vec<Member>>,
     pub stats: BookStats,
+}
+
+/// An active member rule of a situation incident: what it last said.
+#[derive(Debug, Clone)]
+struct Member {
+    rule: String,
+    severity: Severity,
+    metric: Option<Metric>,
+    value: Option<f64>,
+    threshold: Option<f64>,
+    summary: String,
+}
+
+/// The worst member: highest severity, the latest to join among equals.
+fn lead(members: &[Member]) -> Option<&Member> {
+    members.iter().max_by_key(|m| m.severity)
+}
+
+/// The incident takes its lead member's rule, severity and reading.
+fn follow_lead(inc: &mut Incident, members: &[Member]) {
+    if let Some(m) = lead(members) {
+        inc.rule = m.rule.clone();
+        inc.severity = m.severity;
+        inc.metric = m.metric.or(inc.metric);
+        inc.value = m.value.or(inc.value);
+        inc.threshold = m.threshold;
+        inc.summary = m.summary.clone();
+    }
+    inc.rules_active = members.iter().map(|m| m.rule.clone()).collect();
 }
 
 /// Counters for `/metrics`.
@@ -157,6 +193,8 @@ impl Book {
             sent: Vec::new(),
             released: Vec::new(),
             counter: 0,
+            situations: Vec::new(),
+            members: HashMap::new(),
             stats: BookStats::default(),
         };
         let reopen = book.cfg.reopen_within.as_ms();
@@ -173,9 +211,100 @@ impl Book {
         book
     }
 
-    /// Active incidents as (device, rule) pairs, so the rule engine can resume them.
+    /// Merges member rules into situations (the rule pack's `[[situation]]`). Incidents loaded
+    /// from before (keyed by rule) keep their ids and are keyed into their situation; where two
+    /// of them would share one, the worst keeps the situation key and the other stays keyed by
+    /// its rule until it ends.
+    pub fn with_situations(mut self, situations: Vec<SituationDef>) -> Book {
+        self.situations = situations;
+        let mut ids: Vec<(bool, Severity, i64, String)> =
+            self.incidents.values().map(|i| (i.state.is_active(), i.severity, -i.opened_ms, i.id.clone())).collect();
+        ids.sort_by(|a, b| b.cmp(a));
+        for (_, _, _, id) in ids {
+            let Some(inc) = self.incidents.get(&id) else { continue };
+            if inc.situation.is_none() && inc.scope == Scope::Device {
+                let Some(name) = self.situation_of(&inc.rule, inc.metric) else { continue };
+                let key = format!("{}/{}/{name}", inc.site, inc.device);
+                if self.keys.contains_key(&key) {
+                    continue;
+                }
+                let old_key = inc.key.clone();
+                let Some(inc) = self.incidents.get_mut(&id) else { continue };
+                if self.keys.get(&old_key) == Some(&id) {
+                    self.keys.remove(&old_key);
+                    self.keys.insert(key.clone(), id.clone());
+                }
+                inc.key = key;
+                inc.situation = Some(name);
+                if inc.state.is_active() && inc.rules_active.is_empty() {
+                    inc.rules_active = vec![inc.rule.clone()];
+                }
+            }
+            let Some(inc) = self.incidents.get(&id) else { continue };
+            if inc.situation.is_some() {
+                // What each member last said is not stored: the lead's is the incident's, the
+                // others are taken at the lowest severity until their next repeat.
+                let members = inc
+                    .rules_active
+                    .iter()
+                    .map(|r| Member {
+                        rule: r.clone(),
+                        severity: if *r == inc.rule { inc.severity } else { Severity::Info },
+                        metric: inc.metric,
+                        value: inc.value,
+                        threshold: inc.threshold,
+                        summary: inc.summary.clone(),
+                    })
+                    .collect();
+                self.members.insert(id, members);
+            }
+        }
+        self
+    }
+
+    /// The situation a device-scoped signal of `rule` carrying `metric` belongs to.
+    fn situation_of(&self, rule: &str, metric: Option<Metric>) -> Option<String> {
+        self.situations.iter().find(|s| s.takes(rule, metric)).map(|s| s.name.clone())
+    }
+
+    /// Where a signal goes: its incident key, and its situation if it has one.
+    fn route(&self, s: &Signal) -> (String, Option<String>) {
+        let rule_key = key_of(s);
+        if s.scope != Scope::Device || self.situations.is_empty() || self.keys.contains_key(&rule_key) {
+            return (rule_key, None);
+        }
+        let situation_key = |name: &str| format!("{}/{}/{name}", s.site, s.device);
+        let metric = match &s.change {
+            Change::Open { metric, .. } => *metric,
+            _ => None,
+        };
+        if let Some(name) = self.situation_of(&s.rule, metric) {
+            return (situation_key(&name), Some(name));
+        }
+        // A device's alarm joined a situation by its metric; its repeat or clear may carry none.
+        for sit in self.situations.iter().filter(|x| x.alarm_rules.iter().any(|r| **r == *s.rule)) {
+            let key = situation_key(&sit.name);
+            let member = self.keys.get(&key).and_then(|id| self.incidents.get(id)).is_some_and(|i| i.rules_active.iter().any(|r| **r == *s.rule));
+            if member {
+                return (key, Some(sit.name.clone()));
+            }
+        }
+        (rule_key, None)
+    }
+
+    /// Active incidents as (device, rule) pairs, one per active member rule, so the rule engine
+    /// can resume them.
     pub fn active_device_rules(&self) -> Vec<(String, String, Scope)> {
-        self.incidents.values().filter(|i| i.state.is_active()).map(|i| (i.device.clone(), i.rule.clone(), i.scope)).collect()
+        let mut out = Vec::new();
+        for i in self.incidents.values().filter(|i| i.state.is_active()) {
+            if i.rules_active.is_empty() {
+                out.push((i.device.clone(), i.rule.clone(), i.scope));
+            }
+            for r in &i.rules_active {
+                out.push((i.device.clone(), r.clone(), i.scope));
+            }
+        }
+        out
     }
 
     pub fn get(&self, id: &str) -> Option<&Incident> {
@@ -221,48 +350,69 @@ impl Book {
 
     /// Applies one rule signal.
     pub fn apply(&mut self, s: Signal, now_ms: i64) {
-        let key = key_of(&s);
+        // Held signals are kept per rule; incidents are keyed by situation where there is one.
+        let rule_key = key_of(&s);
         match &s.change {
             Change::Open { .. } | Change::Remind { .. } => {
                 if self.silenced(&s, now_ms) {
                     self.stats.silenced += 1;
-                    self.held.insert(key, s);
+                    self.held.insert(rule_key, s);
                     return;
                 }
-                self.open(key, s, now_ms);
+                let (key, situation) = self.route(&s);
+                self.open(key, situation, s, now_ms);
             }
             Change::Repeat { severity, value, summary } => {
-                if let Some(held) = self.held.get_mut(&key) {
+                if let Some(held) = self.held.get_mut(&rule_key) {
                     if let Change::Open { value: v, .. } = &mut held.change {
                         *v = *value;
                     }
                     return;
                 }
+                let (key, _) = self.route(&s);
                 let Some(id) = self.keys.get(&key).cloned() else {
                     self.stats.signals_without_incident += 1;
                     return;
                 };
+                if self.members.contains_key(&id) && self.incidents.get(&id).is_some_and(|i| i.state.is_active()) {
+                    return self.member_repeat(&id, &s, *severity, *value, summary.clone(), now_ms);
+                }
                 self.repeat(&id, &s, *severity, *value, summary.clone(), now_ms);
             }
             Change::Clear { value, summary } => {
-                if self.held.remove(&key).is_some() {
+                if self.held.remove(&rule_key).is_some() {
                     return;
                 }
+                let (key, _) = self.route(&s);
                 let Some(id) = self.keys.get(&key).cloned() else {
                     self.stats.signals_without_incident += 1;
                     return;
                 };
+                if self.members.get(&id).is_some_and(|m| m.len() > 1 || !m.iter().any(|m| *m.rule == *s.rule)) {
+                    return self.member_leaves(&id, &s, *value, summary.clone(), now_ms);
+                }
+                if let Some(inc) = self.incidents.get_mut(&id) {
+                    inc.rules_active.clear();
+                }
+                if let Some(m) = self.members.get_mut(&id) {
+                    m.clear();
+                }
                 self.clear(&id, *value, summary.clone(), now_ms);
             }
         }
     }
 
-    fn open(&mut self, key: String, s: Signal, now_ms: i64) {
+    fn open(&mut self, key: String, situation: Option<String>, s: Signal, now_ms: i64) {
         if let Some(id) = self.keys.get(&key).cloned() {
             let state = self.incidents.get(&id).map(|i| i.state);
             match state {
                 Some(IncidentState::Cleared) => return self.reopen(&id, &s, now_ms),
                 Some(state) if state.is_active() => {
+                    if self.members.contains_key(&id) {
+                        if let Change::Open { severity, value, summary, .. } = &s.change {
+                            return self.member_repeat(&id, &s, *severity, *value, summary.clone(), now_ms);
+                        }
+                    }
                     let (severity, value, summary) = match &s.change {
                         Change::Open { severity, value, summary, .. } => (*severity, *value, summary.clone()),
                         // Every reminder reaches the channels once: a revision of its own.
@@ -309,16 +459,18 @@ impl Book {
             flapping: false,
             crew: None,
             devices: if s.scope == Scope::Site { site_members(&s) } else { Vec::new() },
+            situation: situation.clone(),
+            rules_active: vec![s.rule.to_string()],
             history: Vec::new(),
         };
+        if situation.is_some() {
+            let member = Member { rule: s.rule.to_string(), severity, metric, value, threshold, summary: inc.summary.clone() };
+            self.members.insert(id.clone(), vec![member]);
+        }
         let note = if s.ts_ms < now_ms - 1000 { Some(format!("condition since {}", rfc3339(s.ts_ms))) } else { None };
         record(&mut inc, &mut self.commit, SYSTEM, "open", note, now_ms);
         if let Some(cmd) = action {
-            let cmd_id = format!("c-{}-{:x}", &id[4..], self.counter);
-            record(&mut inc, &mut self.commit, SYSTEM, "command", Some(format!("{} {cmd_id}", cmd.as_str())), now_ms);
-            self.sent.push(Command { site: inc.site.clone(), device: inc.device.clone(), id: cmd_id.clone(), cmd });
-            self.commands.insert(cmd_id, (id.clone(), now_ms));
-            self.stats.commands_sent += 1;
+            self.command(&mut inc, cmd, now_ms);
         }
         self.stats.opened += 1;
         self.keys.insert(key, id.clone());
@@ -326,13 +478,136 @@ impl Book {
         self.push(inc);
     }
 
+    /// Sends a command to the incident's device, recorded in its current revision.
+    fn command(&mut self, inc: &mut Incident, cmd: CommandKind, now_ms: i64) {
+        let cmd_id = format!("c-{}-{:x}", &inc.id[4..], self.counter);
+        self.counter += 1;
+        record(inc, &mut self.commit, SYSTEM, "command", Some(format!("{} {cmd_id}", cmd.as_str())), now_ms);
+        self.sent.push(Command { site: inc.site.clone(), device: inc.device.clone(), id: cmd_id.clone(), cmd });
+        self.commands.insert(cmd_id, (inc.id.clone(), now_ms));
+        self.stats.commands_sent += 1;
+    }
+
+    /// Another member rule of an active situation opens: it joins, and leads if it is the worst.
+    fn join(&mut self, id: &str, s: &Signal, now_ms: i64) {
+        let (member, action) = match &s.change {
+            Change::Open { severity, metric, value, threshold, summary, action } => (
+                Member { rule: s.rule.to_string(), severity: *severity, metric: *metric, value: *value, threshold: *threshold, summary: summary.clone() },
+                *action,
+            ),
+            Change::Repeat { severity, value, summary } => (
+                Member { rule: s.rule.to_string(), severity: *severity, metric: None, value: *value, threshold: None, summary: summary.clone() },
+                None,
+            ),
+            _ => return,
+        };
+        let note = format!("{} {}", member.rule, member.severity.as_str());
+        let Some(members) = self.members.get_mut(id) else { return };
+        members.push(member);
+        let members = members.clone();
+        let Some(inc) = self.incidents.get(id) else { return };
+        let mut inc = inc.clone();
+        let before = inc.rule.clone();
+        follow_lead(&mut inc, &members);
+        inc.count += 1;
+        if inc.flapping && action.is_none() {
+            // Flips are held back while flapping: recorded, not pushed.
+            if let Some(f) = self.flaps.get_mut(id) {
+                f.last_signal_ms = now_ms;
+                f.pending_clear = false;
+            }
+            inc.updated_ms = now_ms;
+            inc.updated_at = rfc3339(now_ms);
+            self.dirty.insert(id.to_owned());
+            self.incidents.insert(id.to_owned(), inc);
+            return;
+        }
+        let what = if inc.rule != before { "raised" } else { "joined" };
+        next_revision(&mut inc, &mut self.commit, SYSTEM, what, Some(note), now_ms);
+        if let Some(cmd) = action {
+            self.command(&mut inc, cmd, now_ms);
+        }
+        self.push(inc);
+    }
+
+    /// A repeat of a situation's member: its reading is kept; a member rising above the lead
+    /// raises the incident.
+    fn member_repeat(&mut self, id: &str, s: &Signal, severity: Severity, value: Option<f64>, summary: String, now_ms: i64) {
+        let Some(members) = self.members.get_mut(id) else { return };
+        let Some(m) = members.iter_mut().find(|m| *m.rule == *s.rule) else {
+            return self.join(id, s, now_ms);
+        };
+        let rose = severity > m.severity;
+        m.severity = m.severity.max(severity);
+        m.value = value.or(m.value);
+        if rose {
+            m.summary = summary.clone();
+        }
+        let members = members.clone();
+        let Some(inc) = self.incidents.get(id) else { return };
+        let lead_rule = lead(&members).map(|m| m.rule.clone()).unwrap_or_default();
+        if lead_rule == *s.rule && !(rose && inc.rule != lead_rule) {
+            return self.repeat(id, s, severity, value, summary, now_ms);
+        }
+        if rose && inc.rule != lead_rule {
+            let mut inc = inc.clone();
+            follow_lead(&mut inc, &members);
+            inc.count += 1;
+            next_revision(&mut inc, &mut self.commit, SYSTEM, "raised", Some(format!("{} {}", s.rule, severity.as_str())), now_ms);
+            return self.push(inc);
+        }
+        if let Some(inc) = self.incidents.get_mut(id) {
+            inc.count += 1;
+            inc.updated_ms = now_ms;
+            inc.updated_at = rfc3339(now_ms);
+            self.dirty.insert(id.to_owned());
+        }
+    }
+
+    /// A member of a situation clears while others stay active: it leaves, and the incident
+    /// falls back to the worst remaining member (its state is untouched).
+    fn member_leaves(&mut self, id: &str, s: &Signal, value: Option<f64>, summary: String, now_ms: i64) {
+        let Some(members) = self.members.get_mut(id) else { return };
+        let before = members.len();
+        members.retain(|m| *m.rule != *s.rule);
+        if members.len() == before {
+            self.stats.signals_without_incident += 1;
+            return;
+        }
+        let members = members.clone();
+        let Some(inc) = self.incidents.get(id) else { return };
+        let mut inc = inc.clone();
+        let was = inc.rule.clone();
+        let lowered = was == *s.rule;
+        if lowered {
+            follow_lead(&mut inc, &members);
+        } else {
+            inc.rules_active = members.iter().map(|m| m.rule.clone()).collect();
+        }
+        let _ = value;
+        let what = if lowered { "lowered" } else { "left" };
+        next_revision(&mut inc, &mut self.commit, SYSTEM, what, Some(format!("{}: {summary}", s.rule)), now_ms);
+        self.push(inc);
+    }
+
     fn reopen(&mut self, id: &str, s: &Signal, now_ms: i64) {
         let flapping_now = self.flip(id, now_ms);
+        let mut action = None;
+        if let (Some(members), Change::Open { severity, metric, value, threshold, summary, action: a }) = (self.members.get_mut(id), &s.change) {
+            *members = vec![Member { rule: s.rule.to_string(), severity: *severity, metric: *metric, value: *value, threshold: *threshold, summary: summary.clone() }];
+            action = *a;
+        }
+        let members = self.members.get(id).cloned();
         let Some(inc) = self.incidents.get_mut(id) else { return };
         if let Change::Open { severity, value, summary, .. } = &s.change {
             inc.severity = inc.severity.max(*severity);
             inc.value = *value;
             inc.summary = summary.clone();
+        }
+        match &members {
+            // A situation returns as whatever member brought it back.
+            Some(members) => follow_lead(inc, members),
+            None => inc.rules_active = vec![inc.rule.clone()],
         }
         inc.count += 1;
         inc.state = IncidentState::Open;
@@ -345,6 +620,9 @@ impl Book {
             next_revision(&mut inc, &mut self.commit, SYSTEM, "flapping", Some("re-opened repeatedly; flips are held back until it is quiet".into()), now_ms);
         } else {
             next_revision(&mut inc, &mut self.commit, SYSTEM, "reopened", None, now_ms);
+        }
+        if let Some(cmd) = action {
+            self.command(&mut inc, cmd, now_ms);
         }
         self.push(inc);
     }
@@ -508,7 +786,14 @@ impl Book {
             // The condition coming back after a resolve or close is a new incident.
             if self.keys.get(&inc.key).is_some_and(|k| *k == inc.id) {
                 self.keys.remove(&inc.key);
-                self.released.push(Release { scope: inc.scope, site: inc.site.clone(), device: inc.device.clone(), rule: inc.rule.clone() });
+                let mut rules = inc.rules_active.clone();
+                if !rules.contains(&inc.rule) {
+                    rules.push(inc.rule.clone());
+                }
+                for rule in rules {
+                    self.released.push(Release { scope: inc.scope, site: inc.site.clone(), device: inc.device.clone(), rule });
+                }
+                self.members.remove(&inc.id);
             }
         }
         self.push(inc.clone());
@@ -579,7 +864,7 @@ impl Book {
         let released: Vec<String> = self.held.iter().filter(|(_, s)| !self.silenced(s, now_ms)).map(|(k, _)| k.clone()).collect();
         for key in released {
             if let Some(s) = self.held.remove(&key) {
-                self.open(key, s, now_ms);
+                self.apply(s, now_ms);
             }
         }
         // Commands nobody answered.
@@ -604,6 +889,7 @@ impl Book {
         let closed: Vec<String> = self.incidents.values().filter(|i| i.state == IncidentState::Closed).map(|i| i.id.clone()).collect();
         for id in closed {
             self.incidents.remove(&id);
+            self.members.remove(&id);
             self.flaps.remove(&id);
             self.cleared_at.remove(&id);
         }

@@ -4,6 +4,8 @@
 //! meanwhile rides along); only then acknowledges the QoS 1 messages behind the signals, hands
 //! the new outbox items to every channel, sends device commands and feeds the live SSE stream.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +25,111 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const PERSIST_EVERY_TICKS: u64 = 10;
 /// Requests buffered ahead of the manager.
 pub const QUEUE: usize = 4096;
+/// Items buffered ahead of each push channel's dispatcher; beyond that the durable outbox holds
+/// them and the dispatcher re-reads it (see [`ChannelSender::offer`]).
+pub const CHANNEL_QUEUE: usize = 1024;
+/// Delivery outcomes buffered ahead of the manager (dispatchers wait when it is full).
+pub const OUTCOMES_QUEUE: usize = 1024;
+/// Releases buffered ahead of the decode stage's rule engine (the manager keeps the rest).
+pub const RELEASES_QUEUE: usize = 256;
+
+/// One push channel's queue, bounded: the manager's end. See [`channel_queue`].
+#[derive(Debug, Clone)]
+pub struct ChannelSender {
+    tx: mpsc::Sender<OutboxItem>,
+    lag: Arc<Lag>,
+}
+
+/// One push channel's queue: the dispatcher's end.
+#[derive(Debug)]
+pub struct ChannelQueue {
+    rx: mpsc::Receiver<OutboxItem>,
+    lag: Arc<Lag>,
+}
+
+/// What [`ChannelQueue::recv`] got.
+#[derive(Debug)]
+pub enum Received {
+    Item(OutboxItem),
+    Overflowed,
+    Closed,
+}
+
+/// Set when the queue overflowed: the items since are only in the outbox.
+#[derive(Debug, Default)]
+struct Lag {
+    lagged: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// A bounded queue from the incident manager to one push channel's dispatcher. The manager
+/// never waits on it and nothing is lost when it is full: every item is committed to the
+/// durable outbox before it is offered, so a full queue only tells the dispatcher to re-read
+/// its backlog from the outbox ([`ChannelQueue::catch_up`]).
+pub fn channel_queue(capacity: usize) -> (ChannelSender, ChannelQueue) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let lag = Arc::new(Lag::default());
+    (ChannelSender { tx, lag: Arc::clone(&lag) }, ChannelQueue { rx, lag })
+}
+
+impl ChannelSender {
+    /// Queues a committed item without waiting. While the dispatcher has lagged (the queue was
+    /// full and it has not re-read the outbox since) nothing is queued: it will read this item
+    /// from the outbox. A closed queue means the dispatcher stopped; the item stays pending in
+    /// the outbox for the next start.
+    pub fn offer(&self, item: OutboxItem) {
+        if self.lag.lagged.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(item)) = self.tx.try_send(item) {
+            tracing::debug!(channel = %item.channel, seq = item.seq, "push channel queue full; the dispatcher re-reads the outbox");
+            self.lag.lagged.store(true, Ordering::SeqCst);
+            self.lag.wake.notify_one();
+        }
+    }
+}
+
+impl ChannelQueue {
+    /// The next item, or the news that the queue overflowed (then [`ChannelQueue::catch_up`]),
+    /// or that it closed: the manager has stopped, the dispatcher's stop signal.
+    pub async fn recv(&mut self) -> Received {
+        if self.lagged() {
+            return Received::Overflowed;
+        }
+        tokio::select! {
+            item = self.rx.recv() => item.map_or(Received::Closed, Received::Item),
+            () = self.lag.wake.notified() => Received::Overflowed,
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Result<OutboxItem, mpsc::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    /// Whether items were left out since the last [`ChannelQueue::catch_up`].
+    pub fn lagged(&self) -> bool {
+        self.lag.lagged.load(Ordering::SeqCst)
+    }
+
+    /// Takes what is queued and clears the lag. The caller then re-reads the outbox: every item
+    /// left out was committed before this call, and everything committed after it is queued
+    /// again, so the queued items and the re-read backlog together miss nothing (duplicates
+    /// are told apart by `seq`).
+    pub fn catch_up(&mut self) -> Vec<OutboxItem> {
+        let mut items = Vec::new();
+        // The manager queues nothing while lagged, so `Empty` means drained.
+        while let Ok(item) = self.rx.try_recv() {
+            items.push(item);
+        }
+        self.lag.lagged.store(false, Ordering::SeqCst);
+        items
+    }
+
+    /// Marks the queue lagged again (the outbox could not be read; try later).
+    pub fn retry_catch_up(&self) {
+        self.lag.lagged.store(true, Ordering::SeqCst);
+    }
+}
 
 /// What the manager is asked to do: its protocol, private to this module; callers use the
 /// methods of [`IncidentsHandle`].
@@ -44,8 +151,6 @@ pub(crate) enum Request {
     AddSilence { config: Box<SilenceConfig>, reply: oneshot::Sender<Result<SilenceConfig, String>> },
     RemoveSilence { id: String, reply: oneshot::Sender<bool> },
     Silences { reply: oneshot::Sender<Vec<SilenceConfig>> },
-    /// Commit what is pending and stop.
-    Shutdown,
 }
 
 /// The manager's queue of requests, opaque: handed from [`Manager::new`] to [`Manager::run`].
@@ -110,11 +215,6 @@ impl IncidentsHandle {
         self.tx.send(Request::CommandAck { device, id }).await.map_err(|_| Stopped)
     }
 
-    /// Commits what is pending and stops the manager (after the requests queued before it).
-    pub async fn shutdown(&self) {
-        let _ = self.tx.send(Request::Shutdown).await;
-    }
-
     pub async fn transition(&self, id: String, action: Action, actor: String, note: Option<String>, crew: Option<String>) -> Result<Result<Incident, TransitionError>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Transition { id, action, actor, note, crew, reply }).await.map_err(|_| Stopped)?;
@@ -158,13 +258,15 @@ impl crate::decode::SignalSink for IncidentsHandle {
 pub struct Manager {
     book: Book,
     store: Arc<IncidentStore>,
-    channels: Vec<(Arc<str>, mpsc::UnboundedSender<OutboxItem>)>,
+    channels: Vec<(Arc<str>, ChannelSender)>,
     events: broadcast::Sender<LiveEvent>,
     publish: Option<PublishFn>,
     stats: Arc<Mutex<BookStats>>,
     retention_ms: i64,
     /// To the decode stage's rule engine.
-    releases: Option<mpsc::UnboundedSender<Release>>,
+    releases: Option<mpsc::Sender<Release>>,
+    /// Releases the decode stage had no room for yet, oldest first.
+    unsent_releases: VecDeque<Release>,
     timing: Arc<Timing>,
 }
 
@@ -179,7 +281,7 @@ impl Manager {
     pub fn new(
         book: Book,
         store: Arc<IncidentStore>,
-        channels: Vec<(Arc<str>, mpsc::UnboundedSender<OutboxItem>)>,
+        channels: Vec<(Arc<str>, ChannelSender)>,
         publish: Option<PublishFn>,
         retention_ms: i64,
     ) -> (Manager, IncidentsHandle, Requests) {
@@ -188,17 +290,19 @@ impl Manager {
         let stats = Arc::new(Mutex::new(BookStats::default()));
         let timing = Arc::new(Timing::default());
         let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats), timing: Arc::clone(&timing) };
-        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, timing }, handle, Requests(rx))
+        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, unsent_releases: VecDeque::new(), timing }, handle, Requests(rx))
     }
 
     /// Where to tell the rule engine about incidents operators ended.
-    pub fn with_releases(mut self, releases: mpsc::UnboundedSender<Release>) -> Self {
+    pub fn with_releases(mut self, releases: mpsc::Sender<Release>) -> Self {
         self.releases = Some(releases);
         self
     }
 
-    /// Runs until [`IncidentsHandle::shutdown`] or until every handle is gone.
-    pub async fn run(mut self, Requests(mut requests): Requests, mut delivered: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>) {
+    /// Runs until every [`IncidentsHandle`] is gone (the gateway's drain: the sources, the
+    /// decode stage and the API have stopped), then commits what is pending and returns;
+    /// dropping the channel queues stops the dispatchers.
+    pub async fn run(mut self, Requests(mut requests): Requests, mut delivered: mpsc::Receiver<(Arc<str>, i64, Outcome)>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
@@ -210,12 +314,15 @@ impl Manager {
         loop {
             let mut commit_marks = false;
             tokio::select! {
-                request = requests.recv() => {
-                    let Some(request) = request else { break };
-                    stopping |= self.handle(request, &mut acks, &mut replies, &mut earliest);
+                request = requests.recv(), if !stopping => {
+                    match request {
+                        Some(request) => self.handle(request, &mut acks, &mut replies, &mut earliest),
+                        // Every handle is gone: commit what is pending and stop.
+                        None => stopping = true,
+                    }
                     // Group commit: take whatever else is already waiting.
                     while let Ok(request) = requests.try_recv() {
-                        stopping |= self.handle(request, &mut acks, &mut replies, &mut earliest);
+                        self.handle(request, &mut acks, &mut replies, &mut earliest);
                         if acks.len() + replies.len() >= 512 {
                             break;
                         }
@@ -257,11 +364,8 @@ impl Manager {
                     continue;
                 }
             }
-            if let Some(tx) = &self.releases {
-                for r in self.book.take_released() {
-                    let _ = tx.send(r);
-                }
-            }
+            self.unsent_releases.extend(self.book.take_released());
+            self.send_releases();
             earliest = None;
             acks.drain(..).for_each(Ack::done);
             replies.drain(..).for_each(|r| r());
@@ -276,8 +380,30 @@ impl Manager {
         tracing::info!("incident manager stopped; pending changes committed");
     }
 
-    /// Applies one request; true when it asks to stop.
-    fn handle(&mut self, request: Request, acks: &mut Vec<Ack>, replies: &mut Vec<Box<dyn FnOnce() + Send>>, earliest: &mut Option<i64>) -> bool {
+    /// Hands the rule engine what operators ended, as far as its queue has room; the rest waits
+    /// here for the next round (the manager never waits on the decode stage, which waits on it).
+    fn send_releases(&mut self) {
+        let Some(tx) = &self.releases else {
+            self.unsent_releases.clear();
+            return;
+        };
+        while let Some(r) = self.unsent_releases.pop_front() {
+            match tx.try_send(r) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(r)) => {
+                    self.unsent_releases.push_front(r);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.unsent_releases.clear();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Applies one request.
+    fn handle(&mut self, request: Request, acks: &mut Vec<Ack>, replies: &mut Vec<Box<dyn FnOnce() + Send>>, earliest: &mut Option<i64>) {
         let now = now_ms();
         match request {
             Request::Signals { signals, ack, received_ms } => {
@@ -313,9 +439,7 @@ impl Manager {
             Request::Silences { reply } => {
                 let _ = reply.send(self.book.silences().iter().map(|s| s.config.clone()).collect());
             }
-            Request::Shutdown => return true,
         }
-        false
     }
 
     async fn commit(&mut self, commit: Commit) -> Result<(), super::store::Error> {
@@ -326,9 +450,7 @@ impl Manager {
             .map_err(|e| super::store::Error::Io(format!("commit task: {e}")))??;
         for super::store::Committed { seq, incident, body } in created {
             for (name, tx) in &self.channels {
-                // A closed queue means the channel's dispatcher stopped (shutdown); the item
-                // stays pending in the outbox and is sent after the next start.
-                let _ = tx.send(OutboxItem { seq, channel: Arc::clone(name), incident: Arc::clone(&incident), body: Arc::clone(&body) });
+                tx.offer(OutboxItem { seq, channel: Arc::clone(name), incident: Arc::clone(&incident), body: Arc::clone(&body) });
             }
             let _ = self.events.send(LiveEvent { seq, body });
         }

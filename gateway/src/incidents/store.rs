@@ -299,7 +299,15 @@ impl IncidentStore {
                 .collect();
             clause.push_str(&format!(" AND state IN ({})", marks.join(",")));
         }
-        for (column, value) in [("rule", &filter.rule), ("site", &filter.site), ("device", &filter.device)] {
+        if let Some(rule) = &filter.rule {
+            // A situation's incident answers for its lead rule and for every member active now.
+            args.push(rule.clone().into());
+            let n = args.len();
+            clause.push_str(&format!(
+                " AND (rule = ?{n} OR EXISTS (SELECT 1 FROM json_each(incidents.body, '$.rules_active') WHERE json_each.value = ?{n}))"
+            ));
+        }
+        for (column, value) in [("site", &filter.site), ("device", &filter.device)] {
             if let Some(v) = value {
                 args.push(v.clone().into());
                 clause.push_str(&format!(" AND {column} = ?{}", args.len()));

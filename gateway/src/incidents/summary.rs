@@ -131,6 +131,8 @@ mod tests {
             flapping: false,
             crew: None,
             devices: Vec::new(),
+            situation: None,
+            rules_active: Vec::new(),
             history: Vec::new(),
         }
     }

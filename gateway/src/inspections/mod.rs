@@ -42,6 +42,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The rule name of every maintenance incident and reminder (the default pack's schedule rule).
 pub const RULE_INSPECTION_DUE: &str = "inspection_due";
+/// The rule name of the incident for an inventory device never heard after its grace period.
+pub const RULE_COMMISSIONING_OVERDUE: &str = "commissioning_overdue";
 /// The rule name of the incident for a siren mount silent through the siren test window.
 pub const RULE_SIREN_TEST_SILENT: &str = "siren_test_silent";
 
@@ -68,9 +70,9 @@ pub struct InspectionsConfig {
     pub tz: String,
     /// How often due dates are checked.
     pub check_every: Duration,
-    /// TEST ONLY: the maintenance clock runs this far ahead of the wall clock, so end-to-end
-    /// tests can see a reminder days away without waiting. Keep "0s" in production.
-    pub clock_offset: Duration,
+    /// An inventory device never heard this long after its import or its install date (the
+    /// later) opens `commissioning_overdue`.
+    pub commissioning_grace: Duration,
     pub gas_detector: GasSchedule,
     pub smoke_detector: SmokeSchedule,
     pub siren_mount: SirenSchedule,
@@ -83,7 +85,7 @@ impl Default for InspectionsConfig {
             remind_days: vec![30, 7, 1],
             tz: "Asia/Shanghai".into(),
             check_every: Duration::secs(1),
-            clock_offset: Duration::secs(0),
+            commissioning_grace: Duration::secs(24 * 3600),
             gas_detector: GasSchedule::default(),
             smoke_detector: SmokeSchedule::default(),
             siren_mount: SirenSchedule::default(),
@@ -153,6 +155,9 @@ impl InspectionsConfig {
         }
         if self.check_every.0 < std::time::Duration::from_millis(100) {
             return bad("check_every", "must be at least 100ms");
+        }
+        if self.commissioning_grace.0 < std::time::Duration::from_secs(1) {
+            return bad("commissioning_grace", "must be at least 1s");
         }
         let months = [
             ("gas_detector.calibrate_every_months", self.gas_detector.calibrate_every_months),

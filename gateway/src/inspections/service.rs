@@ -9,6 +9,7 @@
 //! are in `reminders`, the siren test check in `siren_check`, the crews' views in `views`, the
 //! metrics in `stats`.
 
+mod commissioning;
 mod reminders;
 mod siren_check;
 mod stats;
@@ -30,8 +31,8 @@ pub use views::{ScheduleView, TaskView, WorkOrder, WorkOrderQuery, WorkOrders};
 use super::inventory::{parse_inventory, RowError};
 use super::schedule::{self, Task, TaskDue};
 use super::siren_test::WindowTracker;
-use super::store::{merge, Completion, ImportCounts, Item, MaintenanceStore};
-use super::{mask_phone, Error, InspectionsConfig, Result, RULE_INSPECTION_DUE};
+use super::store::{merge, Commissioning, Completion, ImportCounts, Item, MaintenanceStore};
+use super::{Error, InspectionsConfig, Result, RULE_INSPECTION_DUE};
 use crate::incidents::book::Action;
 use crate::incidents::manager::IncidentsHandle;
 use crate::incidents::store::IncidentFilter;
@@ -139,10 +140,12 @@ pub struct Service {
     tz: jiff::tz::TimeZone,
     store: Arc<Mutex<MaintenanceStore>>,
     entries: HashMap<String, Entry>,
+    /// Inventory devices not heard yet: (grace counted from, ms; where they stand).
+    commissioning: HashMap<String, (i64, Commissioning)>,
     registry: Arc<Registry>,
     readings: Option<Arc<SqliteStore>>,
     incidents: IncidentsHandle,
-    /// The maintenance clock (wall clock plus the test-only offset).
+    /// The maintenance clock (the wall clock; tests inject their own through [`Service::with_clock`]).
     clock: Clock,
     /// The wall clock, for the siren test window (device events carry wall-clock times).
     wall: Clock,
@@ -181,10 +184,8 @@ impl Service {
         incidents: IncidentsHandle,
     ) -> Result<(Service, InspectionsHandle)> {
         let store = MaintenanceStore::open(dir)?;
-        let offset = cfg.clock_offset.as_ms();
-        let clock: Clock = Arc::new(move || crate::ingest::now_ms() + offset);
         let wall: Clock = Arc::new(crate::ingest::now_ms);
-        Service::with_clock(cfg, store, registry, readings, incidents, clock, wall)
+        Service::with_clock(cfg, store, registry, readings, incidents, Arc::clone(&wall), wall)
     }
 
     /// As [`Service::open`], with a given store and clocks (tests).
@@ -199,6 +200,9 @@ impl Service {
     ) -> Result<(Service, InspectionsHandle)> {
         let tz = cfg.time_zone();
         let items = store.load()?;
+        let commissioning: HashMap<String, (i64, Commissioning)> =
+            store.commissioning()?.into_iter().filter(|(_, _, c)| *c != Commissioning::Reported).map(|(d, since, c)| (d, (since, c))).collect();
+        let started: HashSet<String> = store.commissioning()?.into_iter().map(|(d, _, _)| d).collect();
         let mut sent: HashMap<String, HashSet<(Task, Date, u32)>> = HashMap::new();
         for (device, task, due, days) in store.notified()? {
             sent.entry(device).or_default().insert((task, due, days));
@@ -214,11 +218,12 @@ impl Service {
         let tracker = if cfg.siren_test.enabled { Some(WindowTracker::new(&cfg.siren_test).map_err(Error::Invalid)?) } else { None };
         let (tx, rx) = mpsc::channel(64);
         let stats = Arc::new(Stats::default());
-        let service = Service {
+        let mut service = Service {
             cfg,
             tz,
             store: Arc::new(Mutex::new(store)),
             entries,
+            commissioning,
             registry,
             readings,
             incidents,
@@ -230,6 +235,24 @@ impl Service {
             stats: Arc::clone(&stats),
             commands: rx,
         };
+        // Inventories imported before commissioning was tracked start their grace now.
+        let now = (service.clock)();
+        let missing: Vec<(String, i64)> = service
+            .entries
+            .values()
+            .filter(|e| !started.contains(&e.item.device))
+            .map(|e| (e.item.device.clone(), service.commissioning_since(&e.item, now)))
+            .collect();
+        lock(&service.store).start_commissioning(&missing)?;
+        for (device, since) in missing {
+            service.commissioning.insert(device, (since, Commissioning::Waiting));
+        }
+        // Every inventory device is in the registry from the start, heard or not.
+        for e in service.entries.values() {
+            service.sync_registry(&e.item);
+        }
+        service.mark_inventory();
+        service.registry_len = service.registry.len();
         Ok((service, InspectionsHandle { tx, stats }))
     }
 
@@ -277,13 +300,18 @@ impl Service {
         let (rows, mut errors) = tokio::task::spawn_blocking(move || parse_inventory(&csv))
             .await
             .map_err(|e| Error::Invalid(format!("parse task: {e}")))?;
+        let now = (self.clock)();
         let mut counts = ImportCounts::default();
         let mut changed: Vec<Item> = Vec::new();
+        let mut started: Vec<(String, i64)> = Vec::new();
         for row in &rows {
             let old = self.entries.get(&row.device).map(|e| &e.item);
             let item = merge(row, old);
             match old {
-                None => counts.created += 1,
+                None => {
+                    counts.created += 1;
+                    started.push((item.device.clone(), self.commissioning_since(&item, now)));
+                }
                 Some(o) if *o == item => counts.unchanged += 1,
                 Some(_) => counts.updated += 1,
             }
@@ -292,7 +320,15 @@ impl Service {
             }
         }
         let to_write = changed.clone();
-        with_store(&self.store, move |s| s.upsert(&to_write.iter().collect::<Vec<_>>())).await?;
+        let to_start = started.clone();
+        with_store(&self.store, move |s| {
+            s.upsert(&to_write.iter().collect::<Vec<_>>())?;
+            s.start_commissioning(&to_start)
+        })
+        .await?;
+        for (device, since) in started {
+            self.commissioning.entry(device).or_insert((since, Commissioning::Waiting));
+        }
         for item in changed {
             let tasks = schedule::tasks(&self.cfg, &item.m, &self.tz);
             self.sync_registry(&item);
@@ -306,6 +342,8 @@ impl Service {
                 }
             }
         }
+        self.mark_inventory();
+        self.registry_len = self.registry.len();
         self.next_check = i64::MIN;
         self.stats.rows_imported.inc_by(rows.len() as u64);
         for e in &errors {
@@ -416,22 +454,6 @@ impl Service {
             return false;
         }
         matches!(tokio::time::timeout(COMMIT_TIMEOUT, committed).await, Ok(Ok(())))
-    }
-
-    /// Puts the inventory's facts on the registry's device, if the gateway has heard of it.
-    fn sync_registry(&self, item: &Item) {
-        if !self.registry.contains(&item.device) {
-            return;
-        }
-        let make = || crate::registry::Device::new(&item.device, &item.site, item.m.kind, (self.wall)());
-        self.registry.upsert(&item.device, make, |_, d| {
-            d.location = Some(item.location.clone());
-            d.lat = item.position.map(|p| p.lat);
-            d.lon = item.position.map(|p| p.lon);
-            d.install_date = Some(item.m.install_date.to_string());
-            d.crew = Some(item.crew.clone());
-            d.phone = Some(mask_phone(&item.phone));
-        });
     }
 }
 

@@ -28,6 +28,27 @@ pub struct Item {
     pub incident_open: bool,
 }
 
+/// Where an inventory device stands between import and its first report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commissioning {
+    /// Not heard yet; within its grace period or not yet checked.
+    Waiting = 0,
+    /// `commissioning_overdue` opened.
+    Overdue = 1,
+    /// Heard (and any incident cleared): nothing more to do.
+    Reported = 2,
+}
+
+impl Commissioning {
+    fn from_code(code: i64) -> Commissioning {
+        match code {
+            1 => Commissioning::Overdue,
+            2 => Commissioning::Reported,
+            _ => Commissioning::Waiting,
+        }
+    }
+}
+
 /// A recorded completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -113,6 +134,11 @@ impl MaintenanceStore {
                  days_before INTEGER NOT NULL,
                  at_ms INTEGER NOT NULL,
                  PRIMARY KEY (device, task, due, days_before)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS commissioning (
+                 device TEXT PRIMARY KEY,
+                 since_ms INTEGER NOT NULL,
+                 state INTEGER NOT NULL DEFAULT 0
              ) WITHOUT ROWID;",
         )?;
         // Files from before positions were imported: add the two columns.
@@ -174,6 +200,39 @@ impl MaintenanceStore {
             out.push(item);
         }
         Ok(out)
+    }
+
+    /// Every inventory device's commissioning: (device, grace counted from, state).
+    pub fn commissioning(&self) -> Result<Vec<(String, i64, Commissioning)>> {
+        let mut stmt = self.conn.prepare("SELECT device, since_ms, state FROM commissioning")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, Commissioning::from_code(r.get(2)?))))?;
+        Ok(rows.collect::<Result<Vec<_>, rusqlite::Error>>()?)
+    }
+
+    /// Starts commissioning for devices new to the inventory (an existing row is kept).
+    pub fn start_commissioning(&mut self, devices: &[(String, i64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO commissioning (device, since_ms, state) VALUES (?1, ?2, 0)")?;
+            for (device, since) in devices {
+                stmt.execute(params![device, since])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records how far devices' commissioning went.
+    pub fn set_commissioning(&mut self, devices: &[(String, Commissioning)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE commissioning SET state = ?2 WHERE device = ?1")?;
+            for (device, state) in devices {
+                stmt.execute(params![device, *state as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Writes every item in one transaction (an import, or one completion).

@@ -11,11 +11,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use backon::BackoffBuilder as _;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::sink::{DeliveryError, Sink};
 use super::{drop_reason, now_ms, ChannelState, RetryConfig};
+use crate::incidents::manager::{ChannelQueue, Received};
+use crate::incidents::store::IncidentStore;
 use crate::model::OutboxItem;
 
 pub use crate::model::Outcome;
@@ -23,13 +26,18 @@ pub use crate::model::Outcome;
 /// How often [`Sink::tick`] is called.
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Where outcomes go: `(channel, seq, outcome)`, to the incident manager.
+pub type Outcomes = mpsc::Sender<(Arc<str>, i64, Outcome)>;
+
 /// One channel's dispatcher as built, before it runs: the channel's sink and state, its
-/// undelivered items from the durable outbox, and the retry policy.
+/// undelivered items from the durable outbox, the retry policy and the outbox to re-read when
+/// its queue overflowed (`None`: nothing to re-read, as in tests without a store).
 pub struct Dispatcher {
     pub sink: Arc<dyn Sink>,
     pub state: Arc<ChannelState>,
     pub backlog: Vec<OutboxItem>,
     pub retry: RetryConfig,
+    pub outbox: Option<Arc<IncidentStore>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -40,34 +48,29 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     /// See [`run`].
-    pub async fn run(self, new_items: mpsc::UnboundedReceiver<OutboxItem>, done: mpsc::UnboundedSender<(Arc<str>, i64, Outcome)>, shutdown: watch::Receiver<bool>) {
-        run(self, new_items, done, shutdown).await
+    pub async fn run(self, new_items: ChannelQueue, done: Outcomes) {
+        run(self, new_items, done).await
     }
 }
 
-/// Delivers one channel's items until `shutdown` turns true (or its sender goes away), or
-/// until `new_items` is closed and everything queued is delivered.
+/// Delivers one channel's items until `new_items` closes (the incident manager stopped: the
+/// gateway is shutting down).
 ///
 /// - `backlog` (the channel's undelivered items from the durable outbox) goes first, in `seq`
 ///   order; an item from `new_items` whose `seq` is not above the highest seen is a copy of one
 ///   already queued or delivered and is ignored.
+/// - When `new_items` overflowed, the manager left items out (they are in the outbox): the
+///   dispatcher takes what is queued and re-reads its pending items from `outbox`.
 /// - One item at a time, strictly in `seq` order (see the module docs on head-of-line).
-/// - A transient failure is retried until delivered, waiting with exponential backoff and full
-///   jitter between `retry.initial` and `retry.max`; a refusal is retried the same way up to
+/// - A transient failure is retried until delivered, waiting with `backon`'s exponential
+///   backoff with jitter, each wait at most `retry.max`; a refusal is retried the same way up to
 ///   `retry.give_up_after_attempts` times, then the item is dropped as `rejected`.
 /// - Every delivered or dropped item is reported on `done` as `(channel, seq, outcome)`.
-/// - On shutdown the current attempt is finished (each is bounded by the sink's timeout) and
-///   the loop returns, also out of a backoff wait. What is left stays in the durable outbox
-///   for the next start: it is neither dropped nor reported.
-///
-/// Input: `new_items` from the outbox; output: `done`; and the shutdown signal.
-pub async fn run(
-    dispatcher: Dispatcher,
-    mut new_items: mpsc::UnboundedReceiver<OutboxItem>,
-    done: mpsc::UnboundedSender<(Arc<str>, i64, Outcome)>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Dispatcher { sink, state, backlog, retry } = dispatcher;
+/// - When `new_items` closes, the current attempt is finished (each is bounded by the sink's
+///   timeout) and the loop returns, also out of a backoff wait. What is left stays in the
+///   durable outbox for the next start: it is neither dropped nor reported.
+pub async fn run(dispatcher: Dispatcher, mut new_items: ChannelQueue, done: Outcomes) {
+    let Dispatcher { sink, state, backlog, retry, outbox } = dispatcher;
     let channel = Arc::clone(state.channel());
     let mut queue = Queue::default();
     let mut backlog = backlog;
@@ -77,8 +80,7 @@ pub async fn run(
     }
     queue.publish(&state);
 
-    let mut inbox_open = true;
-    let mut backoff = Backoff::new(&retry);
+    let mut backoff = backoff(&retry);
     // Set while backing off: the head is not tried before then.
     let mut retry_at: Option<Instant> = None;
     // Refusals of the head item so far.
@@ -86,32 +88,32 @@ pub async fn run(
     let mut next_tick = Instant::now() + TICK;
 
     loop {
-        if *shutdown.borrow() {
-            break;
-        }
         // Take whatever has arrived without waiting, so `pending` is honest even while a long
         // backlog is being delivered back to back.
-        while inbox_open {
+        loop {
             match new_items.try_recv() {
                 Ok(item) => queue.accept(item),
                 Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => inbox_open = false,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    queue.publish(&state);
+                    return;
+                }
             }
+        }
+        if new_items.lagged() {
+            catch_up(&mut new_items, &mut queue, outbox.as_ref(), &channel).await;
         }
         queue.publish(&state);
 
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
-            // Only re-posts; safe to abandon midway when stopping.
-            tokio::select! {
-                () = sink.tick(now_ms()) => {}
-                _ = shutdown.wait_for(|stop| *stop) => break,
-            }
+            // Only re-posts, each bounded by the sink's timeout.
+            sink.tick(now_ms()).await;
             continue;
         }
 
         if let (None, Some(item)) = (retry_at, queue.items.front()) {
-            // Not raced with shutdown: an attempt, once started, finishes (see `Sink::deliver`).
+            // An attempt, once started, finishes (see `Sink::deliver`).
             let result = sink.deliver(item).await;
             let now = now_ms();
             match result {
@@ -120,10 +122,10 @@ pub async fn run(
                     if failed_before > 0 {
                         tracing::info!(%channel, failed_attempts = failed_before, "push channel delivering again");
                     }
-                    backoff.reset();
+                    backoff = self::backoff(&retry);
                     refusals = 0;
                     if let Some(item) = queue.items.pop_front() {
-                        report(&done, item, Outcome::Delivered);
+                        report(&done, item, Outcome::Delivered).await;
                     }
                 }
                 Err(error) => {
@@ -145,15 +147,15 @@ pub async fn run(
                                 "push channel receiver refused an incident change; dropped it"
                             );
                             state.record_dropped(drop_reason::REJECTED);
-                            backoff.reset();
+                            backoff = self::backoff(&retry);
                             refusals = 0;
                             if let Some(item) = queue.items.pop_front() {
-                                report(&done, item, Outcome::Dropped { reason: drop_reason::REJECTED });
+                                report(&done, item, Outcome::Dropped { reason: drop_reason::REJECTED }).await;
                             }
                             continue;
                         }
                     }
-                    let wait = backoff.next_wait();
+                    let wait = backoff.next().unwrap_or(retry.max.0);
                     retry_at = Some(Instant::now() + wait);
                     state.set_next_retry(Some(now + wait.as_millis() as i64));
                 }
@@ -161,14 +163,13 @@ pub async fn run(
             continue;
         }
 
-        if !inbox_open && queue.items.is_empty() {
-            break;
-        }
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            received = new_items.recv(), if inbox_open => match received {
-                Some(item) => queue.accept(item),
-                None => inbox_open = false,
+            received = new_items.recv() => match received {
+                Received::Item(item) => queue.accept(item),
+                // Caught up at the top of the loop.
+                Received::Overflowed => {}
+                // The manager stopped: what is left stays in the outbox.
+                Received::Closed => break,
             },
             () = sleep_until_some(retry_at) => {
                 retry_at = None;
@@ -180,10 +181,49 @@ pub async fn run(
     queue.publish(&state);
 }
 
+/// The retry waits: exponential from `retry.initial`, each wait at most `retry.max`. backon's
+/// jitter adds up to the current delay again, so the delays run from half of each bound.
+fn backoff(retry: &RetryConfig) -> backon::ExponentialBackoff {
+    let max = retry.max.0.max(retry.initial.0);
+    backon::ExponentialBuilder::new()
+        .with_min_delay(retry.initial.0 / 2)
+        .with_max_delay(max / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// After an overflow: what is queued, then the channel's pending items re-read from the outbox
+/// (duplicates of queued or delivered items are dropped by `seq` in [`Queue::accept`]).
+async fn catch_up(new_items: &mut ChannelQueue, queue: &mut Queue, outbox: Option<&Arc<IncidentStore>>, channel: &Arc<str>) {
+    for item in new_items.catch_up() {
+        queue.accept(item);
+    }
+    let Some(store) = outbox else { return };
+    let (store, name) = (Arc::clone(store), Arc::clone(channel));
+    match tokio::task::spawn_blocking(move || store.pending(&name)).await {
+        Ok(Ok(items)) => {
+            tracing::info!(%channel, pending = items.len(), "push channel queue overflowed; backlog re-read from the outbox");
+            for item in items {
+                queue.accept(item);
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%channel, error = %e, "outbox not readable; trying again");
+            new_items.retry_catch_up();
+        }
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "outbox read failed; trying again");
+            new_items.retry_catch_up();
+        }
+    }
+}
+
 /// The outbox marks the item; if it has gone (the gateway is stopping), the item stays
 /// unmarked and is sent again next start, which receivers de-duplicate by `id` + `revision`.
-fn report(done: &mpsc::UnboundedSender<(Arc<str>, i64, Outcome)>, item: OutboxItem, outcome: Outcome) {
-    let _ = done.send((item.channel, item.seq, outcome));
+/// Waits while the manager's outcome queue is full (it pushes back; nothing is dropped).
+async fn report(done: &Outcomes, item: OutboxItem, outcome: Outcome) {
+    let _ = done.send((item.channel, item.seq, outcome)).await;
 }
 
 async fn sleep_until_some(at: Option<Instant>) {
@@ -217,40 +257,6 @@ impl Queue {
     }
 }
 
-/// Exponential backoff with full jitter: the n-th wait is uniform in `[0, min(max, initial·2ⁿ⁻¹)]`.
-#[derive(Debug)]
-struct Backoff {
-    initial: std::time::Duration,
-    max: std::time::Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    fn new(retry: &RetryConfig) -> Backoff {
-        Backoff { initial: retry.initial.0, max: retry.max.0.max(retry.initial.0), failures: 0 }
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    fn next_wait(&mut self) -> std::time::Duration {
-        let ceiling = self.initial.saturating_mul(1u32 << self.failures.min(31)).min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        jitter(ceiling)
-    }
-}
-
-/// Uniform in `[0, ceiling]`. Spreading retries is all it is for, so std's randomly keyed
-/// hasher is random enough and spares a dependency.
-fn jitter(ceiling: std::time::Duration) -> std::time::Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    std::time::Duration::from_nanos(hasher.finish() % nanos.saturating_add(1))
-}
-
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -262,13 +268,13 @@ mod unit {
             max: crate::units::Duration(std::time::Duration::from_millis(1000)),
             give_up_after_attempts: 3,
         };
-        let mut backoff = Backoff::new(&retry);
+        let mut waits = backoff(&retry);
         let ceilings = [100, 200, 400, 800, 1000, 1000, 1000];
         for ceiling in ceilings {
-            let wait = backoff.next_wait();
+            let wait = waits.next().expect("retries forever");
             assert!(wait <= std::time::Duration::from_millis(ceiling), "{wait:?} > {ceiling} ms");
+            assert!(wait >= std::time::Duration::from_millis(ceiling / 2), "{wait:?} < {ceiling}/2 ms");
         }
-        backoff.reset();
-        assert!(backoff.next_wait() <= std::time::Duration::from_millis(100));
+        assert!(backoff(&retry).next().expect("first wait") <= std::time::Duration::from_millis(100));
     }
 }

@@ -13,7 +13,9 @@ use axum::Router;
 use citywatch_edge::wire::{DeviceKind, Metric};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+
+use crate::incidents::manager::{channel_queue, ChannelSender};
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -53,6 +55,8 @@ fn incident(id: &str, revision: u32, state: IncidentState) -> Incident {
         flapping: false,
         crew: None,
         devices: Vec::new(),
+        situation: None,
+        rules_active: Vec::new(),
         history: Vec::new(),
     }
 }
@@ -182,9 +186,8 @@ async fn receive(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: 
 /// A running dispatcher and its ends.
 struct Dispatcher {
     state: Arc<ChannelState>,
-    items: mpsc::UnboundedSender<OutboxItem>,
-    done: mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>,
-    stop: watch::Sender<bool>,
+    items: ChannelSender,
+    done: mpsc::Receiver<(Arc<str>, i64, Outcome)>,
     task: JoinHandle<()>,
 }
 
@@ -202,14 +205,13 @@ impl Dispatcher {
         retry: RetryConfig,
     ) -> Dispatcher {
         let state = ChannelState::new(channel);
-        let (items, items_rx) = mpsc::unbounded_channel();
+        let (items, items_rx) = channel_queue(64);
         for item in early {
-            items.send(item).expect("queue");
+            items.offer(item);
         }
-        let (done_tx, done) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(super::Dispatcher { sink, state: Arc::clone(&state), backlog, retry }.run(items_rx, done_tx, stop_rx));
-        Dispatcher { state, items, done, stop, task }
+        let (done_tx, done) = mpsc::channel(64);
+        let task = tokio::spawn(super::Dispatcher { sink, state: Arc::clone(&state), backlog, retry, outbox: None }.run(items_rx, done_tx));
+        Dispatcher { state, items, done, task }
     }
 
     async fn next_done(&mut self) -> (Arc<str>, i64, Outcome) {
@@ -237,10 +239,12 @@ impl Dispatcher {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
     }
 
-    async fn stop(self) -> (Arc<ChannelState>, mpsc::UnboundedReceiver<(Arc<str>, i64, Outcome)>) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task).await.expect("dispatcher stopped in time").expect("dispatcher did not panic");
-        (self.state, self.done)
+    /// Closes the queue, the dispatcher's stop signal (as when the incident manager stops).
+    async fn stop(self) -> (Arc<ChannelState>, mpsc::Receiver<(Arc<str>, i64, Outcome)>) {
+        let Dispatcher { state, items, done, task } = self;
+        drop(items);
+        tokio::time::timeout(WAIT, task).await.expect("dispatcher stopped in time").expect("dispatcher did not panic");
+        (state, done)
     }
 }
 
@@ -323,8 +327,8 @@ async fn a_receiver_that_comes_up_later_gets_everything_in_order() {
 
     let (channel, sink) = only_sink(&webhook_config(addr), None);
     let mut d = Dispatcher::start(channel, sink, vec![item(1, "webhook:ops")], fast_retry(3));
-    d.items.send(item(2, "webhook:ops")).expect("send");
-    d.items.send(item(3, "webhook:ops")).expect("send");
+    d.items.offer(item(2, "webhook:ops"));
+    d.items.offer(item(3, "webhook:ops"));
     d.wait_until("a refused connection", |s| s.attempts_failed >= 2).await;
     let status = d.state.status();
     assert_eq!(status.pending, 3);
@@ -384,8 +388,8 @@ async fn backlog_and_overlapping_new_items_are_each_delivered_once() {
     let early = vec![item(2, "webhook:ops"), item(3, "webhook:ops"), item(4, "webhook:ops")];
     let mut d = Dispatcher::start_with(channel, sink, backlog, early, fast_retry(3));
     assert_eq!(d.outcomes(4).await, delivered([1, 2, 3, 4]));
-    d.items.send(item(4, "webhook:ops")).expect("send");
-    d.items.send(item(5, "webhook:ops")).expect("send");
+    d.items.offer(item(4, "webhook:ops"));
+    d.items.offer(item(5, "webhook:ops"));
     assert_eq!(d.outcomes(1).await, delivered([5]));
 
     let ids: Vec<String> = receiver.seen().iter().map(|s| s.incident().id).collect();
@@ -414,17 +418,63 @@ async fn shutdown_during_backoff_returns_without_reporting_a_drop() {
 }
 
 #[tokio::test]
-async fn the_dispatcher_ends_when_its_input_closes_and_everything_is_delivered() {
+async fn the_dispatcher_ends_when_its_input_closes_and_leaves_the_rest_in_the_outbox() {
     let receiver = Receiver::default();
     let addr = receiver.start().await;
     let (channel, sink) = only_sink(&webhook_config(addr), None);
     let mut d = Dispatcher::start(channel, sink, vec![item(1, "webhook:ops")], fast_retry(3));
-    d.items.send(item(2, "webhook:ops")).expect("send");
-    let Dispatcher { items, task, .. } = d;
+    assert_eq!(d.outcomes(1).await, delivered([1]));
+    d.items.offer(item(2, "webhook:ops"));
+    // Closing the queue is the stop signal: whatever was not delivered yet is neither sent nor
+    // reported (it stays pending in the outbox for the next start).
+    let (state, mut done) = d.stop().await;
+    let status = state.status();
+    assert_eq!(status.delivered + status.pending, 2, "{status:?}");
+    if status.pending == 1 {
+        assert!(done.try_recv().is_err());
+    }
+}
+
+#[tokio::test]
+async fn an_overflowing_queue_neither_blocks_nor_drops_the_dispatcher_re_reads_the_outbox() {
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let (channel, sink) = only_sink(&webhook_config(addr), None);
+    // Five changes committed to the durable outbox, as the incident manager does first.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(crate::incidents::store::IncidentStore::open(dir.path()).expect("incident store"));
+    let incidents: Vec<Arc<Incident>> = (1..=5).map(|n| Arc::new(incident(&format!("inc-{n}"), 1, IncidentState::Open))).collect();
+    let commit = crate::incidents::store::Commit { incidents: incidents.clone(), outbox: incidents, ..Default::default() };
+    let committed = store.commit(&commit, &[Arc::clone(&channel)], T0).expect("commit");
+    let seqs: Vec<i64> = committed.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs.len(), 5);
+
+    // A queue of two: the third offer finds it full and neither waits nor fails; the fourth and
+    // fifth are left to the outbox too.
+    let (items, items_rx) = channel_queue(2);
+    for c in committed {
+        items.offer(OutboxItem { seq: c.seq, channel: Arc::clone(&channel), incident: c.incident, body: c.body });
+    }
+    assert!(items_rx.lagged(), "the full queue is reported to the dispatcher");
+
+    let state = ChannelState::new(Arc::clone(&channel));
+    let (done_tx, mut done) = mpsc::channel(64);
+    let dispatcher = super::Dispatcher { sink, state: Arc::clone(&state), backlog: Vec::new(), retry: fast_retry(3), outbox: Some(store) };
+    let task = tokio::spawn(dispatcher.run(items_rx, done_tx));
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let (_, seq, outcome) = tokio::time::timeout(WAIT, done.recv()).await.expect("an outcome in time").expect("running");
+        outcomes.push((seq, outcome));
+    }
+    assert_eq!(outcomes, delivered(seqs.clone()), "every change once, in commit order");
+    let ids: Vec<String> = receiver.wait_for(5).await.iter().map(|s| s.incident().id).collect();
+    assert_eq!(ids, (1..=5).map(|n| format!("inc-{n}")).collect::<Vec<_>>());
+    // Caught up, the queue carries new changes again.
+    items.offer(item(seqs[4] + 1, &channel));
+    let (_, seq, _) = tokio::time::timeout(WAIT, done.recv()).await.expect("in time").expect("running");
+    assert_eq!(seq, seqs[4] + 1);
     drop(items);
-    tokio::time::timeout(WAIT, task).await.expect("ended").expect("no panic");
-    assert_eq!(d.done.recv().await.map(|(_, seq, o)| (seq, o)), Some((1, Outcome::Delivered)));
-    assert_eq!(d.done.recv().await.map(|(_, seq, o)| (seq, o)), Some((2, Outcome::Delivered)));
+    tokio::time::timeout(WAIT, task).await.expect("stopped").expect("no panic");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,6 +34,40 @@ pub struct RulesConfig {
     /// within one tier, later entries win.
     #[serde(rename = "override", skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<Override>,
+    /// The pack's `[[situation]]` tables merge member rules into one incident per device and
+    /// situation (default true); `false` keeps one incident per device × rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub situations: Option<bool>,
+}
+
+/// One `[[situation]]` of the pack: member rules whose incidents on one device are one incident
+/// (like Alertmanager's inhibit rules, the worst member leads and the others are folded in).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SituationDef {
+    /// [A-Za-z0-9_-]; the incident key is "{site}/{device}/{name}".
+    pub name: String,
+    /// Member rules (device scope). A rule is a member of at most one situation.
+    pub rules: Vec<String>,
+    /// A device's own alarm (a signal of one of `alarm_rules`) carrying one of these metrics
+    /// joins this situation instead of opening its own incident.
+    #[serde(default)]
+    pub alarm_metrics: Vec<Metric>,
+    /// The rules that carry a device's own alarm (default `["device_alarm"]`).
+    #[serde(default = "default_alarm_rules")]
+    pub alarm_rules: Vec<String>,
+}
+
+fn default_alarm_rules() -> Vec<String> {
+    vec!["device_alarm".to_owned()]
+}
+
+impl SituationDef {
+    /// Whether a device-scoped signal of `rule` carrying `metric` belongs to this situation.
+    pub fn takes(&self, rule: &str, metric: Option<Metric>) -> bool {
+        self.rules.iter().any(|r| r == rule)
+            || (self.alarm_rules.iter().any(|r| r == rule) && metric.is_some_and(|m| self.alarm_metrics.contains(&m)))
+    }
 }
 
 /// One `[[rules.override]]`: replaces top-level fields of one rule, for one device kind, one
@@ -745,11 +779,17 @@ pub(crate) fn number(value: f64) -> String {
 
 /// Parses a pack file: `[[rule]]` tables. Returns each rule with the table it came from (the
 /// tables are what overrides merge into).
-pub(crate) fn parse_pack(text: &str) -> std::result::Result<Vec<(RuleDef, toml::Table)>, PackError> {
+pub(crate) type Pack = (Vec<(RuleDef, toml::Table)>, Vec<SituationDef>);
+
+pub(crate) fn parse_pack(text: &str) -> std::result::Result<Pack, PackError> {
     let mut top: toml::Table = toml::from_str(text).map_err(|e| PackError::Syntax(e.to_string()))?;
     let rules = top.remove("rule").ok_or_else(|| PackError::Syntax("no [[rule]] tables".into()))?;
+    let situations: Vec<SituationDef> = match top.remove("situation") {
+        None => Vec::new(),
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| PackError::Syntax(format!("[[situation]]: {}", e.message().trim())))?,
+    };
     if let Some(key) = top.keys().next() {
-        return Err(PackError::Syntax(format!("unknown top-level key {key:?}, expected only [[rule]]")));
+        return Err(PackError::Syntax(format!("unknown top-level key {key:?}, expected only [[rule]] and [[situation]]")));
     }
     let toml::Value::Array(rules) = rules else {
         return Err(PackError::Syntax("`rule` must be an array of tables ([[rule]])".into()));
@@ -768,7 +808,36 @@ pub(crate) fn parse_pack(text: &str) -> std::result::Result<Vec<(RuleDef, toml::
         out.push((def, table));
     }
     check_pack(out.iter().map(|(def, _)| def)).map_err(PackError::Rule)?;
-    Ok(out)
+    check_situations(&situations, out.iter().map(|(def, _)| def)).map_err(PackError::Syntax)?;
+    Ok((out, situations))
+}
+
+/// Situations: valid unique names, member rules that exist, are not site-scoped (composite) and
+/// belong to one situation only.
+fn check_situations<'a>(situations: &[SituationDef], defs: impl Iterator<Item = &'a RuleDef> + Clone) -> std::result::Result<(), String> {
+    for (i, s) in situations.iter().enumerate() {
+        let at = format!("situation {}", s.name);
+        if !is_valid_id(&s.name) {
+            return Err(format!("situation #{i}: name: must be [A-Za-z0-9_-]{{1,64}}"));
+        }
+        if situations[..i].iter().any(|o| o.name == s.name) {
+            return Err(format!("{at}: name: duplicate situation name"));
+        }
+        if s.rules.is_empty() {
+            return Err(format!("{at}: rules: empty"));
+        }
+        for rule in s.rules.iter().chain(s.alarm_rules.iter().filter(|_| !s.alarm_metrics.is_empty())) {
+            match defs.clone().find(|d| &d.name == rule) {
+                None => return Err(format!("{at}: rules: no rule named {rule:?}")),
+                Some(d) if matches!(d.spec, RuleSpec::Composite(_)) => return Err(format!("{at}: rules: {rule:?} is a composite (site) rule")),
+                Some(_) => {}
+            }
+        }
+        if let Some(rule) = s.rules.iter().find(|r| situations[..i].iter().any(|o| o.rules.contains(r))) {
+            return Err(format!("{at}: rules: {rule:?} is already in another situation"));
+        }
+    }
+    Ok(())
 }
 
 /// Why a pack does not load.

@@ -15,7 +15,7 @@ use citywatch_edge::wire::DeviceKind;
 
 pub use config::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, InvalidRule, Level, Override, Per, Rate,
-    RuleDef, RuleSpec, RulesConfig, Schedule, Stuck, Threshold, Trend,
+    RuleDef, RuleSpec, RulesConfig, Schedule, SituationDef, Stuck, Threshold, Trend,
 };
 pub use crate::model::DeviceCtx;
 pub use engine::{Engine, EngineStats, SignalCounts};
@@ -58,6 +58,8 @@ pub struct RuleSet {
     by_site: HashMap<String, [Arc<Effective>; 3]>,
     /// Devices with device-scoped overrides: theirs are built when the engine first meets them.
     device_overrides: HashSet<String>,
+    /// The pack's `[[situation]]` tables; empty when `[rules] situations = false`.
+    situations: Vec<SituationDef>,
 }
 
 impl RuleSet {
@@ -72,6 +74,14 @@ impl RuleSet {
     /// Loads the pack (`cfg.pack` or the built-in one), checks every rule and override, and
     /// compiles the lists per device kind and overridden site.
     pub fn from_config(cfg: &RulesConfig) -> Result<RuleSet> {
+        let mut set = RuleSet::load(cfg)?;
+        if cfg.situations == Some(false) {
+            set.situations.clear();
+        }
+        Ok(set)
+    }
+
+    fn load(cfg: &RulesConfig) -> Result<RuleSet> {
         match &cfg.pack {
             None => RuleSet::build(DEFAULT_PACK, "(built-in)", &cfg.overrides),
             Some(path) => {
@@ -93,6 +103,7 @@ impl RuleSet {
             PackError::Syntax(reason) => Error::Pack { origin: origin.to_owned(), reason },
             PackError::Rule(e) => Error::Rule(e),
         })?;
+        let (rules, situations) = rules;
         let (pack, tables) = rules.into_iter().unzip();
         let mut set = RuleSet {
             pack,
@@ -102,6 +113,7 @@ impl RuleSet {
                 .map(|kind| Arc::new(Effective::build(kind, Vec::new()))),
             by_site: HashMap::new(),
             device_overrides: overrides.iter().filter_map(|o| o.device.clone()).collect(),
+            situations,
         };
         set.check_overrides()?;
         let kinds = |site: Option<&str>| -> Result<[Arc<Effective>; 3]> {
@@ -130,6 +142,11 @@ impl RuleSet {
     /// The pack as loaded, before overrides.
     pub fn rules(&self) -> &[RuleDef] {
         &self.pack
+    }
+
+    /// The situations the incident book merges member rules into (empty: one incident per rule).
+    pub fn situations(&self) -> &[SituationDef] {
+        &self.situations
     }
 
     /// The configured overrides.

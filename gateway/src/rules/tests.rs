@@ -199,9 +199,9 @@ fn pack_from_a_file_and_a_missing_file() {
     let path = dir.path().join("rules.toml");
     std::fs::write(&path, "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseverity = \"major\"\nmetric = \"temp_c\"\nopen = { above = 70 }\n")
         .expect("write");
-    let set = RuleSet::from_config(&RulesConfig { pack: Some(path), overrides: vec![] }).expect("loads");
+    let set = RuleSet::from_config(&RulesConfig { pack: Some(path), overrides: vec![], ..Default::default() }).expect("loads");
     assert_eq!(set.rules().len(), 1);
-    let missing = RuleSet::from_config(&RulesConfig { pack: Some(dir.path().join("nope.toml")), overrides: vec![] });
+    let missing = RuleSet::from_config(&RulesConfig { pack: Some(dir.path().join("nope.toml")), overrides: vec![], ..Default::default() });
     assert!(missing.expect_err("missing").to_string().starts_with("rules.pack: cannot read"));
 }
 

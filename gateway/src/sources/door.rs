@@ -1,15 +1,15 @@
-//! The embedded broker's front door: TLS and per-device topic ACLs in front of rumqttd.
+//! The embedded broker's front door: TLS and per-device topic ACLs in front of the broker.
 //!
-//! rumqttd 0.20 checks a CONNECT's username and password, but then lets any client publish and
-//! subscribe anywhere, has no ACL hook, and its router does not tell the gateway who published a
-//! message. Its TLS listener is built on an older rustls. So when `[mqtt.tls]` is set or an
-//! account is restricted to a site or device, rumqttd listens on a private loopback port and
-//! this door listens on `mqtt.listen`: it terminates TLS, reads every packet a device sends,
-//! checks the CONNECT's will topic, each PUBLISH topic and each SUBSCRIBE filter against the
-//! account, forwards what is allowed unchanged and closes the connection at the first denial
-//! (MQTT 3.1.1 §3.3.5 and §3.8.4 allow that). Broker → device traffic is copied unchanged.
-//! Passwords stay rumqttd's job: the door trusts the username only because rumqttd refuses the
-//! connection when the password does not match it.
+//! Written for rumqttd 0.20 (no ACL hook, an older rustls) and kept with rmqtt: it is proven by
+//! its tests, it keeps one TLS stack (the gateway's rustls/ring) and one place for the rules.
+//! When `[mqtt.tls]` is set or an account is restricted to a site or device, the broker listens
+//! on a private loopback port and this door listens on `mqtt.listen`: it terminates TLS, reads
+//! every packet a device sends (MQTT 3.1, 3.1.1 and 5.0), checks the CONNECT's will topic, each
+//! PUBLISH topic (for MQTT 5, the topic a Topic Alias stands for) and each SUBSCRIBE filter
+//! against the account, forwards what is allowed unchanged and closes the connection at the
+//! first denial (MQTT 3.1.1 §3.3.5 and §3.8.4, MQTT 5 §4.13 allow that). Broker → device
+//! traffic is copied unchanged. Passwords stay the broker's job: the door trusts the username
+//! only because the broker refuses the connection when the password does not match it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ use crate::ingest::now_ms;
 pub const DEVICE_CHANNELS: [&str; 3] = ["status", "telemetry", "event"];
 const TOPIC_ROOT: &str = "citywatch/v1/";
 
-/// True when the door must stand in front of rumqttd.
+/// True when the door must stand in front of the broker.
 pub fn needed(cfg: &MqttConfig) -> bool {
     cfg.tls.is_some() || cfg.users.iter().any(|u| u.site.is_some())
 }
@@ -85,7 +85,7 @@ enum Identity {
     /// May publish `{prefix}{status,telemetry,event}` and subscribe `{prefix}cmd`, where prefix
     /// is `citywatch/v1/{site}/{device}/`.
     Device { prefix: String },
-    /// An unknown account (rumqttd refuses it): nothing is allowed.
+    /// An unknown account (the broker refuses it): nothing is allowed.
     Nobody,
 }
 
@@ -143,7 +143,7 @@ impl Acl {
         Ok(match grant {
             Grant::Any => Identity::Any,
             Grant::Device { site, device } => {
-                // rumqttd's client ids are global: a device using another's id would take over
+                // Client ids are global: a device using another's id would take over
                 // its connection and its persistent session (subscriptions included).
                 if client_id != device {
                     return Err("a per-device account's MQTT client id must be its device id");
@@ -206,9 +206,9 @@ impl DoorStats {
 pub struct Door {
     pub acl: Acl,
     pub tls: Option<TlsAcceptor>,
-    /// rumqttd's private loopback listener.
+    /// The broker's private loopback listener.
     pub upstream: SocketAddr,
-    /// Largest packet let through (rumqttd's limit too).
+    /// Largest packet let through (the broker's limit too).
     pub max_packet: usize,
     pub stats: Arc<DoorStats>,
 }
@@ -295,7 +295,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(device: S, peer: SocketAddr, d
             door.stats.warn("malformed packet", peer, why);
         }
     }
-    // Dropping the upstream half makes rumqttd see a dropped connection (and send the Will).
+    // Dropping the upstream half makes the broker see a dropped connection (and send the Will).
     drop((ur, uw));
     let _ = tokio::time::timeout(Duration::from_secs(1), dw.shutdown()).await;
 }
@@ -340,6 +340,9 @@ async fn inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(dr: &mut R, uw: &m
 struct Session {
     identity: Identity,
     v5: bool,
+    /// MQTT 5 topic aliases the device set up (alias → topic): a PUBLISH that uses one carries
+    /// an empty topic, and the ACL must judge the topic it stands for.
+    aliases: HashMap<u16, Vec<u8>>,
 }
 
 /// The first complete packet of `buf`: (fixed header length, total length); None if incomplete.
@@ -381,6 +384,58 @@ fn skip_properties(body: &[u8], pos: &mut usize) -> Option<()> {
         }
     }
     None
+}
+
+/// The Topic Alias property (0x23) of an MQTT 5 PUBLISH whose properties start at `pos`.
+fn publish_topic_alias(body: &[u8], mut pos: usize) -> Option<Option<u16>> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let byte = *body.get(pos)?;
+        pos += 1;
+        len |= ((byte & 0x7f) as usize) << (7 * i);
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if i == 3 {
+            return None;
+        }
+    }
+    let end = pos.checked_add(len)?;
+    let props = body.get(pos..end)?;
+    let mut p = 0;
+    let mut alias = None;
+    while p < props.len() {
+        let id = props[p];
+        p += 1;
+        let width = match id {
+            0x01 => 1,                 // payload format indicator
+            0x02 => 4,                 // message expiry interval
+            0x23 => {
+                alias = Some(u16::from_be_bytes([*props.get(p)?, *props.get(p + 1)?]));
+                2
+            }
+            0x03 | 0x08 | 0x09 => 2 + u16::from_be_bytes([*props.get(p)?, *props.get(p + 1)?]) as usize, // content type, response topic, correlation data
+            0x26 => {
+                // user property: two strings
+                let k = 2 + u16::from_be_bytes([*props.get(p)?, *props.get(p + 1)?]) as usize;
+                k + 2 + u16::from_be_bytes([*props.get(p + k)?, *props.get(p + k + 1)?]) as usize
+            }
+            0x0B => {
+                // subscription identifier: a variable byte integer
+                let mut w = 0;
+                loop {
+                    let b = *props.get(p + w)?;
+                    w += 1;
+                    if b & 0x80 == 0 || w == 4 {
+                        break w;
+                    }
+                }
+            }
+            _ => return None,
+        };
+        p += width;
+    }
+    (p == props.len()).then_some(alias)
 }
 
 struct Connect<'a> {
@@ -430,14 +485,32 @@ fn check(first: u8, body: &[u8], session: &mut Option<Session>, acl: &Acl) -> Re
                 return Err(End::Denied("connect", format!("user {username:?}: Last Will on {:?}", String::from_utf8_lossy(topic))));
             }
         }
-        *session = Some(Session { identity, v5: c.level == 5 });
+        *session = Some(Session { identity, v5: c.level == 5, aliases: HashMap::new() });
         return Ok(());
     };
     match kind {
         1 => Err(End::Malformed("second CONNECT")),
         3 => {
             let mut pos = 0;
-            let topic = field(body, &mut pos).ok_or(End::Malformed("unreadable PUBLISH"))?;
+            let mut topic = field(body, &mut pos).ok_or(End::Malformed("unreadable PUBLISH"))?;
+            if s.v5 {
+                if first & 0x06 != 0 {
+                    pos += 2; // packet id (QoS 1 and 2)
+                }
+                match publish_topic_alias(body, pos).ok_or(End::Malformed("unreadable PUBLISH properties"))? {
+                    None if topic.is_empty() => return Err(End::Malformed("PUBLISH without topic or topic alias")),
+                    None => {}
+                    Some(alias) if alias == 0 || alias > crate::sources::broker::MAX_TOPIC_ALIASES => {
+                        return Err(End::Malformed("topic alias out of range"));
+                    }
+                    Some(alias) if topic.is_empty() => {
+                        topic = s.aliases.get(&alias).map(Vec::as_slice).ok_or(End::Malformed("unknown topic alias"))?;
+                    }
+                    Some(alias) => {
+                        s.aliases.insert(alias, topic.to_vec());
+                    }
+                }
+            }
             if s.identity.may_publish(topic) {
                 Ok(())
             } else {

@@ -1,5 +1,5 @@
 //! The door: packet framing and ACL verdicts as pure functions, then the real embedded broker
-//! with real clients (mosquitto_pub / mosquitto_sub, rumqttc) over TCP and TLS.
+//! with real clients (mosquitto_pub / mosquitto_sub in MQTT 3.1.1 and 5, rumqttc) over TCP and TLS.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -150,6 +150,43 @@ fn unrestricted_unknown_and_broken_clients() {
     assert_eq!(verdict(&Acl::new(&[]), &[connect("a", None, None), publish("x/y"), subscribe("#")]), Ok(()));
 }
 
+fn connect_v5(client_id: &str, username: &str) -> Vec<u8> {
+    let mut body = str_field("MQTT");
+    body.extend_from_slice(&[5, 0xC2, 0, 0, 0]); // level 5, user+password+clean, keep-alive 0, no properties
+    body.extend(str_field(client_id));
+    body.extend(str_field(username));
+    body.extend(str_field("pw"));
+    packet(0x10, &body)
+}
+
+/// A v5 QoS 1 PUBLISH with a Topic Alias property (and a user property before it).
+fn publish_v5(topic: &str, alias: u16) -> Vec<u8> {
+    let mut body = str_field(topic);
+    body.extend_from_slice(&[0, 7]); // packet id
+    let mut props = vec![0x26];
+    props.extend(str_field("k"));
+    props.extend(str_field("v"));
+    props.extend_from_slice(&[0x23, (alias >> 8) as u8, alias as u8]);
+    body.push(props.len() as u8);
+    body.extend(props);
+    body.extend_from_slice(b"{}");
+    packet(0x32, &body)
+}
+
+#[test]
+fn topic_aliases_are_judged_by_the_topic_they_stand_for() {
+    let acl = Acl::new(&accounts());
+    let me = connect_v5("gas-1", "gas-1-acct");
+    let own = "citywatch/v1/xh/gas-1/telemetry";
+    assert_eq!(verdict(&acl, &[me.clone(), publish_v5(own, 1), publish_v5("", 1), publish_v5("", 1)]), Ok(()));
+    // An alias set on a forbidden topic is refused at once, and so is its later use.
+    assert!(matches!(verdict(&acl, &[me.clone(), publish_v5("citywatch/v1/xh/gas-2/telemetry", 2)]), Err(End::Denied("publish", _))));
+    // Re-pointing an alias to another device's topic is judged on the new topic.
+    assert!(matches!(verdict(&acl, &[me.clone(), publish_v5(own, 1), publish_v5("citywatch/v1/xh/gas-2/event", 1)]), Err(End::Denied("publish", _))));
+    assert!(matches!(verdict(&acl, &[me.clone(), publish_v5("", 3)]), Err(End::Malformed(_))), "unknown alias");
+    assert!(matches!(verdict(&acl, &[me, publish_v5(own, 0)]), Err(End::Malformed(_))), "alias 0");
+}
+
 #[test]
 fn account_settings_are_checked() {
     assert!(validate_users(&accounts()).is_ok());
@@ -232,24 +269,30 @@ async fn subscribe_outcome(port: u16, client_id: &str, username: &str, filter: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_enforces_device_acls() {
     let (tx, mut rx) = mpsc::channel(64);
-    let broker = EmbeddedBroker::start(&cfg(accounts(), None), tx).expect("broker starts");
+    let broker = EmbeddedBroker::start(&cfg(accounts(), None), tx).await.expect("broker starts");
     let port = broker.local_addr().port();
     let stats = Arc::clone(&broker.stats().door);
 
     assert!(mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "mine"]).await);
     assert_eq!(recv(&mut rx).await.topic, "citywatch/v1/xh/gas-1/telemetry");
+    // MQTT 5 through the door, under the same account rules.
+    assert!(mosquitto_pub(port, &["-V", "mqttv5", "-q", "1", "-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-1/event", "-m", "v5"]).await);
+    assert_eq!(recv(&mut rx).await.topic, "citywatch/v1/xh/gas-1/event");
+    mosquitto_pub(port, &["-V", "mqttv5", "-q", "1", "-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/event", "-m", "forged"]).await;
+    quiet(&mut rx).await;
+    counted(&stats.denied_publish, 1).await;
     // Another device's topic, at QoS 0 and 1: never reaches the gateway.
     mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/telemetry", "-m", "forged"]).await;
     mosquitto_pub(port, &["-q", "1", "-i", "gas-1", "-u", "gas-1-acct", "-P", "gas-1-acct-pw", "-t", "citywatch/v1/xh/gas-2/event", "-m", "forged"]).await;
     quiet(&mut rx).await;
-    counted(&stats.denied_publish, 2).await;
+    counted(&stats.denied_publish, 3).await;
     // A per-site account: the client id is the device.
     assert!(mosquitto_pub(port, &["-i", "smk-9", "-u", "pd-site", "-P", "pd-site-pw", "-t", "citywatch/v1/pd/smk-9/event", "-m", "e"]).await);
     assert_eq!(recv(&mut rx).await.topic, "citywatch/v1/pd/smk-9/event");
     mosquitto_pub(port, &["-i", "smk-9", "-u", "pd-site", "-P", "pd-site-pw", "-t", "citywatch/v1/pd/smk-8/event", "-m", "e"]).await;
     quiet(&mut rx).await;
-    counted(&stats.denied_publish, 3).await;
-    // Passwords are still rumqttd's: a right username with a wrong password is refused.
+    counted(&stats.denied_publish, 4).await;
+    // Passwords are the broker's: a right username with a wrong password is refused.
     assert!(!mosquitto_pub(port, &["-i", "gas-1", "-u", "gas-1-acct", "-P", "nope", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "x"]).await);
     quiet(&mut rx).await;
 
@@ -285,7 +328,7 @@ async fn embedded_broker_enforces_device_acls() {
     };
     assert!(output.success());
     let text = crate::sources::door::DoorStats::render(&stats);
-    assert!(text.contains("citywatch_mqtt_rejected_total{reason=\"acl_denied_publish\"} 3"), "{text}");
+    assert!(text.contains("citywatch_mqtt_rejected_total{reason=\"acl_denied_publish\"} 4"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +337,7 @@ async fn embedded_broker_speaks_mqtt_over_tls() {
     let (tls, _) = crate::tls::testing::self_signed(dir.path());
     let ca = tls.cert.display().to_string();
     let (tx, mut rx) = mpsc::channel(64);
-    let broker = EmbeddedBroker::start(&cfg(Vec::new(), Some(tls)), tx).expect("broker starts");
+    let broker = EmbeddedBroker::start(&cfg(Vec::new(), Some(tls)), tx).await.expect("broker starts");
     let port = broker.local_addr().port();
     assert!(mosquitto_pub(port, &["--cafile", &ca, "-q", "1", "-t", "citywatch/v1/xh/gas-1/telemetry", "-m", "over tls"]).await);
     let m = recv(&mut rx).await;

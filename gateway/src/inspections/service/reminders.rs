@@ -12,20 +12,23 @@ use crate::inspections::store::Item;
 use crate::inspections::{mask_phone, RULE_INSPECTION_DUE};
 
 impl Service {
-    /// Reminders and overdue tasks that fell due, the siren test window, and inventory facts
-    /// for devices the registry has newly heard of.
+    /// Reminders and overdue tasks that fell due, the siren test window, commissioning, and
+    /// inventory facts and marks for devices the registry has newly heard of.
     pub async fn tick(&mut self) {
         if self.registry.len() != self.registry_len {
             self.registry_len = self.registry.len();
             for e in self.entries.values() {
                 self.sync_registry(&e.item);
             }
+            self.mark_inventory();
+            self.registry_len = self.registry.len();
         }
         let wall = (self.wall)();
         if let Some((start, end)) = self.tracker.as_mut().and_then(|t| t.step(wall)) {
             self.check_sirens(start, end).await;
         }
         let now = (self.clock)();
+        self.check_commissioning(now).await;
         if now < self.next_check {
             return;
         }

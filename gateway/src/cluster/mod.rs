@@ -1,0 +1,245 @@
+//! Cluster mode (SPEC §9): gateways share a NATS JetStream cluster instead of one broker.
+//!
+//! Devices speak MQTT 3.1.1 to any NATS node; the server maps their topics into partitions by
+//! site ([`nats_config`]) and the ingest stream keeps them. Each gateway owns some partitions by
+//! lease ([`ownership`]: a replicated KV bucket, revision = fencing token, [`rendezvous`] over
+//! live members) and feeds the owned partitions' messages into the usual pipeline as
+//! [`crate::ingest::Inbound`], acknowledged to JetStream only after the store commits. Incident
+//! changes go to a replicated log, one entry per (id, revision) ([`sinks`]), and every push of a
+//! gateway is fenced by the lease of the incident's site. Not here: decode, rules, incidents —
+//! they run unchanged on whatever the partitions deliver.
+
+pub mod config;
+pub mod nats_config;
+pub mod ownership;
+pub mod rendezvous;
+pub mod sinks;
+pub mod status;
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use tokio::sync::{mpsc, watch};
+
+pub use config::ClusterConfig;
+pub use ownership::LeaseTable;
+
+use crate::ingest::Inbound;
+use crate::notify::PublishFn;
+
+/// The stream holding every partition's device messages.
+pub const INGEST_STREAM: &str = "CITYWATCH_INGEST";
+/// The replicated incident log: one entry per (incident id, revision).
+pub const INCIDENT_STREAM: &str = "CITYWATCH_INCIDENTS";
+/// Subject prefix of the incident log: `citywatch.incidents.{id}`.
+pub const INCIDENT_PREFIX: &str = "citywatch.incidents";
+/// Live members, one key per gateway, expiring with the bucket's max age (= lease TTL).
+pub const MEMBERS_BUCKET: &str = "citywatch_members";
+/// Partition leases, key `p-{n}`, value the holder's name; the revision is the fencing token.
+pub const LEASES_BUCKET: &str = "citywatch_leases";
+
+/// Errors of cluster mode; each names what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cluster config: {0}")]
+    Config(String),
+    #[error("connecting to NATS {urls:?}: {source}")]
+    Connect { urls: Vec<String>, source: async_nats::ConnectError },
+    #[error("JetStream: {what}: {reason}")]
+    JetStream { what: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> Error {
+    let what = what.into();
+    move |e| Error::JetStream { what, reason: e.to_string() }
+}
+
+/// A connection to the cluster with its streams and buckets in place.
+#[derive(Clone)]
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.config.node).field("nats", &self.config.nats).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects (any listed node will do; the client fails over between them) and creates the
+    /// ingest stream, the incident log and the KV buckets if they do not exist yet. nats-server
+    /// cannot declare streams in its configuration, so the first gateway creates them.
+    pub async fn connect(config: &ClusterConfig) -> Result<Cluster> {
+        config.validate().map_err(Error::Config)?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("citywatch-{}", config.node))
+            .retry_on_initial_connect()
+            .connect(config.nats.clone())
+            .await
+            .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;
+        // An R3 stream create waits for its RAFT group; the default 5 s is tight on a busy machine.
+        let js = jetstream::ContextBuilder::new().timeout(std::time::Duration::from_secs(15)).build(client.clone());
+        let cluster = Cluster { config: config.clone(), client, js };
+        cluster.ensure_layout().await?;
+        Ok(cluster)
+    }
+
+    /// Connects without creating anything (for `cluster status`).
+    pub async fn connect_existing(config: &ClusterConfig) -> Result<Cluster> {
+        config.validate().map_err(Error::Config)?;
+        let client = async_nats::connect(config.nats.clone())
+            .await
+            .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;
+        let js = jetstream::new(client.clone());
+        Ok(Cluster { config: config.clone(), client, js })
+    }
+
+    async fn ensure_layout(&self) -> Result<()> {
+        let c = &self.config;
+        let jetstream_ready = std::time::Instant::now();
+        // JetStream may still be electing its meta leader when the first gateway starts: retry.
+        loop {
+            let attempt = self
+                .js
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: INGEST_STREAM.into(),
+                    subjects: vec![format!("{}.>", nats_config::PARTITION_PREFIX)],
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: c.replicas,
+                    max_age: c.ingest_retention.0,
+                    duplicate_window: std::time::Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await;
+            match attempt {
+                Ok(_) => break,
+                Err(e) if jetstream_ready.elapsed() < std::time::Duration::from_secs(60) => {
+                    tracing::info!(error = %e, "waiting for JetStream to accept the ingest stream");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(js_err("creating the ingest stream")(&e)),
+            }
+        }
+        self.js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: INCIDENT_STREAM.into(),
+                subjects: vec![format!("{INCIDENT_PREFIX}.>")],
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: c.replicas,
+                max_age: c.incident_retention.0,
+                duplicate_window: std::time::Duration::from_secs(120),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("creating the incident log")(&e))?;
+        self.members().await?;
+        self.leases().await?;
+        Ok(())
+    }
+
+    /// The members bucket (created if missing): entries vanish one lease TTL after the last put.
+    pub async fn members(&self) -> Result<jetstream::kv::Store> {
+        self.bucket(MEMBERS_BUCKET, self.config.lease_ttl.0).await
+    }
+
+    /// The leases bucket (created if missing).
+    pub async fn leases(&self) -> Result<jetstream::kv::Store> {
+        self.bucket(LEASES_BUCKET, std::time::Duration::ZERO).await
+    }
+
+    async fn bucket(&self, name: &str, max_age: std::time::Duration) -> Result<jetstream::kv::Store> {
+        if let Ok(store) = self.js.get_key_value(name).await {
+            return Ok(store);
+        }
+        match self
+            .js
+            .create_key_value(jetstream::kv::Config {
+                bucket: name.into(),
+                history: 1,
+                max_age,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: self.config.replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(store) => Ok(store),
+            // Another gateway created it meanwhile.
+            Err(_) => self.js.get_key_value(name).await.map_err(|e| js_err(format!("bucket {name}"))(&e)),
+        }
+    }
+
+    /// Starts membership and partition ownership; owned partitions' messages go to `inbound`.
+    /// The returned table answers "do I hold partition p right now" for fencing.
+    pub async fn join(&self, inbound: mpsc::Sender<Inbound>, stop: watch::Receiver<bool>) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
+        ownership::start(self.clone(), inbound, stop).await
+    }
+
+    /// Device commands and the MQTT ops topic through NATS, fenced: a command for a site whose
+    /// partition this gateway does not hold right now is refused, never sent.
+    ///
+    /// A plain NATS publish reaches MQTT subscribers at QoS 0 only. Published instead into the
+    /// MQTT listener's own replicated stream (`$MQTT.msgs.{subject}` with `Nmqtt-Pub: 1`, and
+    /// waiting for JetStream's ack), it is delivered to QoS 1 subscriptions at QoS 1 and kept
+    /// for a device with a persistent session that is offline (checked against nats-server 2.12.8).
+    pub fn publisher(&self, leases: Arc<LeaseTable>) -> PublishFn {
+        let js = self.js.clone();
+        let partitions = self.config.partitions;
+        Arc::new(move |topic: String, payload: Vec<u8>, _retain: bool| {
+            let js = js.clone();
+            let fence = site_of_topic(&topic).map(|site| nats_config::partition_of(site, partitions));
+            let allowed = fence.is_none_or(|p| leases.holds(p));
+            Box::pin(async move {
+                if !allowed {
+                    return Err(format!("{topic}: this gateway does not hold the lease of partition {}", fence.unwrap_or_default()));
+                }
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(MQTT_QOS_HEADER, "1");
+                let subject = format!("{MQTT_MSGS_PREFIX}.{}", topic.replace('/', "."));
+                let ack = js.publish_with_headers(subject, headers, payload.into()).await.map_err(|e| e.to_string())?;
+                ack.await.map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+    }
+}
+
+/// nats-server's stream of MQTT QoS 1 messages: publishing here reaches QoS 1 subscriptions.
+pub const MQTT_MSGS_PREFIX: &str = "$MQTT.msgs";
+/// The header nats-server's MQTT code reads the QoS of a stored message from.
+pub const MQTT_QOS_HEADER: &str = "Nmqtt-Pub";
+
+/// The site of a device topic `citywatch/v1/{site}/{device}/{channel}`; `None` for `ops` topics.
+pub fn site_of_topic(topic: &str) -> Option<&str> {
+    let mut parts = topic.split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("citywatch"), Some("v1"), Some(site)) if site != "ops" => Some(site),
+        _ => None,
+    }
+}
+
+/// `citywatch.part.{p}.{site}.{device}.{channel}` → (p, `citywatch/v1/{site}/{device}/{channel}`).
+pub fn topic_of_subject(subject: &str) -> Option<(u16, String)> {
+    let rest = subject.strip_prefix(nats_config::PARTITION_PREFIX)?.strip_prefix('.')?;
+    let (p, rest) = rest.split_once('.')?;
+    let p = p.parse().ok()?;
+    Some((p, format!("citywatch/v1/{}", rest.replace('.', "/"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_and_topics_convert_both_ways() {
+        assert_eq!(topic_of_subject("citywatch.part.17.s1.d-2.event"), Some((17, "citywatch/v1/s1/d-2/event".into())));
+        assert_eq!(topic_of_subject("citywatch.v1.s1.d.event"), None);
+        assert_eq!(site_of_topic("citywatch/v1/s1/d/cmd"), Some("s1"));
+        assert_eq!(site_of_topic("citywatch/v1/ops/incidents"), None);
+    }
+}

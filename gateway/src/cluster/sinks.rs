@@ -1,0 +1,138 @@
+//! Incident changes in cluster mode: the replicated incident log, and fencing of every push.
+//!
+//! The log holds exactly one entry per (incident id, revision): the subject is
+//! `citywatch.incidents.{id}`, the entry carries `Nats-Msg-Id: {id}:{revision}` (JetStream drops
+//! a repeat within the duplicate window) and is published with the expected last subject sequence
+//! of the revision before it (a repeat after the window, or a conflicting writer, is refused).
+//! Every other push channel is wrapped in [`Fenced`]: a change for a site whose partition this
+//! gateway does not hold right now is not sent (the partition's owner acts for it).
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use futures_util::future::BoxFuture;
+
+use super::{nats_config::partition_of, LeaseTable, INCIDENT_PREFIX, INCIDENT_STREAM};
+use crate::model::{Incident, OutboxItem};
+use crate::notify::{DeliveryError, NamedSink, Sink};
+
+/// The incident log's channel name (API, metrics).
+pub const LOG_CHANNEL: &str = "cluster-log";
+
+/// Header carrying the revision, so a reader can tell the revisions apart without parsing.
+const REVISION_HEADER: &str = "Citywatch-Revision";
+
+/// Appends every incident change to [`INCIDENT_STREAM`].
+pub struct IncidentLog {
+    js: jetstream::Context,
+    fence: Fence,
+}
+
+impl std::fmt::Debug for IncidentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IncidentLog")
+    }
+}
+
+/// Whether this gateway may act for an incident's site now.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub leases: Arc<LeaseTable>,
+    pub partitions: u16,
+}
+
+impl Fence {
+    pub fn allows(&self, incident: &Incident) -> bool {
+        self.leases.holds(partition_of(&incident.site, self.partitions))
+    }
+}
+
+impl IncidentLog {
+    pub fn new(js: jetstream::Context, fence: Fence) -> IncidentLog {
+        IncidentLog { js, fence }
+    }
+
+    async fn append(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
+        let incident = &item.incident;
+        let subject = format!("{INCIDENT_PREFIX}.{}", incident.id);
+        let transient = |what: &str, e: &dyn std::fmt::Display| DeliveryError::Transient(format!("incident log, {what}: {e}"));
+        let stream = self.js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| transient("stream", &e))?;
+        // The last entry of this incident: already there (a repeat) → done; else expect it.
+        let last = match stream.direct_get_last_for_subject(&subject).await {
+            Ok(m) => {
+                let revision = m.headers.get(REVISION_HEADER).and_then(|v| v.as_str().parse::<u32>().ok()).unwrap_or(0);
+                Some((m.sequence, revision))
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(transient("reading the last entry", &e)),
+        };
+        if let Some((_, revision)) = last {
+            if revision >= incident.revision {
+                return Ok(());
+            }
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", item.idempotency_key().as_str());
+        headers.insert("Nats-Expected-Last-Subject-Sequence", last.map(|(s, _)| s).unwrap_or(0).to_string().as_str());
+        headers.insert(REVISION_HEADER, incident.revision.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, item.body.as_bytes().to_vec().into())
+            .await
+            .map_err(|e| transient("publish", &e))?;
+        ack.await.map_err(|e| transient("acknowledgement", &e))?;
+        Ok(())
+    }
+}
+
+impl Sink for IncidentLog {
+    fn deliver<'a>(&'a self, item: &'a OutboxItem) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            if !self.fence.allows(&item.incident) {
+                tracing::info!(id = %item.incident.id, revision = item.incident.revision, "cluster: partition not held; the change is not logged from here");
+                return Ok(());
+            }
+            self.append(item).await
+        })
+    }
+}
+
+/// A push channel that sends only for sites whose partition this gateway holds.
+pub struct Fenced {
+    inner: Arc<dyn Sink>,
+    fence: Fence,
+}
+
+impl std::fmt::Debug for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fenced").field("fence", &self.fence).finish_non_exhaustive()
+    }
+}
+
+impl Sink for Fenced {
+    fn deliver<'a>(&'a self, item: &'a OutboxItem) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            if !self.fence.allows(&item.incident) {
+                // Not ours to send any more: counted as handled so the channel's queue moves on.
+                tracing::info!(id = %item.incident.id, revision = item.incident.revision, channel = %item.channel, "cluster: partition not held; push fenced");
+                return Ok(());
+            }
+            self.inner.deliver(item).await
+        })
+    }
+
+    fn tick<'a>(&'a self, now_ms: i64) -> BoxFuture<'a, ()> {
+        self.inner.tick(now_ms)
+    }
+
+    fn resume(&self, active: &[Arc<Incident>]) {
+        self.inner.resume(active)
+    }
+}
+
+/// Wraps every channel in [`Fenced`] and adds the incident log first.
+pub fn cluster_sinks(sinks: Vec<NamedSink>, js: jetstream::Context, fence: Fence) -> Vec<NamedSink> {
+    let mut out: Vec<NamedSink> = vec![(Arc::from(LOG_CHANNEL), Arc::new(IncidentLog::new(js, fence.clone())))];
+    out.extend(sinks.into_iter().map(|(name, inner)| -> NamedSink { (name, Arc::new(Fenced { inner, fence: fence.clone() })) }));
+    out
+}
