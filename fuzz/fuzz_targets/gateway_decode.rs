@@ -24,7 +24,7 @@ const SITES: [&str; 2] = ["xuhui", "pudong"];
 
 fuzz_target!(|data: &[u8]| {
     let incidents = citywatch_gateway::decode::Unwired;
-    let (_releases_tx, releases) = tokio::sync::mpsc::unbounded_channel();
+    let (_releases_tx, releases) = tokio::sync::mpsc::channel(1);
     // Parsing the pack is the slow part; it is the same for every input.
     static PACK: OnceLock<Arc<RuleSet>> = OnceLock::new();
     let engine = Engine::new(Arc::clone(PACK.get_or_init(|| Arc::new(RuleSet::default_pack()))));
