@@ -34,6 +34,23 @@ async fn gateway(nats: &NatsCluster, name: &str) -> Node {
     Node { name: name.to_owned(), gateway, receiver }
 }
 
+/// Three clustered NATS nodes, gateways gw-a and gw-b on them, and the partition owners once
+/// both own some: the setup every test here starts from.
+struct TwoGateways {
+    nats: NatsCluster,
+    a: Node,
+    b: Node,
+    owners: Vec<String>,
+}
+
+async fn two_gateways() -> TwoGateways {
+    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
+    let a = gateway(&nats, "gw-a").await;
+    let b = gateway(&nats, "gw-b").await;
+    let owners = wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
+    TwoGateways { nats, a, b, owners }
+}
+
 /// `citywatch cluster status --config F` as JSON.
 fn status(config: &std::path::Path) -> anyhow::Result<Value> {
     let out = Command::new(citywatch_bin()).args(["cluster", "status", "--config"]).arg(config).output()?;
@@ -92,10 +109,7 @@ fn for_site(deliveries: &[Delivery], site: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_shared_and_a_fire_gives_one_fire_confirmed_whichever_gateway_owns_the_site() {
-    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
-    let a = gateway(&nats, "gw-a").await;
-    let b = gateway(&nats, "gw-b").await;
-    let owners = wait_owned(a.gateway.config_path(), &["gw-a", "gw-b"]).await;
+    let TwoGateways { nats, a, b, owners } = two_gateways().await;
     let publisher = Publisher::connect(&nats.nodes[2].mqtt_addr(), 100).await.expect("device connection to NATS MQTT");
     for (owner, other) in [(&a, &b), (&b, &a)] {
         let site = site_owned_by(&owners, &owner.name, "fire-");
@@ -131,10 +145,7 @@ async fn partitions_are_shared_and_a_fire_gives_one_fire_confirmed_whichever_gat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateways_partitions_are_owned_again_within_the_lease_ttl_and_its_sites_watched() {
-    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
-    let mut a = gateway(&nats, "gw-a").await;
-    let b = gateway(&nats, "gw-b").await;
-    let owners = wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
+    let TwoGateways { nats, mut a, b, owners } = two_gateways().await;
     let site = site_owned_by(&owners, "gw-a", "kill-");
     let killed = Instant::now();
     a.gateway.kill();
@@ -154,10 +165,7 @@ async fn a_killed_gateways_partitions_are_owned_again_within_the_lease_ttl_and_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_paused_longer_than_the_lease_ttl_sends_nothing_for_the_partitions_it_lost() {
-    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
-    let a = gateway(&nats, "gw-a").await;
-    let b = gateway(&nats, "gw-b").await;
-    let owners = wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
+    let TwoGateways { nats, a, b, owners } = two_gateways().await;
     let site = site_owned_by(&owners, "gw-a", "pause-");
     let pid = a.gateway.pid().expect("gw-a runs").to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());

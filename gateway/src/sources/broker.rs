@@ -379,12 +379,15 @@ impl SharedSubscription for SharedRoundRobin {
             return None;
         }
         let turn = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let online: Vec<usize> = (0..members.len()).filter(|&i| members[i].4.unwrap_or(true)).collect();
-        if online.is_empty() {
+        // No allocation per message: count the online members, then take the turn's one.
+        let is_online = |m: &(NodeId, ClientId, SubscriptionOptions, Option<Vec<SubscriptionIdentifier>>, Option<IsOnline>)| m.4.unwrap_or(true);
+        let online = members.iter().filter(|m| is_online(m)).count();
+        if online == 0 {
             // Nobody online: queue it in one member's session (delivered when it comes back).
             return Some((turn % members.len(), false));
         }
-        Some((online[turn % online.len()], true))
+        let pick = members.iter().enumerate().filter(|(_, m)| is_online(m)).nth(turn % online).map(|(i, _)| i)?;
+        Some((pick, true))
     }
 }
 
