@@ -230,12 +230,11 @@ pub enum RuleSpec {
     Composite(Composite),
     FollowUp(FollowUp),
     Stuck(Stuck),
-    Schedule(Schedule),
 }
 
 impl RuleSpec {
-    pub const KINDS: [&'static str; 9] =
-        ["threshold", "rate", "trend", "absence", "event", "composite", "follow_up", "stuck", "schedule"];
+    pub const KINDS: [&'static str; 8] =
+        ["threshold", "rate", "trend", "absence", "event", "composite", "follow_up", "stuck"];
 
     /// The metric a single-metric rule reads.
     pub fn metric(&self) -> Option<Metric> {
@@ -457,13 +456,6 @@ pub struct Stuck {
     pub held_for: Duration,
 }
 
-/// `kind = "schedule"`: reminders before a due date, an incident when overdue.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Schedule {
-    /// Days before the due date, largest first.
-    pub remind_days: Vec<u32>,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parsing, key by key.
 
@@ -584,7 +576,15 @@ fn parse_rule(table: toml::Table) -> Parsed<RuleDef> {
         "composite" => RuleSpec::Composite(composite(&mut f)?),
         "follow_up" => RuleSpec::FollowUp(follow_up(&mut f)?),
         "stuck" => RuleSpec::Stuck(stuck(&mut f)?),
-        "schedule" => RuleSpec::Schedule(schedule(&mut f)?),
+        // Removed (issue 13): due dates and reminders have one home, the inspections service.
+        "schedule" => {
+            return Err(f.err(
+                "kind",
+                "\"schedule\" is no longer a rule kind: maintenance reminders and overdue \
+                 incidents come from the inventory, with the reminder days under \
+                 [inspections] remind_days; remove this rule",
+            ))
+        }
         other => {
             return Err(
                 f.err("kind", format!("unknown rule kind {other:?}, expected one of: {}", RuleSpec::KINDS.join(", ")))
@@ -718,16 +718,6 @@ fn stuck(f: &mut Fields) -> Parsed<Stuck> {
     }
     let held_for = f.span("for")?.ok_or_else(|| f.err("for", "missing"))?;
     Ok(Stuck { metrics, held_for })
-}
-
-fn schedule(f: &mut Fields) -> Parsed<Schedule> {
-    let mut remind_days: Vec<u32> = f.opt("remind_days")?.unwrap_or_else(|| vec![30, 7, 1]);
-    if remind_days.contains(&0) || remind_days.len() > 16 {
-        return Err(f.err("remind_days", "days must be at least 1, at most 16 of them"));
-    }
-    remind_days.sort_unstable_by(|a, b| b.cmp(a));
-    remind_days.dedup();
-    Ok(Schedule { remind_days })
 }
 
 /// Every `{…}` is a known placeholder.

@@ -3,7 +3,7 @@
 //! and I/O-free; it owns no incidents (the manager does) and keeps no history beyond what its
 //! rules need (a 32-sample ring for rates, bucket means for trends).
 //!
-//! Timers (holds, silence deadlines, follow-up deadlines, stuck sensors, schedules) live in one
+//! Timers (holds, silence deadlines, follow-up deadlines, stuck sensors) live in one
 //! min-heap with lazy invalidation: a slot remembers its earliest queued deadline, later ones
 //! are only queued when that fires, and entries of forgotten or rebuilt devices are skipped.
 
@@ -27,7 +27,6 @@ const NO_TIMER: i64 = i64::MAX;
 const RATE_SAMPLES: usize = 32;
 /// Recent contributions a composite rule keeps per site (distinct devices).
 const COMPOSITE_RECENT: usize = 64;
-const DAY_MS: i64 = 86_400_000;
 
 /// What the engine holds, for `/metrics` and the health endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -46,6 +45,8 @@ pub struct SignalCounts {
     pub open: u64,
     pub repeat: u64,
     pub clear: u64,
+    /// No rule kind reminds any more (the inspections service does, past the engine): always 0,
+    /// kept so the stats keep their shape.
     pub remind: u64,
 }
 
@@ -153,7 +154,6 @@ impl Effective {
                         e.composites[of].push(slot);
                     }
                 }
-                RuleSpec::Schedule(_) => {}
             }
         }
         e.rules = kept.into_iter().map(|def| CompiledRule { name: Arc::from(def.name.as_str()), def }).collect();
@@ -210,10 +210,6 @@ enum State {
     },
     FollowUp(FollowUpState),
     Stuck(Vec<StuckMetric>),
-    Schedule {
-        due: i64,
-        reminded: u32,
-    },
 }
 
 #[derive(Debug)]
@@ -788,41 +784,6 @@ impl Engine {
         }
     }
 
-    /// Schedule rules: the next due date of `rule` for this device (None removes it). Moving
-    /// it to the future clears an overdue incident and re-arms the reminders.
-    pub fn set_due(&mut self, dev: &DeviceCtx, rule: &str, due_ms: Option<i64>, now_ms: i64, out: &mut Vec<Signal>) {
-        let start = out.len();
-        let Engine { rules, devices, timers, next_epoch, .. } = self;
-        let d = device_state(devices, rules, next_epoch, dev);
-        let Some(i) = d.rules.index_of(rule) else { return };
-        let DeviceState { rules: eff, slots, epoch, kind, .. } = d;
-        let (compiled, slot) = (&eff.rules[i], &mut slots[i]);
-        let RuleSpec::Schedule(s) = &compiled.def.spec else { return };
-        let mut emit = Emit { out, device: dev.id, site: dev.site, kind: *kind };
-        if slot.active && due_ms.is_none_or(|due| due > now_ms) {
-            slot.active = false;
-            emit.clear(compiled, now_ms, None, None);
-        }
-        match due_ms {
-            None => slot.state = None,
-            Some(due) => {
-                // Reminders already passed are done, except the latest, which the next tick
-                // sends (a due date set late gets one reminder, not a burst).
-                let passed: Vec<usize> =
-                    (0..s.remind_days.len()).filter(|&k| remind_at(due, s.remind_days[k]) <= now_ms).collect();
-                let mut reminded = 0u32;
-                let keep = if due <= now_ms { None } else { passed.last().copied() };
-                for k in passed.into_iter().filter(|k| Some(*k) != keep) {
-                    reminded |= 1 << k;
-                }
-                slot.state = Some(Box::new(State::Schedule { due, reminded }));
-            }
-        }
-        let next = next_deadline(compiled, slot, now_ms);
-        arm(timers, dev.id, *epoch, i, &mut slot.queued, next, NONE);
-        self.finish(start, now_ms, out);
-    }
-
     /// Warms a trend rule from stored rollups at start: `(ts_ms, value)` points in time order.
     /// Emits nothing; the next bucket to close is evaluated as usual.
     pub fn seed(&mut self, dev: &DeviceCtx, metric: Metric, points: &[(i64, f64)]) {
@@ -842,7 +803,7 @@ impl Engine {
         }
     }
 
-    /// Timers: holds, silence deadlines, follow-up deadlines, stuck sensors, schedules, composite
+    /// Timers: holds, silence deadlines, follow-up deadlines, stuck sensors, composite
     /// clear-afters. Called about once a second; the work is what is due, not the fleet.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Signal>) {
         let start = out.len();
@@ -923,29 +884,6 @@ impl Engine {
                             slot.active = true;
                             emit.open(rule, now, rule.def.severity, Some(metric), Some(value), None);
                         }
-                    }
-                }
-            }
-            RuleSpec::Schedule(s) => {
-                if let Some(State::Schedule { due, reminded }) = slot.state.as_deref_mut() {
-                    if now >= *due {
-                        *reminded = u32::MAX;
-                        if !slot.active {
-                            slot.active = true;
-                            emit.open(rule, now, rule.def.severity, None, None, None);
-                        }
-                    } else if let Some(k) = (0..s.remind_days.len())
-                        .rev()
-                        .find(|&k| *reminded & (1 << k) == 0 && remind_at(*due, s.remind_days[k]) <= now)
-                    {
-                        *reminded |= (1u32 << (k + 1)) - 1;
-                        let days_before = s.remind_days[k];
-                        let date = jiff::Timestamp::from_millisecond(*due)
-                            .map(|t| t.strftime("%Y-%m-%d").to_string())
-                            .unwrap_or_else(|_| due.to_string());
-                        let summary =
-                            format!("{} of {device} ({site}) due on {date}, in {days_before} days", rule.name);
-                        emit.push(rule, now, Change::Remind { due_ms: *due, days_before, summary });
                     }
                 }
             }
@@ -1121,19 +1059,10 @@ fn next_deadline(rule: &CompiledRule, slot: &Slot, now: i64) -> Option<i64> {
                 next = earliest(next, m.since + s.held_for.as_ms());
             }
         }
-        (RuleSpec::Schedule(s), State::Schedule { due, reminded }) if !slot.active => {
-            next = Some(*due);
-            for (k, days) in s.remind_days.iter().enumerate() {
-                if reminded & (1 << k) == 0 {
-                    next = earliest(next, remind_at(*due, *days));
-                }
-            }
-        }
         _ => {}
     }
-    // Deadlines already passed were acted upon by the evaluation that just ran; except a
-    // schedule's (set_due leaves the latest passed reminder for the next tick).
-    next.filter(|at| *at > now || matches!(rule.def.spec, RuleSpec::Schedule(_)))
+    // Deadlines already passed were acted upon by the evaluation that just ran.
+    next.filter(|at| *at > now)
 }
 
 /// Frees state that holds nothing worth keeping.
@@ -1179,11 +1108,6 @@ fn follow_up_state(state: &mut Option<Box<State>>) -> &mut FollowUpState {
         // Invariant: set to a FollowUp just above.
         _ => unreachable!("follow-up state"),
     }
-}
-
-/// When the reminder `days` before `due` is due.
-fn remind_at(due: i64, days: u32) -> i64 {
-    due.saturating_sub(i64::from(days) * DAY_MS)
 }
 
 fn trend_state() -> TrendState {

@@ -15,7 +15,7 @@ use citywatch_edge::wire::DeviceKind;
 
 pub use config::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, InvalidRule, Level, Override, Per, Rate,
-    RuleDef, RuleSpec, RulesConfig, Schedule, SituationDef, Stuck, Threshold, Trend,
+    RuleDef, RuleSpec, RulesConfig, SituationDef, Stuck, Threshold, Trend,
 };
 pub use crate::model::DeviceCtx;
 pub use engine::{Engine, EngineStats, SignalCounts};

@@ -80,11 +80,6 @@ impl Bench {
         self.engine.tick(now, &mut out);
         out
     }
-    fn set_due(&mut self, d: &Dev, due: Option<i64>, now: i64) -> Vec<Signal> {
-        let mut out = Vec::new();
-        self.engine.set_due(&d.ctx(), "inspection_due", due, now, &mut out);
-        out
-    }
 }
 
 /// The signals of one rule.
@@ -145,8 +140,7 @@ fn default_pack_loads_and_validates() {
             "device_offline",
             "low_battery",
             "sensor_fault",
-            "sensor_stuck",
-            "inspection_due"
+            "sensor_stuck"
         ]
     );
     assert!(!names.contains(&"unacked_escalation"), "the incident manager's, not a rule");
@@ -172,7 +166,7 @@ fn default_pack_loads_and_validates() {
     assert!(smoke.contains(&"fire_confirmed".to_owned()) && smoke.contains(&"sensor_stuck".to_owned()));
     let siren = effective(DeviceKind::SirenMount);
     assert!(siren.contains(&"mount_corrosion_rate".to_owned()) && !siren.contains(&"gas_valve_failed".to_owned()));
-    assert_eq!(siren.len(), 9, "{siren:?}");
+    assert_eq!(siren.len(), 8, "{siren:?}");
 }
 
 #[test]
@@ -235,7 +229,7 @@ fn bad_packs_name_the_rule_and_key() {
         ("kind = \"follow_up\"\nafter = \"x\"\nwithin = \"30s\"", "rule x: expect: give expect, expect_event or both"),
         ("kind = \"stuck\"\nmetrics = [\"valve_closed\"]\nfor = \"1h\"", "rule x: metrics: valve_closed is not analog"),
         ("kind = \"stuck\"\nmetrics = [\"gas_lel\"]\nfor = \"0s\"", "rule x: for: must be longer than zero"),
-        ("kind = \"schedule\"\nremind_days = [0]", "rule x: remind_days: days must be at least 1"),
+        ("kind = \"schedule\"\nremind_days = [30]", "rule x: kind: \"schedule\" is no longer a rule kind"),
         ("kind = \"teleport\"", "rule x: kind: unknown rule kind \"teleport\""),
     ];
     for (body, expected) in cases {
@@ -248,6 +242,9 @@ fn bad_packs_name_the_rule_and_key() {
         rule("kind = \"event\"\nopen_on = [\"fault\"]")
     );
     assert!(load_err(&dup).contains("rule x: name: duplicate rule name"), "{}", load_err(&dup));
+    // The removed schedule kind says where reminders went.
+    let schedule = load_err(&rule("kind = \"schedule\""));
+    assert!(schedule.contains("[inspections] remind_days"), "{schedule}");
     assert!(load_err("[[rule]]\nkind = \"event\"").contains("rule #0: name: missing"));
     assert!(load_err("[[rule]\n").starts_with("rules.pack (text):"));
     assert!(load_err("rule = 1").contains("[[rule]]"));
@@ -666,7 +663,7 @@ fn composite_with_clear_after_clears_and_release_reopens() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stuck, rate, trend, schedule.
+// Stuck, rate, trend.
 
 #[test]
 fn stuck_sensor_opens_after_24h_unchanged_and_clears_on_change() {
@@ -763,66 +760,6 @@ fn trend_seeded_from_rollups_opens_on_the_next_bucket() {
     assert_eq!(changes(&out, "mount_corrosion_rate"), ["open"]);
 }
 
-#[test]
-fn schedule_reminds_30_7_1_days_before_and_opens_when_overdue() {
-    let mut b = Bench::default_pack();
-    let m = Dev::siren("m1");
-    let due = T0 + 40 * DAY;
-    assert!(b.set_due(&m, Some(due), T0).is_empty());
-    let mut reminders = Vec::new();
-    let mut opened = Vec::new();
-    // Every hour for 41 days, plus the exact instants.
-    let mut now = T0;
-    while now <= due + DAY {
-        for s in of(&b.tick(now), "inspection_due") {
-            match &s.change {
-                Change::Remind { due_ms, days_before, .. } => reminders.push((*days_before, s.ts_ms, *due_ms)),
-                Change::Open { .. } => opened.push(s.ts_ms),
-                other => panic!("{other:?}"),
-            }
-        }
-        now += H;
-    }
-    assert_eq!(reminders, [(30, due - 30 * DAY, due), (7, due - 7 * DAY, due), (1, due - DAY, due)]);
-    assert_eq!(opened, [due]);
-    // Inspected: the next due date clears the overdue incident.
-    assert_eq!(changes(&b.set_due(&m, Some(due + 365 * DAY), due + DAY + S), "inspection_due"), ["clear"]);
-    assert!(of(&b.tick(due + 2 * DAY), "inspection_due").is_empty());
-}
-
-#[test]
-fn schedule_set_late_sends_only_the_latest_passed_reminder() {
-    let mut b = Bench::default_pack();
-    let m = Dev::siren("m1");
-    let due = T0 + 5 * DAY;
-    b.set_due(&m, Some(due), T0);
-    let out = b.tick(T0 + S);
-    let reminded: Vec<u32> = of(&out, "inspection_due")
-        .iter()
-        .filter_map(|s| match s.change {
-            Change::Remind { days_before, .. } => Some(days_before),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(reminded, [7]);
-    assert!(of(&b.tick(T0 + 2 * S), "inspection_due").is_empty());
-    assert_eq!(changes(&b.tick(due - DAY), "inspection_due"), ["remind"]);
-    // Already overdue when set: the incident, no reminders.
-    let m2 = Dev::siren("m2");
-    b.set_due(&m2, Some(T0 - DAY), T0);
-    let out = b.tick(T0 + S);
-    assert_eq!(
-        of(&out, "inspection_due")
-            .iter()
-            .filter(|s| &*s.device == "m2")
-            .map(|s| change_name(&s.change))
-            .collect::<Vec<_>>(),
-        ["open"]
-    );
-    // Removing the schedule clears it.
-    assert_eq!(changes(&b.set_due(&m2, None, T0 + 2 * S), "inspection_due"), ["clear"]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Housekeeping.
 
@@ -862,7 +799,6 @@ enum Op {
     Event { dev: usize, event: usize },
     Status { dev: usize, online: bool },
     Seen { dev: usize },
-    Due { dev: usize, days: i64 },
     Forget { dev: usize },
     Wait { ms: i64 },
 }
@@ -884,7 +820,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..6usize, 0..EventKind::ALL.len()).prop_map(|(dev, event)| Op::Event { dev, event }),
         1 => (0..6usize, any::<bool>()).prop_map(|(dev, online)| Op::Status { dev, online }),
         1 => (0..6usize).prop_map(|dev| Op::Seen { dev }),
-        1 => (0..6usize, -5..45i64).prop_map(|(dev, days)| Op::Due { dev, days }),
         1 => (0..6usize).prop_map(|dev| Op::Forget { dev }),
         3 => prop_oneof![0..5_000i64, 0..120_000i64, 0..(2 * DAY)].prop_map(|ms| Op::Wait { ms }),
     ]
@@ -923,7 +858,6 @@ proptest! {
                     b.engine.on_status(&devs[dev].ctx(), state, now, &mut out);
                 }
                 Op::Seen { dev } => b.engine.on_seen(&devs[dev].ctx(), now, &mut out),
-                Op::Due { dev, days } => b.engine.set_due(&devs[dev].ctx(), "inspection_due", Some(now + days * DAY), now, &mut out),
                 Op::Forget { dev } => {
                     b.engine.forget(&devs[dev].id);
                     open.retain(|(who, _), _| who != &*devs[dev].id);
@@ -1097,7 +1031,6 @@ proptest! {
                     b.engine.on_status(&devs[dev].ctx(), state, now, &mut out)
                 }
                 Op::Seen { dev } => b.engine.on_seen(&devs[dev].ctx(), now, &mut out),
-                Op::Due { dev, days } => b.engine.set_due(&devs[dev].ctx(), "inspection_due", Some(now + days * DAY), now, &mut out),
                 Op::Forget { dev } => b.engine.forget(&devs[dev].id),
                 Op::Wait { ms } => {
                     now += ms;
@@ -1109,7 +1042,7 @@ proptest! {
             b.engine.forget(&d.id);
         }
         // Every deadline a device could have queued (follow-ups, held-for, absence, trends,
-        // stuck sensors, due dates) lies within 400 days.
+        // stuck sensors) lies within 400 days.
         b.engine.tick(now + 400 * DAY, &mut out);
         let stats = b.engine.stats();
         prop_assert_eq!((stats.devices, stats.timers_pending), (0, 0), "{:?}", stats);
