@@ -784,25 +784,6 @@ impl Engine {
         }
     }
 
-    /// Warms a trend rule from stored rollups at start: `(ts_ms, value)` points in time order.
-    /// Emits nothing; the next bucket to close is evaluated as usual.
-    pub fn seed(&mut self, dev: &DeviceCtx, metric: Metric, points: &[(i64, f64)]) {
-        let Engine { rules, devices, next_epoch, .. } = self;
-        let d = device_state(devices, rules, next_epoch, dev);
-        for &i in &d.rules.by_metric[metric as usize] {
-            let i = usize::from(i);
-            let RuleSpec::Trend(t) = &d.rules.rules[i].def.spec else { continue };
-            let slot = &mut d.slots[i];
-            let State::Trend(st) = slot.state.get_or_insert_with(|| Box::new(State::Trend(trend_state()))).as_mut()
-            else {
-                continue;
-            };
-            for &(ts, value) in points.iter().filter(|(_, v)| v.is_finite()) {
-                trend_add(t, st, ts, value);
-            }
-        }
-    }
-
     /// Timers: holds, silence deadlines, follow-up deadlines, stuck sensors, composite
     /// clear-afters. Called about once a second; the work is what is due, not the fleet.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Signal>) {

@@ -742,24 +742,6 @@ fn trend_opens_on_100_um_per_year_not_on_50() {
     assert!(of(&corrosion(&mut b, &slow, 50.0, 40), "mount_corrosion_rate").is_empty());
 }
 
-#[test]
-fn trend_seeded_from_rollups_opens_on_the_next_bucket() {
-    let mut b = Bench::default_pack();
-    let m = Dev::siren("m1");
-    let points: Vec<(i64, f64)> = (0..20).map(|d| (T0 + d * DAY, 100.0 + 150.0 * d as f64 / 365.25)).collect();
-    b.engine.seed(&m.ctx(), Metric::CorrosionUm, &points);
-    let mut out = Vec::new();
-    b.engine.on_reading(
-        &m.ctx(),
-        Metric::CorrosionUm,
-        100.0 + 150.0 * 20.0 / 365.25,
-        T0 + 20 * DAY,
-        T0 + 20 * DAY,
-        &mut out,
-    );
-    assert_eq!(changes(&out, "mount_corrosion_rate"), ["open"]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Housekeeping.
 
