@@ -1,6 +1,6 @@
 //! `kind = "composite"`: several devices of one site matching other rules within a window;
 //! site scope, one incident per site. Its state lives per site, not per device, and it is fed
-//! by other rules' signals, never by a device directly.
+//! by other rules' Opens and Repeats (the engine passes them on), never by a device directly.
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
@@ -15,28 +15,31 @@ use crate::model::{Change, DeviceCtx, Scope, Signal};
 use crate::rules::config::Composite;
 
 /// Recent contributions a composite rule keeps per site (distinct devices).
-pub(super) const COMPOSITE_RECENT: usize = 64;
+const COMPOSITE_RECENT: usize = 64;
 
 /// A composite rule's state at one site.
 #[derive(Debug)]
 pub(super) struct SiteComposite {
-    pub(super) rule: Arc<str>,
-    pub(super) active: bool,
+    rule: Arc<str>,
+    active: bool,
     /// (gateway time, device) of recent contributions, one per device, oldest first.
-    pub(super) recent: VecDeque<(i64, Arc<str>)>,
+    recent: VecDeque<(i64, Arc<str>)>,
     /// Devices counted in the current incident.
-    pub(super) members: Vec<Arc<str>>,
-    pub(super) last_device: Arc<str>,
-    pub(super) last_kind: DeviceKind,
+    members: Vec<Arc<str>>,
+    last_device: Arc<str>,
+    last_kind: DeviceKind,
     /// Gateway time of the last contribution, or NONE (restored, not yet ticked).
-    pub(super) last_ms: i64,
-    pub(super) within_ms: i64,
-    pub(super) clear_after_ms: Option<i64>,
-    pub(super) queued: i64,
+    last_ms: i64,
+    within_ms: i64,
+    clear_after_ms: Option<i64>,
+    queued: i64,
 }
 
-pub(super) fn site_composite<'s>(
-    sites: &'s mut HashMap<Arc<str>, Vec<SiteComposite>>,
+/// Per site, its composite rules' state.
+pub(super) type Sites = HashMap<Arc<str>, Vec<SiteComposite>>;
+
+fn site_state<'s>(
+    sites: &'s mut Sites,
     site: &Arc<str>,
     rule: &Arc<str>,
     dev: &DeviceCtx,
@@ -67,7 +70,7 @@ pub(super) fn site_composite<'s>(
     st
 }
 
-pub(super) fn site_deadline(st: &SiteComposite) -> Option<i64> {
+fn deadline(st: &SiteComposite) -> Option<i64> {
     match (st.active, st.clear_after_ms) {
         (true, Some(after)) if st.last_ms != NONE => Some(st.last_ms + after),
         (true, Some(_)) => Some(NONE + 1),
@@ -75,7 +78,7 @@ pub(super) fn site_deadline(st: &SiteComposite) -> Option<i64> {
     }
 }
 
-pub(super) fn arm_site(timers: &mut Timers, site: &Arc<str>, st: &mut SiteComposite, at: Option<i64>) {
+fn arm(timers: &mut Timers, site: &Arc<str>, st: &mut SiteComposite, at: Option<i64>) {
     let Some(at) = at else { return };
     if at < st.queued {
         st.queued = at;
@@ -85,8 +88,8 @@ pub(super) fn arm_site(timers: &mut Timers, site: &Arc<str>, st: &mut SiteCompos
 
 /// An Open or Repeat of one of a composite's rules, from `dev`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn composite_contribute(
-    sites: &mut HashMap<Arc<str>, Vec<SiteComposite>>,
+pub(super) fn contribute(
+    sites: &mut Sites,
     timers: &mut Timers,
     rule: &CompiledRule,
     c: &Composite,
@@ -95,7 +98,7 @@ pub(super) fn composite_contribute(
     now: i64,
     out: &mut Vec<Signal>,
 ) {
-    let st = site_composite(sites, dev.site, &rule.name, dev, c);
+    let st = site_state(sites, dev.site, &rule.name, dev, c);
     while st.recent.front().is_some_and(|(t, _)| *t < now - st.within_ms) {
         st.recent.pop_front();
     }
@@ -135,6 +138,81 @@ pub(super) fn composite_contribute(
         let summary = summary(rule, dev.id, dev.site, None, value, threshold);
         out.push(signal(Change::Repeat { severity: rule.def.severity, value, summary }, &st.members));
     }
-    let next = site_deadline(st);
-    arm_site(timers, dev.site, st, next);
+    let next = deadline(st);
+    arm(timers, dev.site, st, next);
+}
+
+/// An incident open at start for the device's site: active, with the device a member; counts
+/// from the first tick (restore has no clock).
+pub(super) fn restore(sites: &mut Sites, timers: &mut Timers, rule: &CompiledRule, c: &Composite, dev: &DeviceCtx) {
+    let st = site_state(sites, dev.site, &rule.name, dev, c);
+    st.active = true;
+    st.last_ms = NONE;
+    if !st.members.contains(dev.id) {
+        st.members.push(dev.id.clone());
+    }
+    arm(timers, dev.site, st, Some(NONE + 1));
+}
+
+/// Closed outside the engine: not active, and the next contributions start a new incident.
+pub(super) fn release(sites: &mut Sites, site: &str, rule: &str) {
+    if let Some(st) = sites.get_mut(site).and_then(|l| l.iter_mut().find(|s| &*s.rule == rule)) {
+        st.active = false;
+        st.members.clear();
+        st.recent.clear();
+    }
+}
+
+/// A site's deadline: old contributions leave the window, and an incident with `clear_after`
+/// clears when nothing contributed for that long. A site with nothing left is forgotten.
+pub(super) fn due(
+    sites: &mut Sites,
+    timers: &mut Timers,
+    site: &Arc<str>,
+    rule: &Arc<str>,
+    at: i64,
+    now: i64,
+    out: &mut Vec<Signal>,
+) {
+    let Some(list) = sites.get_mut(site) else { return };
+    let Some(pos) = list.iter().position(|s| s.rule == *rule) else { return };
+    let st = &mut list[pos];
+    if st.queued != at {
+        return;
+    }
+    st.queued = NO_TIMER;
+    if st.last_ms == NONE {
+        st.last_ms = now;
+    }
+    while st.recent.front().is_some_and(|(t, _)| *t < now - st.within_ms) {
+        st.recent.pop_front();
+    }
+    if let (true, Some(after)) = (st.active, st.clear_after_ms) {
+        if now - st.last_ms >= after {
+            st.active = false;
+            st.members.clear();
+            out.push(Signal {
+                rule: st.rule.clone(),
+                scope: Scope::Site,
+                site: site.clone(),
+                device: st.last_device.clone(),
+                kind: st.last_kind,
+                ts_ms: now,
+                members: Vec::new(),
+                change: Change::Clear {
+                    value: None,
+                    summary: format!("{} at {site} cleared: nothing contributing for {} s", st.rule, after / 1000),
+                },
+            });
+        }
+    }
+    let next = deadline(st).map(|t| t.max(now + 1));
+    if next.is_none() && !st.active {
+        list.swap_remove(pos);
+        if list.is_empty() {
+            sites.remove(site);
+        }
+        return;
+    }
+    arm(timers, site, st, next);
 }

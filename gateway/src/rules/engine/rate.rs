@@ -1,17 +1,43 @@
 //! `kind = "rate"`: the change of a metric across a sliding window, from a small ring of
 //! samples per device. This kind's evaluation only; the engine routes readings here.
 
+use std::collections::VecDeque;
+
 use super::compiled::CompiledRule;
 use super::emit::Emit;
 use super::state::{Slot, State};
 use crate::rules::Rate;
 
 /// Samples a rate rule keeps per device; a device sending faster shortens the window.
-pub(super) const RATE_SAMPLES: usize = 32;
+const RATE_SAMPLES: usize = 32;
+
+/// A reading of the rule's metric joins the ring, then [`eval`]. False when the slot holds
+/// another kind's state (never, for a slot of this rule).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_reading(
+    rule: &CompiledRule,
+    r: &Rate,
+    slot: &mut Slot,
+    value: f64,
+    now: i64,
+    ts: i64,
+    emit: &mut Emit,
+) -> bool {
+    let samples = match slot.state.get_or_insert_with(|| Box::new(State::Rate(VecDeque::new()))).as_mut() {
+        State::Rate(s) => s,
+        _ => return false,
+    };
+    if samples.len() == RATE_SAMPLES {
+        samples.pop_front();
+    }
+    samples.push_back((now, value));
+    eval(rule, r, slot, now, ts, true, emit);
+    true
+}
 
 /// The change from the value at the window's start (the last sample at or before it: devices
 /// send on change, so it persisted) to the latest.
-pub(super) fn rate_eval(
+pub(super) fn eval(
     rule: &CompiledRule,
     r: &Rate,
     slot: &mut Slot,

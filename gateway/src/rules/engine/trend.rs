@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use super::compiled::CompiledRule;
 use super::emit::Emit;
-use super::state::NONE;
+use super::state::{Slot, State, NONE};
 use crate::rules::config::Trend;
 
 #[derive(Debug)]
@@ -18,13 +18,25 @@ pub(super) struct TrendState {
     pub(super) closed: VecDeque<(i64, f64)>,
 }
 
-pub(super) fn trend_state() -> TrendState {
+fn new_state() -> TrendState {
     TrendState { bucket: NONE, sum: 0.0, count: 0, closed: VecDeque::new() }
+}
+
+/// A reading of the rule's metric (device time `ts`): evaluated when it closes a bucket. False
+/// when the slot holds another kind's state (never, for a slot of this rule).
+pub(super) fn on_reading(rule: &CompiledRule, t: &Trend, slot: &mut Slot, value: f64, ts: i64, emit: &mut Emit) -> bool {
+    let State::Trend(st) = slot.state.get_or_insert_with(|| Box::new(State::Trend(new_state()))).as_mut() else {
+        return false;
+    };
+    if add(t, st, ts, value) {
+        eval(rule, t, st, &mut slot.active, ts, emit);
+    }
+    true
 }
 
 /// Adds a reading to its bucket; true when that closed the previous bucket. Readings older than
 /// the open bucket are ignored (late).
-pub(super) fn trend_add(t: &Trend, st: &mut TrendState, ts: i64, value: f64) -> bool {
+fn add(t: &Trend, st: &mut TrendState, ts: i64, value: f64) -> bool {
     let bucket_ms = t.bucket.as_ms().max(1);
     let index = ts.div_euclid(bucket_ms);
     if st.count == 0 || st.bucket == NONE {
@@ -50,7 +62,7 @@ pub(super) fn trend_add(t: &Trend, st: &mut TrendState, ts: i64, value: f64) -> 
 
 /// Least-squares slope of the closed buckets' means, in the rule's unit, once they span
 /// `min_span`.
-pub(super) fn trend_slope(t: &Trend, closed: &VecDeque<(i64, f64)>) -> Option<f64> {
+fn slope(t: &Trend, closed: &VecDeque<(i64, f64)>) -> Option<f64> {
     let (first, last) = (closed.front()?, closed.back()?);
     let bucket_ms = t.bucket.as_ms();
     if closed.len() < 2 || last.0.saturating_sub(first.0).saturating_mul(bucket_ms) < t.min_span.as_ms() {
@@ -69,8 +81,8 @@ pub(super) fn trend_slope(t: &Trend, closed: &VecDeque<(i64, f64)>) -> Option<f6
     (sxx > 0.0).then(|| sxy / sxx * t.per.ms())
 }
 
-pub(super) fn trend_eval(rule: &CompiledRule, t: &Trend, st: &TrendState, active: &mut bool, ts: i64, emit: &mut Emit) {
-    let Some(slope) = trend_slope(t, &st.closed) else { return };
+fn eval(rule: &CompiledRule, t: &Trend, st: &TrendState, active: &mut bool, ts: i64, emit: &mut Emit) {
+    let Some(slope) = slope(t, &st.closed) else { return };
     let (metric, value, threshold) = (Some(t.metric), Some(slope), Some(t.rate_above));
     match (*active, slope > t.rate_above) {
         (false, true) => {
