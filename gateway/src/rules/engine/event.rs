@@ -10,6 +10,7 @@ use crate::rules::config::EventRule;
 
 /// An event in `open_on` opens (or repeats while open); one in `clear_on` clears. Without
 /// `clear_on` only an operator ends the incident ([`Engine::release`](super::Engine::release)).
+/// Always true: the engine re-arms after every event rule (it needs no timer).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn on_event(
     rule: &CompiledRule,
@@ -20,7 +21,7 @@ pub(super) fn on_event(
     value: Option<f64>,
     ts: i64,
     emit: &mut Emit,
-) {
+) -> bool {
     if e.open_on.contains(&event) {
         if slot.active {
             emit.repeat(rule, ts, rule.def.severity, metric, value, None);
@@ -32,4 +33,5 @@ pub(super) fn on_event(
         slot.active = false;
         emit.clear(rule, ts, metric, value);
     }
+    true
 }

@@ -71,7 +71,8 @@ pub(super) fn on_reading(
     true
 }
 
-/// An event: the expectation met if it is the expected one.
+/// An event: the expectation met if it is the expected one. Always true: the engine re-arms
+/// after any event routed here, as before the split.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn on_event(
     rule: &CompiledRule,
@@ -83,12 +84,12 @@ pub(super) fn on_event(
     now: i64,
     ts: i64,
     emit: &mut Emit,
-) {
-    if f.expect_event != Some(event) {
-        return;
+) -> bool {
+    if f.expect_event == Some(event) {
+        state(&mut slot.state).event_ms = now;
+        expectation(rule, slot, true, metric.unwrap_or(event_metric(f)), value.unwrap_or(f64::NAN), ts, emit);
     }
-    state(&mut slot.state).event_ms = now;
-    expectation(rule, slot, true, metric.unwrap_or(event_metric(f)), value.unwrap_or(f64::NAN), ts, emit);
+    true
 }
 
 /// The deadline: not met by then, it opens.

@@ -158,15 +158,14 @@ impl Engine {
         for &i in &eff.by_event[event as usize] {
             let i = usize::from(i);
             let (rule, slot) = (&eff.rules[i], &mut slots[i]);
-            match &rule.def.spec {
+            let evaluated = match &rule.def.spec {
                 RuleSpec::Event(e) => event::on_event(rule, e, slot, event, metric, value, ts_ms, &mut emit),
-                RuleSpec::Threshold(t) => {
-                    if !threshold::on_event(rule, t, slot, value, ts_ms, &mut emit) {
-                        continue;
-                    }
-                }
+                RuleSpec::Threshold(t) => threshold::on_event(rule, t, slot, value, ts_ms, &mut emit),
                 RuleSpec::FollowUp(f) => follow_up::on_event(rule, f, slot, event, metric, value, now_ms, ts_ms, &mut emit),
-                _ => {}
+                _ => true,
+            };
+            if !evaluated {
+                continue;
             }
             let next = next_deadline(rule, slot, now_ms);
             arm(timers, dev.id, *epoch, i, &mut slot.queued, next, NONE);

@@ -95,6 +95,7 @@ pub(super) fn device_state<'e>(
     d
 }
 
+/// What a deadline is for: one rule of one device (of one epoch), or a composite rule at a site.
 #[derive(Debug)]
 pub(super) enum Target {
     Slot { device: Arc<str>, epoch: u32, slot: u16 },
@@ -139,7 +140,7 @@ pub(super) fn arm(timers: &mut Timers, device: &Arc<str>, epoch: u32, slot: usiz
     }
 }
 
-pub(super) fn earliest(a: Option<i64>, b: i64) -> Option<i64> {
+fn earliest(a: Option<i64>, b: i64) -> Option<i64> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
