@@ -22,7 +22,7 @@ use crate::model::{DeviceCtx, Release, Signal, Stopped};
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
 use crate::store::{EventRecord, QuarantineEntry, Reading, StoreWriter, Write};
 
-/// How often the rule engine's timers run (held-for durations, absence, schedules).
+/// How often the rule engine's timers run (held-for durations, absence, follow-ups, stuck sensors).
 pub const RULE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The rule engine as the decode stage sees it: told every accepted status, reading and event,

@@ -123,7 +123,8 @@ pub enum Change {
     Repeat { severity: Severity, value: Option<f64>, summary: String },
     /// The condition has ended (its clear condition held for its duration).
     Clear { value: Option<f64>, summary: String },
-    /// A due date approaches (schedule rules): `days_before` is 30, 7 or 1 by default.
+    /// A due date approaches (the inspections service, `[inspections] remind_days`): `days_before`
+    /// is 30, 7 or 1 by default.
     Remind { due_ms: i64, days_before: u32, summary: String },
 }
 

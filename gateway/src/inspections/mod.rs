@@ -40,7 +40,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The rule name of every maintenance incident and reminder (the default pack's schedule rule).
+/// The rule name of every maintenance incident and reminder (raised here, not by the rule pack).
 pub const RULE_INSPECTION_DUE: &str = "inspection_due";
 /// The rule name of the incident for an inventory device never heard after its grace period.
 pub const RULE_COMMISSIONING_OVERDUE: &str = "commissioning_overdue";

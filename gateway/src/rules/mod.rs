@@ -2,6 +2,9 @@
 //! ([`RuleSet`]), and the [`Engine`] turning readings, events, link states and time into
 //! [`Signal`](crate::model::Signal)s. No incidents, no I/O past loading a pack file: what a
 //! signal becomes (de-duplication, flapping, silences, escalation) is the incident manager's.
+//!
+//! `config/` reads and checks the pack (one parser per kind), `engine/` runs it (one evaluator
+//! per kind); this module compiles the pack with its overrides into the lists the engine runs.
 
 mod config;
 mod engine;
@@ -15,7 +18,7 @@ use citywatch_edge::wire::DeviceKind;
 
 pub use config::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, InvalidRule, Level, Override, Per, Rate,
-    RuleDef, RuleSpec, RulesConfig, Schedule, SituationDef, Stuck, Threshold, Trend,
+    RuleDef, RuleSpec, RulesConfig, SituationDef, Stuck, Threshold, Trend,
 };
 pub use crate::model::DeviceCtx;
 pub use engine::{Engine, EngineStats, SignalCounts};
