@@ -82,20 +82,28 @@ async fn fixture() -> Fixture {
     let (tx, rx) = tokio::sync::oneshot::channel();
     writer.send(Write::Ack(crate::ingest::Ack::new(move || { let _ = tx.send(()); }))).await.expect("ack");
     tokio::time::timeout(Duration::from_secs(10), rx).await.expect("commit in time").expect("ack fired");
+    let store = Arc::new(store);
+    let metrics = Arc::new(Metrics::new());
+    let (handle, incident) = incidents(dir.path());
+    // As the gateway wires it, the embedded broker included.
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prometheus);
+    prometheus.register_collector(Box::new(crate::store::StoreMetrics(Arc::clone(&store))));
+    prometheus.register_collector(Box::new(crate::registry::HealthMetrics { registry: Arc::clone(&registry), ingest: IngestConfig::default() }));
+    prometheus.register_collector(Box::new(crate::sources::broker::BrokerStats::default()));
+    handle.register_metrics(&mut prometheus);
     let state = ApiState {
         registry,
-        store: Arc::new(store),
-        metrics: Arc::new(Metrics::new()),
+        store,
+        metrics,
         ingest: IngestConfig::default(),
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
-        broker: Some(Arc::new(crate::sources::broker::BrokerStats::default())),
-        incidents: None,
+        prometheus: Arc::new(prometheus),
+        incidents: Some(handle),
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
     };
-    let (handle, incident) = incidents(dir.path());
-    let state = ApiState { incidents: Some(handle), ..state };
     Fixture { _dir: dir, state, writer: Some(writer), incident }
 }
 
@@ -167,9 +175,13 @@ async fn quarantine_metrics_health_openapi() {
     assert_eq!(body["counts"]["not_json"], 1);
     assert_eq!(body["entries"][0]["payload_utf8"], "junk");
     assert_eq!(body["entries"][0]["payload_hex"], "6a756e6b");
+    let response = router(f.state.clone()).oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], crate::metrics::CONTENT_TYPE);
     let (status, body) = get(&f.state, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let text = body.as_str().expect("text");
+    assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(text.contains("citywatch_devices_by_health{health=\"offline\"} 1"), "{text}");
     assert!(text.contains("citywatch_store_readings_written 10"), "{text}");
     assert!(text.contains("citywatch_broker_dropped_total{reason=\"log_evicted\"} 0"), "{text}");
@@ -399,7 +411,7 @@ async fn api_devices_page_at_a_million() {
         ingest: IngestConfig::default(),
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
-        broker: None,
+        prometheus: Arc::default(),
         incidents: None,
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
