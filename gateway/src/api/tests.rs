@@ -427,3 +427,99 @@ async fn api_devices_page_at_a_million() {
     }
     drop(writer);
 }
+
+/// Every family `/metrics` had before the move to one `prometheus_client` registry, with its
+/// type (counters named without `_total`, as OpenMetrics names the family; their samples end
+/// in `_total`). Dashboards, scripts and the end-to-end tests read these names.
+const FAMILIES: [(&str, &str); 60] = [
+        ("citywatch_broker_dropped", "counter"),
+        ("citywatch_broker_forwarded", "counter"),
+        ("citywatch_clock_skew", "counter"),
+        ("citywatch_device_commands", "counter"),
+        ("citywatch_devices", "gauge"),
+        ("citywatch_devices_by_health", "gauge"),
+        ("citywatch_duplicates", "counter"),
+        ("citywatch_events", "counter"),
+        ("citywatch_historical_readings", "counter"),
+        ("citywatch_incident_changes", "counter"),
+        ("citywatch_incident_commit_seconds", "histogram"),
+        ("citywatch_incident_path_seconds", "histogram"),
+        ("citywatch_incident_signals_silenced", "counter"),
+        ("citywatch_incidents", "gauge"),
+        ("citywatch_influx_buffered_lines", "gauge"),
+        ("citywatch_influx_bytes_sent", "counter"),
+        ("citywatch_influx_dropped_lines", "counter"),
+        ("citywatch_influx_failed_requests", "counter"),
+        ("citywatch_influx_lines_written", "counter"),
+        ("citywatch_influx_requests", "counter"),
+        ("citywatch_influx_spooled_lines", "gauge"),
+        ("citywatch_influx_up", "gauge"),
+        ("citywatch_ingest_queue_capacity", "gauge"),
+        ("citywatch_ingest_queue_depth", "gauge"),
+        ("citywatch_inspection_completions", "counter"),
+        ("citywatch_inspection_overdue", "counter"),
+        ("citywatch_inspection_reminders", "counter"),
+        ("citywatch_inventory_rows_imported", "counter"),
+        ("citywatch_messages_received", "counter"),
+        ("citywatch_messages_rejected", "counter"),
+        ("citywatch_modbus_connect_failures", "counter"),
+        ("citywatch_modbus_connected", "gauge"),
+        ("citywatch_modbus_connects", "counter"),
+        ("citywatch_modbus_devices_offline", "gauge"),
+        ("citywatch_modbus_exceptions", "counter"),
+        ("citywatch_modbus_failed_polls", "counter"),
+        ("citywatch_modbus_polls", "counter"),
+        ("citywatch_modbus_timeouts", "counter"),
+        ("citywatch_mqtt_connections", "counter"),
+        ("citywatch_mqtt_rejected", "counter"),
+        ("citywatch_notify_delivered", "counter"),
+        ("citywatch_notify_dropped", "counter"),
+        ("citywatch_notify_failed_attempts", "counter"),
+        ("citywatch_notify_oldest_pending_age_seconds", "gauge"),
+        ("citywatch_notify_pending", "gauge"),
+        ("citywatch_readings", "counter"),
+        ("citywatch_received_bytes", "counter"),
+        ("citywatch_seq_gaps", "counter"),
+        ("citywatch_siren_test_silent", "counter"),
+        ("citywatch_statuses", "counter"),
+        ("citywatch_store_batches", "gauge"),
+        ("citywatch_store_last_batch_rows", "gauge"),
+        ("citywatch_store_last_batch_seconds", "gauge"),
+        ("citywatch_store_max_batch_seconds", "gauge"),
+        ("citywatch_store_queue_capacity", "gauge"),
+        ("citywatch_store_queue_depth", "gauge"),
+        ("citywatch_store_readings_written", "gauge"),
+        ("citywatch_store_refusing", "gauge"),
+        ("citywatch_store_write_errors", "gauge"),
+        ("citywatch_uptime_seconds", "gauge"),
+];
+
+#[tokio::test]
+async fn every_metric_family_keeps_its_name_and_type_once() {
+    let f = fixture().await;
+    // Every component's series, registered as the gateway wires them.
+    let mut p = prometheus_client::registry::Registry::default();
+    f.state.metrics.register(&mut p);
+    p.register_collector(Box::new(crate::metrics::Uptime(f.state.started)));
+    p.register_collector(Box::new(crate::ingest::QueueMetrics(Arc::clone(&f.state.source_queue))));
+    p.register_collector(Box::new(crate::store::StoreMetrics(Arc::clone(&f.state.store))));
+    p.register_collector(Box::new(crate::registry::HealthMetrics { registry: Arc::clone(&f.state.registry), ingest: IngestConfig::default() }));
+    p.register_collector(Box::new(crate::sources::broker::BrokerStats::default()));
+    f.state.incidents.as_ref().expect("incidents").register_metrics(&mut p);
+    p.register_collector(Box::new(crate::notify::ChannelMetrics(vec![crate::notify::ChannelState::new(Arc::from("webhook:ops"))])));
+    crate::store::influx::InfluxStats::default().register(&mut p);
+    p.register_collector(Box::new(crate::sources::modbus::BusMetrics(vec![Arc::new(crate::sources::modbus::BusStats { name: "kitchen".into(), ..Default::default() })])));
+    crate::inspections::service::Stats::default().register(&mut p);
+    let state = ApiState { prometheus: Arc::new(p), ..f.state.clone() };
+    let (status, body) = get(&state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.as_str().expect("text");
+    let mut seen: Vec<(&str, &str)> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' ')).collect();
+    seen.sort_unstable();
+    let mut want = FAMILIES.to_vec();
+    want.sort_unstable();
+    assert_eq!(seen, want, "{text}");
+    for sample in ["citywatch_readings_total 0", "citywatch_incident_path_seconds_count 0", "citywatch_incident_commit_seconds_bucket{le=\"+Inf\"} 0"] {
+        assert!(text.lines().any(|l| l == sample), "missing {sample:?} in\n{text}");
+    }
+}

@@ -407,6 +407,18 @@ mod tests {
     use super::*;
     use citywatch_edge::wire::EventKind;
 
+    #[test]
+    fn two_buses_share_one_family_per_metric_with_a_bus_label() {
+        let (a, b) = (Arc::new(BusStats { name: "east".into(), ..BusStats::default() }), Arc::new(BusStats { name: "west".into(), ..BusStats::default() }));
+        a.timeouts.inc();
+        b.connected.set(1);
+        let text = crate::metrics::encode_collector(BusMetrics(vec![a, b]));
+        assert_eq!(text.matches("# TYPE citywatch_modbus_timeouts counter\n").count(), 1, "{text}");
+        assert!(text.contains("citywatch_modbus_timeouts_total{bus=\"east\"} 1\n"), "{text}");
+        assert!(text.contains("citywatch_modbus_timeouts_total{bus=\"west\"} 0\n"), "{text}");
+        assert!(text.contains("citywatch_modbus_connected{bus=\"west\"} 1\n"), "{text}");
+    }
+
     fn poller(offline_after: u32) -> BusPoller {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("modbus/gas-controller-8ch.toml");
         let config: ModbusConfig = toml::from_str(&format!(
