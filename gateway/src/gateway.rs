@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, ApiState};
@@ -124,27 +125,38 @@ impl Gateway {
         tracing::info!(devices = devices.len(), path = %config.storage.path.display(), "store open");
         registry.load(devices);
         let metrics = Arc::new(Metrics::new());
+        // The one registry `/metrics` encodes: each component adds its series as it is wired.
+        let mut prometheus = MetricsRegistry::default();
+        metrics.register(&mut prometheus);
+        prometheus.register_collector(Box::new(crate::metrics::Uptime(started)));
+        prometheus.register_collector(Box::new(crate::store::StoreMetrics(Arc::clone(&store))));
+        prometheus.register_collector(Box::new(crate::registry::HealthMetrics { registry: Arc::clone(&registry), ingest: config.ingest.clone() }));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
         // sources → (bounded) → decode
         let (inbound_tx, inbound_rx) = mpsc::channel(config.mqtt.queue_capacity);
         let queue_probe = inbound_tx.clone();
+        let source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync> =
+            Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity()));
+        prometheus.register_collector(Box::new(crate::ingest::QueueMetrics(Arc::clone(&source_queue))));
         // Cluster mode: owned partitions of the NATS ingest stream replace the MQTT source.
         let cluster = join_cluster(&config, &inbound_tx, &stop_rx, &mut tasks).await?;
         let sources = match &cluster {
             Some((c, leases)) => Sources { broker: None, mqtt_addr: None, publish: c.publisher(Arc::clone(leases)) },
-            None => start_sources(&config, &metrics, inbound_tx, &stop_rx, &mut tasks).await?,
+            None => start_sources(&config, &mut prometheus, inbound_tx, &stop_rx, &mut tasks).await?,
         };
         // incidents → notify (and the long-term store beside them)
         let rules = Arc::new(RuleSet::from_config(&config.rules)?);
         let opened = open_incidents(&config, &rules)?;
-        let influx = start_influx(&config, &registry, &metrics)?;
+        let influx = start_influx(&config, &registry, &mut prometheus)?;
         let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap), cluster.as_ref())?;
+        prometheus.register_collector(Box::new(crate::notify::ChannelMetrics(notify.states.clone())));
         let (manager, incidents, requests) =
             Manager::new(opened.book, Arc::clone(&opened.store), notify.queues, Some(Arc::clone(&sources.publish)), config.incidents.retention.as_ms());
         let (releases_tx, releases_rx) = mpsc::channel(manager::RELEASES_QUEUE);
         let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
+        incidents.register_metrics(&mut prometheus);
         // decode (with the rule engine inline) → store, incidents
         let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
             .with_rules(Engine::new(Arc::clone(&rules)), incidents.clone(), releases_rx, &opened.active);
@@ -153,15 +165,15 @@ impl Gateway {
         }
         let decode = tokio::spawn(stage.run(inbound_rx, writer));
         // Beside the pipeline: maintenance, then the HTTP API over everything.
-        let maintenance = start_maintenance(&config, &registry, &store, &metrics, &incidents, &stop_rx, &mut tasks)?;
+        let maintenance = start_maintenance(&config, &registry, &store, &mut prometheus, &incidents, &stop_rx, &mut tasks)?;
         let state = ApiState {
             registry: Arc::clone(&registry),
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             ingest: config.ingest.clone(),
             started,
-            source_queue: Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity())),
-            broker: sources.broker.as_ref().map(|b| b.stats()),
+            source_queue,
+            prometheus: Arc::new(prometheus),
             incidents: Some(incidents.clone()),
             rules,
             notify: notify.states,
@@ -261,17 +273,22 @@ async fn join_cluster(config: &Config, inbound: &mpsc::Sender<Inbound>, stop_rx:
     Ok(Some((c, leases)))
 }
 
-async fn start_sources(config: &Config, metrics: &Metrics, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
+async fn start_sources(config: &Config, prometheus: &mut MetricsRegistry, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
     // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
+    let mut buses = Vec::new();
     for poller in crate::sources::modbus::build(&config.modbus)? {
-        metrics.add_section(poller.stats());
+        buses.push(poller.stats());
         tasks.push(("modbus", tokio::spawn(poller.run(inbound.clone(), stop_rx.clone()))));
+    }
+    if !buses.is_empty() {
+        prometheus.register_collector(Box::new(crate::sources::modbus::BusMetrics(buses)));
     }
     match config.mqtt.mode {
         MqttMode::Embedded => {
             let broker = Arc::new(EmbeddedBroker::start(&config.mqtt, inbound).await?);
             let addr = broker.local_addr();
             tracing::info!(%addr, "embedded MQTT broker listening");
+            prometheus.register_collector(Box::new(broker.stats()));
             let b = Arc::clone(&broker);
             let publish: PublishFn = Arc::new(move |topic: String, payload: Vec<u8>, retain: bool| {
                 let result = b.publish(&topic, payload, retain).map_err(|e| e.to_string());
@@ -335,10 +352,10 @@ fn open_incidents(config: &Config, rules: &RuleSet) -> Result<OpenedIncidents> {
 
 /// The long-term store, if configured: its task and the tap that feeds it a copy of every
 /// reading (from the decode stage, never waited for) and every incident change.
-fn start_influx(config: &Config, registry: &Arc<Registry>, metrics: &Metrics) -> Result<Option<(tokio::task::JoinHandle<()>, InfluxTap)>> {
+fn start_influx(config: &Config, registry: &Arc<Registry>, prometheus: &mut MetricsRegistry) -> Result<Option<(tokio::task::JoinHandle<()>, InfluxTap)>> {
     let Some(influx_config) = &config.storage.influx else { return Ok(None) };
     let (sink, tap, rx) = crate::store::influx::InfluxSink::open(influx_config.clone(), &config.storage.path, Some(registry.clone()))?;
-    metrics.add_section(sink.stats());
+    sink.stats().register(prometheus);
     tracing::info!(url = %influx_config.url, bucket = %influx_config.bucket, "InfluxDB sink on");
     Ok(Some((tokio::spawn(sink.run(rx)), tap)))
 }
@@ -388,7 +405,7 @@ fn start_maintenance(
     config: &Config,
     registry: &Arc<Registry>,
     store: &Arc<SqliteStore>,
-    metrics: &Metrics,
+    prometheus: &mut MetricsRegistry,
     incidents: &IncidentsHandle,
     stop_rx: &watch::Receiver<bool>,
     tasks: &mut Tasks,
@@ -396,7 +413,7 @@ fn start_maintenance(
     let (maintenance, handle) =
         crate::inspections::Service::open(config.inspections.clone(), &config.storage.path, Arc::clone(registry), Some(Arc::clone(store)), incidents.clone())?;
     tracing::info!(devices = maintenance.len(), "maintenance inventory loaded");
-    metrics.add_section(handle.stats.clone());
+    handle.stats.register(prometheus);
     tasks.push(("maintenance", tokio::spawn(maintenance.run(stop_rx.clone()))));
     Ok(handle)
 }

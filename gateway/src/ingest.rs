@@ -4,7 +4,7 @@
 //! Sources know MQTT, not the contract; the pipeline decodes. An [`Ack`] travels with the
 //! message into the store writer and fires only after the transaction holding it commits, so
 //! a QoS 1 message is never acknowledged to the broker before it is on disk. Also `[ingest]`,
-//! the decode stage's and the registry's limits.
+//! the decode stage's and the registry's limits, and the source channel's fill for `/metrics`.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,24 @@ impl Ack {
 impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ack")
+    }
+}
+
+/// How full the channel between the sources and the decode stage is, for `/metrics`: a probe
+/// returning (depth, capacity), read at every scrape.
+pub struct QueueMetrics(pub std::sync::Arc<dyn Fn() -> (usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for QueueMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("QueueMetrics").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for QueueMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let (depth, capacity) = (self.0)();
+        crate::metrics::gauge(&mut encoder, "citywatch_ingest_queue_depth", "Messages waiting between the MQTT source and the decode stage.", depth as u64)?;
+        crate::metrics::gauge(&mut encoder, "citywatch_ingest_queue_capacity", "Capacity of the ingest queue.", capacity as u64)
     }
 }
 

@@ -22,8 +22,9 @@
 //!   [`notify`], whose dispatchers report [`model::Outcome`]s back.
 //! - Beside the pipeline: [`inspections`] (inventory, schedules, reminders, the siren test day;
 //!   raises incidents through the handle), [`api`] (HTTP on top of everything; nothing imports
-//!   it), [`metrics`] (Prometheus counters), [`config`] (gathers each component's own config
-//!   and validates across them) and [`gateway`], which builds each stage from its config and
+//!   it), [`metrics`] (the gateway's counters and the helpers with which each component
+//!   adds its series to the one Prometheus registry `/metrics` encodes), [`config`] (gathers
+//!   each component's own config and validates across them) and [`gateway`], which builds each stage from its config and
 //!   shuts them down in order. `main.rs` is a thin CLI over [`gateway`].
 //! - Leaf modules every layer may use, importing nothing from the crate but other leaves:
 //!   [`model`] (Signal, Severity, Scope, Incident, OutboxItem, Outcome, rfc3339), [`units`]

@@ -1,14 +1,44 @@
-//! Counters every stage bumps and `/metrics` renders in the Prometheus text format.
+//! The gateway's Prometheus exposition: one `prometheus_client` [`Registry`] for all of
+//! `/metrics`, the counters every stage bumps, and helpers for values read at scrape time.
 //!
-//! Plain atomics: cheap enough for the hot path, no registry crate needed for a fixed set.
-//! Every drop anywhere in the gateway has a counter here with its reason.
+//! Components register their own metrics (or a [`Collector`] that reads their state at scrape
+//! time) into the one registry when `gateway.rs` wires them; the HTTP handler encodes it once
+//! with [`encode`] (OpenMetrics text). Not a place for component state: this is a leaf that
+//! knows no stage, and it writes no exposition text by hand — `prometheus_client` does.
+//! Hot-path counters stay plain atomics (one relaxed add per message), read by [`Metrics`]'s
+//! collector. Every drop anywhere in the gateway has a counter with its reason.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use citywatch_edge::wire::{Channel, DecodeError};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The whole registry in the OpenMetrics text format (ends with `# EOF`).
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// `collector`'s series alone in a registry of their own, as `/metrics` shows them (tests).
+#[cfg(test)]
+pub fn encode_collector(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    encode(&registry).unwrap_or_else(|e| format!("encoding failed: {e}"))
+}
 
 /// Gateway-wide counters.
 #[derive(Debug, Default)]
@@ -29,14 +59,6 @@ pub struct Metrics {
     pub clock_skew: AtomicU64,
     /// Rejected messages by reason (wire reasons plus the gateway's own).
     rejected: Mutex<BTreeMap<String, u64>>,
-    /// Components that render their own series (the InfluxDB sink, the Modbus poller, the
-    /// maintenance service).
-    sections: Mutex<Vec<std::sync::Arc<dyn MetricsSection>>>,
-}
-
-/// A component's own block of `/metrics`, appended after the gateway's counters.
-pub trait MetricsSection: Send + Sync + std::fmt::Debug {
-    fn render(&self, out: &mut String);
 }
 
 /// Reasons the gateway adds to the wire contract's.
@@ -82,125 +104,136 @@ impl Metrics {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
-    /// Adds a component's block to every render.
-    pub fn add_section(&self, section: std::sync::Arc<dyn MetricsSection>) {
-        if let Ok(mut s) = self.sections.lock() {
-            s.push(section);
-        }
-    }
-
     pub fn rejected_total(&self) -> u64 {
         self.rejected().values().sum()
     }
 
-    /// The Prometheus text exposition, with `extra` gauges appended (name, help, value).
-    pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
-        counter("citywatch_readings_total", "Readings accepted into the store.", self.readings.load(Ordering::Relaxed));
-        counter("citywatch_events_total", "Device events accepted.", self.events.load(Ordering::Relaxed));
-        counter("citywatch_statuses_total", "Status messages accepted.", self.statuses.load(Ordering::Relaxed));
-        counter("citywatch_duplicates_total", "Messages dropped as duplicates of an earlier seq.", self.duplicates.load(Ordering::Relaxed));
-        counter("citywatch_seq_gaps_total", "Messages missing between consecutive seqs.", self.seq_gaps.load(Ordering::Relaxed));
-        counter("citywatch_historical_readings_total", "Readings older than the live horizon on arrival.", self.historical.load(Ordering::Relaxed));
-        counter("citywatch_clock_skew_total", "Messages whose device ts was far off the receive time; stored at receive time.", self.clock_skew.load(Ordering::Relaxed));
-        counter("citywatch_received_bytes_total", "Payload bytes received.", self.received_bytes.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP citywatch_messages_received_total Messages received by channel.\n# TYPE citywatch_messages_received_total counter");
-        for c in Channel::ALL {
-            let _ = writeln!(out, "citywatch_messages_received_total{{channel=\"{c}\"}} {}", self.received[channel_index(*c)].load(Ordering::Relaxed));
-        }
-        let _ = writeln!(out, "# HELP citywatch_messages_rejected_total Messages rejected and quarantined, by reason.\n# TYPE citywatch_messages_rejected_total counter");
-        for (reason, n) in self.rejected() {
-            let _ = writeln!(out, "citywatch_messages_rejected_total{{reason=\"{reason}\"}} {n}");
-        }
-        for (name, help, value) in extra {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        }
-        if let Ok(sections) = self.sections.lock() {
-            sections.iter().for_each(|s| s.render(&mut out));
-        }
-        out
+    /// Adds these counters to `registry`, read at every scrape.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(Arc::clone(self)));
     }
+}
+
+/// Names without `_total`: counters get it when encoded.
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let e = &mut encoder;
+        counter(e, "citywatch_readings", "Readings accepted into the store.", get(&self.readings))?;
+        counter(e, "citywatch_events", "Device events accepted.", get(&self.events))?;
+        counter(e, "citywatch_statuses", "Status messages accepted.", get(&self.statuses))?;
+        counter(e, "citywatch_duplicates", "Messages dropped as duplicates of an earlier seq.", get(&self.duplicates))?;
+        counter(e, "citywatch_seq_gaps", "Messages missing between consecutive seqs.", get(&self.seq_gaps))?;
+        counter(e, "citywatch_historical_readings", "Readings older than the live horizon on arrival.", get(&self.historical))?;
+        counter(e, "citywatch_clock_skew", "Messages whose device ts was far off the receive time; stored at receive time.", get(&self.clock_skew))?;
+        counter(e, "citywatch_received_bytes", "Payload bytes received.", get(&self.received_bytes))?;
+        let received = Channel::ALL.iter().map(|c| ([("channel", c.as_str())], get(&self.received[channel_index(*c)])));
+        counter_family(e, "citywatch_messages_received", "Messages received by channel.", received)?;
+        let rejected = self.rejected().into_iter().map(|(reason, n)| ([("reason", reason)], n));
+        counter_family(e, "citywatch_messages_rejected", "Messages rejected and quarantined, by reason.", rejected)
+    }
+}
+
+/// Seconds since the gateway started, read at every scrape.
+#[derive(Debug)]
+pub struct Uptime(pub std::time::Instant);
+
+impl Collector for Uptime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        gauge(&mut encoder, "citywatch_uptime_seconds", "Seconds since start.", self.0.elapsed().as_secs_f64())
+    }
+}
+
+// Helpers for collectors: one family each, encoded through `prometheus_client`.
+
+/// A counter without labels; `name` without `_total` (the encoder adds it).
+pub fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// A gauge without labels.
+pub fn gauge<N: EncodeGaugeValue>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: N) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// A counter with one series per label set; `name` without `_total`.
+pub fn counter_family<L: EncodeLabelSet>(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: impl IntoIterator<Item = (L, u64)>) -> fmt::Result {
+    family(encoder, name, help, MetricType::Counter, series.into_iter().map(|(l, v)| (l, ConstCounter::new(v))))
+}
+
+/// A gauge with one series per label set.
+pub fn gauge_family<L: EncodeLabelSet, N: EncodeGaugeValue>(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: impl IntoIterator<Item = (L, N)>) -> fmt::Result {
+    family(encoder, name, help, MetricType::Gauge, series.into_iter().map(|(l, v)| (l, ConstGauge::new(v))))
+}
+
+fn family<L: EncodeLabelSet, M: EncodeMetric>(encoder: &mut DescriptorEncoder, name: &str, help: &str, kind: MetricType, series: impl Iterator<Item = (L, M)>) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in series {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Bucket upper bounds in seconds, 0.25 ms … 5 s: the incident path lives in the low
+/// milliseconds.
+pub const LATENCY_BUCKETS_S: [f64; 12] = [0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// A latency histogram with [`LATENCY_BUCKETS_S`]; observe seconds.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_S)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A component's scrape-time gauge, as the store's collector reports its queue.
+    #[derive(Debug)]
+    struct QueueDepth(u64);
+
+    impl Collector for QueueDepth {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            gauge(&mut encoder, "citywatch_store_queue_depth", "Writes waiting.", self.0)
+        }
+    }
+
     #[test]
     fn renders_counters_with_reasons() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         m.count_rejected("not_json");
         m.count_rejected("not_json");
         m.count_received(Some(Channel::Telemetry), 10);
-        let text = m.render(&[("citywatch_store_queue_depth", "Writes waiting.", 3.0)]);
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        registry.register_collector(Box::new(QueueDepth(3)));
+        let text = encode(&registry).expect("encode");
         assert!(text.contains("citywatch_messages_rejected_total{reason=\"not_json\"} 2"), "{text}");
         assert!(text.contains("citywatch_messages_rejected_total{reason=\"oversize\"} 0"), "{text}");
         assert!(text.contains("citywatch_messages_received_total{channel=\"telemetry\"} 1"), "{text}");
-        assert!(text.contains("citywatch_store_queue_depth 3"), "{text}");
+        assert!(text.contains("citywatch_received_bytes_total 10\n"), "{text}");
+        assert!(text.contains("# TYPE citywatch_messages_rejected counter\n"), "{text}");
+        assert!(text.contains("citywatch_store_queue_depth 3\n"), "{text}");
+        assert!(text.contains("# TYPE citywatch_store_queue_depth gauge\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(m.rejected_total(), 2);
     }
-}
-
-/// A latency histogram in the Prometheus sense (cumulative buckets, sum, count), lock-free.
-#[derive(Debug)]
-pub struct Histogram {
-    /// Upper bounds in microseconds.
-    bounds_us: &'static [u64],
-    buckets: Vec<AtomicU64>,
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-/// 0.25 ms … 5 s: the incident path lives in the low milliseconds.
-pub const LATENCY_BOUNDS_US: &[u64] = &[250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
-
-impl Histogram {
-    pub fn new(bounds_us: &'static [u64]) -> Self {
-        Histogram { bounds_us, buckets: bounds_us.iter().map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0), count: AtomicU64::new(0) }
-    }
-
-    pub fn observe_us(&self, us: u64) {
-        if let Some(i) = self.bounds_us.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Renders `name` in seconds with its HELP and TYPE lines.
-    pub fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, n) in self.bounds_us.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *b as f64 / 1e6);
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-#[cfg(test)]
-mod histogram_tests {
-    use super::*;
 
     #[test]
     fn buckets_are_cumulative() {
-        let h = Histogram::new(LATENCY_BOUNDS_US);
+        let h = latency_histogram();
         for us in [100, 700, 700, 3_000, 9_000_000] {
-            h.observe_us(us);
+            h.observe(f64::from(us) / 1e6);
         }
-        let mut text = String::new();
-        h.render("x_seconds", "help", &mut text);
+        let mut registry = Registry::default();
+        registry.register("x_seconds", "help", h);
+        let text = encode(&registry).expect("encode");
         assert!(text.contains("x_seconds_bucket{le=\"0.00025\"} 1\n"), "{text}");
         assert!(text.contains("x_seconds_bucket{le=\"0.001\"} 3\n"), "{text}");
-        assert!(text.contains("x_seconds_bucket{le=\"5\"} 4\n"), "{text}");
+        assert!(text.contains("x_seconds_bucket{le=\"5.0\"} 4\n"), "{text}");
         assert!(text.contains("x_seconds_bucket{le=\"+Inf\"} 5\n"), "{text}");
         assert!(text.contains("x_seconds_count 5\n"), "{text}");
+        assert!(text.contains("# TYPE x_seconds histogram\n"), "{text}");
     }
 }

@@ -475,6 +475,25 @@ impl Registry {
     }
 }
 
+/// The registry's gauges for `/metrics` (devices, and devices by their worst health), derived
+/// at every scrape as the API derives health on read.
+#[derive(Debug)]
+pub struct HealthMetrics {
+    pub registry: Arc<Registry>,
+    pub ingest: IngestConfig,
+}
+
+impl prometheus_client::collector::Collector for HealthMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let now = crate::ingest::now_ms();
+        let mut by_health: BTreeMap<Health, u64> = BTreeMap::new();
+        self.registry.for_each(|d| *by_health.entry(d.health(now, &self.ingest)).or_default() += 1);
+        crate::metrics::gauge(&mut encoder, "citywatch_devices", "Devices in the registry.", self.registry.len() as u64)?;
+        let series = Health::ALL.iter().map(|h| ([("health", h.as_str())], by_health.get(h).copied().unwrap_or(0)));
+        crate::metrics::gauge_family(&mut encoder, "citywatch_devices_by_health", "Devices by their worst health condition.", series)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,8 +50,9 @@ pub struct ApiState {
     pub started: Instant,
     /// Messages waiting between the source and the decode stage: (depth, capacity).
     pub source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync>,
-    /// The embedded broker's counters, in embedded mode.
-    pub broker: Option<Arc<crate::sources::broker::BrokerStats>>,
+    /// The gateway's one Prometheus registry, which every component registered into when the
+    /// gateway was wired; `/metrics` encodes it.
+    pub prometheus: Arc<prometheus_client::registry::Registry>,
     /// The incident manager (None in tests of the read side only).
     pub incidents: Option<crate::incidents::manager::IncidentsHandle>,
     pub rules: Arc<crate::rules::RuleSet>,
@@ -300,75 +301,15 @@ async fn openapi() -> Json<Value> {
     Json(openapi::document())
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    let st = s.store.stats();
-    let (depth, capacity) = (s.source_queue)();
-    let now = now_ms();
-    let extra: Vec<(&str, &str, f64)> = vec![
-        ("citywatch_ingest_queue_depth", "Messages waiting between the MQTT source and the decode stage.", depth as f64),
-        ("citywatch_ingest_queue_capacity", "Capacity of the ingest queue.", capacity as f64),
-        ("citywatch_store_queue_depth", "Writes waiting for the store writer.", st.queue_depth as f64),
-        ("citywatch_store_queue_capacity", "Capacity of the store queue.", st.queue_capacity as f64),
-        ("citywatch_store_last_batch_seconds", "Duration of the last store transaction.", st.last_batch_us as f64 / 1e6),
-        ("citywatch_store_max_batch_seconds", "Slowest store transaction since start.", st.max_batch_us as f64 / 1e6),
-        ("citywatch_store_last_batch_rows", "Rows in the last store transaction.", st.last_batch_rows as f64),
-        ("citywatch_store_batches", "Store transactions committed.", st.batches as f64),
-        ("citywatch_store_readings_written", "Readings committed to the store.", st.readings_written as f64),
-        ("citywatch_store_write_errors", "Store write errors.", st.write_errors as f64),
-        ("citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", f64::from(u8::from(st.refusing))),
-        ("citywatch_devices", "Devices in the registry.", s.registry.len() as f64),
-        ("citywatch_uptime_seconds", "Seconds since start.", s.started.elapsed().as_secs_f64()),
-    ];
-    let mut by_health: BTreeMap<Health, usize> = BTreeMap::new();
-    s.registry.for_each(|d| *by_health.entry(d.health(now, &s.ingest)).or_default() += 1);
-    let health_lines: Vec<(String, f64)> = Health::ALL
-        .iter()
-        .map(|h| (format!("citywatch_devices_by_health{{health=\"{}\"}}", h.as_str()), by_health.get(h).copied().unwrap_or(0) as f64))
-        .collect();
-    let mut text = s.metrics.render(&extra);
-    if let Some(b) = &s.broker {
-        use std::sync::atomic::Ordering::Relaxed;
-        text.push_str(&format!(
-            "# HELP citywatch_broker_forwarded_total Publishes the embedded broker handed to the gateway.\n# TYPE citywatch_broker_forwarded_total counter\ncitywatch_broker_forwarded_total {}\n\
-             # HELP citywatch_broker_dropped_total Publishes the embedded broker lost before the gateway read them, by reason.\n# TYPE citywatch_broker_dropped_total counter\ncitywatch_broker_dropped_total{{reason=\"log_evicted\"}} {}\n",
-            b.forwarded.load(Relaxed),
-            b.dropped.load(Relaxed)
-        ));
-        text.push_str(&b.door.render());
-    }
-    text.push_str(&crate::notify::render_metrics(&s.notify));
-    if let Some(h) = &s.incidents {
-        let b = h.stats();
-        text.push_str("# HELP citywatch_incident_changes_total Incident changes by kind since start.\n# TYPE citywatch_incident_changes_total counter\n");
-        for (kind, v) in [
-            ("opened", b.opened),
-            ("reopened", b.reopened),
-            ("repeat", b.repeats),
-            ("cleared", b.cleared),
-            ("escalated", b.escalations),
-            ("flapping", b.flapping_started),
-        ] {
-            text.push_str(&format!("citywatch_incident_changes_total{{change=\"{kind}\"}} {v}\n"));
-        }
-        text.push_str(&format!(
-            "# HELP citywatch_incident_signals_silenced_total Rule signals held back by a silence.\n# TYPE citywatch_incident_signals_silenced_total counter\ncitywatch_incident_signals_silenced_total {}\n\
-             # HELP citywatch_device_commands_total Commands sent to devices, by outcome.\n# TYPE citywatch_device_commands_total counter\n\
-             citywatch_device_commands_total{{outcome=\"sent\"}} {}\ncitywatch_device_commands_total{{outcome=\"acked\"}} {}\ncitywatch_device_commands_total{{outcome=\"unanswered\"}} {}\n",
-            b.silenced, b.commands_sent, b.commands_acked, b.commands_unanswered
-        ));
-        h.timing.render(&mut text);
-        if let Ok(counts) = h.store.counts_by_state() {
-            text.push_str("# HELP citywatch_incidents Incidents in the store by state.\n# TYPE citywatch_incidents gauge\n");
-            for (state, n) in counts {
-                text.push_str(&format!("citywatch_incidents{{state=\"{state}\"}} {n}\n"));
-            }
-        }
-    }
-    text.push_str("# HELP citywatch_devices_by_health Devices by their worst health condition.\n# TYPE citywatch_devices_by_health gauge\n");
-    for (name, v) in health_lines {
-        text.push_str(&format!("{name} {v}\n"));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+/// The one Prometheus registry, encoded by `prometheus_client` (OpenMetrics text). Off the
+/// async threads: some collectors read SQLite (incidents by state).
+async fn metrics(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let registry = Arc::clone(&s.prometheus);
+    let text = tokio::task::spawn_blocking(move || crate::metrics::encode(&registry))
+        .await
+        .map_err(|e| ApiError::Internal(format!("metrics: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text))
 }
 
 #[cfg(test)]

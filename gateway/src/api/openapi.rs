@@ -275,8 +275,8 @@ pub fn document() -> Value {
     );
     paths.insert(
         "/metrics".into(),
-        get(json!({ "summary": "Prometheus text exposition.", "operationId": "metrics",
-            "responses": { "200": { "description": "Metrics.", "content": { "text/plain": { "schema": { "type": "string" } } } } } })),
+        get(json!({ "summary": "Prometheus exposition in the OpenMetrics text format.", "operationId": "metrics",
+            "responses": { "200": { "description": "Metrics.", "content": { "application/openmetrics-text": { "schema": { "type": "string" } } } } } })),
     );
 
     json!({

@@ -82,20 +82,28 @@ async fn fixture() -> Fixture {
     let (tx, rx) = tokio::sync::oneshot::channel();
     writer.send(Write::Ack(crate::ingest::Ack::new(move || { let _ = tx.send(()); }))).await.expect("ack");
     tokio::time::timeout(Duration::from_secs(10), rx).await.expect("commit in time").expect("ack fired");
+    let store = Arc::new(store);
+    let metrics = Arc::new(Metrics::new());
+    let (handle, incident) = incidents(dir.path());
+    // As the gateway wires it, the embedded broker included.
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prometheus);
+    prometheus.register_collector(Box::new(crate::store::StoreMetrics(Arc::clone(&store))));
+    prometheus.register_collector(Box::new(crate::registry::HealthMetrics { registry: Arc::clone(&registry), ingest: IngestConfig::default() }));
+    prometheus.register_collector(Box::new(crate::sources::broker::BrokerStats::default()));
+    handle.register_metrics(&mut prometheus);
     let state = ApiState {
         registry,
-        store: Arc::new(store),
-        metrics: Arc::new(Metrics::new()),
+        store,
+        metrics,
         ingest: IngestConfig::default(),
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
-        broker: Some(Arc::new(crate::sources::broker::BrokerStats::default())),
-        incidents: None,
+        prometheus: Arc::new(prometheus),
+        incidents: Some(handle),
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
     };
-    let (handle, incident) = incidents(dir.path());
-    let state = ApiState { incidents: Some(handle), ..state };
     Fixture { _dir: dir, state, writer: Some(writer), incident }
 }
 
@@ -167,9 +175,13 @@ async fn quarantine_metrics_health_openapi() {
     assert_eq!(body["counts"]["not_json"], 1);
     assert_eq!(body["entries"][0]["payload_utf8"], "junk");
     assert_eq!(body["entries"][0]["payload_hex"], "6a756e6b");
+    let response = router(f.state.clone()).oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], crate::metrics::CONTENT_TYPE);
     let (status, body) = get(&f.state, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let text = body.as_str().expect("text");
+    assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(text.contains("citywatch_devices_by_health{health=\"offline\"} 1"), "{text}");
     assert!(text.contains("citywatch_store_readings_written 10"), "{text}");
     assert!(text.contains("citywatch_broker_dropped_total{reason=\"log_evicted\"} 0"), "{text}");
@@ -399,7 +411,7 @@ async fn api_devices_page_at_a_million() {
         ingest: IngestConfig::default(),
         started: Instant::now(),
         source_queue: Arc::new(|| (0, 16)),
-        broker: None,
+        prometheus: Arc::default(),
         incidents: None,
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
@@ -414,4 +426,100 @@ async fn api_devices_page_at_a_million() {
         assert!(body["count"].as_u64().is_some_and(|n| n <= 1000), "{uri}");
     }
     drop(writer);
+}
+
+/// Every family `/metrics` had before the move to one `prometheus_client` registry, with its
+/// type (counters named without `_total`, as OpenMetrics names the family; their samples end
+/// in `_total`). Dashboards, scripts and the end-to-end tests read these names.
+const FAMILIES: [(&str, &str); 60] = [
+        ("citywatch_broker_dropped", "counter"),
+        ("citywatch_broker_forwarded", "counter"),
+        ("citywatch_clock_skew", "counter"),
+        ("citywatch_device_commands", "counter"),
+        ("citywatch_devices", "gauge"),
+        ("citywatch_devices_by_health", "gauge"),
+        ("citywatch_duplicates", "counter"),
+        ("citywatch_events", "counter"),
+        ("citywatch_historical_readings", "counter"),
+        ("citywatch_incident_changes", "counter"),
+        ("citywatch_incident_commit_seconds", "histogram"),
+        ("citywatch_incident_path_seconds", "histogram"),
+        ("citywatch_incident_signals_silenced", "counter"),
+        ("citywatch_incidents", "gauge"),
+        ("citywatch_influx_buffered_lines", "gauge"),
+        ("citywatch_influx_bytes_sent", "counter"),
+        ("citywatch_influx_dropped_lines", "counter"),
+        ("citywatch_influx_failed_requests", "counter"),
+        ("citywatch_influx_lines_written", "counter"),
+        ("citywatch_influx_requests", "counter"),
+        ("citywatch_influx_spooled_lines", "gauge"),
+        ("citywatch_influx_up", "gauge"),
+        ("citywatch_ingest_queue_capacity", "gauge"),
+        ("citywatch_ingest_queue_depth", "gauge"),
+        ("citywatch_inspection_completions", "counter"),
+        ("citywatch_inspection_overdue", "counter"),
+        ("citywatch_inspection_reminders", "counter"),
+        ("citywatch_inventory_rows_imported", "counter"),
+        ("citywatch_messages_received", "counter"),
+        ("citywatch_messages_rejected", "counter"),
+        ("citywatch_modbus_connect_failures", "counter"),
+        ("citywatch_modbus_connected", "gauge"),
+        ("citywatch_modbus_connects", "counter"),
+        ("citywatch_modbus_devices_offline", "gauge"),
+        ("citywatch_modbus_exceptions", "counter"),
+        ("citywatch_modbus_failed_polls", "counter"),
+        ("citywatch_modbus_polls", "counter"),
+        ("citywatch_modbus_timeouts", "counter"),
+        ("citywatch_mqtt_connections", "counter"),
+        ("citywatch_mqtt_rejected", "counter"),
+        ("citywatch_notify_delivered", "counter"),
+        ("citywatch_notify_dropped", "counter"),
+        ("citywatch_notify_failed_attempts", "counter"),
+        ("citywatch_notify_oldest_pending_age_seconds", "gauge"),
+        ("citywatch_notify_pending", "gauge"),
+        ("citywatch_readings", "counter"),
+        ("citywatch_received_bytes", "counter"),
+        ("citywatch_seq_gaps", "counter"),
+        ("citywatch_siren_test_silent", "counter"),
+        ("citywatch_statuses", "counter"),
+        ("citywatch_store_batches", "gauge"),
+        ("citywatch_store_last_batch_rows", "gauge"),
+        ("citywatch_store_last_batch_seconds", "gauge"),
+        ("citywatch_store_max_batch_seconds", "gauge"),
+        ("citywatch_store_queue_capacity", "gauge"),
+        ("citywatch_store_queue_depth", "gauge"),
+        ("citywatch_store_readings_written", "gauge"),
+        ("citywatch_store_refusing", "gauge"),
+        ("citywatch_store_write_errors", "gauge"),
+        ("citywatch_uptime_seconds", "gauge"),
+];
+
+#[tokio::test]
+async fn every_metric_family_keeps_its_name_and_type_once() {
+    let f = fixture().await;
+    // Every component's series, registered as the gateway wires them.
+    let mut p = prometheus_client::registry::Registry::default();
+    f.state.metrics.register(&mut p);
+    p.register_collector(Box::new(crate::metrics::Uptime(f.state.started)));
+    p.register_collector(Box::new(crate::ingest::QueueMetrics(Arc::clone(&f.state.source_queue))));
+    p.register_collector(Box::new(crate::store::StoreMetrics(Arc::clone(&f.state.store))));
+    p.register_collector(Box::new(crate::registry::HealthMetrics { registry: Arc::clone(&f.state.registry), ingest: IngestConfig::default() }));
+    p.register_collector(Box::new(crate::sources::broker::BrokerStats::default()));
+    f.state.incidents.as_ref().expect("incidents").register_metrics(&mut p);
+    p.register_collector(Box::new(crate::notify::ChannelMetrics(vec![crate::notify::ChannelState::new(Arc::from("webhook:ops"))])));
+    crate::store::influx::InfluxStats::default().register(&mut p);
+    p.register_collector(Box::new(crate::sources::modbus::BusMetrics(vec![Arc::new(crate::sources::modbus::BusStats { name: "kitchen".into(), ..Default::default() })])));
+    crate::inspections::service::Stats::default().register(&mut p);
+    let state = ApiState { prometheus: Arc::new(p), ..f.state.clone() };
+    let (status, body) = get(&state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.as_str().expect("text");
+    let mut seen: Vec<(&str, &str)> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' ')).collect();
+    seen.sort_unstable();
+    let mut want = FAMILIES.to_vec();
+    want.sort_unstable();
+    assert_eq!(seen, want, "{text}");
+    for sample in ["citywatch_readings_total 0", "citywatch_incident_path_seconds_count 0", "citywatch_incident_commit_seconds_bucket{le=\"+Inf\"} 0"] {
+        assert!(text.lines().any(|l| l == sample), "missing {sample:?} in\n{text}");
+    }
 }

@@ -163,7 +163,7 @@ fn a_jumping_device_clock_is_accepted_at_receive_time_flagged_and_evaluated_live
     }
     assert_eq!(s.metrics.clock_skew.load(Ordering::Relaxed), 3);
     assert_eq!(s.registry.get("gas-1").expect("known").clock_skewed, 3);
-    assert!(s.metrics.render(&[]).contains("citywatch_clock_skew_total 3"));
+    assert!(crate::metrics::encode_collector(Arc::clone(&s.metrics)).contains("citywatch_clock_skew_total 3\n"));
 
     // A gas alarm from a device whose clock reset is live, not a replay: it opens gas_high.
     let mut b = Batch::default();

@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::book::{Action, Book, BookStats, Command, TransitionError};
@@ -16,7 +20,7 @@ use crate::model::{Incident, OutboxItem, Release, Signal};
 use super::silence::{Silence, SilenceConfig};
 use super::store::{Commit, IncidentStore};
 use crate::ingest::{now_ms, Ack};
-use crate::metrics::{Histogram, LATENCY_BOUNDS_US};
+use crate::metrics::{counter, counter_family, gauge_family, latency_histogram};
 use crate::model::{Outcome, PublishFn};
 
 /// How often timers run.
@@ -185,18 +189,45 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { commit: Histogram::new(LATENCY_BOUNDS_US), message_to_commit: Histogram::new(LATENCY_BOUNDS_US) }
+        Timing { commit: latency_histogram(), message_to_commit: latency_histogram() }
     }
 }
 
-impl Timing {
-    pub fn render(&self, out: &mut String) {
-        self.commit.render("citywatch_incident_commit_seconds", "Incident store transactions (fsync included).", out);
-        self.message_to_commit.render(
-            "citywatch_incident_path_seconds",
-            "From the arrival of a message that changed an incident to that change committed (before push).",
-            out,
-        );
+/// The incident side's counters and gauges for `/metrics`, read at every scrape: changes and
+/// device commands from the book's stats, incidents by state from the store. Holds no
+/// [`IncidentsHandle`], so a registry never keeps the manager running.
+#[derive(Debug)]
+struct IncidentMetrics {
+    stats: Arc<Mutex<BookStats>>,
+    store: Arc<IncidentStore>,
+}
+
+/// Names without `_total`: the encoder adds it to counters.
+impl Collector for IncidentMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let b = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let e = &mut encoder;
+        let changes = [
+            ("opened", b.opened),
+            ("reopened", b.reopened),
+            ("repeat", b.repeats),
+            ("cleared", b.cleared),
+            ("escalated", b.escalations),
+            ("flapping", b.flapping_started),
+        ]
+        .map(|(change, n)| ([("change", change)], n));
+        counter_family(e, "citywatch_incident_changes", "Incident changes by kind since start.", changes)?;
+        counter(e, "citywatch_incident_signals_silenced", "Rule signals held back by a silence.", b.silenced)?;
+        let commands = [("sent", b.commands_sent), ("acked", b.commands_acked), ("unanswered", b.commands_unanswered)].map(|(outcome, n)| ([("outcome", outcome)], n));
+        counter_family(e, "citywatch_device_commands", "Commands sent to devices, by outcome.", commands)?;
+        match self.store.counts_by_state() {
+            Ok(counts) => gauge_family(e, "citywatch_incidents", "Incidents in the store by state.", counts.into_iter().map(|(state, n)| ([("state", state)], n))),
+            // A failed read leaves the series out of this scrape, as a scrape error would.
+            Err(err) => {
+                tracing::warn!(error = %err, "/metrics: incidents by state unavailable");
+                Ok(())
+            }
+        }
     }
 }
 
@@ -241,6 +272,18 @@ impl IncidentsHandle {
 
     pub fn stats(&self) -> BookStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Adds the incident side's series to `registry`: the manager's latency histograms (in
+    /// seconds) and [`IncidentMetrics`].
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register("citywatch_incident_commit_seconds", "Incident store transactions (fsync included)", self.timing.commit.clone());
+        registry.register(
+            "citywatch_incident_path_seconds",
+            "From the arrival of a message that changed an incident to that change committed (before push)",
+            self.timing.message_to_commit.clone(),
+        );
+        registry.register_collector(Box::new(IncidentMetrics { stats: Arc::clone(&self.stats), store: Arc::clone(&self.store) }));
     }
 }
 
@@ -352,9 +395,9 @@ impl Manager {
                 let changed = !commit.outbox.is_empty();
                 let started = std::time::Instant::now();
                 let result = self.commit(commit).await;
-                self.timing.commit.observe_us(started.elapsed().as_micros() as u64);
+                self.timing.commit.observe(started.elapsed().as_secs_f64());
                 if let (Some(t0), true, true) = (earliest, changed, result.is_ok()) {
-                    self.timing.message_to_commit.observe_us((now_ms() - t0).max(0) as u64 * 1000);
+                    self.timing.message_to_commit.observe((now_ms() - t0).max(0) as f64 / 1000.0);
                 }
                 if let Err(e) = result {
                     // Nothing is acknowledged: the broker redelivers, operators get an error.

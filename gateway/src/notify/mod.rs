@@ -17,7 +17,6 @@ pub mod webhook;
 mod tests;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -440,63 +439,29 @@ impl ChannelState {
     }
 }
 
-/// The push channels' lines of `/metrics` (Prometheus text format), one series per channel.
-pub fn render_metrics(states: &[Arc<ChannelState>]) -> String {
-    render_metrics_at(states, now_ms())
-}
+/// The push channels' series of `/metrics`, one per channel, read at every scrape (names
+/// without `_total`: the encoder adds it to counters).
+#[derive(Debug)]
+pub struct ChannelMetrics(pub Vec<Arc<ChannelState>>);
 
-fn render_metrics_at(states: &[Arc<ChannelState>], now_ms: i64) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, lines: &mut dyn FnMut(&mut String)| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        lines(&mut out);
-    };
-    family("citywatch_notify_delivered_total", "counter", "Incident changes delivered, by push channel.", &mut |out| {
-        for s in states {
-            let delivered = s.delivered.load(Ordering::Relaxed);
-            let _ = writeln!(out, "citywatch_notify_delivered_total{{channel=\"{}\"}} {delivered}", label(&s.channel));
-        }
-    });
-    family("citywatch_notify_dropped_total", "counter", "Incident changes given up on, by push channel and reason.", &mut |out| {
-        for s in states {
-            for (reason, n) in s.dropped_by_reason() {
-                let (channel, reason) = (label(&s.channel), label(reason));
-                let _ = writeln!(out, "citywatch_notify_dropped_total{{channel=\"{channel}\",reason=\"{reason}\"}} {n}");
-            }
-        }
-    });
-    family("citywatch_notify_failed_attempts_total", "counter", "Delivery attempts that failed, by push channel.", &mut |out| {
-        for s in states {
-            let _ = writeln!(
-                out,
-                "citywatch_notify_failed_attempts_total{{channel=\"{}\"}} {}",
-                label(&s.channel),
-                s.attempts_failed.load(Ordering::Relaxed)
-            );
-        }
-    });
-    family("citywatch_notify_pending", "gauge", "Incident changes waiting for a push channel.", &mut |out| {
-        for s in states {
-            let _ = writeln!(out, "citywatch_notify_pending{{channel=\"{}\"}} {}", label(&s.channel), s.pending.load(Ordering::Relaxed));
-        }
-    });
-    family(
-        "citywatch_notify_oldest_pending_age_seconds",
-        "gauge",
-        "Age of the oldest change waiting for a push channel (0 when none).",
-        &mut |out| {
-            for s in states {
-                let age = load_ms(&s.oldest_pending_ms).map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
-                let _ = writeln!(out, "citywatch_notify_oldest_pending_age_seconds{{channel=\"{}\"}} {age}", label(&s.channel));
-            }
-        },
-    );
-    out
-}
-
-/// A Prometheus label value, escaped.
-fn label(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+impl prometheus_client::collector::Collector for ChannelMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::{counter_family, gauge_family};
+        let now_ms = now_ms();
+        let states = &self.0;
+        let per_channel = |f: fn(&ChannelState) -> u64| states.iter().map(move |s| ([("channel", &*s.channel)], f(s)));
+        let e = &mut encoder;
+        counter_family(e, "citywatch_notify_delivered", "Incident changes delivered, by push channel.", per_channel(|s| s.delivered.load(Ordering::Relaxed)))?;
+        let dropped = states.iter().flat_map(|s| s.dropped_by_reason().into_iter().map(move |(reason, n)| ([("channel", &*s.channel), ("reason", reason)], n)));
+        counter_family(e, "citywatch_notify_dropped", "Incident changes given up on, by push channel and reason.", dropped)?;
+        counter_family(e, "citywatch_notify_failed_attempts", "Delivery attempts that failed, by push channel.", per_channel(|s| s.attempts_failed.load(Ordering::Relaxed)))?;
+        gauge_family(e, "citywatch_notify_pending", "Incident changes waiting for a push channel.", per_channel(|s| s.pending.load(Ordering::Relaxed)))?;
+        let age = states.iter().map(|s| {
+            let age = load_ms(&s.oldest_pending_ms).map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
+            ([("channel", &*s.channel)], age)
+        });
+        gauge_family(e, "citywatch_notify_oldest_pending_age_seconds", "Age of the oldest change waiting for a push channel (0 when none).", age)
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -113,6 +113,17 @@ pub struct BrokerStats {
     pub door: Arc<super::door::DoorStats>,
 }
 
+/// The broker's series of `/metrics`, the door's included (names without `_total`).
+impl prometheus_client::collector::Collector for BrokerStats {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let forwarded = self.forwarded.load(Ordering::Relaxed);
+        crate::metrics::counter(&mut encoder, "citywatch_broker_forwarded", "Publishes the embedded broker handed to the gateway.", forwarded)?;
+        let dropped = [([("reason", "log_evicted")], self.dropped.load(Ordering::Relaxed))];
+        crate::metrics::counter_family(&mut encoder, "citywatch_broker_dropped", "Publishes the embedded broker lost before the gateway read them, by reason.", dropped)?;
+        prometheus_client::collector::Collector::encode(&*self.door, encoder)
+    }
+}
+
 /// The running embedded broker. Dropping it stops the listener, the door and the ingest.
 pub struct EmbeddedBroker {
     addr: SocketAddr,

@@ -173,25 +173,6 @@ pub struct DoorStats {
 }
 
 impl DoorStats {
-    /// Prometheus text (nothing when the door never ran).
-    pub fn render(&self) -> String {
-        let mut text = String::from(
-            "# HELP citywatch_mqtt_connections_total Device connections through the embedded broker's TLS/ACL door.\n# TYPE citywatch_mqtt_connections_total counter\n",
-        );
-        text.push_str(&format!("citywatch_mqtt_connections_total {}\n", self.connections.load(Relaxed)));
-        text.push_str("# HELP citywatch_mqtt_rejected_total Device connections closed by the door, by reason.\n# TYPE citywatch_mqtt_rejected_total counter\n");
-        for (reason, n) in [
-            ("acl_denied_connect", &self.denied_connect),
-            ("acl_denied_publish", &self.denied_publish),
-            ("acl_denied_subscribe", &self.denied_subscribe),
-            ("malformed", &self.malformed),
-            ("tls_handshake", &self.tls_failed),
-        ] {
-            text.push_str(&format!("citywatch_mqtt_rejected_total{{reason=\"{reason}\"}} {}\n", n.load(Relaxed)));
-        }
-        text
-    }
-
     /// One warning per 10 s at most: a rogue device must not flood the log.
     fn warn(&self, what: &str, peer: SocketAddr, detail: &str) {
         let now = now_ms();
@@ -199,6 +180,23 @@ impl DoorStats {
         if now - last >= 10_000 && self.last_log_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
             tracing::warn!(%peer, detail, "MQTT door: {what}; connection closed (further denials within 10 s are only counted)");
         }
+    }
+}
+
+/// The door's series of `/metrics` (names without `_total`: the encoder adds it).
+impl prometheus_client::collector::Collector for DoorStats {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let connections = self.connections.load(Relaxed);
+        crate::metrics::counter(&mut encoder, "citywatch_mqtt_connections", "Device connections through the embedded broker's TLS/ACL door.", connections)?;
+        let rejected = [
+            ("acl_denied_connect", &self.denied_connect),
+            ("acl_denied_publish", &self.denied_publish),
+            ("acl_denied_subscribe", &self.denied_subscribe),
+            ("malformed", &self.malformed),
+            ("tls_handshake", &self.tls_failed),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n.load(Relaxed)));
+        crate::metrics::counter_family(&mut encoder, "citywatch_mqtt_rejected", "Device connections closed by the door, by reason.", rejected)
     }
 }
 

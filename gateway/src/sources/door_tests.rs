@@ -327,7 +327,7 @@ async fn embedded_broker_enforces_device_acls() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(output.success());
-    let text = crate::sources::door::DoorStats::render(&stats);
+    let text = crate::metrics::encode_collector(Arc::clone(&stats));
     assert!(text.contains("citywatch_mqtt_rejected_total{reason=\"acl_denied_publish\"} 4"), "{text}");
 }
 

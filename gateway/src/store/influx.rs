@@ -211,15 +211,6 @@ impl InfluxStats {
     }
 }
 
-/// The old `/metrics` path, until every section is in the gateway's one registry.
-impl crate::metrics::MetricsSection for InfluxStats {
-    fn render(&self, out: &mut String) {
-        let mut registry = Registry::default();
-        self.register(&mut registry);
-        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
-    }
-}
-
 /// What the sink is fed: copies of the decode stage's readings, or incident changes.
 #[derive(Debug)]
 pub enum SinkInput {

@@ -129,6 +129,27 @@ pub struct StoreStats {
     pub refusing: bool,
 }
 
+/// The SQLite store's gauges for `/metrics`, read from [`SqliteStore::stats`] at every scrape.
+#[derive(Debug)]
+pub struct StoreMetrics(pub Arc<SqliteStore>);
+
+impl prometheus_client::collector::Collector for StoreMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::gauge;
+        let st = self.0.stats();
+        let e = &mut encoder;
+        gauge(e, "citywatch_store_queue_depth", "Writes waiting for the store writer.", st.queue_depth)?;
+        gauge(e, "citywatch_store_queue_capacity", "Capacity of the store queue.", st.queue_capacity)?;
+        gauge(e, "citywatch_store_last_batch_seconds", "Duration of the last store transaction.", st.last_batch_us as f64 / 1e6)?;
+        gauge(e, "citywatch_store_max_batch_seconds", "Slowest store transaction since start.", st.max_batch_us as f64 / 1e6)?;
+        gauge(e, "citywatch_store_last_batch_rows", "Rows in the last store transaction.", st.last_batch_rows)?;
+        gauge(e, "citywatch_store_batches", "Store transactions committed.", st.batches)?;
+        gauge(e, "citywatch_store_readings_written", "Readings committed to the store.", st.readings_written)?;
+        gauge(e, "citywatch_store_write_errors", "Store write errors.", st.write_errors)?;
+        gauge(e, "citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", u64::from(st.refusing))
+    }
+}
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

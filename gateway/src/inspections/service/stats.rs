@@ -1,5 +1,6 @@
-//! The maintenance side's metrics, registered in the gateway's Prometheus registry by
-//! [`Stats::register`] (the gateway's counters no longer hold this type).
+//! The maintenance side's counters, added to the gateway's one Prometheus registry by
+//! [`Stats::register`] when the gateway is wired. Counting only: the service decides what
+//! counts.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -46,14 +47,5 @@ impl Stats {
             "Inventory lines rejected, by the column at fault",
             self.rows_rejected.clone(),
         );
-    }
-}
-
-/// The old `/metrics` path, until every section is in the gateway's one registry.
-impl crate::metrics::MetricsSection for Stats {
-    fn render(&self, out: &mut String) {
-        let mut registry = Registry::default();
-        self.register(&mut registry);
-        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
     }
 }

@@ -19,7 +19,8 @@ use bytes::Bytes;
 use citywatch_edge::wire::{self, Channel, Metric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tokio_modbus::client::{Client as _, Context, Reader};
@@ -34,7 +35,7 @@ use map::{ReadSpan, Registers, Table};
 /// Firmware string polled devices announce.
 pub const FW: &str = "modbus";
 
-/// A bus's metrics, registered with a `bus` label by [`BusStats::register`].
+/// A bus's counters, shown in `/metrics` by [`BusMetrics`] with a `bus` label.
 #[derive(Debug, Default)]
 pub struct BusStats {
     pub name: String,
@@ -48,28 +49,25 @@ pub struct BusStats {
     pub devices_offline: Gauge,
 }
 
-impl BusStats {
-    /// Adds the bus's series to `registry`, labelled `bus="<name>"` (names without `_total`:
-    /// the crate adds it to counters).
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_label(("bus".into(), self.name.clone().into()));
-        r.register("citywatch_modbus_polls", "Device polls that read every register", self.polls_ok.clone());
-        r.register("citywatch_modbus_failed_polls", "Device polls that failed (timeout, exception, no connection)", self.polls_failed.clone());
-        r.register("citywatch_modbus_timeouts", "Calls that hit the bus timeout", self.timeouts.clone());
-        r.register("citywatch_modbus_exceptions", "Modbus exception responses", self.exceptions.clone());
-        r.register("citywatch_modbus_connects", "Connections opened", self.connects.clone());
-        r.register("citywatch_modbus_connect_failures", "Connection attempts that failed", self.connect_failures.clone());
-        r.register("citywatch_modbus_connected", "1 while the bus connection is open", self.connected.clone());
-        r.register("citywatch_modbus_devices_offline", "Devices of the bus announced offline", self.devices_offline.clone());
-    }
-}
+/// Every bus's series of `/metrics`: one family per metric, one series per bus (registering
+/// each bus apart would repeat a family, which OpenMetrics forbids). Names without `_total`.
+#[derive(Debug)]
+pub struct BusMetrics(pub Vec<Arc<BusStats>>);
 
-/// The old `/metrics` path, until every section is in the gateway's one registry.
-impl crate::metrics::MetricsSection for BusStats {
-    fn render(&self, out: &mut String) {
-        let mut registry = Registry::default();
-        self.register(&mut registry);
-        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
+impl Collector for BusMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::{counter_family, gauge_family};
+        let counters = |f: fn(&BusStats) -> &Counter| self.0.iter().map(move |b| ([("bus", b.name.as_str())], f(b).get()));
+        let gauges = |f: fn(&BusStats) -> &Gauge| self.0.iter().map(move |b| ([("bus", b.name.as_str())], f(b).get()));
+        let e = &mut encoder;
+        counter_family(e, "citywatch_modbus_polls", "Device polls that read every register.", counters(|b| &b.polls_ok))?;
+        counter_family(e, "citywatch_modbus_failed_polls", "Device polls that failed (timeout, exception, no connection).", counters(|b| &b.polls_failed))?;
+        counter_family(e, "citywatch_modbus_timeouts", "Calls that hit the bus timeout.", counters(|b| &b.timeouts))?;
+        counter_family(e, "citywatch_modbus_exceptions", "Modbus exception responses.", counters(|b| &b.exceptions))?;
+        counter_family(e, "citywatch_modbus_connects", "Connections opened.", counters(|b| &b.connects))?;
+        counter_family(e, "citywatch_modbus_connect_failures", "Connection attempts that failed.", counters(|b| &b.connect_failures))?;
+        gauge_family(e, "citywatch_modbus_connected", "1 while the bus connection is open.", gauges(|b| &b.connected))?;
+        gauge_family(e, "citywatch_modbus_devices_offline", "Devices of the bus announced offline.", gauges(|b| &b.devices_offline))
     }
 }
 
@@ -408,6 +406,18 @@ async fn read_device(ctx: &mut Context, dev: &Polled, limit: Duration, stats: &B
 mod tests {
     use super::*;
     use citywatch_edge::wire::EventKind;
+
+    #[test]
+    fn two_buses_share_one_family_per_metric_with_a_bus_label() {
+        let (a, b) = (Arc::new(BusStats { name: "east".into(), ..BusStats::default() }), Arc::new(BusStats { name: "west".into(), ..BusStats::default() }));
+        a.timeouts.inc();
+        b.connected.set(1);
+        let text = crate::metrics::encode_collector(BusMetrics(vec![a, b]));
+        assert_eq!(text.matches("# TYPE citywatch_modbus_timeouts counter\n").count(), 1, "{text}");
+        assert!(text.contains("citywatch_modbus_timeouts_total{bus=\"east\"} 1\n"), "{text}");
+        assert!(text.contains("citywatch_modbus_timeouts_total{bus=\"west\"} 0\n"), "{text}");
+        assert!(text.contains("citywatch_modbus_connected{bus=\"west\"} 1\n"), "{text}");
+    }
 
     fn poller(offline_after: u32) -> BusPoller {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("modbus/gas-controller-8ch.toml");

@@ -249,8 +249,9 @@ async fn a_batch_the_server_refuses_is_dropped_and_counted() {
     let task = tokio::spawn(sink.run(rx));
     tap.readings(&[reading("d", Metric::TempC, 1, 1.0), reading("d", Metric::TempC, 2, 1.0)]);
     wait_for("the refusal", || stats.dropped("rejected_by_server") == 2).await;
-    let mut text = String::new();
-    crate::metrics::MetricsSection::render(&*stats, &mut text);
+    let mut registry = prometheus_client::registry::Registry::default();
+    stats.register(&mut registry);
+    let text = crate::metrics::encode(&registry).expect("encode");
     assert!(text.contains("citywatch_influx_dropped_lines_total{reason=\"rejected_by_server\"} 2"), "{text}");
     drop(tap);
     tokio::time::timeout(StdDuration::from_secs(10), task).await.expect("stops").expect("no panic");
