@@ -210,7 +210,7 @@ async fn a_fire_over_two_smoke_detectors_is_one_parent_whose_ack_acknowledges_it
     assert_eq!(acked["state"], "acknowledged");
     for child in &children {
         let pushed = receiver
-            .wait_for(STEP_WAIT, "the child's ack pushed", |all| all.iter().find(|d| d.id() == child && d.state() == "acknowledged").cloned())
+            .wait_for(STEP_WAIT, "the child's ack pushed", |all| all.iter().find(|d| d.id() == child.as_str() && d.state() == "acknowledged").cloned())
             .await;
         let last = pushed.body["history"].as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
         assert_eq!(last["actor"], "li", "{last}");
