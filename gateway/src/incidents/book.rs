@@ -2,6 +2,9 @@
 //! changes. One incident per device × rule while active; repeats update it; a cleared incident
 //! whose condition returns soon is re-opened; flapping is detected and its flips held back;
 //! silences hold signals back; unacknowledged criticals escalate; commands are supervised.
+//! The rule pack's policies across incidents live here too: situations merge a device's member
+//! rules into one incident, parents link a site's device incidents under its composite one
+//! (an ack cascades to open children), groups make an outage storm one site incident.
 //!
 //! Pure and synchronous: every method takes `now_ms` and records what must be committed and
 //! pushed in a [`Commit`] and a list of [`Command`]s, which the manager task carries out.
