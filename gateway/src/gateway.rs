@@ -345,7 +345,10 @@ fn open_incidents(config: &Config, rules: &RuleSet) -> Result<OpenedIncidents> {
     }
     tracing::info!(unclosed = unclosed.len(), silences = silences.len(), "incident store open");
     let active_incidents: Vec<Arc<Incident>> = unclosed.iter().filter(|i| i.state.is_active()).cloned().map(Arc::new).collect();
-    let book = Book::new(config.incidents.clone(), unclosed, silences, now).with_situations(rules.situations().to_vec());
+    let book = Book::new(config.incidents.clone(), unclosed, silences, now)
+        .with_situations(rules.situations().to_vec())
+        .with_parents(rules.parents().to_vec())
+        .with_groups(rules.groups().to_vec());
     let active = book.active_device_rules().into_iter().map(|(d, r, _)| (d, r)).collect();
     Ok(OpenedIncidents { store, book, active, active_incidents })
 }

@@ -198,6 +198,14 @@ pub struct Incident {
     /// worst of them. Empty once the condition cleared.
     #[serde(default)]
     pub rules_active: Vec<String>,
+    /// The incident this one is part of: a smoke incident under its site's `fire_confirmed`
+    /// (rule pack `[[parent]]`), a device outage folded into its site's outage (`[[group]]`).
+    /// Set once, never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The incidents whose `parent` this one is, in the order they joined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<String>,
     pub history: Vec<HistoryEntry>,
 }
 

@@ -134,3 +134,147 @@ async fn a_gas_leak_rising_to_55_and_falling_is_one_incident_pushed_revision_by_
     assert_eq!(incident["rules_active"], json!([]), "nothing active once cleared");
     assert_eq!(incident["state"], "cleared");
 }
+
+/// A device of `kind` at `site` on its own publisher (born online), for the site tests.
+async fn born(gw: &GatewayProcess, site: &str, device: &str, kind: &str) -> Publisher {
+    let broker = gw.mqtt_addr().expect("embedded broker").to_owned();
+    let mut publisher = Publisher::connect(&broker, 64).await.expect("publisher");
+    publisher.publish_json(&device_topic(site, device, "status"), true, &birth(kind, 60)).await.expect("birth");
+    publisher.wait_acked(1, Duration::from_secs(10)).await.expect("birth acknowledged");
+    publisher
+}
+
+async fn wait_registered(gw: &GatewayProcess, device: &str) {
+    gw.wait_for(Duration::from_secs(10), &format!("{device} registered"), |gw| gw.get(&format!("/api/v1/devices/{device}")).ok()).await;
+}
+
+fn ids(value: &Value) -> Vec<String> {
+    value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_over_two_smoke_detectors_is_one_parent_whose_ack_acknowledges_its_children() {
+    let site = "sit-fire";
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    // The smoke hold shortened to 1 s so the fire runs in seconds.
+    let extra = "[[rules.override]]\nrule = \"smoke\"\nopen = { at_least = 0.15, for = \"1s\" }\n";
+    let gw = GatewayProcess::start_embedded(&format!("{}{extra}", config(&receiver))).await.expect("gateway");
+    let devices = ["sit-fire-smoke-01", "sit-fire-smoke-02"];
+    let mut publishers = Vec::new();
+    for d in devices {
+        publishers.push(born(&gw, site, d, "smoke_detector").await);
+        wait_registered(&gw, d).await;
+    }
+    // Both detectors see smoke until the fire is confirmed with both smoke incidents under it.
+    let deadline = tokio::time::Instant::now() + STEP_WAIT;
+    let mut seq = 0;
+    let fire = loop {
+        seq += 1;
+        for (p, d) in publishers.iter().zip(devices) {
+            let body = json!({"seq": seq, "ts": now_ms(), "values": {"smoke_db_m": 0.3, "temp_c": 25.0}});
+            p.publish_json(&device_topic(site, d, "telemetry"), false, &body).await.expect("telemetry");
+        }
+        let found = receiver.deliveries().into_iter().rev().find(|d| d.site() == site && d.rule() == "fire_confirmed");
+        if let Some(fire) = found.filter(|f| ids(&f.body["children"]).len() == 2) {
+            break fire;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for the fire with two children\n{}", receiver.report());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let fire_id = fire.id().to_owned();
+    let children = ids(&fire.body["children"]);
+    // Linked both ways, in the API as pushed.
+    let listed = gw.get(&format!("/api/v1/incidents?parent={fire_id}")).expect("children");
+    let mut listed: Vec<String> = listed["incidents"].as_array().map(|a| a.iter().filter_map(|i| i["id"].as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    listed.sort();
+    let mut expected = children.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "?parent= lists the children");
+    let mut child_devices = Vec::new();
+    for child in &children {
+        let inc = gw.get(&format!("/api/v1/incidents/{child}")).expect("child");
+        assert_eq!(inc["parent"], fire_id.as_str(), "{inc}");
+        assert_eq!(inc["situation"], "smoke");
+        assert_eq!(inc["state"], "open");
+        child_devices.push(inc["device"].as_str().unwrap_or_default().to_owned());
+    }
+    child_devices.sort();
+    assert_eq!(child_devices, devices);
+    let smoke_ids: BTreeSet<String> =
+        receiver.deliveries().iter().filter(|d| d.site() == site && d.rule() != "fire_confirmed").map(|d| d.id().to_owned()).collect();
+    assert_eq!(smoke_ids.len(), 2, "one incident per detector, no more:\n{}", receiver.report());
+
+    // The duty officer acknowledges the fire: both children are acknowledged too, by them.
+    let (status, acked) = gw.post(&format!("/api/v1/incidents/{fire_id}/ack"), &json!({"actor": "li", "note": "crew en route"})).expect("ack");
+    assert_eq!(status, 200, "{acked}");
+    assert_eq!(acked["state"], "acknowledged");
+    for child in &children {
+        let pushed = receiver
+            .wait_for(STEP_WAIT, "the child's ack pushed", |all| all.iter().find(|d| d.id() == child.as_str() && d.state() == "acknowledged").cloned())
+            .await;
+        let last = pushed.body["history"].as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+        assert_eq!(last["actor"], "li", "{last}");
+        assert_eq!(last["note"], format!("with parent {fire_id}: crew en route"));
+        let inc = gw.get(&format!("/api/v1/incidents/{child}")).expect("child");
+        assert_eq!(inc["state"], "acknowledged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_devices_of_a_site_going_offline_together_are_one_site_incident() {
+    let site = "sit-outage";
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    let gw = GatewayProcess::start_embedded(&config(&receiver)).await.expect("gateway");
+    let devices: Vec<String> = (0..10).map(|i| format!("sit-outage-smoke-{i:02}")).collect();
+    let mut publishers = Vec::new();
+    for d in &devices {
+        publishers.push(born(&gw, site, d, "smoke_detector").await);
+    }
+    for d in &devices {
+        wait_registered(&gw, d).await;
+    }
+    // The power goes: every device's offline status (what its Last Will says) within a second.
+    for (p, d) in publishers.iter_mut().zip(&devices) {
+        let offline = json!({"state": "offline", "kind": "smoke_detector", "fw": "0.1.0", "interval_s": 60});
+        p.publish_json(&device_topic(site, d, "status"), true, &offline).await.expect("offline");
+        p.wait_acked(2, Duration::from_secs(10)).await.expect("offline acknowledged");
+    }
+    let storm = receiver
+        .wait_for(STEP_WAIT, "one site incident listing the ten devices", |all| {
+            all.iter().rev().find(|d| d.site() == site && d.body["scope"] == "site" && ids(&d.body["devices"]).len() == 10).cloned()
+        })
+        .await;
+    assert_eq!(storm.body["situation"], "site_offline");
+    assert_eq!(storm.body["key"], format!("{site}/*/site_offline"));
+    assert_eq!(storm.body["rule"], "device_offline");
+    let mut listed = ids(&storm.body["devices"]);
+    listed.sort();
+    assert_eq!(listed, devices);
+    // The pushes of the site incident: revisions in order, one per device added.
+    let storm_id = storm.id().to_owned();
+    let mut revisions: Vec<u64> = receiver.deliveries().iter().filter(|d| d.id() == storm_id).map(Delivery::revision).collect();
+    revisions.dedup();
+    assert_eq!(revisions, (1..=8).collect::<Vec<_>>(), "opened with three, then seven devices added, one revision each");
+    // The board: one open incident for the site; the two device incidents opened before the
+    // threshold are folded into it (closed, naming it).
+    let open = gw.get(&format!("/api/v1/incidents?site={site}&state=active")).expect("incidents");
+    let open = open["incidents"].as_array().cloned().unwrap_or_default();
+    assert_eq!(open.len(), 1, "one active incident for the outage: {open:?}");
+    assert_eq!(open[0]["id"], storm_id.as_str());
+    let folded = ids(&storm.body["children"]);
+    assert_eq!(folded.len(), 2, "{}", storm.body);
+    for child in &folded {
+        let inc = gw.get(&format!("/api/v1/incidents/{child}")).expect("folded");
+        assert_eq!((inc["state"].as_str(), inc["parent"].as_str()), (Some("closed"), Some(storm_id.as_str())), "{inc}");
+        assert!(history_actions(&inc).contains(&"folded".to_owned()));
+    }
+
+    // Power back on one device: removed from the site incident, one more revision.
+    let online = birth("smoke_detector", 60);
+    publishers[0].publish_json(&device_topic(site, &devices[0], "status"), true, &online).await.expect("online");
+    let removed = receiver
+        .wait_for(STEP_WAIT, "the device removed", |all| all.iter().find(|d| d.id() == storm_id && d.revision() == 9).cloned())
+        .await;
+    assert_eq!(ids(&removed.body["devices"]).len(), 9);
+    assert!(!ids(&removed.body["devices"]).contains(&devices[0]));
+}

@@ -62,6 +62,8 @@ pub struct IncidentParams {
     rule: Option<String>,
     site: Option<String>,
     device: Option<String>,
+    /// Only the children of this incident (SPEC §5: `fire_confirmed` over its smoke incidents).
+    parent: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
 }
@@ -88,7 +90,7 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
     let limit = page::limit(p.limit, DEFAULT_INCIDENTS, MAX_INCIDENTS)?;
     let after = p.cursor.as_deref().map(page::incident_after).transpose()?;
     // One more than asked: whether a next page exists.
-    let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, limit: limit + 1 };
+    let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, parent: p.parent, limit: limit + 1 };
     let store = std::sync::Arc::clone(&h.store);
     let (mut found, total, counts) = tokio::task::spawn_blocking(move || -> Result<_, crate::incidents::store::Error> {
         let (found, total) = store.page(&filter, after.as_ref().map(|(t, id)| (*t, id.as_str())))?;

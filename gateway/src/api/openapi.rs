@@ -190,6 +190,7 @@ pub fn document() -> Value {
                 query("rule", "Only this rule.", json!({ "type": "string" })),
                 query("site", "Only this site.", json!({ "type": "string" })),
                 query("device", "Only this device.", json!({ "type": "string" })),
+                query("parent", "Only the children of this incident (its `children`).", json!({ "type": "string" })),
                 inc_limit, inc_cursor,
             ],
             "responses": { "200": ok("A page of incidents.", page_of("incidents", schema("Incident"), json!({ "by_state": { "type": "object", "additionalProperties": { "type": "integer" } } }))),
@@ -294,6 +295,12 @@ pub fn document() -> Value {
                 "Incident": { "type": "object", "required": ["id", "key", "revision", "rule", "severity", "state"], "properties": {
                     "id": { "type": "string" }, "key": { "type": "string" }, "revision": { "type": "integer" }, "rule": { "type": "string" },
                     "severity": { "type": "string" }, "state": { "enum": ["open", "acknowledged", "dispatched", "resolved", "cleared", "closed"] },
+                    "scope": { "enum": ["device", "site"] }, "site": { "type": "string" }, "device": { "type": "string", "description": "The device; for a site incident the latest one." },
+                    "devices": { "type": "array", "items": { "type": "string" }, "description": "Site incidents: the devices counted (composite rules) or, for a group (outage storm), the devices for which the rule holds now." },
+                    "situation": { "type": "string", "description": "The rule pack's `[[situation]]` (device scope) or `[[group]]` (site scope) this incident is." },
+                    "rules_active": { "type": "array", "items": { "type": "string" }, "description": "Member rules active now." },
+                    "parent": { "type": "string", "description": "The incident this one is part of (rule pack `[[parent]]`, or the site outage it was folded into by a `[[group]]`). Absent: none." },
+                    "children": { "type": "array", "items": { "type": "string" }, "description": "Ids of the incidents whose `parent` this one is, in the order they joined. Absent: none." },
                     "history": { "type": "array" } } },
             },
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "A [[http.tokens]] token; roles viewer (reads), operator (writes), admin (device import). Not required when no token is configured (loopback only)." } }

@@ -2,6 +2,9 @@
 //! changes. One incident per device × rule while active; repeats update it; a cleared incident
 //! whose condition returns soon is re-opened; flapping is detected and its flips held back;
 //! silences hold signals back; unacknowledged criticals escalate; commands are supervised.
+//! The rule pack's policies across incidents live here too: situations merge a device's member
+//! rules into one incident, parents link a site's device incidents under its composite one
+//! (an ack cascades to open children), groups make an outage storm one site incident.
 //!
 //! Pure and synchronous: every method takes `now_ms` and records what must be committed and
 //! pushed in a [`Commit`] and a list of [`Command`]s, which the manager task carries out.
@@ -15,7 +18,7 @@ use citywatch_edge::wire::Metric;
 
 use super::config::IncidentsConfig;
 use crate::model::{rfc3339, Change, HistoryEntry, Incident, IncidentState, Release, Scope, Severity, Signal};
-use crate::rules::SituationDef;
+use crate::rules::{GroupDef, ParentDef, SituationDef};
 use super::silence::Silence;
 use super::store::Commit;
 
@@ -120,6 +123,15 @@ pub struct Book {
     situations: Vec<SituationDef>,
     /// Situation incidents: their active member rules, in the order they joined.
     members: HashMap<String, Vec<Member>>,
+    /// The rule pack's parents (empty: no incident is linked under another).
+    parents: Vec<ParentDef>,
+    /// The rule pack's groups (empty: one incident per device even in an outage storm).
+    groups: Vec<GroupDef>,
+    /// Per (site, group): the group rule's recent opens (time, device) not yet a storm, within
+    /// the group's window. Not persisted: a restart forgets at most one window.
+    storm_window: HashMap<(String, String), VecDeque<(i64, String)>>,
+    /// Group incidents (site outages) in the book, by site.
+    storms: HashMap<String, Vec<String>>,
     pub stats: BookStats,
 }
 
@@ -195,6 +207,10 @@ impl Book {
             counter: 0,
             situations: Vec::new(),
             members: HashMap::new(),
+            parents: Vec::new(),
+            groups: Vec::new(),
+            storm_window: HashMap::new(),
+            storms: HashMap::new(),
             stats: BookStats::default(),
         };
         let reopen = book.cfg.reopen_within.as_ms();
@@ -206,9 +222,26 @@ impl Book {
                     book.cleared_at.insert(inc.id.clone(), inc.updated_ms);
                 }
             }
+            if is_group_incident(&inc) {
+                book.storms.entry(inc.site.clone()).or_default().push(inc.id.clone());
+            }
             book.incidents.insert(inc.id.clone(), inc);
         }
         book
+    }
+
+    /// Links device incidents under their site's incident (the rule pack's `[[parent]]`).
+    /// Incidents loaded from before keep the links they have; none are added until one of them
+    /// opens or re-opens.
+    pub fn with_parents(mut self, parents: Vec<ParentDef>) -> Book {
+        self.parents = parents;
+        self
+    }
+
+    /// Makes an outage storm one site incident (the rule pack's `[[group]]`).
+    pub fn with_groups(mut self, groups: Vec<GroupDef>) -> Book {
+        self.groups = groups;
+        self
     }
 
     /// Merges member rules into situations (the rule pack's `[[situation]]`). Incidents loaded
@@ -241,7 +274,7 @@ impl Book {
                 }
             }
             let Some(inc) = self.incidents.get(&id) else { continue };
-            if inc.situation.is_some() {
+            if inc.situation.is_some() && inc.scope == Scope::Device {
                 // What each member last said is not stored: the lead's is the incident's, the
                 // others are taken at the lowest severity until their next repeat.
                 let members = inc
@@ -297,6 +330,11 @@ impl Book {
     pub fn active_device_rules(&self) -> Vec<(String, String, Scope)> {
         let mut out = Vec::new();
         for i in self.incidents.values().filter(|i| i.state.is_active()) {
+            if is_group_incident(i) {
+                // The grouped rule is active on each device listed.
+                out.extend(i.devices.iter().map(|d| (d.clone(), i.rule.clone(), Scope::Device)));
+                continue;
+            }
             if i.rules_active.is_empty() {
                 out.push((i.device.clone(), i.rule.clone(), i.scope));
             }
@@ -359,6 +397,9 @@ impl Book {
                     self.held.insert(rule_key, s);
                     return;
                 }
+                if self.storm_open(&s, now_ms) {
+                    return;
+                }
                 let (key, situation) = self.route(&s);
                 self.open(key, situation, s, now_ms);
             }
@@ -366,6 +407,13 @@ impl Book {
                 if let Some(held) = self.held.get_mut(&rule_key) {
                     if let Change::Open { value: v, .. } = &mut held.change {
                         *v = *value;
+                    }
+                    return;
+                }
+                if let Some(id) = self.storm_of(&s) {
+                    if let Some(inc) = self.incidents.get_mut(&id) {
+                        inc.count += 1;
+                        self.dirty.insert(id);
                     }
                     return;
                 }
@@ -383,9 +431,14 @@ impl Book {
                 if self.held.remove(&rule_key).is_some() {
                     return;
                 }
+                // A device back from a storm leaves its site incident; a device incident of
+                // its own (one an operator had taken before the storm) clears too.
+                let in_storm = self.storm_leave(&s, now_ms);
                 let (key, _) = self.route(&s);
                 let Some(id) = self.keys.get(&key).cloned() else {
-                    self.stats.signals_without_incident += 1;
+                    if !in_storm {
+                        self.stats.signals_without_incident += 1;
+                    }
                     return;
                 };
                 if self.members.get(&id).is_some_and(|m| m.len() > 1 || !m.iter().any(|m| *m.rule == *s.rule)) {
@@ -461,6 +514,8 @@ impl Book {
             devices: if s.scope == Scope::Site { site_members(&s) } else { Vec::new() },
             situation: situation.clone(),
             rules_active: vec![s.rule.to_string()],
+            parent: None,
+            children: Vec::new(),
             history: Vec::new(),
         };
         if situation.is_some() {
@@ -475,7 +530,10 @@ impl Book {
         self.stats.opened += 1;
         self.keys.insert(key, id.clone());
         self.flaps.insert(id.clone(), Flaps { last_signal_ms: now_ms, ..Flaps::default() });
+        let children = self.adopt_children(&mut inc, now_ms);
+        let parent = self.join_parent(&mut inc, now_ms);
         self.push(inc);
+        children.into_iter().chain(parent).for_each(|i| self.push(i));
     }
 
     /// Sends a command to the incident's device, recorded in its current revision.
@@ -624,7 +682,10 @@ impl Book {
         if let Some(cmd) = action {
             self.command(&mut inc, cmd, now_ms);
         }
+        let children = self.adopt_children(&mut inc, now_ms);
+        let parent = self.join_parent(&mut inc, now_ms);
         self.push(inc);
+        children.into_iter().chain(parent).for_each(|i| self.push(i));
     }
 
     /// A further reminder on an incident still active: pushed as a "reminder" revision.
@@ -759,6 +820,7 @@ impl Book {
             return Err(TransitionError::Invalid("crew: required to dispatch".into()));
         }
         let inc = self.incidents.get(id).ok_or_else(|| TransitionError::NotFound(id.to_owned()))?;
+        let ack_note = note.clone();
         if !action.allowed_from().contains(&inc.state) {
             return Err(TransitionError::NotAllowed {
                 action: match action {
@@ -786,18 +848,292 @@ impl Book {
             // The condition coming back after a resolve or close is a new incident.
             if self.keys.get(&inc.key).is_some_and(|k| *k == inc.id) {
                 self.keys.remove(&inc.key);
-                let mut rules = inc.rules_active.clone();
-                if !rules.contains(&inc.rule) {
-                    rules.push(inc.rule.clone());
-                }
-                for rule in rules {
-                    self.released.push(Release { scope: inc.scope, site: inc.site.clone(), device: inc.device.clone(), rule });
+                if is_group_incident(&inc) {
+                    // The grouped rule ends on every device listed.
+                    for d in &inc.devices {
+                        self.released.push(Release { scope: Scope::Device, site: inc.site.clone(), device: d.clone(), rule: inc.rule.clone() });
+                    }
+                } else {
+                    let mut rules = inc.rules_active.clone();
+                    if !rules.contains(&inc.rule) {
+                        rules.push(inc.rule.clone());
+                    }
+                    for rule in rules {
+                        self.released.push(Release { scope: inc.scope, site: inc.site.clone(), device: inc.device.clone(), rule });
+                    }
                 }
                 self.members.remove(&inc.id);
             }
         }
         self.push(inc.clone());
+        if action == Action::Ack && self.acks_children(&inc) {
+            // Each open child is acknowledged too, by the same actor: its own history entry and
+            // pushed revision, committed with the parent's.
+            let note = match ack_note {
+                Some(n) => format!("with parent {}: {n}", inc.id),
+                None => format!("with parent {}", inc.id),
+            };
+            for child_id in &inc.children {
+                let Some(child) = self.incidents.get(child_id).filter(|c| c.state == IncidentState::Open) else { continue };
+                let mut child = child.clone();
+                child.state = IncidentState::Acknowledged;
+                next_revision(&mut child, &mut self.commit, actor, IncidentState::Acknowledged.as_str(), Some(note.clone()), now_ms);
+                self.push(child);
+            }
+        }
         Ok(inc)
+    }
+
+    /// Whether acknowledging `inc` acknowledges its children: a `[[parent]]` with
+    /// `ack_children`, or a group incident (whose children an operator has already taken).
+    fn acks_children(&self, inc: &Incident) -> bool {
+        !inc.children.is_empty() && (is_group_incident(inc) || (inc.scope == Scope::Site && self.parents.iter().any(|p| p.rule == inc.rule && p.ack_children)))
+    }
+
+    /// The `[[parent]]` a device incident not yet under a parent would be a child of.
+    fn parent_def_of(&self, inc: &Incident) -> Option<&ParentDef> {
+        if inc.scope != Scope::Device || inc.parent.is_some() {
+            return None;
+        }
+        self.parents.iter().find(|p| p.takes(inc.situation.as_deref(), &inc.rule, inc.kind))
+    }
+
+    /// A parent opening or re-opening (not yet pushed): the children of its site not yet under
+    /// a parent join it, recorded in its current revision. Returns the children, each with a
+    /// revision of its own, to push after the parent.
+    fn adopt_children(&mut self, parent: &mut Incident, now_ms: i64) -> Vec<Incident> {
+        if parent.scope != Scope::Site || is_group_incident(parent) || !self.parents.iter().any(|p| p.rule == parent.rule) {
+            return Vec::new();
+        }
+        let mut found: Vec<(i64, String)> = self
+            .incidents
+            .values()
+            .filter(|c| c.site == parent.site && takes_part(c.state) && self.parent_def_of(c).is_some_and(|d| d.rule == parent.rule))
+            .map(|c| (c.opened_ms, c.id.clone()))
+            .collect();
+        found.sort();
+        let mut children = Vec::with_capacity(found.len());
+        for (_, child_id) in found {
+            let Some(child) = self.incidents.get(&child_id) else { continue };
+            let mut child = child.clone();
+            child.parent = Some(parent.id.clone());
+            parent.children.push(child_id);
+            next_revision(&mut child, &mut self.commit, SYSTEM, "parent", Some(format!("part of {} ({})", parent.id, parent.rule)), now_ms);
+            children.push(child);
+        }
+        if !children.is_empty() {
+            record(parent, &mut self.commit, SYSTEM, "children", Some(parent.children.join(", ")), now_ms);
+        }
+        children
+    }
+
+    /// A device incident opening or re-opening (not yet pushed) joins its site's parent if
+    /// one is unclosed and not resolved: recorded in its current revision. Returns the parent
+    /// with a revision of its own, to push after the child.
+    fn join_parent(&mut self, child: &mut Incident, now_ms: i64) -> Option<Incident> {
+        let rule = self.parent_def_of(child)?.rule.clone();
+        let parent = self
+            .incidents
+            .values()
+            .filter(|p| p.scope == Scope::Site && p.site == child.site && p.rule == rule && !is_group_incident(p) && takes_part(p.state))
+            .max_by_key(|p| p.opened_ms)?;
+        let mut parent = parent.clone();
+        child.parent = Some(parent.id.clone());
+        record(child, &mut self.commit, SYSTEM, "parent", Some(format!("part of {} ({rule})", parent.id)), now_ms);
+        parent.children.push(child.id.clone());
+        next_revision(&mut parent, &mut self.commit, SYSTEM, "child_added", Some(format!("{} ({})", child.id, child.device)), now_ms);
+        Some(parent)
+    }
+
+    /// The active group incident listing the signal's device for the signal's rule.
+    fn storm_of(&self, s: &Signal) -> Option<String> {
+        if s.scope != Scope::Device {
+            return None;
+        }
+        self.storms.get(&*s.site)?.iter().find(|id| {
+            self.incidents.get(*id).is_some_and(|i| i.state.is_active() && *i.rule == *s.rule && i.devices.iter().any(|d| **d == *s.device))
+        }).cloned()
+    }
+
+    /// An open of a grouped rule: joins its site's storm, or starts one when it is the
+    /// `min_devices`-th device within the window. False: it opens a device incident as usual.
+    fn storm_open(&mut self, s: &Signal, now_ms: i64) -> bool {
+        let Change::Open { severity, .. } = &s.change else { return false };
+        if s.scope != Scope::Device {
+            return false;
+        }
+        let Some(group) = self.groups.iter().find(|g| *g.rule == *s.rule).cloned() else { return false };
+        if self.storm_of(s).is_some() || self.holds(&key_of(s)) {
+            // Already counted: an open again is a repeat, which open() and the storm ignore.
+            return self.storm_of(s).is_some();
+        }
+        let storm_key = format!("{}/*/{}", s.site, group.name);
+        if let Some(id) = self.keys.get(&storm_key).cloned() {
+            match self.incidents.get(&id).map(|i| i.state) {
+                Some(state) if state.is_active() => {
+                    self.storm_change(&id, s, true, now_ms);
+                    return true;
+                }
+                Some(IncidentState::Cleared) => {
+                    self.storm_reopen(&id, s, now_ms);
+                    return true;
+                }
+                _ => {
+                    self.keys.remove(&storm_key);
+                }
+            }
+        }
+        let window_key = (s.site.to_string(), group.name.clone());
+        let window = self.storm_window.entry(window_key.clone()).or_default();
+        let within = group.within.as_ms();
+        while window.front().is_some_and(|(t, _)| *t < now_ms - within) {
+            window.pop_front();
+        }
+        window.retain(|(_, d)| **d != *s.device);
+        window.push_back((now_ms, s.device.to_string()));
+        let recent: Vec<String> = window.iter().map(|(_, d)| d.clone()).collect();
+        // Those that came back meanwhile do not count.
+        let devices: Vec<String> =
+            recent.into_iter().filter(|d| **d == *s.device || self.holds(&format!("{}/{d}/{}", s.site, s.rule))).collect();
+        if devices.len() < group.min_devices as usize {
+            return false;
+        }
+        self.storm_window.remove(&window_key);
+        self.storm_start(&group, storm_key, devices, s, *severity, now_ms);
+        true
+    }
+
+    /// Whether the incident under `key` is active with its condition holding.
+    fn holds(&self, key: &str) -> bool {
+        self.keys.get(key).and_then(|id| self.incidents.get(id)).is_some_and(|i| i.state.is_active() && !i.rules_active.is_empty())
+    }
+
+    /// Opens a group incident listing `devices`; the device incidents of the storm opened
+    /// before it are folded into it (closed, nobody having taken them) or, if an operator has
+    /// acknowledged or dispatched them, linked under it.
+    fn storm_start(&mut self, group: &GroupDef, key: String, devices: Vec<String>, s: &Signal, severity: Severity, now_ms: i64) {
+        let id = self.new_id(now_ms);
+        let opened_at = rfc3339(now_ms);
+        let site = s.site.to_string();
+        let n = devices.len();
+        let mut inc = Incident {
+            id: id.clone(),
+            key: key.clone(),
+            revision: 1,
+            rule: group.rule.clone(),
+            severity: group.severity.unwrap_or(severity),
+            state: IncidentState::Open,
+            scope: Scope::Site,
+            site: site.clone(),
+            device: s.device.to_string(),
+            kind: s.kind,
+            metric: None,
+            value: Some(n as f64),
+            threshold: Some(f64::from(group.min_devices)),
+            opened_at: opened_at.clone(),
+            updated_at: opened_at,
+            opened_ms: now_ms,
+            updated_ms: now_ms,
+            summary: storm_summary(&group.rule, &site, &devices),
+            summary_zh: String::new(),
+            summary_en: String::new(),
+            count: n as u64,
+            escalation: 0,
+            flapping: false,
+            crew: None,
+            devices,
+            situation: Some(group.name.clone()),
+            rules_active: vec![group.rule.clone()],
+            parent: None,
+            children: Vec::new(),
+            history: Vec::new(),
+        };
+        let taken: Vec<(String, String)> = inc
+            .devices
+            .iter()
+            .filter(|d| ***d != *s.device)
+            .map(|d| format!("{site}/{d}/{}", group.rule))
+            .filter_map(|k| self.keys.get(&k).cloned().map(|id| (k, id)))
+            .collect();
+        inc.children = taken.iter().map(|(_, id)| id.clone()).collect();
+        let note = format!("{n} devices of {site} within {} s", group.within.as_ms() / 1000);
+        record(&mut inc, &mut self.commit, SYSTEM, "open", Some(note), now_ms);
+        self.stats.opened += 1;
+        self.keys.insert(key, id.clone());
+        self.storms.entry(site.clone()).or_default().push(id.clone());
+        self.flaps.insert(id.clone(), Flaps { last_signal_ms: now_ms, ..Flaps::default() });
+        self.push(inc);
+        for (child_key, child_id) in taken {
+            let Some(child) = self.incidents.get(&child_id) else { continue };
+            let mut child = child.clone();
+            child.parent = Some(id.clone());
+            if child.state == IncidentState::Open {
+                // Folded: the site incident carries the condition on; the rule engine still
+                // holds it active, so the device's return reaches the site incident.
+                child.state = IncidentState::Closed;
+                child.rules_active.clear();
+                self.keys.remove(&child_key);
+                self.members.remove(&child_id);
+                self.cleared_at.remove(&child_id);
+                next_revision(&mut child, &mut self.commit, SYSTEM, "folded", Some(format!("into {id}: {n} devices of {site}")), now_ms);
+            } else {
+                next_revision(&mut child, &mut self.commit, SYSTEM, "parent", Some(format!("part of {id}: {n} devices of {site}")), now_ms);
+            }
+            self.push(child);
+        }
+    }
+
+    /// A device added to (`joins`) or removed from an active group incident: one revision.
+    fn storm_change(&mut self, id: &str, s: &Signal, joins: bool, now_ms: i64) {
+        let Some(inc) = self.incidents.get(id) else { return };
+        let mut inc = inc.clone();
+        if joins {
+            inc.devices.push(s.device.to_string());
+            inc.device = s.device.to_string();
+            inc.count += 1;
+        } else {
+            inc.devices.retain(|d| **d != *s.device);
+        }
+        inc.value = Some(inc.devices.len() as f64);
+        inc.summary = storm_summary(&inc.rule, &inc.site, &inc.devices);
+        let what = if joins { "device_added" } else { "device_removed" };
+        next_revision(&mut inc, &mut self.commit, SYSTEM, what, Some(s.device.to_string()), now_ms);
+        self.push(inc);
+    }
+
+    /// A device going offline again within the re-open window of its site's cleared storm.
+    fn storm_reopen(&mut self, id: &str, s: &Signal, now_ms: i64) {
+        let Some(inc) = self.incidents.get(id) else { return };
+        let mut inc = inc.clone();
+        inc.state = IncidentState::Open;
+        inc.devices = vec![s.device.to_string()];
+        inc.device = s.device.to_string();
+        inc.value = Some(1.0);
+        inc.count += 1;
+        inc.rules_active = vec![inc.rule.clone()];
+        inc.summary = storm_summary(&inc.rule, &inc.site, &inc.devices);
+        self.cleared_at.remove(id);
+        self.stats.reopened += 1;
+        next_revision(&mut inc, &mut self.commit, SYSTEM, "reopened", Some(s.device.to_string()), now_ms);
+        self.push(inc);
+    }
+
+    /// A clear of a grouped rule: its device leaves its site's storm; the last one leaving
+    /// clears it. False: the device is in no storm.
+    fn storm_leave(&mut self, s: &Signal, now_ms: i64) -> bool {
+        let Some(id) = self.storm_of(s) else { return false };
+        let last = self.incidents.get(&id).is_some_and(|i| i.devices.len() == 1);
+        if !last {
+            self.storm_change(&id, s, false, now_ms);
+            return true;
+        }
+        let Some(inc) = self.incidents.get_mut(&id) else { return true };
+        inc.devices.clear();
+        inc.rules_active.clear();
+        inc.value = Some(0.0);
+        let summary = format!("{}: every device of {} back (the last: {})", inc.rule, inc.site, s.device);
+        self.clear(&id, None, summary, now_ms);
+        true
     }
 
     /// Timers: escalation, flapping's quiet period, silences ending, unanswered commands,
@@ -893,6 +1229,13 @@ impl Book {
             self.flaps.remove(&id);
             self.cleared_at.remove(&id);
         }
+        let incidents = &self.incidents;
+        self.storms.retain(|_, ids| {
+            ids.retain(|id| incidents.contains_key(id));
+            !ids.is_empty()
+        });
+        let longest = self.groups.iter().map(|g| g.within.as_ms()).max().unwrap_or(0);
+        self.storm_window.retain(|_, w| w.back().is_some_and(|(t, _)| now_ms - t <= longest));
     }
 
     /// Stores the new state and queues it for every push channel.
@@ -903,6 +1246,28 @@ impl Book {
         self.commit.outbox.push(arc);
         self.incidents.insert(inc.id.clone(), inc);
     }
+}
+
+/// Whether an incident is a group's site incident (an outage storm): site scope with a
+/// situation (a `[[situation]]` is device scope only, so a site's situation is a group's).
+fn is_group_incident(inc: &Incident) -> bool {
+    inc.scope == Scope::Site && inc.situation.is_some()
+}
+
+/// Whether an incident in `state` can still be linked to a parent or take children: unclosed
+/// and not resolved.
+fn takes_part(state: IncidentState) -> bool {
+    state.is_active() || state == IncidentState::Cleared
+}
+
+/// A group incident's summary: the rule, the site and the devices listed (the first ten).
+fn storm_summary(rule: &str, site: &str, devices: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut list = devices.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if devices.len() > SHOWN {
+        list.push_str(&format!(" and {} more", devices.len() - SHOWN));
+    }
+    format!("{rule} at {} devices of {site} at once: {list}", devices.len())
 }
 
 /// The devices a site-scoped signal counts, the signalling one included.

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
     revision INTEGER NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    parent TEXT
 );
 CREATE INDEX IF NOT EXISTS incidents_by_state ON incidents(state, updated_ms);
 CREATE INDEX IF NOT EXISTS incidents_by_updated ON incidents(updated_ms);
@@ -77,6 +78,33 @@ CREATE TABLE IF NOT EXISTS silences (
 );
 ";
 
+/// The schema's version (`PRAGMA user_version`): 0 before migrations, 1 with `incidents.parent`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Brings a store written by an older gateway up to [`SCHEMA_VERSION`], in one transaction.
+/// Every migration only adds: rows an older gateway wrote stay readable (their bodies lack the
+/// newer fields, which deserialise to their defaults) and keep their ids.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    // 0 → 1: the parent of an incident (rule pack `[[parent]]` and `[[group]]`), a column so
+    // that `?parent=` lists children without reading every body.
+    let has_parent = tx.prepare("SELECT 1 FROM pragma_table_info('incidents') WHERE name = 'parent'")?.exists([])?;
+    if !has_parent {
+        tx.execute_batch("ALTER TABLE incidents ADD COLUMN parent TEXT")?;
+    }
+    tx.execute_batch(
+        "UPDATE incidents SET parent = json_extract(body, '$.parent') WHERE parent IS NULL;
+         CREATE INDEX IF NOT EXISTS incidents_by_parent ON incidents(parent) WHERE parent IS NOT NULL;",
+    )?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Everything one manager step changes, committed in one transaction.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -112,6 +140,8 @@ pub struct IncidentFilter {
     pub rule: Option<String>,
     pub site: Option<String>,
     pub device: Option<String>,
+    /// Only the children of this incident.
+    pub parent: Option<String>,
     pub limit: usize,
 }
 
@@ -147,9 +177,10 @@ impl IncidentStore {
     pub fn open(dir: &Path) -> Result<IncidentStore> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("incidents.sqlite");
-        let write = Connection::open(&path)?;
+        let mut write = Connection::open(&path)?;
         configure(&write)?;
         write.execute_batch(SCHEMA)?;
+        migrate(&mut write)?;
         let read = Connection::open(&path)?;
         configure(&read)?;
         Ok(IncidentStore { write: Mutex::new(write), read: Mutex::new(read) })
@@ -163,10 +194,11 @@ impl IncidentStore {
         let mut created = Vec::with_capacity(commit.outbox.len());
         {
             let mut upsert = tx.prepare_cached(
-                "INSERT INTO incidents (id, key, rule, site, device, state, severity, opened_ms, updated_ms, revision, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                "INSERT INTO incidents (id, key, rule, site, device, state, severity, opened_ms, updated_ms, revision, body, parent)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(id) DO UPDATE SET state = excluded.state, severity = excluded.severity,
-                   updated_ms = excluded.updated_ms, revision = excluded.revision, body = excluded.body",
+                   updated_ms = excluded.updated_ms, revision = excluded.revision, body = excluded.body,
+                   parent = excluded.parent",
             )?;
             for inc in &commit.incidents {
                 let body = serde_json::to_string(&**inc).map_err(|e| Error::Corrupt { id: inc.id.clone(), reason: e.to_string() })?;
@@ -181,7 +213,8 @@ impl IncidentStore {
                     inc.opened_ms,
                     inc.updated_ms,
                     inc.revision,
-                    body
+                    body,
+                    inc.parent
                 ])?;
             }
             let mut audit = tx.prepare_cached("INSERT INTO audit (incident, revision, at_ms, actor, action, state, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
@@ -307,7 +340,7 @@ impl IncidentStore {
                 " AND (rule = ?{n} OR EXISTS (SELECT 1 FROM json_each(incidents.body, '$.rules_active') WHERE json_each.value = ?{n}))"
             ));
         }
-        for (column, value) in [("site", &filter.site), ("device", &filter.device)] {
+        for (column, value) in [("site", &filter.site), ("device", &filter.device), ("parent", &filter.parent)] {
             if let Some(v) = value {
                 args.push(v.clone().into());
                 clause.push_str(&format!(" AND {column} = ?{}", args.len()));
@@ -372,5 +405,51 @@ impl IncidentStore {
         )?;
         conn.execute("DELETE FROM outbox WHERE created_ms < ?1 AND seq NOT IN (SELECT seq FROM deliveries)", [before_ms])?;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `incidents` table as gateways before `parent` created it.
+    const SCHEMA_V0: &str = "CREATE TABLE incidents (id TEXT PRIMARY KEY, key TEXT NOT NULL, rule TEXT NOT NULL,
+        site TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, severity TEXT NOT NULL,
+        opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, revision INTEGER NOT NULL, body TEXT NOT NULL);";
+
+    #[test]
+    fn a_store_from_before_parents_is_migrated_and_its_incidents_stay_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // An incident body as an older gateway wrote it: no parent, no children.
+        let old = r#"{"id":"inc-old-1","key":"xh/s1/smoke","revision":2,"rule":"smoke","severity":"critical","state":"open",
+            "scope":"device","site":"xh","device":"s1","kind":"smoke_detector","opened_at":"2027-01-15T08:00:00.000Z",
+            "updated_at":"2027-01-15T08:00:00.000Z","opened_ms":1800000000000,"updated_ms":1800000000000,"summary":"smoke",
+            "count":1,"escalation":0,"flapping":false,"history":[]}"#;
+        {
+            let conn = Connection::open(dir.path().join("incidents.sqlite")).expect("open");
+            conn.execute_batch(SCHEMA_V0).expect("old schema");
+            conn.execute(
+                "INSERT INTO incidents VALUES ('inc-old-1', 'xh/s1/smoke', 'smoke', 'xh', 's1', 'open', 'critical', 1800000000000, 1800000000000, 2, ?1)",
+                [old],
+            )
+            .expect("old row");
+        }
+        let store = IncidentStore::open(dir.path()).expect("migrated");
+        let inc = store.get("inc-old-1").expect("read").expect("kept");
+        assert_eq!((inc.id.as_str(), inc.revision, inc.parent.as_deref(), inc.children.len()), ("inc-old-1", 2, None, 0));
+        assert_eq!(store.load_unclosed().expect("unclosed").len(), 1);
+        // A child written now is found by its parent; opening again is a no-op.
+        let mut child = inc.clone();
+        child.id = "inc-new-2".into();
+        child.parent = Some("inc-fire-1".into());
+        let commit = Commit { incidents: vec![Arc::new(child)], ..Commit::default() };
+        store.commit(&commit, &[], 1_800_000_001_000).expect("commit");
+        drop(store);
+        let store = IncidentStore::open(dir.path()).expect("reopened");
+        let filter = IncidentFilter { parent: Some("inc-fire-1".into()), limit: 10, ..Default::default() };
+        let children: Vec<String> = store.list(&filter).expect("list").into_iter().map(|i| i.id).collect();
+        assert_eq!(children, ["inc-new-2"]);
+        let version: i64 = lock(&store.read).query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

@@ -66,7 +66,11 @@ fn number(v: f64) -> String {
 
 /// E.g. "燃气浓度二级报警：g-1（站点 s1）燃气浓度 55 %LEL，限值 50 %LEL，已下发关阀指令".
 pub fn summary_zh(inc: &Incident) -> String {
-    let rule = rule_zh(&inc.rule);
+    // A site's group incident (an outage storm) is named by its group, e.g. "site_offline".
+    let rule = match (inc.scope, &inc.situation) {
+        (Scope::Site, Some(group)) => rule_zh(group),
+        _ => rule_zh(&inc.rule),
+    };
     let mut text = String::from(rule);
     if inc.state == IncidentState::Cleared {
         text.push_str("（已自行恢复）");
@@ -133,6 +137,8 @@ mod tests {
             devices: Vec::new(),
             situation: None,
             rules_active: Vec::new(),
+            parent: None,
+            children: Vec::new(),
             history: Vec::new(),
         }
     }

@@ -422,6 +422,7 @@ impl Service {
             rule: Some(RULE_INSPECTION_DUE.into()),
             site: Some(item.site.clone()),
             device: Some(item.device.clone()),
+            parent: None,
             limit: 10,
         };
         let store = Arc::clone(&self.incidents.store);

@@ -57,6 +57,8 @@ fn incident(id: &str, revision: u32, state: IncidentState) -> Incident {
         devices: Vec::new(),
         situation: None,
         rules_active: Vec::new(),
+        parent: None,
+        children: Vec::new(),
         history: Vec::new(),
     }
 }

@@ -18,7 +18,7 @@ use citywatch_edge::wire::DeviceKind;
 
 pub use config::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, InvalidRule, Level, Override, Per, Rate,
-    RuleDef, RuleSpec, RulesConfig, SituationDef, Stuck, Threshold, Trend,
+    GroupDef, ParentDef, RuleDef, RuleSpec, RulesConfig, SituationDef, Stuck, Threshold, Trend,
 };
 pub use crate::model::DeviceCtx;
 pub use engine::{Engine, EngineStats, SignalCounts};
@@ -63,6 +63,10 @@ pub struct RuleSet {
     device_overrides: HashSet<String>,
     /// The pack's `[[situation]]` tables; empty when `[rules] situations = false`.
     situations: Vec<SituationDef>,
+    /// The pack's `[[parent]]` tables; empty when `[rules] parents = false` or `situations = false`.
+    parents: Vec<ParentDef>,
+    /// The pack's `[[group]]` tables; empty when `[rules] groups = false` or `situations = false`.
+    groups: Vec<GroupDef>,
 }
 
 impl RuleSet {
@@ -78,8 +82,18 @@ impl RuleSet {
     /// compiles the lists per device kind and overridden site.
     pub fn from_config(cfg: &RulesConfig) -> Result<RuleSet> {
         let mut set = RuleSet::load(cfg)?;
+        // `situations = false` is the behaviour from before situations: one incident per
+        // device × rule, nothing merged, linked or grouped.
         if cfg.situations == Some(false) {
             set.situations.clear();
+            set.parents.clear();
+            set.groups.clear();
+        }
+        if cfg.parents == Some(false) {
+            set.parents.clear();
+        }
+        if cfg.groups == Some(false) {
+            set.groups.clear();
         }
         Ok(set)
     }
@@ -106,7 +120,7 @@ impl RuleSet {
             PackError::Syntax(reason) => Error::Pack { origin: origin.to_owned(), reason },
             PackError::Rule(e) => Error::Rule(e),
         })?;
-        let (rules, situations) = rules;
+        let config::Pack { rules, situations, parents, groups } = rules;
         let (pack, tables) = rules.into_iter().unzip();
         let mut set = RuleSet {
             pack,
@@ -117,6 +131,8 @@ impl RuleSet {
             by_site: HashMap::new(),
             device_overrides: overrides.iter().filter_map(|o| o.device.clone()).collect(),
             situations,
+            parents,
+            groups,
         };
         set.check_overrides()?;
         let kinds = |site: Option<&str>| -> Result<[Arc<Effective>; 3]> {
@@ -150,6 +166,16 @@ impl RuleSet {
     /// The situations the incident book merges member rules into (empty: one incident per rule).
     pub fn situations(&self) -> &[SituationDef] {
         &self.situations
+    }
+
+    /// The parents the incident book links device incidents under (empty: none).
+    pub fn parents(&self) -> &[ParentDef] {
+        &self.parents
+    }
+
+    /// The groups the incident book makes site incidents of (empty: one incident per device).
+    pub fn groups(&self) -> &[GroupDef] {
+        &self.groups
     }
 
     /// The configured overrides.

@@ -400,3 +400,302 @@ fn a_situation_naming_an_unknown_or_shared_rule_is_refused_with_its_key() {
     let ok = crate::rules::RuleSet::from_pack_str(&pack("[[situation]]\nname = \"x\"\nrules = [\"a\", \"b\"]\n"), &[]).expect("loads");
     assert_eq!(ok.situations()[0].alarm_rules, ["device_alarm"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Parents (`[[parent]]`): a confirmed fire over its site's smoke incidents.
+
+fn pack_book() -> Book {
+    let pack = crate::rules::RuleSet::default_pack();
+    book().with_situations(pack.situations().to_vec()).with_parents(pack.parents().to_vec()).with_groups(pack.groups().to_vec())
+}
+
+fn at_site(site: &str, mut s: Signal) -> Signal {
+    s.site = site.into();
+    s
+}
+
+fn smoke(device: &str) -> Signal {
+    let mut s = signal(device, "smoke", Change::Open { severity: Severity::Critical, metric: Some(Metric::SmokeDbM), value: Some(0.3), threshold: Some(0.15), summary: "smoke".into(), action: None });
+    s.kind = DeviceKind::SmokeDetector;
+    s
+}
+
+fn fire(devices: &[&str]) -> Signal {
+    Signal {
+        rule: "fire_confirmed".into(),
+        scope: Scope::Site,
+        site: "xh".into(),
+        device: devices.last().copied().unwrap_or_default().into(),
+        kind: DeviceKind::SmokeDetector,
+        ts_ms: T0,
+        change: Change::Open { severity: Severity::Critical, metric: None, value: Some(devices.len() as f64), threshold: Some(2.0), summary: "fire".into(), action: None },
+        members: devices.iter().map(|d| Arc::from(*d)).collect(),
+    }
+}
+
+/// The pushed incidents, in commit order.
+fn pushed_incidents(b: &mut Book) -> Vec<Incident> {
+    b.take().0.outbox.iter().map(|i| (**i).clone()).collect()
+}
+
+fn id_of(p: &[Incident], device: &str, rule: &str) -> String {
+    p.iter().find(|i| i.device == device && i.rule == rule).map(|i| i.id.clone()).unwrap_or_else(|| panic!("{device}/{rule} in {p:?}"))
+}
+
+#[test]
+fn a_confirmed_fire_is_the_parent_of_its_sites_smoke_incidents_both_ways() {
+    let mut b = pack_book();
+    b.apply(smoke("s1"), T0);
+    b.apply(smoke("s2"), T0 + 1000);
+    // Not children: a gas detector's alarm at the same site, smoke at another site.
+    b.apply(alarm("g1", None), T0 + 1000);
+    b.apply(at_site("other", smoke("s9")), T0 + 1000);
+    let p = pushed_incidents(&mut b);
+    let (s1, s2, g1, s9) = (id_of(&p, "s1", "smoke"), id_of(&p, "s2", "smoke"), id_of(&p, "g1", "device_alarm"), id_of(&p, "s9", "smoke"));
+    b.apply(fire(&["s1", "s2"]), T0 + 2000);
+    let p = pushed_incidents(&mut b);
+    let fire_id = p[0].id.clone();
+    assert_eq!(
+        p.iter().map(|i| (i.id.clone(), i.revision)).collect::<Vec<_>>(),
+        [(fire_id.clone(), 1), (s1.clone(), 2), (s2.clone(), 2)],
+        "the parent first, then one revision per child linked"
+    );
+    assert_eq!(p[0].children, [s1.clone(), s2.clone()]);
+    for child in [&s1, &s2] {
+        let c = b.get(child).expect("child");
+        assert_eq!(c.parent.as_deref(), Some(fire_id.as_str()));
+        assert_eq!(c.history.last().map(|h| h.action.as_str()), Some("parent"));
+    }
+    for other in [&g1, &s9] {
+        assert_eq!(b.get(other).expect("not a child").parent, None);
+    }
+    // A smoke detector opened after the fire joins it: its first revision names the parent,
+    // the parent gets a revision listing it.
+    b.apply(smoke("s3"), T0 + 3000);
+    let p = pushed_incidents(&mut b);
+    let s3 = id_of(&p, "s3", "smoke");
+    assert_eq!(p.iter().map(|i| (i.id.clone(), i.revision)).collect::<Vec<_>>(), [(s3.clone(), 1), (fire_id.clone(), 2)]);
+    assert_eq!(p[0].parent.as_deref(), Some(fire_id.as_str()));
+    assert_eq!(p[1].children, [s1.clone(), s2.clone(), s3.clone()]);
+    assert_eq!(p[1].history.last().map(|h| h.action.as_str()), Some("child_added"));
+    // A heat reading joining s1's smoke situation does not link it twice.
+    b.apply(signal("s1", "heat", Change::Open { severity: Severity::Critical, metric: Some(Metric::TempC), value: Some(70.0), threshold: Some(60.0), summary: "heat".into(), action: None }), T0 + 3500);
+    pushed_incidents(&mut b);
+    assert_eq!(b.get(&fire_id).expect("fire").children.len(), 3);
+}
+
+#[test]
+fn acknowledging_the_fire_acknowledges_its_open_children_each_with_its_own_revision() {
+    let mut b = pack_book();
+    b.apply(smoke("s1"), T0);
+    b.apply(smoke("s2"), T0);
+    b.apply(smoke("s3"), T0);
+    b.apply(fire(&["s1", "s2", "s3"]), T0 + 1000);
+    let p = pushed_incidents(&mut b);
+    let fire_id = p.iter().find(|i| i.rule == "fire_confirmed").map(|i| i.id.clone()).expect("fire");
+    let (s1, s2, s3) = (id_of(&p, "s1", "smoke"), id_of(&p, "s2", "smoke"), id_of(&p, "s3", "smoke"));
+    // s2 is already taken by someone; s3 cleared on its own.
+    b.transition(&s2, Action::Ack, "wang", None, None, T0 + 2000).expect("ack s2");
+    b.apply(signal("s3", "smoke", Change::Clear { value: Some(0.0), summary: "clear".into() }), T0 + 2000);
+    pushed_incidents(&mut b);
+    let fire = b.transition(&fire_id, Action::Ack, "li", Some("crew en route".into()), None, T0 + 3000).expect("ack fire");
+    assert_eq!(fire.state, IncidentState::Acknowledged);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.iter().map(|i| (i.id.clone(), i.state)).collect::<Vec<_>>(), [(fire_id.clone(), IncidentState::Acknowledged), (s1.clone(), IncidentState::Acknowledged)]);
+    let last = b.get(&s1).expect("s1").history.last().cloned().expect("entry");
+    assert_eq!((last.actor.as_str(), last.action.as_str()), ("li", "acknowledged"));
+    assert_eq!(last.note, Some(format!("with parent {fire_id}: crew en route")));
+    assert_eq!(b.get(&s2).expect("s2").history.last().map(|h| h.actor.as_str()), Some("wang"), "an acknowledged child keeps its own ack");
+    assert_eq!(b.get(&s3).expect("s3").state, IncidentState::Cleared);
+    // Only the ack cascades: resolving the fire leaves the children to the crew.
+    b.transition(&fire_id, Action::Resolve, "li", None, None, T0 + 4000).expect("resolve");
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.len(), 1);
+    assert_eq!(b.get(&s1).expect("s1").state, IncidentState::Acknowledged);
+    // A resolved fire takes no more children.
+    b.apply(smoke("s4"), T0 + 5000);
+    let p = pushed_incidents(&mut b);
+    assert_eq!((p.len(), p[0].parent.as_deref()), (1, None));
+}
+
+#[test]
+fn without_parents_nothing_is_linked_and_an_ack_is_the_parents_alone() {
+    let pack = crate::rules::RuleSet::default_pack();
+    let mut b = book().with_situations(pack.situations().to_vec()).with_groups(pack.groups().to_vec());
+    b.apply(smoke("s1"), T0);
+    b.apply(smoke("s2"), T0);
+    b.apply(fire(&["s1", "s2"]), T0);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.len(), 3);
+    assert!(p.iter().all(|i| i.parent.is_none() && i.children.is_empty()));
+    let fire_id = p.iter().find(|i| i.rule == "fire_confirmed").map(|i| i.id.clone()).expect("fire");
+    b.transition(&fire_id, Action::Ack, "li", None, None, T0).expect("ack");
+    assert_eq!(pushed_incidents(&mut b).len(), 1);
+    let cfg = |situations, parents, groups| crate::rules::RulesConfig { situations, parents, groups, ..Default::default() };
+    let off = crate::rules::RuleSet::from_config(&cfg(None, Some(false), None)).expect("rules");
+    assert!(off.parents().is_empty() && !off.groups().is_empty() && !off.situations().is_empty());
+    let off = crate::rules::RuleSet::from_config(&cfg(None, None, Some(false))).expect("rules");
+    assert!(!off.parents().is_empty() && off.groups().is_empty());
+    let old = crate::rules::RuleSet::from_config(&cfg(Some(false), None, None)).expect("rules");
+    assert!(old.parents().is_empty() && old.groups().is_empty() && old.situations().is_empty(), "the behaviour from before: one incident per rule");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups (`[[group]]`): an outage storm as one site incident.
+
+fn offline(device: &str) -> Signal {
+    signal(device, "device_offline", Change::Open { severity: Severity::Warning, metric: None, value: None, threshold: None, summary: format!("{device} offline"), action: None })
+}
+
+fn back(device: &str) -> Signal {
+    signal(device, "device_offline", Change::Clear { value: None, summary: format!("{device} back") })
+}
+
+#[test]
+fn an_outage_storm_is_one_site_incident_that_folds_the_early_device_incidents() {
+    let mut b = pack_book();
+    b.apply(offline("d1"), T0);
+    b.apply(offline("d2"), T0 + 5000);
+    let p = pushed_incidents(&mut b);
+    let (d1, d2) = (p[0].id.clone(), p[1].id.clone());
+    assert_eq!(p.len(), 2, "below the threshold: one incident per device");
+    // Somebody took d2 already: it is not taken from them.
+    b.transition(&d2, Action::Ack, "wang", None, None, T0 + 6000).expect("ack");
+    pushed_incidents(&mut b);
+    b.apply(offline("d3"), T0 + 10_000);
+    let p = pushed_incidents(&mut b);
+    let storm = p[0].clone();
+    assert_eq!((storm.scope, storm.key.as_str(), storm.situation.as_deref(), storm.rule.as_str()), (Scope::Site, "xh/*/site_offline", Some("site_offline"), "device_offline"));
+    assert_eq!((storm.severity, storm.state, storm.revision), (Severity::Major, IncidentState::Open, 1));
+    assert_eq!(storm.devices, ["d1", "d2", "d3"]);
+    assert_eq!(storm.children, [d1.clone(), d2.clone()]);
+    assert!(storm.summary_zh.starts_with("站点设备成批离线"), "{}", storm.summary_zh);
+    assert_eq!(p.len(), 3, "the storm, then the two early incidents, each one revision: {p:?}");
+    assert_eq!((p[1].id.as_str(), p[1].state, p[1].parent.as_deref()), (d1.as_str(), IncidentState::Closed, Some(storm.id.as_str())));
+    assert_eq!(p[1].history.last().map(|h| h.action.as_str()), Some("folded"));
+    assert_eq!((p[2].id.as_str(), p[2].state, p[2].parent.as_deref()), (d2.as_str(), IncidentState::Acknowledged, Some(storm.id.as_str())));
+    assert!(b.take_released().is_empty(), "folding does not end the rule: the devices' return still arrives");
+    // Seven more: each one revision of the same incident.
+    for i in 4..=10 {
+        b.apply(offline(&format!("d{i}")), T0 + 11_000 + i);
+    }
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.iter().map(|i| (i.id.clone(), i.revision)).collect::<Vec<_>>(), (2..=8).map(|r| (storm.id.clone(), r)).collect::<Vec<_>>());
+    let inc = b.get(&storm.id).expect("storm").clone();
+    assert_eq!((inc.devices.len(), inc.value), (10, Some(10.0)));
+    assert!(inc.history.iter().skip(1).all(|h| h.action == "device_added"));
+    let mut active: Vec<String> = b.active_device_rules().into_iter().filter(|(_, r, _)| r == "device_offline").map(|(d, _, _)| d).collect();
+    active.sort();
+    active.dedup();
+    assert_eq!(active.len(), 10, "the rule engine resumes every listed device: {active:?}");
+    assert_eq!(b.stats.opened, 3, "d1, d2 and the storm");
+    // Returns: each one revision; d2's own incident sees its condition clear too.
+    b.apply(back("d1"), T0 + 20_000);
+    b.apply(back("d2"), T0 + 21_000);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.iter().map(|i| (i.id.clone(), i.history.last().map(|h| h.action.clone()).unwrap_or_default())).collect::<Vec<_>>(), [
+        (storm.id.clone(), "device_removed".to_owned()),
+        (storm.id.clone(), "device_removed".to_owned()),
+        (d2.clone(), "condition_cleared".to_owned()),
+    ]);
+    for i in 3..=10 {
+        b.apply(back(&format!("d{i}")), T0 + 30_000 + i);
+    }
+    let inc = b.get(&storm.id).expect("storm").clone();
+    assert_eq!((inc.state, inc.devices.len(), inc.revision), (IncidentState::Cleared, 0, 18), "the last one back clears it");
+    assert!(inc.rules_active.is_empty());
+    assert_eq!(b.stats.signals_without_incident, 0);
+    // Offline again within the re-open window: the same site incident.
+    pushed_incidents(&mut b);
+    b.apply(offline("d5"), T0 + 40_000);
+    let p = pushed_incidents(&mut b);
+    assert_eq!((p.len(), p[0].id.as_str(), p[0].state, p[0].devices.clone()), (1, storm.id.as_str(), IncidentState::Open, vec!["d5".to_owned()]));
+}
+
+#[test]
+fn below_the_threshold_or_outside_the_window_devices_keep_their_own_incidents() {
+    let mut b = pack_book();
+    b.apply(offline("d1"), T0);
+    b.apply(offline("d2"), T0 + 30_000);
+    // d1 is out of the minute: two within it.
+    b.apply(offline("d3"), T0 + 61_000);
+    // e1 came back before e2 and e3: two offline now.
+    b.apply(at_site("east", offline("e1")), T0);
+    b.apply(at_site("east", back("e1")), T0 + 1000);
+    b.apply(at_site("east", offline("e2")), T0 + 2000);
+    b.apply(at_site("east", offline("e3")), T0 + 3000);
+    // Two sites are two sites.
+    b.apply(at_site("west", offline("w1")), T0 + 61_500);
+    let p = pushed_incidents(&mut b);
+    assert!(p.iter().all(|i| i.scope == Scope::Device), "{p:?}");
+    assert_eq!(b.stats.opened, 7);
+    // The third device of xh within the minute of d2 and d3 starts the storm.
+    b.apply(offline("d4"), T0 + 62_000);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p[0].devices, ["d2", "d3", "d4"]);
+    assert_eq!(b.get(&p[0].children[0]).map(|i| i.state), Some(IncidentState::Closed));
+    // Without groups: one incident per device, as before.
+    let pack = crate::rules::RuleSet::default_pack();
+    let mut b = book().with_situations(pack.situations().to_vec()).with_parents(pack.parents().to_vec());
+    for i in 0..5 {
+        b.apply(offline(&format!("d{i}")), T0 + i);
+    }
+    assert_eq!(pushed_incidents(&mut b).len(), 5);
+}
+
+#[test]
+fn resolving_a_storm_releases_each_device_and_a_restart_keeps_it() {
+    let mut b = pack_book();
+    for d in ["d1", "d2", "d3", "d4"] {
+        b.apply(offline(d), T0);
+    }
+    let (commit, _) = b.take();
+    let storm = commit.outbox.iter().find(|i| i.scope == Scope::Site).map(|i| i.id.clone()).expect("storm");
+    // Restart: the unclosed incidents as stored.
+    let mut stored: HashMap<String, Incident> = HashMap::new();
+    for i in &commit.incidents {
+        stored.insert(i.id.clone(), (**i).clone());
+    }
+    let unclosed: Vec<Incident> = stored.into_values().filter(|i| i.state != IncidentState::Closed).collect();
+    let pack = crate::rules::RuleSet::default_pack();
+    let mut b = Book::new(IncidentsConfig::default(), unclosed, Vec::new(), T0 + 1000)
+        .with_situations(pack.situations().to_vec())
+        .with_parents(pack.parents().to_vec())
+        .with_groups(pack.groups().to_vec());
+    b.apply(back("d1"), T0 + 2000);
+    b.apply(offline("d5"), T0 + 2000);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(p.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), [storm.as_str(), storm.as_str()]);
+    assert_eq!(b.get(&storm).expect("storm").devices, ["d2", "d3", "d4", "d5"]);
+    b.transition(&storm, Action::Resolve, "li", Some("power restored by the utility".into()), None, T0 + 3000).expect("resolve");
+    let mut released: Vec<(Scope, String, String)> = b.take_released().into_iter().map(|r| (r.scope, r.device, r.rule)).collect();
+    released.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(released.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["d2", "d3", "d4", "d5"]);
+    assert!(released.iter().all(|r| r.0 == Scope::Device && r.2 == "device_offline"));
+    // The next outage is a new incident.
+    pushed_incidents(&mut b);
+    b.tick(T0 + 4000, false);
+    for d in ["d6", "d7", "d8"] {
+        b.apply(offline(d), T0 + 5000);
+    }
+    let p = pushed_incidents(&mut b);
+    let new = p.iter().find(|i| i.scope == Scope::Site).expect("new storm");
+    assert_ne!(new.id, storm);
+}
+
+#[test]
+fn parents_and_groups_naming_what_is_not_there_are_refused_with_their_key() {
+    let rules = "[[rule]]\nname = \"a\"\nkind = \"event\"\nseverity = \"major\"\nopen_on = [\"alarm\"]\n\
+                 [[rule]]\nname = \"off\"\nkind = \"absence\"\nseverity = \"warning\"\n\
+                 [[rule]]\nname = \"c\"\nkind = \"composite\"\nseverity = \"critical\"\nof = [\"a\"]\nwithin = \"60s\"\n";
+    let err = |extra: &str| crate::rules::RuleSet::from_pack_str(&format!("{extra}\n{rules}"), &[]).expect_err("refused").to_string();
+    assert!(err("[[parent]]\nrule = \"a\"\nchildren = [\"a\"]\n").contains("parent a: rule: must be a composite"));
+    assert!(err("[[parent]]\nrule = \"c\"\nchildren = [\"nope\"]\n").contains("children: no rule or situation named \"nope\""));
+    assert!(err("[[group]]\nname = \"g\"\nrule = \"off\"\nmin_devices = 1\nwithin = \"60s\"\n").contains("group g: min_devices: must be at least 2"));
+    assert!(err("[[group]]\nname = \"g\"\nrule = \"c\"\nmin_devices = 3\nwithin = \"60s\"\n").contains("composite"));
+    assert!(err("[[group]]\nname = \"a\"\nrule = \"off\"\nmin_devices = 3\nwithin = \"60s\"\n").contains("group a: name: a rule has this name"));
+    assert!(err("[[group]]\nname = \"g\"\nrule = \"off\"\nmin_devices = 3\nwithin = \"1m\"\nlevel = 2\n").contains("[[group]]"));
+    let ok = crate::rules::RuleSet::from_pack_str(&format!("[[parent]]\nrule = \"c\"\nchildren = [\"a\"]\n[[group]]\nname = \"g\"\nrule = \"off\"\nmin_devices = 3\nwithin = \"60s\"\n{rules}"), &[]).expect("loads");
+    assert!(ok.parents()[0].ack_children, "acknowledging children is the default");
+    assert_eq!(ok.groups()[0].severity, None);
+}

@@ -15,7 +15,10 @@ use std::fmt;
 use std::path::PathBuf;
 
 use citywatch_edge::wire::{is_valid_id, DeviceKind, Metric};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::model::Severity;
 
 pub use rule::{
     Absence, Compare, Composite, Condition, EventRule, Expect, FollowUp, Level, Per, Rate, RuleDef, RuleSpec, Stuck,
@@ -44,6 +47,14 @@ pub struct RulesConfig {
     /// situation (default true); `false` keeps one incident per device × rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub situations: Option<bool>,
+    /// The pack's `[[parent]]` tables link device incidents under their site's incident
+    /// (default true; `situations = false` turns them off too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parents: Option<bool>,
+    /// The pack's `[[group]]` tables make an outage storm one site incident (default true;
+    /// `situations = false` turns them off too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<bool>,
 }
 
 /// One `[[situation]]` of the pack: member rules whose incidents on one device are one incident
@@ -74,6 +85,56 @@ impl SituationDef {
         self.rules.iter().any(|r| r == rule)
             || (self.alarm_rules.iter().any(|r| r == rule) && metric.is_some_and(|m| self.alarm_metrics.contains(&m)))
     }
+}
+
+/// One `[[parent]]` of the pack: the incident of a site-scoped (composite) rule becomes the
+/// parent of the device incidents of its site that it sums up (`fire_confirmed` over `smoke`),
+/// linked both ways (`parent`, `children`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentDef {
+    /// The site-scoped (composite) rule whose incident is the parent.
+    pub rule: String,
+    /// The children: device incidents of the parent's site whose situation (if they are one)
+    /// or rule (if not) is named here.
+    pub children: Vec<String>,
+    /// Only incidents of these device kinds become children; absent = all.
+    #[serde(default)]
+    pub devices: Vec<DeviceKind>,
+    /// Acknowledging the parent acknowledges its open children (default true).
+    #[serde(default = "yes")]
+    pub ack_children: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ParentDef {
+    /// Whether a device incident of `kind` that is `situation` (or, outside situations, of
+    /// `rule`) is one of this parent's children.
+    pub fn takes(&self, situation: Option<&str>, rule: &str, kind: DeviceKind) -> bool {
+        let name = situation.unwrap_or(rule);
+        self.children.iter().any(|c| c == name) && (self.devices.is_empty() || self.devices.contains(&kind))
+    }
+}
+
+/// One `[[group]]` of the pack: `min_devices` devices of one site opening `rule` within
+/// `within` are one site incident listing them (an outage storm), keyed "{site}/*/{name}".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupDef {
+    /// [A-Za-z0-9_-], not a rule's name; the site incident's `situation`.
+    pub name: String,
+    /// The device-scoped rule grouped (e.g. `device_offline`).
+    pub rule: String,
+    /// How many distinct devices of one site make a storm (at least 2).
+    pub min_devices: u32,
+    /// The window their opens must fall in.
+    pub within: crate::units::Duration,
+    /// The site incident's severity; absent: the rule's.
+    #[serde(default)]
+    pub severity: Option<Severity>,
 }
 
 /// One `[[rules.override]]`: replaces top-level fields of one rule, for one device kind, one
@@ -201,17 +262,29 @@ type Parsed<T> = std::result::Result<T, InvalidRule>;
 
 /// Parses a pack file: `[[rule]]` tables. Returns each rule with the table it came from (the
 /// tables are what overrides merge into).
-pub(crate) type Pack = (Vec<(RuleDef, toml::Table)>, Vec<SituationDef>);
+pub(crate) struct Pack {
+    pub rules: Vec<(RuleDef, toml::Table)>,
+    pub situations: Vec<SituationDef>,
+    pub parents: Vec<ParentDef>,
+    pub groups: Vec<GroupDef>,
+}
+
+/// An optional array of tables of the pack, e.g. `[[situation]]`.
+fn tables<T: DeserializeOwned>(top: &mut toml::Table, name: &str) -> std::result::Result<Vec<T>, PackError> {
+    match top.remove(name) {
+        None => Ok(Vec::new()),
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| PackError::Syntax(format!("[[{name}]]: {}", e.message().trim()))),
+    }
+}
 
 pub(crate) fn parse_pack(text: &str) -> std::result::Result<Pack, PackError> {
     let mut top: toml::Table = toml::from_str(text).map_err(|e| PackError::Syntax(e.to_string()))?;
     let rules = top.remove("rule").ok_or_else(|| PackError::Syntax("no [[rule]] tables".into()))?;
-    let situations: Vec<SituationDef> = match top.remove("situation") {
-        None => Vec::new(),
-        Some(v) => v.try_into().map_err(|e: toml::de::Error| PackError::Syntax(format!("[[situation]]: {}", e.message().trim())))?,
-    };
+    let situations: Vec<SituationDef> = tables(&mut top, "situation")?;
+    let parents: Vec<ParentDef> = tables(&mut top, "parent")?;
+    let groups: Vec<GroupDef> = tables(&mut top, "group")?;
     if let Some(key) = top.keys().next() {
-        return Err(PackError::Syntax(format!("unknown top-level key {key:?}, expected only [[rule]] and [[situation]]")));
+        return Err(PackError::Syntax(format!("unknown top-level key {key:?}, expected only [[rule]], [[situation]], [[parent]] and [[group]]")));
     }
     let toml::Value::Array(rules) = rules else {
         return Err(PackError::Syntax("`rule` must be an array of tables ([[rule]])".into()));
@@ -231,7 +304,72 @@ pub(crate) fn parse_pack(text: &str) -> std::result::Result<Pack, PackError> {
     }
     check_pack(out.iter().map(|(def, _)| def)).map_err(PackError::Rule)?;
     check_situations(&situations, out.iter().map(|(def, _)| def)).map_err(PackError::Syntax)?;
-    Ok((out, situations))
+    check_parents(&parents, &situations, out.iter().map(|(def, _)| def)).map_err(PackError::Syntax)?;
+    check_groups(&groups, &situations, out.iter().map(|(def, _)| def)).map_err(PackError::Syntax)?;
+    Ok(Pack { rules: out, situations, parents, groups })
+}
+
+/// Parents: a composite rule, each at most once, over children that are situations or device
+/// rules of the pack.
+fn check_parents<'a>(parents: &[ParentDef], situations: &[SituationDef], defs: impl Iterator<Item = &'a RuleDef> + Clone) -> std::result::Result<(), String> {
+    for (i, p) in parents.iter().enumerate() {
+        let at = format!("parent {}", p.rule);
+        match defs.clone().find(|d| d.name == p.rule) {
+            None => return Err(format!("parent #{i}: rule: no rule named {:?}", p.rule)),
+            Some(d) if !matches!(d.spec, RuleSpec::Composite(_)) => return Err(format!("{at}: rule: must be a composite (site) rule")),
+            Some(_) => {}
+        }
+        if parents[..i].iter().any(|o| o.rule == p.rule) {
+            return Err(format!("{at}: rule: already a parent"));
+        }
+        if p.children.is_empty() {
+            return Err(format!("{at}: children: empty"));
+        }
+        for c in &p.children {
+            let situation = situations.iter().any(|s| s.name == *c);
+            match defs.clone().find(|d| d.name == *c) {
+                Some(d) if matches!(d.spec, RuleSpec::Composite(_)) => return Err(format!("{at}: children: {c:?} is a composite (site) rule")),
+                None if !situation => return Err(format!("{at}: children: no rule or situation named {c:?}")),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Groups: valid unique names that are no rule's, over a device rule of the pack that is in no
+/// situation and no other group, at least 2 devices within more than 0s.
+fn check_groups<'a>(groups: &[GroupDef], situations: &[SituationDef], defs: impl Iterator<Item = &'a RuleDef> + Clone) -> std::result::Result<(), String> {
+    for (i, g) in groups.iter().enumerate() {
+        let at = format!("group {}", g.name);
+        if !is_valid_id(&g.name) {
+            return Err(format!("group #{i}: name: must be [A-Za-z0-9_-]{{1,64}}"));
+        }
+        if groups[..i].iter().any(|o| o.name == g.name) || situations.iter().any(|s| s.name == g.name) {
+            return Err(format!("{at}: name: already a group's or situation's name"));
+        }
+        if defs.clone().any(|d| d.name == g.name) {
+            return Err(format!("{at}: name: a rule has this name (the site incident's key would clash)"));
+        }
+        match defs.clone().find(|d| d.name == g.rule) {
+            None => return Err(format!("{at}: rule: no rule named {:?}", g.rule)),
+            Some(d) if matches!(d.spec, RuleSpec::Composite(_)) => return Err(format!("{at}: rule: {:?} is a composite (site) rule", g.rule)),
+            Some(_) => {}
+        }
+        if let Some(s) = situations.iter().find(|s| s.rules.contains(&g.rule)) {
+            return Err(format!("{at}: rule: {:?} is in situation {}", g.rule, s.name));
+        }
+        if groups[..i].iter().any(|o| o.rule == g.rule) {
+            return Err(format!("{at}: rule: {:?} is already in another group", g.rule));
+        }
+        if g.min_devices < 2 {
+            return Err(format!("{at}: min_devices: must be at least 2"));
+        }
+        if g.within.0.is_zero() {
+            return Err(format!("{at}: within: must be more than 0s"));
+        }
+    }
+    Ok(())
 }
 
 /// Situations: valid unique names, member rules that exist, are not site-scoped (composite) and
