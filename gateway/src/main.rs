@@ -159,7 +159,11 @@ fn main() -> Result<()> {
             let config = load(Some(&file))?;
             // Register maps are files of their own: load them too, so a bad map is named here.
             citywatch_gateway::sources::modbus::build(&config.modbus).with_context(|| format!("configuration {}", file.display()))?;
-            println!("{}: ok (mqtt mode {:?}, http {}, storage {})", file.display(), config.mqtt.mode, config.http.listen, config.storage.path.display());
+            let source = match &config.cluster {
+                Some(c) => format!("cluster node {} on {} NATS URL(s), {} partitions", c.node, c.nats.len(), c.partitions),
+                None => format!("mqtt mode {:?}", config.mqtt.mode),
+            };
+            println!("{}: ok ({source}, http {}, storage {})", file.display(), config.http.listen, config.storage.path.display());
             return Ok(());
         }
         Command::Token { action: TokenCommand::Create { name, role } } => {

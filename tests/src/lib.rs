@@ -7,6 +7,7 @@
 mod alertmanager;
 mod bins;
 mod browser;
+pub mod figures;
 mod gateway;
 mod modbus_server;
 mod mosquitto;
