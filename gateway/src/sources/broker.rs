@@ -348,7 +348,8 @@ impl RetainStorage for Retained {
         true
     }
 
-    async fn set(&self, topic: &TopicName, retain: Retain, expiry: Option<Duration>) -> rmqtt::Result<()> {
+    async fn set(&self, topic: &TopicName, mut retain: Retain, expiry: Option<Duration>) -> rmqtt::Result<()> {
+        own_buffers(&mut retain);
         self.0.set_with_timeout(topic, retain, expiry).await
     }
 
@@ -362,6 +363,25 @@ impl RetainStorage for Retained {
 
     async fn max(&self) -> isize {
         self.0.max().await
+    }
+}
+
+/// Gives a retained message its own copies of its topic, payload and properties. As decoded,
+/// they are slices of the connection's read buffer, and a retained message (every device's
+/// birth) lives as long as the device: it would keep that whole buffer allocation alive, with
+/// all the telemetry read into it since. Measured with `scripts/bench-memory` (issue 14).
+fn own_buffers(retain: &mut Retain) {
+    let copy = |s: &TopicName| TopicName::from(&**s);
+    let publish = &mut retain.publish.inner;
+    publish.topic = copy(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
+    if let Some(p) = publish.properties.as_mut() {
+        p.correlation_data = p.correlation_data.as_ref().map(|d| Bytes::copy_from_slice(d));
+        p.content_type = p.content_type.as_ref().map(copy);
+        p.response_topic = p.response_topic.as_ref().map(copy);
+        for (k, v) in p.user_properties.iter_mut() {
+            (*k, *v) = (copy(k), copy(v));
+        }
     }
 }
 
