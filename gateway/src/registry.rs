@@ -5,6 +5,11 @@
 //! that sends telemetry first is registered with the kind its metrics imply. The decode stage
 //! updates it per message; the API reads snapshots. Health is derived on read from times and
 //! flags, so nothing has to tick for a device to turn `stale` or `offline`.
+//!
+//! A city has 10⁵–10⁶ devices, so a [`Device`] is kept compact (shared strings, last values
+//! sized to what it reports, inventory fields behind one pointer); its persisted JSON is
+//! independent of that layout. Not here: rule state (the engine's) and inspections (the
+//! maintenance service's).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
@@ -85,7 +90,7 @@ pub struct LastValue {
 /// Kept compact, since a city has 10⁵–10⁶ of them: ids, sites and firmware versions are shared
 /// [`Arc<str>`]s (the registry interns sites and firmware, [`Registry::intern`]), the last values
 /// are a [`LastValues`] sized to what the device reports, and what only the inventory knows sits
-/// behind one pointer ([`Placement`]). Persisted as the same JSON as before (see [`DeviceRepr`]).
+/// behind one pointer ([`Placement`]). Persisted as the same JSON as before (see `DeviceRepr`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Device {
     pub id: Arc<str>,

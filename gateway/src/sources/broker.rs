@@ -45,6 +45,9 @@
 //!   publishing devices instead of losing messages ([`BrokerStats::dropped`] stays 0).
 //! - **Commands**: [`EmbeddedBroker::publish`] queues gateway → device messages (QoS 1, in order)
 //!   to one task that routes them as a system publisher; they are not fed back to the ingest.
+//! - **Retained**: rmqtt's in-memory topic tree, each message re-owned on the way in so it
+//!   does not pin the connection's read buffer (`own_buffers`). Costs ~1.1 KB per device
+//!   (a birth each; measured by `scripts/bench-memory`, issue 14): the largest per-device cost.
 //! - **Accounts**: a `ClientAuthenticate` hook checks `mqtt.users` (anonymous devices when
 //!   there are none). The TLS/ACL door ([`super::door`]) stays in front when TLS or restricted
 //!   accounts are configured, unchanged in what it allows.
