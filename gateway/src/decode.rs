@@ -111,10 +111,9 @@ pub struct DecodeStage {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     config: IngestConfig,
-    persisted_at: HashMap<Arc<str>, i64>,
     logged_at: HashMap<String, i64>,
     rules: Option<Rules>,
-    /// Site names, shared by every device of the site.
+    /// Site names, the registry's shared copies (looked up here without its lock).
     sites: HashMap<String, Arc<str>>,
     /// The long-term store (InfluxDB), fed copies of the readings without waiting.
     influx: Option<crate::store::influx::InfluxTap>,
@@ -122,7 +121,7 @@ pub struct DecodeStage {
 
 impl DecodeStage {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, config: IngestConfig) -> Self {
-        DecodeStage { registry, metrics, config, persisted_at: HashMap::new(), logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None }
+        DecodeStage { registry, metrics, config, logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None }
     }
 
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
@@ -143,8 +142,6 @@ impl DecodeStage {
         let mut tracked = Vec::new();
         self.registry.for_each(|d| tracked.push((d.id.clone(), d.site.clone(), d.kind, d.interval_s, d.last_seen_ms)));
         for (id, site, kind, interval_s, last_seen) in tracked {
-            let id: Arc<str> = id.into();
-            let site = self.site(&site);
             let ctx = DeviceCtx { id: &id, site: &site, kind, interval_s };
             engine.track(&ctx, last_seen);
             for rule in active_by_device.get(&*id).into_iter().flatten() {
@@ -165,7 +162,7 @@ impl DecodeStage {
         if let Some(s) = self.sites.get(site) {
             return Arc::clone(s);
         }
-        let s: Arc<str> = site.into();
+        let s = self.registry.intern(site);
         self.sites.insert(site.to_owned(), Arc::clone(&s));
         s
     }
@@ -274,6 +271,11 @@ impl DecodeStage {
         let horizon = self.config.live_horizon.as_ms();
         let clock = ClockSkew { ahead_ms: self.config.clock_skew_ahead.as_ms(), behind_ms: self.config.clock_skew_behind.as_ms(), metrics: &self.metrics };
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
+        // Firmware versions are shared by whole fleets: one copy each.
+        let fw = match &uplink {
+            Uplink::Status(s) => s.fw.as_ref().map(|fw| self.registry.intern(fw.as_str())),
+            _ => None,
+        };
         let mut kind_and_interval = None;
         let outcome = self.registry.upsert(device, make, |key, d| {
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
@@ -288,8 +290,8 @@ impl DecodeStage {
                     if let Some(k) = s.kind {
                         d.kind = k;
                     }
-                    if let Some(fw) = &s.fw {
-                        d.fw = Some(fw.as_str().to_owned());
+                    if let Some(fw) = fw {
+                        d.fw = Some(fw);
                     }
                     if let Some(i) = s.interval_s {
                         d.interval_s = i.max(1);
@@ -411,12 +413,7 @@ impl DecodeStage {
 
     /// Persists the device record when asked to, or when it was last persisted long ago.
     fn persist(&mut self, key: &Arc<str>, now: i64, force: bool, batch: &mut Batch) {
-        let due = self.persisted_at.get(key).is_none_or(|at| now - at >= PERSIST_EVERY_MS);
-        if !(force || due) {
-            return;
-        }
-        if let Some(device) = self.registry.get(key) {
-            self.persisted_at.insert(Arc::clone(key), now);
+        if let Some(device) = self.registry.take_if_due(key, now, PERSIST_EVERY_MS, force) {
             batch.writes.push(Write::Device(device.to_record()));
         }
     }

@@ -5,18 +5,25 @@
 //! that sends telemetry first is registered with the kind its metrics imply. The decode stage
 //! updates it per message; the API reads snapshots. Health is derived on read from times and
 //! flags, so nothing has to tick for a device to turn `stale` or `offline`.
+//!
+//! A city has 10⁵–10⁶ devices, so a [`Device`] is kept compact (shared strings, last values
+//! sized to what it reports, inventory fields behind one pointer); its persisted JSON is
+//! independent of that layout. Not here: rule state (the engine's) and inspections (the
+//! maintenance service's).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use citywatch_edge::wire::{DeviceKind, EventKind, LinkState, Metric};
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::IngestConfig;
 
+mod values;
 mod view;
 
+pub use values::LastValues;
 pub use view::DeviceView;
 
 /// A device's health, worst first.
@@ -79,28 +86,28 @@ pub struct LastValue {
 }
 
 /// Everything the registry knows about one device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Kept compact, since a city has 10⁵–10⁶ of them: ids, sites and firmware versions are shared
+/// [`Arc<str>`]s (the registry interns sites and firmware, [`Registry::intern`]), the last values
+/// are a [`LastValues`] sized to what the device reports, and what only the inventory knows sits
+/// behind one pointer ([`Placement`]). Persisted as the same JSON as before (see `DeviceRepr`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Device {
-    pub id: String,
-    pub site: String,
+    pub id: Arc<str>,
+    pub site: Arc<str>,
     pub kind: DeviceKind,
-    pub fw: Option<String>,
-    pub interval_s: u32,
-    pub location: Option<String>,
-    pub install_date: Option<String>,
-    /// Position from the inventory: WGS-84 decimal degrees.
-    #[serde(default)]
-    pub lat: Option<f64>,
-    #[serde(default)]
-    pub lon: Option<f64>,
-    /// The crew that maintains it (from the inventory).
-    #[serde(default)]
-    pub crew: Option<String>,
-    /// The crew's phone, masked (`138****5678`); the full number stays in the inventory.
-    #[serde(default)]
-    pub phone: Option<String>,
     /// What the device last announced on `status` (the will says offline).
     pub link: LinkState,
+    pub faulted: bool,
+    pub low_battery_event: bool,
+    /// Registered from the inventory and not heard yet (cleared by its first message).
+    pub never_reported: bool,
+    /// Whether the inventory lists it (set by the maintenance service).
+    pub inventory: InventoryMark,
+    pub interval_s: u32,
+    pub fw: Option<Arc<str>>,
+    /// Where it is and who maintains it, from the inventory (None: nothing known).
+    pub placement: Option<Box<Placement>>,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub last_seq: Option<u32>,
@@ -108,25 +115,163 @@ pub struct Device {
     pub duplicates: u64,
     pub battery_v: Option<f64>,
     pub rssi_dbm: Option<f64>,
-    pub faulted: bool,
-    pub low_battery_event: bool,
-    pub values: BTreeMap<Metric, LastValue>,
+    pub values: LastValues,
     /// Messages whose `ts` was off the receive time by more than the configured skew.
-    #[serde(default)]
     pub clock_skewed: u64,
     /// The last such offset (device `ts` − receive time, ms); None once a message is on time.
-    #[serde(default)]
     pub clock_offset_ms: Option<i64>,
     /// The last receive time given to a skewed message, so that several arriving in one
     /// millisecond get distinct times instead of colliding on the store's (device, metric, ts) key.
-    #[serde(default)]
     pub clock_assigned_ms: i64,
-    /// Registered from the inventory and not heard yet (cleared by its first message).
+    /// When its record was last handed out to be stored ([`Registry::take_if_due`]);
+    /// `i64::MIN` until then. Not itself persisted.
+    pub persisted_ms: i64,
+}
+
+/// What the inventory (or a persisted record) says about where a device is and who maintains
+/// it; most devices heard without an inventory have none of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    pub location: Option<String>,
+    pub install_date: Option<String>,
+    /// Position from the inventory: WGS-84 decimal degrees.
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    /// The crew that maintains it (from the inventory).
+    pub crew: Option<String>,
+    /// The crew's phone, masked (`138****5678`); the full number stays in the inventory.
+    pub phone: Option<String>,
+}
+
+impl Placement {
+    fn is_empty(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+/// The persisted (and API-independent) JSON form of a [`Device`], field for field as it was
+/// before the device went compact, so records written by either version load in the other.
+#[derive(Serialize, Deserialize)]
+struct DeviceRepr<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    site: std::borrow::Cow<'a, str>,
+    kind: DeviceKind,
+    #[serde(borrow)]
+    fw: Option<std::borrow::Cow<'a, str>>,
+    interval_s: u32,
+    #[serde(borrow)]
+    location: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    install_date: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
-    pub never_reported: bool,
-    /// Whether the inventory lists it (set by the maintenance service).
+    lat: Option<f64>,
     #[serde(default)]
-    pub inventory: InventoryMark,
+    lon: Option<f64>,
+    #[serde(default, borrow)]
+    crew: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    phone: Option<std::borrow::Cow<'a, str>>,
+    link: LinkState,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    last_seq: Option<u32>,
+    seq_gaps: u64,
+    duplicates: u64,
+    battery_v: Option<f64>,
+    rssi_dbm: Option<f64>,
+    faulted: bool,
+    low_battery_event: bool,
+    values: std::borrow::Cow<'a, LastValues>,
+    #[serde(default)]
+    clock_skewed: u64,
+    #[serde(default)]
+    clock_offset_ms: Option<i64>,
+    #[serde(default)]
+    clock_assigned_ms: i64,
+    #[serde(default)]
+    never_reported: bool,
+    #[serde(default)]
+    inventory: InventoryMark,
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use std::borrow::Cow::Borrowed;
+        let p = self.placement.as_deref();
+        let text = |f: fn(&Placement) -> &Option<String>| p.and_then(|p| f(p).as_deref()).map(Borrowed);
+        DeviceRepr {
+            id: Borrowed(&self.id),
+            site: Borrowed(&self.site),
+            kind: self.kind,
+            fw: self.fw.as_deref().map(Borrowed),
+            interval_s: self.interval_s,
+            location: text(|p| &p.location),
+            install_date: text(|p| &p.install_date),
+            lat: p.and_then(|p| p.lat),
+            lon: p.and_then(|p| p.lon),
+            crew: text(|p| &p.crew),
+            phone: text(|p| &p.phone),
+            link: self.link,
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            last_seq: self.last_seq,
+            seq_gaps: self.seq_gaps,
+            duplicates: self.duplicates,
+            battery_v: self.battery_v,
+            rssi_dbm: self.rssi_dbm,
+            faulted: self.faulted,
+            low_battery_event: self.low_battery_event,
+            values: std::borrow::Cow::Borrowed(&self.values),
+            clock_skewed: self.clock_skewed,
+            clock_offset_ms: self.clock_offset_ms,
+            clock_assigned_ms: self.clock_assigned_ms,
+            never_reported: self.never_reported,
+            inventory: self.inventory,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = DeviceRepr::deserialize(d)?;
+        let owned = |t: Option<std::borrow::Cow<'_, str>>| t.map(|t| t.into_owned());
+        let placement = Placement {
+            location: owned(r.location),
+            install_date: owned(r.install_date),
+            lat: r.lat,
+            lon: r.lon,
+            crew: owned(r.crew),
+            phone: owned(r.phone),
+        };
+        Ok(Device {
+            id: Arc::from(&*r.id),
+            site: Arc::from(&*r.site),
+            kind: r.kind,
+            link: r.link,
+            faulted: r.faulted,
+            low_battery_event: r.low_battery_event,
+            never_reported: r.never_reported,
+            inventory: r.inventory,
+            interval_s: r.interval_s,
+            fw: r.fw.map(|f| Arc::from(&*f)),
+            placement: (!placement.is_empty()).then(|| Box::new(placement)),
+            first_seen_ms: r.first_seen_ms,
+            last_seen_ms: r.last_seen_ms,
+            last_seq: r.last_seq,
+            seq_gaps: r.seq_gaps,
+            duplicates: r.duplicates,
+            battery_v: r.battery_v,
+            rssi_dbm: r.rssi_dbm,
+            values: r.values.into_owned(),
+            clock_skewed: r.clock_skewed,
+            clock_offset_ms: r.clock_offset_ms,
+            clock_assigned_ms: r.clock_assigned_ms,
+            persisted_ms: i64::MIN,
+        })
+    }
 }
 
 /// A device's place in the inventory, as the maintenance service last marked it.
@@ -174,18 +319,17 @@ pub const DUPLICATE_WINDOW: u32 = 1024;
 impl Device {
     pub fn new(id: &str, site: &str, kind: DeviceKind, now_ms: i64) -> Self {
         Device {
-            id: id.to_owned(),
-            site: site.to_owned(),
+            id: Arc::from(id),
+            site: Arc::from(site),
             kind,
-            fw: None,
-            interval_s: 60,
-            location: None,
-            install_date: None,
-            lat: None,
-            lon: None,
-            crew: None,
-            phone: None,
             link: LinkState::Online,
+            faulted: false,
+            low_battery_event: false,
+            never_reported: false,
+            inventory: InventoryMark::Unknown,
+            interval_s: 60,
+            fw: None,
+            placement: None,
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
             last_seq: None,
@@ -193,14 +337,11 @@ impl Device {
             duplicates: 0,
             battery_v: None,
             rssi_dbm: None,
-            faulted: false,
-            low_battery_event: false,
-            values: BTreeMap::new(),
+            values: LastValues::default(),
             clock_skewed: 0,
             clock_offset_ms: None,
             clock_assigned_ms: 0,
-            never_reported: false,
-            inventory: InventoryMark::Unknown,
+            persisted_ms: i64::MIN,
         }
     }
 
@@ -210,6 +351,18 @@ impl Device {
         d.never_reported = true;
         d.inventory = InventoryMark::Listed;
         d
+    }
+
+    /// Where it is and who maintains it (empty when nothing is known).
+    pub fn placement(&self) -> &Placement {
+        static NONE: Placement =
+            Placement { location: None, install_date: None, lat: None, lon: None, crew: None, phone: None };
+        self.placement.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The placement to change (created empty when there is none).
+    pub fn placement_mut(&mut self) -> &mut Placement {
+        self.placement.get_or_insert_with(Default::default)
     }
 
     /// Classifies `seq` and advances the device's counter.
@@ -242,7 +395,7 @@ impl Device {
             Metric::RssiDbm => self.rssi_dbm = Some(value),
             _ => {}
         }
-        let entry = self.values.entry(metric).or_insert(LastValue { value, ts_ms, unchanged_since_ms: ts_ms });
+        let entry = self.values.entry(metric, || LastValue { value, ts_ms, unchanged_since_ms: ts_ms });
         if ts_ms < entry.ts_ms {
             return; // a replayed reading does not overwrite a newer one
         }
@@ -314,13 +467,13 @@ impl Device {
     /// The persistent form.
     pub fn to_record(&self) -> DeviceRecord {
         DeviceRecord {
-            id: self.id.clone(),
-            site: self.site.clone(),
+            id: self.id.to_string(),
+            site: self.site.to_string(),
             kind: self.kind,
-            fw: self.fw.clone(),
+            fw: self.fw.as_deref().map(str::to_owned),
             interval_s: self.interval_s,
-            location: self.location.clone(),
-            install_date: self.install_date.clone(),
+            location: self.placement().location.clone(),
+            install_date: self.placement().install_date.clone(),
             first_seen_ms: self.first_seen_ms,
             last_seen_ms: self.last_seen_ms,
             state_json: serde_json::to_string(self).unwrap_or_default(),
@@ -331,10 +484,13 @@ impl Device {
     pub fn from_record(record: &DeviceRecord) -> Device {
         serde_json::from_str(&record.state_json).unwrap_or_else(|_| {
             let mut d = Device::new(&record.id, &record.site, record.kind, record.first_seen_ms);
-            d.fw = record.fw.clone();
+            d.fw = record.fw.as_deref().map(Arc::from);
             d.interval_s = record.interval_s;
-            d.location = record.location.clone();
-            d.install_date = record.install_date.clone();
+            if record.location.is_some() || record.install_date.is_some() {
+                let p = d.placement_mut();
+                p.location = record.location.clone();
+                p.install_date = record.install_date.clone();
+            }
             d.last_seen_ms = record.last_seen_ms;
             d
         })
@@ -352,12 +508,19 @@ pub fn infer_kind(metrics: impl IntoIterator<Item = Metric>) -> Option<DeviceKin
 }
 
 /// All devices, shared between the decode stage (writer) and the API (readers).
+///
+/// Each device is boxed: the map's table then holds a key and a pointer per slot (24 bytes)
+/// instead of a whole device, which matters because a hash table keeps up to twice the slots
+/// it uses. The key is the device's own `id` (one allocation per id).
 #[derive(Debug, Default)]
 pub struct Registry {
-    devices: RwLock<HashMap<Arc<str>, Device>>,
+    devices: RwLock<HashMap<Arc<str>, Box<Device>>>,
     /// Every id in order, for the API's pages (a page is a range here, not a sort of all
     /// devices). Changed only when a device is added; lock order: `devices`, then `order`.
     order: RwLock<BTreeSet<Arc<str>>>,
+    /// Sites and firmware versions, one copy each however many devices share them. Grows with
+    /// distinct values only (sites, firmware releases); lock order: after `devices`.
+    strings: Mutex<HashSet<Arc<str>>>,
 }
 
 /// One page of devices in id order: the ones matching after a cursor, and the id to continue after.
@@ -377,11 +540,42 @@ impl Registry {
     pub fn load(&self, records: impl IntoIterator<Item = DeviceRecord>) {
         if let (Ok(mut map), Ok(mut order)) = (self.devices.write(), self.order.write()) {
             for r in records {
-                let key: Arc<str> = Arc::from(r.id.as_str());
-                order.insert(Arc::clone(&key));
-                map.insert(key, Device::from_record(&r));
+                let device = self.shared(Device::from_record(&r));
+                order.insert(Arc::clone(&device.id));
+                map.insert(Arc::clone(&device.id), device);
             }
         }
+    }
+
+    /// The one shared copy of `text` (a site or a firmware version).
+    pub fn intern(&self, text: &str) -> Arc<str> {
+        let mut strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = strings.get(text) {
+            return Arc::clone(s);
+        }
+        let s: Arc<str> = Arc::from(text);
+        strings.insert(Arc::clone(&s));
+        s
+    }
+
+    fn intern_arc(&self, text: &Arc<str>) -> Arc<str> {
+        let mut strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
+        match strings.get(text) {
+            Some(s) => Arc::clone(s),
+            None => {
+                strings.insert(Arc::clone(text));
+                Arc::clone(text)
+            }
+        }
+    }
+
+    /// A device about to be stored, with its site and firmware the shared copies.
+    fn shared(&self, mut device: Device) -> Box<Device> {
+        device.site = self.intern_arc(&device.site);
+        if let Some(fw) = &device.fw {
+            device.fw = Some(self.intern_arc(fw));
+        }
+        Box::new(device)
     }
 
     /// Whether the device is known.
@@ -391,7 +585,7 @@ impl Registry {
 
     /// Whether a known device belongs to `site`; `None` when the device is unknown.
     pub fn site_matches(&self, id: &str, site: &str) -> Option<bool> {
-        self.devices.read().ok()?.get(id).map(|d| d.site == site)
+        self.devices.read().ok()?.get(id).map(|d| &*d.site == site)
     }
 
     /// Runs `f` on the device and its shared id, creating the device with `make` when unknown.
@@ -401,8 +595,13 @@ impl Registry {
         let key = match map.get_key_value(id) {
             Some((key, _)) => Arc::clone(key),
             None => {
-                let key: Arc<str> = Arc::from(id);
-                map.insert(Arc::clone(&key), make());
+                let mut device = make();
+                if &*device.id != id {
+                    device.id = Arc::from(id);
+                }
+                let device = self.shared(device);
+                let key = Arc::clone(&device.id);
+                map.insert(Arc::clone(&key), device);
                 if let Ok(mut order) = self.order.write() {
                     order.insert(Arc::clone(&key));
                 }
@@ -414,17 +613,30 @@ impl Registry {
         Some((key, out))
     }
 
+    /// A copy of the device when its record is due to be stored: always with `force`, else when
+    /// its record was last taken `every_ms` or longer before `now_ms` (or never). Taking it
+    /// restarts the count.
+    pub fn take_if_due(&self, id: &str, now_ms: i64, every_ms: i64, force: bool) -> Option<Device> {
+        let mut map = self.devices.write().ok()?;
+        let d = map.get_mut(id)?;
+        if !force && now_ms.saturating_sub(d.persisted_ms) < every_ms {
+            return None;
+        }
+        d.persisted_ms = now_ms;
+        Some(Device::clone(d))
+    }
+
     /// Visits every device under the read lock, without copying.
     pub fn for_each(&self, f: impl FnMut(&Device)) {
         if let Ok(map) = self.devices.read() {
-            map.values().for_each(f);
+            map.values().map(|d| &**d).for_each(f);
         }
     }
 
     /// Visits every device under the write lock (the maintenance service's inventory marks).
     pub fn for_each_mut(&self, f: impl FnMut(&mut Device)) {
         if let Ok(mut map) = self.devices.write() {
-            map.values_mut().for_each(f);
+            map.values_mut().map(|d| &mut **d).for_each(f);
         }
     }
 
@@ -435,13 +647,13 @@ impl Registry {
 
     /// A copy of one device.
     pub fn get(&self, id: &str) -> Option<Device> {
-        self.devices.read().ok()?.get(id).cloned()
+        self.devices.read().ok()?.get(id).map(|d| Device::clone(d))
     }
 
     /// Copies of all devices matching `keep`, sorted by id.
     pub fn list(&self, mut keep: impl FnMut(&Device) -> bool) -> Vec<Device> {
         let Ok(map) = self.devices.read() else { return Vec::new() };
-        let mut out: Vec<Device> = map.values().filter(|d| keep(d)).cloned().collect();
+        let mut out: Vec<Device> = map.values().filter(|d| keep(d)).map(|d| Device::clone(d)).collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -458,10 +670,10 @@ impl Registry {
                 continue;
             }
             if page.devices.len() == limit {
-                page.next_after = page.devices.last().map(|d| d.id.clone());
+                page.next_after = page.devices.last().map(|d| d.id.to_string());
                 break;
             }
-            page.devices.push(d.clone());
+            page.devices.push(Device::clone(d));
         }
         page
     }

@@ -186,7 +186,7 @@ pub async fn rules(State(s): State<ApiState>, Query(p): Query<RulesParams>) -> A
         Some(id) => {
             let d = s.registry.get(&id).ok_or_else(|| ApiError::NotFound(format!("no device {id}")))?;
             let effective = s.rules.effective(d.kind, &d.site, &d.id);
-            Ok(Json(json!({ "device": d.id, "site": d.site, "kind": d.kind, "rules": effective })))
+            Ok(Json(json!({ "device": &*d.id, "site": &*d.site, "kind": d.kind, "rules": effective })))
         }
     }
 }

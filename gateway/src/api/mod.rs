@@ -176,7 +176,7 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
     let limit = page::limit(f.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
     let after = f.cursor.as_deref().map(page::device_after).transpose()?;
     let now = now_ms();
-    let placed = |d: &Device| f.site.as_deref().is_none_or(|site| d.site == site) && kind.is_none_or(|k| d.kind == k);
+    let placed = |d: &Device| f.site.as_deref().is_none_or(|site| &*d.site == site) && kind.is_none_or(|k| d.kind == k);
     let mut total = 0usize;
     let mut by_health: BTreeMap<&str, usize> = Health::ALL.iter().map(|h| (h.as_str(), 0)).collect();
     s.registry.for_each(|d| {

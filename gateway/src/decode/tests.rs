@@ -36,7 +36,7 @@ fn birth_registers_and_telemetry_becomes_readings() {
         &mut b,
     );
     let d = s.registry.get("gas-1").expect("registered");
-    assert_eq!((d.site.as_str(), d.kind, d.interval_s), ("xh", DeviceKind::GasDetector, 10));
+    assert_eq!((&*d.site, d.kind, d.interval_s), ("xh", DeviceKind::GasDetector, 10));
     assert_eq!(b.readings.len(), 3);
     assert!(b.readings.iter().all(|r| &*r.device == "gas-1" && r.ts_ms == 1_799_999_999_000 && !r.historical));
     assert_eq!(b.readings.iter().find(|r| r.metric == Metric::GasLel).map(|r| r.value), Some(3.5));

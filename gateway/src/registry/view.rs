@@ -52,19 +52,20 @@ impl Device {
     /// The device as the API shows it at `now`: health derived, times in RFC 3339.
     pub fn view(&self, now: i64, cfg: &IngestConfig) -> DeviceView {
         let d = self;
+        let p = d.placement();
         let flags = d.health_flags(now, cfg);
         DeviceView {
-            id: d.id.clone(),
-            site: d.site.clone(),
+            id: d.id.to_string(),
+            site: d.site.to_string(),
             kind: d.kind,
-            fw: d.fw.clone(),
+            fw: d.fw.as_deref().map(str::to_owned),
             interval_s: d.interval_s,
-            location: d.location.clone(),
-            install_date: d.install_date.clone(),
-            lat: d.lat,
-            lon: d.lon,
-            crew: d.crew.clone(),
-            phone: d.phone.clone(),
+            location: p.location.clone(),
+            install_date: p.install_date.clone(),
+            lat: p.lat,
+            lon: p.lon,
+            crew: p.crew.clone(),
+            phone: p.phone.clone(),
             health: flags[0],
             health_flags: flags,
             link: d.link,
@@ -78,7 +79,7 @@ impl Device {
             values: d
                 .values
                 .iter()
-                .map(|(m, v)| (*m, json!({ "value": v.value, "ts": rfc3339(v.ts_ms), "unchanged_since": rfc3339(v.unchanged_since_ms) })))
+                .map(|(m, v)| (m, json!({ "value": v.value, "ts": rfc3339(v.ts_ms), "unchanged_since": rfc3339(v.unchanged_since_ms) })))
                 .collect(),
             clock_skewed: d.clock_skewed,
             clock_offset_ms: d.clock_offset_ms,

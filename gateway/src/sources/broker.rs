@@ -45,6 +45,9 @@
 //!   publishing devices instead of losing messages ([`BrokerStats::dropped`] stays 0).
 //! - **Commands**: [`EmbeddedBroker::publish`] queues gateway → device messages (QoS 1, in order)
 //!   to one task that routes them as a system publisher; they are not fed back to the ingest.
+//! - **Retained**: our own flat map from topic to message (rmqtt's topic tree cost ~1.1 KB per
+//!   device birth, measured by `scripts/bench-memory`, issue 14), each message re-owned on the
+//!   way in so it does not pin the connection's read buffer (`own_buffers`).
 //! - **Accounts**: a `ClientAuthenticate` hook checks `mqtt.users` (anonymous devices when
 //!   there are none). The TLS/ACL door ([`super::door`]) stays in front when TLS or restricted
 //!   accounts are configured, unchanged in what it allows.
@@ -62,7 +65,7 @@ use rmqtt::codec::types::QoS;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
-use rmqtt::retain::{DefaultRetainStorage, RetainStorage};
+use rmqtt::retain::RetainStorage;
 use rmqtt::server::MqttServer;
 use rmqtt::session::SessionState;
 use rmqtt::topic::Topic;
@@ -168,7 +171,7 @@ impl EmbeddedBroker {
             .busy_check_enable(false)
             .build()
             .await;
-        *scx.extends.retain_mut().await = Box::new(Retained(DefaultRetainStorage::new()));
+        *scx.extends.retain_mut().await = Box::new(Retained::default());
         *scx.extends.shared_subscription_mut().await = Box::new(SharedRoundRobin::default());
         let stats = Arc::new(BrokerStats::default());
         let out = Arc::new(RwLock::new(Some(out)));
@@ -339,8 +342,15 @@ impl Handler for Ingest {
     }
 }
 
-/// rmqtt's in-memory retained store, switched on (its default answers "use the plugin").
-struct Retained(DefaultRetainStorage);
+/// The retained messages, in memory: one map from topic to message (rmqtt's default answers
+/// "use the plugin", and its topic tree costs a hash map per topic level, ~1.1 KB per device
+/// birth). A subscription without wildcards (a device's own `cmd` topic) is one lookup; one
+/// with wildcards scans the map, which only operators' tools do.
+#[derive(Default)]
+struct Retained {
+    messages: tokio::sync::RwLock<std::collections::HashMap<TopicName, rmqtt::types::TimedValue<Retain>>>,
+    max: std::sync::atomic::AtomicIsize,
+}
 
 #[async_trait]
 impl RetainStorage for Retained {
@@ -348,20 +358,60 @@ impl RetainStorage for Retained {
         true
     }
 
-    async fn set(&self, topic: &TopicName, retain: Retain, expiry: Option<Duration>) -> rmqtt::Result<()> {
-        self.0.set_with_timeout(topic, retain, expiry).await
+    async fn set(&self, topic: &TopicName, mut retain: Retain, expiry: Option<Duration>) -> rmqtt::Result<()> {
+        let mut messages = self.messages.write().await;
+        if retain.publish.payload.is_empty() {
+            // An empty retained publish clears the topic's message (MQTT 3.3.1.3).
+            messages.remove(topic);
+            return Ok(());
+        }
+        own_buffers(&mut retain);
+        messages.insert(TopicName::from(&**topic), rmqtt::types::TimedValue::new(retain, expiry));
+        self.max.fetch_max(messages.len() as isize, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get(&self, filter: &TopicFilter) -> rmqtt::Result<Vec<(TopicName, Retain)>> {
-        self.0.get_message(filter).await
+        let messages = self.messages.read().await;
+        let live = |v: &rmqtt::types::TimedValue<Retain>| !v.is_expired();
+        if !filter.contains(['+', '#']) {
+            return Ok(messages.get_key_value(filter).filter(|(_, v)| live(v)).map(|(t, v)| (t.clone(), v.value().clone())).into_iter().collect());
+        }
+        let pattern = Topic::from_str(filter)?;
+        // `$`-topics are not matched by a filter starting with a wildcard (MQTT 4.7.2).
+        let wild_start = filter.starts_with(['+', '#']);
+        Ok(messages
+            .iter()
+            .filter(|(t, v)| live(v) && !(wild_start && t.starts_with('$')) && pattern.matches_str(&***t))
+            .map(|(t, v)| (t.clone(), v.value().clone()))
+            .collect())
     }
 
     async fn count(&self) -> isize {
-        self.0.count().await
+        self.messages.read().await.len() as isize
     }
 
     async fn max(&self) -> isize {
-        self.0.max().await
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+/// Gives a retained message its own copies of its topic, payload and properties. As decoded,
+/// they are slices of the connection's read buffer, and a retained message (every device's
+/// birth) lives as long as the device: it would keep that whole buffer allocation alive, with
+/// all the telemetry read into it since. Measured with `scripts/bench-memory` (issue 14).
+fn own_buffers(retain: &mut Retain) {
+    let copy = |s: &TopicName| TopicName::from(&**s);
+    let publish = &mut retain.publish.inner;
+    publish.topic = copy(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
+    if let Some(p) = publish.properties.as_mut() {
+        p.correlation_data = p.correlation_data.as_ref().map(|d| Bytes::copy_from_slice(d));
+        p.content_type = p.content_type.as_ref().map(copy);
+        p.response_topic = p.response_topic.as_ref().map(copy);
+        for (k, v) in p.user_properties.iter_mut() {
+            (*k, *v) = (copy(k), copy(v));
+        }
     }
 }
 

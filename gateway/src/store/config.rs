@@ -22,6 +22,11 @@ pub struct StorageConfig {
     pub queue_capacity: usize,
     /// Rejected messages kept in the quarantine table (oldest removed first).
     pub quarantine_max_rows: usize,
+    /// Page cache of the store's write connection, MiB (default 64): a fixed part of the
+    /// gateway's memory whatever the fleet's size (the read connection keeps 8 MiB more).
+    /// Larger keeps more series' newest pages hot (fewer reads per batch); smaller trades
+    /// write speed for memory.
+    pub cache_mib: u32,
     /// `[storage.influx]`: the long-term store; absent means off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub influx: Option<crate::store::influx::InfluxConfig>,
@@ -37,6 +42,7 @@ impl Default for StorageConfig {
             batch_max_rows: 10_000,
             queue_capacity: 128,
             quarantine_max_rows: 100_000,
+            cache_mib: 64,
             influx: None,
         }
     }

@@ -34,6 +34,9 @@ pub const SCHEMA_VERSION: i64 = 1;
 
 const MINUTE_MS: i64 = 60_000;
 
+/// Page cache of the read connection (the API's queries), KiB: fixed, whatever the fleet.
+const READ_CACHE_KIB: u32 = 8192;
+
 /// `PRAGMA synchronous` of the write connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
@@ -59,7 +62,7 @@ pub struct StoreOptions {
     pub synchronous: Synchronous,
     /// Least time between two retention passes (default 5 minutes).
     pub retention_every: Duration,
-    /// Page cache of the write connection, MiB (default 64). Each batch dirties about one page
+    /// Page cache of the write connection, MiB (`[storage] cache_mib`, default 64). Each batch dirties about one page
     /// per series it touches, so the cache should hold the hot leaf pages of every live series.
     pub cache_mib: u32,
     /// WAL pages written before the writer checkpoints (default 10 000, ~40 MB). Larger values
@@ -78,7 +81,7 @@ impl From<&StorageConfig> for StoreOptions {
             quarantine_max_rows: c.quarantine_max_rows,
             synchronous: Synchronous::Full,
             retention_every: Duration::from_secs(300),
-            cache_mib: 64,
+            cache_mib: c.cache_mib.max(1),
             wal_autocheckpoint_pages: 10_000,
         }
     }
@@ -231,7 +234,7 @@ impl SqliteStore {
         let keys = load_keys(&conn)?;
 
         let reader = Connection::open(&db_path)?;
-        reader.execute_batch("PRAGMA busy_timeout=5000; PRAGMA cache_size=-8192; PRAGMA query_only=1;")?;
+        reader.execute_batch(&format!("PRAGMA busy_timeout=5000; PRAGMA cache_size=-{READ_CACHE_KIB}; PRAGMA query_only=1;"))?;
 
         let capacity = opts.queue_capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);

@@ -15,12 +15,13 @@ impl Service {
     pub(super) fn sync_registry(&self, item: &Item) {
         let make = || Device::from_inventory(&item.device, &item.site, item.m.kind, (self.wall)());
         self.registry.upsert(&item.device, make, |_, d| {
-            d.location = Some(item.location.clone());
-            d.lat = item.position.map(|p| p.lat);
-            d.lon = item.position.map(|p| p.lon);
-            d.install_date = Some(item.m.install_date.to_string());
-            d.crew = Some(item.crew.clone());
-            d.phone = Some(mask_phone(&item.phone));
+            let p = d.placement_mut();
+            p.location = Some(item.location.clone());
+            p.lat = item.position.map(|p| p.lat);
+            p.lon = item.position.map(|p| p.lon);
+            p.install_date = Some(item.m.install_date.to_string());
+            p.crew = Some(item.crew.clone());
+            p.phone = Some(mask_phone(&item.phone));
             d.inventory = InventoryMark::Listed;
         });
     }
@@ -32,7 +33,7 @@ impl Service {
         }
         let entries = &self.entries;
         self.registry.for_each_mut(|d| {
-            d.inventory = if entries.contains_key(&d.id) { InventoryMark::Listed } else { InventoryMark::Missing };
+            d.inventory = if entries.contains_key(&*d.id) { InventoryMark::Listed } else { InventoryMark::Missing };
         });
     }
 

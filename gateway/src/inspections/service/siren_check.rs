@@ -21,7 +21,7 @@ impl Service {
         }
         self.registry.for_each(|d| {
             if d.kind == DeviceKind::SirenMount {
-                sirens.entry(d.id.clone()).or_insert_with(|| (d.site.clone(), d.location.clone().unwrap_or_default()));
+                sirens.entry(d.id.to_string()).or_insert_with(|| (d.site.to_string(), d.placement().location.clone().unwrap_or_default()));
             }
         });
         let Some(readings) = self.readings.clone() else { return };

@@ -64,7 +64,9 @@ pub struct SignalCounts {
 /// Evaluates the rules of a [`RuleSet`] for every device; see the module docs.
 pub struct Engine {
     rules: Arc<RuleSet>,
-    devices: HashMap<Arc<str>, DeviceState>,
+    /// Boxed, so the table holds a key and a pointer per slot, not a whole state (a hash table
+    /// keeps up to twice the slots it uses).
+    devices: HashMap<Arc<str>, Box<DeviceState>>,
     sites: composite::Sites,
     timers: Timers,
     next_epoch: u32,
@@ -285,7 +287,7 @@ impl Engine {
         if d.epoch != epoch || d.slots.get(i).is_none_or(|s| s.queued != at) {
             return;
         }
-        let DeviceState { rules: eff, slots, site, kind, interval_s, last_seen_ms, .. } = d;
+        let DeviceState { rules: eff, slots, site, kind, interval_s, last_seen_ms, .. } = &mut **d;
         let (rule, slot) = (&eff.rules[i], &mut slots[i]);
         slot.queued = NO_TIMER;
         let mut emit = Emit { out, device, site, kind: *kind };

@@ -65,7 +65,7 @@ pub(super) enum State {
 
 /// The device's state, created (or rebuilt after a kind or site change) as needed.
 pub(super) fn device_state<'e>(
-    devices: &'e mut HashMap<Arc<str>, DeviceState>,
+    devices: &'e mut HashMap<Arc<str>, Box<DeviceState>>,
     rules: &RuleSet,
     next_epoch: &mut u32,
     dev: &DeviceCtx,
@@ -85,11 +85,11 @@ pub(super) fn device_state<'e>(
             slots,
         }
     };
-    let d = devices.entry(dev.id.clone()).or_insert_with(|| fresh(next_epoch, NONE, false));
+    let d = devices.entry(dev.id.clone()).or_insert_with(|| Box::new(fresh(next_epoch, NONE, false)));
     if d.kind != dev.kind || (!Arc::ptr_eq(&d.site, dev.site) && d.site != *dev.site) {
         // Re-registered as another kind or at another site: its rules change, so its state
         // starts over (incidents of the old rules stay with the manager).
-        *d = fresh(next_epoch, d.last_seen_ms, d.offline);
+        **d = fresh(next_epoch, d.last_seen_ms, d.offline);
     }
     d.interval_s = dev.interval_s;
     d

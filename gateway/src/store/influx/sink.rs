@@ -23,7 +23,7 @@ pub trait DeviceTagSource: Send + Sync + std::fmt::Debug {
 
 impl DeviceTagSource for Registry {
     fn device_tags(&self, device: &str) -> Option<DeviceTags> {
-        self.get(device).map(|d| DeviceTags { site: d.site, kind: d.kind.as_str() })
+        self.get(device).map(|d| DeviceTags { site: d.site.to_string(), kind: d.kind.as_str() })
     }
 }
 
