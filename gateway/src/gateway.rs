@@ -9,6 +9,11 @@
 //! not delivered stays in the outbox), the store writer commits and exits. Nothing accepted is
 //! dropped on the way out.
 //!
+//! In cluster mode the owned partitions of the NATS ingest stream replace the MQTT source, the
+//! outbox feeds the replicated incident log alone, and the push channels deliver from that log
+//! (`crate::cluster`); a partition's consumer starts once the incident manager has adopted the
+//! partition's unclosed incidents.
+//!
 //! [`Gateway::start`] reads as the pipeline; each stage is built from its config by one
 //! `start_*`/`open_*` function below it.
 
@@ -102,6 +107,9 @@ pub struct Gateway {
     broker: Option<Arc<EmbeddedBroker>>,
     /// The InfluxDB sink's task: it ends after the decode stage drops its tap.
     influx: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: the adoption hook given to the partition consumers (it holds an incident
+    /// handle, so it is emptied before the manager is awaited).
+    adopt: Option<watch::Sender<Option<crate::cluster::adopt::AdoptFn>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -143,20 +151,25 @@ impl Gateway {
         // Cluster mode: owned partitions of the NATS ingest stream replace the MQTT source.
         let cluster = join_cluster(&config, &inbound_tx, &stop_rx, &mut tasks).await?;
         let sources = match &cluster {
-            Some((c, leases)) => Sources { broker: None, mqtt_addr: None, publish: c.publisher(Arc::clone(leases)) },
+            Some(joined) => Sources { broker: None, mqtt_addr: None, publish: joined.cluster.publisher(Arc::clone(&joined.leases)) },
             None => start_sources(&config, &mut prometheus, inbound_tx, &stop_rx, &mut tasks).await?,
         };
         // incidents → notify (and the long-term store beside them)
         let rules = Arc::new(RuleSet::from_config(&config.rules)?);
         let opened = open_incidents(&config, &rules)?;
         let influx = start_influx(&config, &registry, &mut prometheus)?;
-        let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap), cluster.as_ref())?;
+        let notify = start_notify(&config, &opened, &sources.publish, influx.as_ref().map(|(_, tap)| tap), cluster.as_ref(), &stop_rx, &mut tasks)?;
         prometheus.register_collector(Box::new(crate::notify::ChannelMetrics(notify.states.clone())));
         let (manager, incidents, requests) =
             Manager::new(opened.book, Arc::clone(&opened.store), notify.queues, Some(Arc::clone(&sources.publish)), config.incidents.retention.as_ms());
         let (releases_tx, releases_rx) = mpsc::channel(manager::RELEASES_QUEUE);
         let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
         incidents.register_metrics(&mut prometheus);
+        // Cluster mode: partitions gained from now on (and those waiting) adopt their incidents.
+        let adopt = cluster.map(|joined| {
+            joined.adopt.send_replace(Some(adopt_into(incidents.clone())));
+            joined.adopt
+        });
         // decode (with the rule engine inline) → store, incidents
         let mut stage = DecodeStage::new(Arc::clone(&registry), Arc::clone(&metrics), config.ingest.clone())
             .with_rules(Engine::new(Arc::clone(&rules)), incidents.clone(), releases_rx, &opened.active);
@@ -190,7 +203,7 @@ impl Gateway {
         }
         let (broker, mqtt_addr, dispatchers) = (sources.broker, sources.mqtt_addr, notify.dispatchers);
         let influx = influx.map(|(task, _)| task);
-        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, broker, influx })
+        Ok(Gateway { registry, metrics, store, http_addr, mqtt_addr, incidents, stop, tasks, decode, manager, dispatchers, broker, influx, adopt })
     }
 
     /// Stops every stage in order and waits until the store has committed everything.
@@ -202,7 +215,7 @@ impl Gateway {
     /// it commits and drops the push channels' queues), the dispatchers (after their current
     /// attempt), the InfluxDB sink and the store writer.
     pub async fn shutdown(self) -> Result<()> {
-        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, influx, .. } = self;
+        let Gateway { store, stop, tasks, decode, broker, incidents, manager, dispatchers, influx, adopt, .. } = self;
         let _ = stop.send(true);
         for (name, mut task) in tasks {
             if tokio::time::timeout(Duration::from_secs(10), &mut task).await.is_err() {
@@ -218,6 +231,10 @@ impl Gateway {
         }
         if tokio::time::timeout(Duration::from_secs(30), decode).await.is_err() {
             tracing::warn!("decode stage did not drain within 30 s");
+        }
+        // The partition consumers are gone; the adoption hook's handle goes too.
+        if let Some(adopt) = adopt {
+            adopt.send_replace(None);
         }
         // The decode stage has sent its last signals and the API is gone: with this last handle
         // dropped, the manager commits what is pending and stops, closing the channel queues.
@@ -259,19 +276,35 @@ struct Sources {
     publish: PublishFn,
 }
 
-/// Modbus buses, then the MQTT source (embedded broker or external client), all into `inbound`.
-/// A joined cluster and the partition leases this gateway holds.
-type Joined = (crate::cluster::Cluster, Arc<crate::cluster::LeaseTable>);
+/// A joined cluster, the partition leases this gateway holds, and where to set the incident
+/// manager's adoption hook once it runs.
+struct Joined {
+    cluster: crate::cluster::Cluster,
+    leases: Arc<crate::cluster::LeaseTable>,
+    adopt: watch::Sender<Option<crate::cluster::adopt::AdoptFn>>,
+}
 
-/// Cluster mode (`[cluster]` set): joins, and feeds owned partitions into `inbound`.
+/// Cluster mode (`[cluster]` set): joins, and feeds owned partitions into `inbound` (each once
+/// its unclosed incidents are adopted, see [`adopt_into`]).
 async fn join_cluster(config: &Config, inbound: &mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Option<Joined>> {
     let Some(cluster_config) = &config.cluster else { return Ok(None) };
-    let c = crate::cluster::Cluster::connect(cluster_config).await?;
-    let (leases, task) = c.join(inbound.clone(), stop_rx.clone()).await?;
+    let cluster = crate::cluster::Cluster::connect(cluster_config).await?;
+    let (adopt, adopt_rx) = watch::channel(None);
+    let (leases, task) = cluster.join(inbound.clone(), adopt_rx, stop_rx.clone()).await?;
     tasks.push(("cluster", task));
     tracing::info!(node = %cluster_config.node, nats = ?cluster_config.nats, "joined the cluster");
-    Ok(Some((c, leases)))
+    Ok(Some(Joined { cluster, leases, adopt }))
 }
+
+/// The adoption hook: incidents read from the log go to the incident manager.
+fn adopt_into(incidents: IncidentsHandle) -> crate::cluster::adopt::AdoptFn {
+    Arc::new(move |adopted| {
+        let incidents = incidents.clone();
+        Box::pin(async move { incidents.adopt(adopted).await.map_err(|e| e.to_string()) })
+    })
+}
+
+/// Modbus buses, then the MQTT source (embedded broker or external client), all into `inbound`.
 
 async fn start_sources(config: &Config, prometheus: &mut MetricsRegistry, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
     // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
@@ -373,18 +406,37 @@ struct Notify {
     done: mpsc::Receiver<(Arc<str>, i64, Outcome)>,
 }
 
-fn start_notify(config: &Config, opened: &OpenedIncidents, publish: &PublishFn, influx: Option<&InfluxTap>, cluster: Option<&Joined>) -> Result<Notify> {
+/// In cluster mode the outbox feeds the replicated incident log alone (appended only while this
+/// gateway holds the site's partition) and every configured push channel delivers from the log
+/// through a durable consumer shared by all gateways (stopped with the sources).
+fn start_notify(
+    config: &Config,
+    opened: &OpenedIncidents,
+    publish: &PublishFn,
+    influx: Option<&InfluxTap>,
+    cluster: Option<&Joined>,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> Result<Notify> {
     let mut sinks = crate::notify::build_sinks(&config.notify, Some(Arc::clone(publish)))?;
-    if let Some((c, leases)) = cluster {
-        // The replicated incident log first; every push fenced by the site's partition lease.
-        let fence = crate::cluster::sinks::Fence { leases: Arc::clone(leases), partitions: c.config.partitions };
-        sinks = crate::cluster::sinks::cluster_sinks(sinks, c.js.clone(), fence);
+    let mut log_states = Vec::new();
+    if let Some(joined) = cluster {
+        let c = &joined.cluster;
+        let ack_wait = crate::cluster::delivery::ack_wait(c.config.lease_ttl.0);
+        for sink in std::mem::take(&mut sinks) {
+            let state = crate::notify::ChannelState::new(Arc::clone(&sink.0));
+            log_states.push(Arc::clone(&state));
+            let channel = crate::cluster::delivery::LogChannel { js: c.js.clone(), sink, state, retry: config.notify.retry.clone(), ack_wait };
+            tasks.push(("cluster push channel", tokio::spawn(channel.run(stop_rx.clone()))));
+        }
+        let fence = crate::cluster::sinks::Fence { leases: Arc::clone(&joined.leases), partitions: c.config.partitions };
+        sinks.push(crate::cluster::sinks::log_sink(c.js.clone(), fence));
     }
     if let Some(tap) = influx {
         sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));
     }
     let (done_tx, done) = mpsc::channel(manager::OUTCOMES_QUEUE);
-    let mut notify = Notify { queues: Vec::new(), states: Vec::new(), dispatchers: Vec::new(), done };
+    let mut notify = Notify { queues: Vec::new(), states: log_states, dispatchers: Vec::new(), done };
     for (name, sink) in sinks {
         // Alertmanager forgets alerts not re-posted: the sink re-posts what is still active.
         sink.resume(&opened.active_incidents);

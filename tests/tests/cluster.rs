@@ -1,6 +1,9 @@
 //! Cluster mode end to end (SPEC §9): three real nats-server nodes clustered on loopback (configs
 //! from `citywatch cluster nats-config`), gateways joining with `[cluster]`, devices speaking MQTT
-//! 3.1.1 to a NATS node, a webhook receiver per gateway so a test can tell who sent what.
+//! 3.1.1 to a NATS node, and one webhook receiver for the city: every gateway's channel points
+//! at it (as an operations centre's would), each with a header naming the gateway. In cluster
+//! mode any live gateway delivers from the replicated incident log, so who sent a change says
+//! nothing about who owns the site; who acted shows in each gateway's own incident store.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -17,27 +20,29 @@ const TTL: Duration = Duration::from_secs(3);
 /// Bound of every "until the cluster has settled" wait.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// The header each gateway's webhook adds (a static `[notify.webhook.headers]` entry).
+const GATEWAY_HEADER: &str = "x-test-gateway";
+
 struct Node {
     name: String,
     gateway: GatewayProcess,
-    receiver: WebhookReceiver,
 }
 
-async fn gateway(nats: &NatsCluster, name: &str) -> Node {
-    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+async fn gateway(nats: &NatsCluster, name: &str, receiver: &WebhookReceiver) -> Node {
     let section = format!(
-        "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
+        "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.webhook.headers]\n{GATEWAY_HEADER} = \"{name}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
         nats.gateway_section(name, PARTITIONS, LEASE_TTL),
         receiver.url()
     );
     let gateway = GatewayProcess::start_cluster(&section).await.expect("cluster gateway");
-    Node { name: name.to_owned(), gateway, receiver }
+    Node { name: name.to_owned(), gateway }
 }
 
-/// Three clustered NATS nodes, gateways gw-a and gw-b on them, and the partition owners once
-/// both own some: the setup every test here starts from.
+/// Three clustered NATS nodes, the city's webhook receiver, gateways gw-a and gw-b, and the
+/// partition owners once both own some: the setup every test here starts from.
 struct TwoGateways {
     nats: NatsCluster,
+    receiver: WebhookReceiver,
     a: Node,
     b: Node,
     owners: Vec<String>,
@@ -45,10 +50,17 @@ struct TwoGateways {
 
 async fn two_gateways() -> TwoGateways {
     let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
-    let a = gateway(&nats, "gw-a").await;
-    let b = gateway(&nats, "gw-b").await;
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    let a = gateway(&nats, "gw-a", &receiver).await;
+    let b = gateway(&nats, "gw-b", &receiver).await;
     let owners = wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
-    TwoGateways { nats, a, b, owners }
+    TwoGateways { nats, receiver, a, b, owners }
+}
+
+/// The incidents a gateway's own store holds for a site (what that gateway acted on).
+fn stored_for_site(node: &Node, site: &str) -> Vec<Value> {
+    let listed = node.gateway.get(&format!("/api/v1/incidents?site={site}")).expect("incident list");
+    listed["incidents"].as_array().cloned().unwrap_or_default()
 }
 
 /// `citywatch cluster status --config F` as JSON.
@@ -109,19 +121,20 @@ fn for_site(deliveries: &[Delivery], site: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_shared_and_a_fire_gives_one_fire_confirmed_whichever_gateway_owns_the_site() {
-    let TwoGateways { nats, a, b, owners } = two_gateways().await;
+    let TwoGateways { nats, receiver, a, b, owners } = two_gateways().await;
     let publisher = Publisher::connect(&nats.nodes[2].mqtt_addr(), 100).await.expect("device connection to NATS MQTT");
     for (owner, other) in [(&a, &b), (&b, &a)] {
         let site = site_owned_by(&owners, &owner.name, "fire-");
         let devices = [format!("{site}-smoke-1"), format!("{site}-smoke-2")];
         let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
         smoke_alarms(&publisher, &site, &refs).await;
-        let fire = owner.receiver.wait_for(SETTLE, "fire_confirmed from the site's owner", |d| fires(d, &site).into_iter().next()).await;
+        let fire = receiver.wait_for(SETTLE, "fire_confirmed of the site", |d| fires(d, &site).into_iter().next()).await;
         // Both detectors' alarms reached the owner (one partition per site), nothing the other.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(fires(&owner.receiver.deliveries(), &site), BTreeSet::from([fire.clone()]), "one fire incident");
-        assert!(for_site(&other.receiver.deliveries(), &site).is_empty(), "the non-owner pushed: {:?}", for_site(&other.receiver.deliveries(), &site));
-        let ids: Vec<String> = owner.receiver.deliveries().iter().filter(|d| d.site() == site).filter_map(|d| d.header(IDEMPOTENCY_HEADER).map(str::to_owned)).collect();
+        assert_eq!(fires(&receiver.deliveries(), &site), BTreeSet::from([fire.clone()]), "one fire incident");
+        assert!(stored_for_site(owner, &site).iter().any(|i| i["id"] == fire.as_str()), "the owner raised the fire");
+        assert!(stored_for_site(other, &site).is_empty(), "the non-owner acted: {:?}", stored_for_site(other, &site));
+        let ids: Vec<String> = receiver.deliveries().iter().filter(|d| d.site() == site).filter_map(|d| d.header(IDEMPOTENCY_HEADER).map(str::to_owned)).collect();
         assert!(ids.iter().any(|k| k.starts_with(&format!("{fire}:"))), "Idempotency-Key {{id}}:{{revision}} on the pushes: {ids:?}");
         // The owner's API knows the devices; the status JSON names members and lag.
         let listed = owner.gateway.get(&format!("/api/v1/devices/{}", devices[0])).expect("device on its owner");
@@ -145,7 +158,7 @@ async fn partitions_are_shared_and_a_fire_gives_one_fire_confirmed_whichever_gat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateways_partitions_are_owned_again_within_the_lease_ttl_and_its_sites_watched() {
-    let TwoGateways { nats, mut a, b, owners } = two_gateways().await;
+    let TwoGateways { nats, receiver, mut a, b, owners } = two_gateways().await;
     let site = site_owned_by(&owners, "gw-a", "kill-");
     let killed = Instant::now();
     a.gateway.kill();
@@ -157,15 +170,16 @@ async fn a_killed_gateways_partitions_are_owned_again_within_the_lease_ttl_and_i
     let devices = [format!("{site}-smoke-1"), format!("{site}-smoke-2")];
     let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
     smoke_alarms(&publisher, &site, &refs).await;
-    b.receiver.wait_for(SETTLE, "fire_confirmed from the new owner", |d| fires(d, &site).into_iter().next()).await;
+    receiver.wait_for(SETTLE, "fire_confirmed from the new owner", |d| fires(d, &site).into_iter().next()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(fires(&b.receiver.deliveries(), &site).len(), 1, "{:?}", for_site(&b.receiver.deliveries(), &site));
-    assert!(a.receiver.deliveries().iter().all(|d| d.site() != site));
+    assert_eq!(fires(&receiver.deliveries(), &site).len(), 1, "{:?}", for_site(&receiver.deliveries(), &site));
+    assert!(receiver.deliveries().iter().filter(|d| d.site() == site).all(|d| d.header(GATEWAY_HEADER) == Some("gw-b")), "only the live gateway delivers");
+    assert!(!stored_for_site(&b, &site).is_empty(), "the new owner raised it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_paused_longer_than_the_lease_ttl_sends_nothing_for_the_partitions_it_lost() {
-    let TwoGateways { nats, a, b, owners } = two_gateways().await;
+    let TwoGateways { nats, receiver, a, b, owners } = two_gateways().await;
     let site = site_owned_by(&owners, "gw-a", "pause-");
     let pid = a.gateway.pid().expect("gw-a runs").to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
@@ -178,17 +192,138 @@ async fn a_gateway_paused_longer_than_the_lease_ttl_sends_nothing_for_the_partit
     let owners = wait_owned(b.gateway.config_path(), &["gw-b"]).await;
     assert!(owners.iter().all(|o| o == "gw-b"));
     // The new owner gets them (after the ack wait of the frozen consumer) and pushes the fire.
-    let fire = b.receiver.wait_for(SETTLE, "fire_confirmed from the new owner", |d| fires(d, &site).into_iter().next()).await;
+    let fire = receiver.wait_for(SETTLE, "fire_confirmed from the new owner", |d| fires(d, &site).into_iter().next()).await;
     assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
-    // gw-a wakes with an expired lease: it must not push anything for the site.
+    // gw-a wakes with an expired lease: it must not act on what it held for the site (it may
+    // deliver the new owner's changes from the log: that is the shared push channel).
     tokio::time::sleep(TTL * 2).await;
-    let from_a = for_site(&a.receiver.deliveries(), &site);
-    assert!(from_a.is_empty(), "the paused gateway pushed for a partition it lost: {from_a:?}");
+    // (Once it owns the partition again it adopts the new owner's incidents: same ids.)
+    let raised_by_b: BTreeSet<String> = stored_for_site(&b, &site).iter().filter_map(|i| i["id"].as_str().map(str::to_owned)).collect();
+    let acted: Vec<Value> = stored_for_site(&a, &site).into_iter().filter(|i| !i["id"].as_str().is_some_and(|id| raised_by_b.contains(id))).collect();
+    assert!(acted.is_empty(), "the paused gateway acted for a partition it lost: {acted:?}");
     // And it rejoins: both members own partitions again.
     wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
-    let per_id: BTreeMap<String, usize> = b.receiver.deliveries().iter().filter(|d| d.rule() == "fire_confirmed").fold(BTreeMap::new(), |mut m, d| {
+    let per_id: BTreeMap<String, usize> = receiver.deliveries().iter().filter(|d| d.rule() == "fire_confirmed").fold(BTreeMap::new(), |mut m, d| {
         *m.entry(d.id().to_owned()).or_default() += 1;
         m
     });
     assert_eq!(per_id.keys().cloned().collect::<Vec<_>>(), vec![fire], "one fire incident");
+}
+
+/// One gas detector's telemetry: `gas_lel` and a confirmed-closed valve (so `gas_valve_failed`
+/// stays out of it), `seq` counting up.
+async fn gas_reading(publisher: &Publisher, site: &str, device: &str, seq: &mut u32, gas_lel: f64) {
+    *seq += 1;
+    let body = json!({"seq": *seq, "ts": chrono_ms(), "values": {"gas_lel": gas_lel, "valve_closed": 1}});
+    publisher.publish_json(&device_topic(site, device, "telemetry"), false, &body).await.expect("telemetry");
+}
+
+/// The deliveries of incident `id`, one per Idempotency-Key, after checking that every repeat of
+/// a key carried the same bytes and that each key is the body's `{id}:{revision}`.
+fn revisions_of(deliveries: &[Delivery], id: &str) -> BTreeMap<u64, Delivery> {
+    let mut by_key: BTreeMap<String, Delivery> = BTreeMap::new();
+    for d in deliveries.iter().filter(|d| d.id() == id) {
+        assert!(d.signature_valid, "bad signature: {}", d.describe());
+        let key = d.header(IDEMPOTENCY_HEADER).unwrap_or_default().to_owned();
+        assert_eq!(key, format!("{}:{}", d.id(), d.revision()), "Idempotency-Key is {{id}}:{{revision}}");
+        match by_key.get(&key) {
+            Some(first) => assert_eq!(first.raw, d.raw, "conflicting content under one Idempotency-Key {key}"),
+            None => {
+                by_key.insert(key, d.clone());
+            }
+        }
+    }
+    by_key.into_values().map(|d| (d.revision(), d)).collect()
+}
+
+/// SPEC §9 "state that survives a gateway": a gas leak opens at a site owned by gw-a, the
+/// operator acknowledges it there while the city's receiver is down (so that change is still
+/// waiting for delivery), gw-a is SIGKILLed. The receiver comes back, the detector keeps
+/// reporting the leak and then clears, the operator resolves and closes through gw-b, the new
+/// owner. The incident keeps its id (no second one for the device), its revisions go on from
+/// gw-a's, and the receiver has every revision 1..n exactly once by Idempotency-Key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_survives_its_gateway_with_its_id_and_every_revision_delivered() {
+    let TwoGateways { nats, receiver, mut a, b, owners } = two_gateways().await;
+    let site = site_owned_by(&owners, "gw-a", "leak-");
+    let device = format!("{site}-gas-1");
+    let publisher = Publisher::connect(&nats.nodes[1].mqtt_addr(), 100).await.expect("device connection");
+    publisher.publish_json(&device_topic(&site, &device, "status"), true, &birth("gas_detector", 60)).await.expect("status");
+    let mut seq = 0;
+    gas_reading(&publisher, &site, &device, &mut seq, 55.0).await;
+    let id = receiver.wait_for(SETTLE, "the gas leak's first revision", |d| d.iter().find(|d| d.device() == device && d.revision() == 1).map(|d| d.id().to_owned())).await;
+    assert!(stored_for_site(&a, &site).iter().any(|i| i["id"] == id.as_str()), "gw-a, the owner, opened it");
+
+    // The receiver is down: the acknowledgement is committed on gw-a and waits for delivery.
+    receiver.set_status(503);
+    let (code, acked) = a.gateway.post(&format!("/api/v1/incidents/{id}/ack"), &json!({"actor": "li", "note": "crew on the way"})).expect("ack on gw-a");
+    assert_eq!(code, 200, "{acked}");
+    assert_eq!(acked["revision"], 2, "{acked}");
+    let refused = Instant::now() + SETTLE;
+    while !receiver.rejected_attempts().iter().any(|d| d.id() == id && d.revision() == 2) {
+        assert!(Instant::now() < refused, "revision 2 was never attempted:\n{}", receiver.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let killed = Instant::now();
+    a.gateway.kill();
+    receiver.set_status(200);
+
+    // The leak goes on while gw-b takes the partition over, and a few seconds after.
+    let taken = Instant::now() + SETTLE;
+    loop {
+        gas_reading(&publisher, &site, &device, &mut seq, 55.0).await;
+        if status(b.gateway.config_path()).is_ok_and(|s| s["partitions"][partition_of(&site, PARTITIONS) as usize]["owner"] == "gw-b") {
+            break;
+        }
+        assert!(Instant::now() < taken, "gw-b never took the partition over");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let failover = killed.elapsed();
+    for _ in 0..4 {
+        gas_reading(&publisher, &site, &device, &mut seq, 55.0).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let delivered_2 = receiver.wait_for(SETTLE, "revision 2 after gw-a died", |d| d.iter().find(|d| d.id() == id && d.revision() == 2).map(|d| d.received)).await;
+    eprintln!("failover: the site's partition owned by gw-b {failover:?} after SIGKILL of gw-a; revision 2 delivered {:?} after the kill", delivered_2.duration_since(killed));
+    // Then it clears: under 40 %LEL held 30 s (the default pack's gas_high).
+    let clearing = Instant::now();
+    while clearing.elapsed() < Duration::from_secs(34) {
+        gas_reading(&publisher, &site, &device, &mut seq, 2.0).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let cleared = receiver
+        .wait_for(SETTLE, "the condition cleared on the same incident", |d| {
+            d.iter().filter(|d| d.id() == id && d.body["history"].as_array().is_some_and(|h| h.iter().any(|e| e["action"] == "condition_cleared"))).map(|d| d.revision()).min()
+        })
+        .await;
+    assert!(stored_for_site(&b, &site).iter().any(|i| i["id"] == id.as_str()), "gw-b adopted the incident");
+    // The operator loop goes on at the new owner.
+    for action in ["resolve", "close"] {
+        let (code, answer) = b.gateway.post(&format!("/api/v1/incidents/{id}/{action}"), &json!({"actor": "li"})).expect("transition on gw-b");
+        assert_eq!(code, 200, "{action}: {answer}");
+    }
+    receiver.wait_for(SETTLE, "the closed revision", |d| d.iter().find(|d| d.id() == id && d.state() == "closed").map(|_| ())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let deliveries = receiver.deliveries();
+    let for_device: BTreeSet<String> = deliveries.iter().filter(|d| d.device() == device).map(|d| d.id().to_owned()).collect();
+    assert_eq!(for_device, BTreeSet::from([id.clone()]), "one incident for the device:\n{}", receiver.report());
+    let revisions = revisions_of(&deliveries, &id);
+    let n = revisions.keys().max().copied().unwrap_or(0);
+    assert_eq!(revisions.keys().copied().collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "every revision 1..{n}, no gap:\n{}", receiver.report());
+    assert!(n >= 5 && cleared > 2, "opened, acked, cleared, resolved, closed: {n} revisions");
+    let states: Vec<&str> = revisions.values().map(Delivery::state).collect();
+    assert_eq!(states.first().copied(), Some("open"));
+    assert_eq!(states.get(1).copied(), Some("acknowledged"));
+    assert_eq!(revisions[&cleared].state(), "acknowledged", "the crew's state survived the failover");
+    assert_eq!(states.last().copied(), Some("closed"));
+    // Each revision's history is the one before it plus what changed: one story, not two.
+    for (r, d) in &revisions {
+        if let Some(prev) = revisions.get(&(r - 1)) {
+            let (h, p) = (d.body["history"].as_array().expect("history"), prev.body["history"].as_array().expect("history"));
+            assert_eq!(&h[..p.len()], &p[..], "revision {r} does not continue revision {}", r - 1);
+        }
+    }
+    let senders: BTreeSet<&str> = revisions.values().filter_map(|d| d.header(GATEWAY_HEADER)).collect();
+    assert!(senders.contains("gw-b"), "gw-b delivered after the kill: {senders:?}");
 }

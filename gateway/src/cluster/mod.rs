@@ -5,11 +5,15 @@
 //! lease ([`ownership`]: a replicated KV bucket, revision = fencing token, [`rendezvous`] over
 //! live members) and feeds the owned partitions' messages into the usual pipeline as
 //! [`crate::ingest::Inbound`], acknowledged to JetStream only after the store commits. Incident
-//! changes go to a replicated log, one entry per (id, revision) ([`sinks`]), and every push of a
-//! gateway is fenced by the lease of the incident's site. Not here: decode, rules, incidents —
-//! they run unchanged on whatever the partitions deliver.
+//! changes go to a replicated log, one entry per (id, revision), appended only by the site's
+//! owner ([`sinks`]); every push channel delivers from that log through a durable consumer shared
+//! by all gateways ([`delivery`]); a gateway gaining a partition adopts its unclosed incidents
+//! from the log ([`adopt`]). Not here: decode, rules, incidents — they run unchanged on whatever
+//! the partitions deliver.
 
+pub mod adopt;
 pub mod config;
+pub mod delivery;
 pub mod nats_config;
 pub mod ownership;
 pub mod rendezvous;
@@ -177,8 +181,14 @@ impl Cluster {
 
     /// Starts membership and partition ownership; owned partitions' messages go to `inbound`.
     /// The returned table answers "do I hold partition p right now" for fencing.
-    pub async fn join(&self, inbound: mpsc::Sender<Inbound>, stop: watch::Receiver<bool>) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
-        ownership::start(self.clone(), inbound, stop).await
+    /// A gained partition's unclosed incidents go to `adopt` (once set) before its messages.
+    pub async fn join(
+        &self,
+        inbound: mpsc::Sender<Inbound>,
+        adopt: watch::Receiver<Option<adopt::AdoptFn>>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
+        ownership::start(self.clone(), inbound, adopt, stop).await
     }
 
     /// Device commands and the MQTT ops topic through NATS, fenced: a command for a site whose

@@ -23,6 +23,7 @@ use async_nats::jetstream::{self, consumer::pull, kv};
 use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
+use super::adopt::AdoptFn;
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound};
 
@@ -86,6 +87,8 @@ struct Owner {
     leases: kv::Store,
     ingest: jetstream::stream::Stream,
     inbound: mpsc::Sender<Inbound>,
+    /// The incident manager's adoption hook, once it runs.
+    adopt: watch::Receiver<Option<AdoptFn>>,
     ttl: Duration,
     /// Partition consumers running, by partition.
     workers: HashMap<u16, tokio::task::JoinHandle<()>>,
@@ -93,13 +96,18 @@ struct Owner {
     observed: HashMap<u16, (u64, Instant)>,
 }
 
-pub(super) async fn start(cluster: Cluster, inbound: mpsc::Sender<Inbound>, mut stop: watch::Receiver<bool>) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
+pub(super) async fn start(
+    cluster: Cluster,
+    inbound: mpsc::Sender<Inbound>,
+    adopt: watch::Receiver<Option<AdoptFn>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
     let members = cluster.members().await?;
     let leases = cluster.leases().await?;
     let ingest = cluster.js.get_stream(INGEST_STREAM).await.map_err(|e| super::js_err("opening the ingest stream")(&e))?;
     let table = Arc::new(LeaseTable::default());
     let ttl = cluster.config.lease_ttl.0;
-    let mut owner = Owner { cluster, table: Arc::clone(&table), members, leases, ingest, inbound, ttl, workers: HashMap::new(), observed: HashMap::new() };
+    let mut owner = Owner { cluster, table: Arc::clone(&table), members, leases, ingest, inbound, adopt, ttl, workers: HashMap::new(), observed: HashMap::new() };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,7 +240,15 @@ impl Owner {
     }
 
     fn spawn_worker(&mut self, p: u16) {
-        let worker = Worker { partition: p, ingest: self.ingest.clone(), table: Arc::clone(&self.table), inbound: self.inbound.clone(), ack_wait: self.ttl };
+        let worker = Worker {
+            partition: p,
+            js: self.cluster.js.clone(),
+            ingest: self.ingest.clone(),
+            table: Arc::clone(&self.table),
+            inbound: self.inbound.clone(),
+            adopt: self.adopt.clone(),
+            ack_wait: self.ttl,
+        };
         self.workers.insert(p, tokio::spawn(worker.run()));
     }
 
@@ -246,20 +262,37 @@ impl Owner {
     }
 }
 
-/// Consumes one partition from the ingest stream through its durable consumer `part-{p}` (shared
-/// by whoever owns the partition, so a new owner resumes at the old owner's ack floor).
+/// Takes over one partition: first its unclosed incidents from the incident log
+/// ([`super::adopt`]), then its messages from the ingest stream through its durable consumer
+/// `part-{p}` (shared by whoever owns the partition, so a new owner resumes at the old owner's
+/// ack floor).
 struct Worker {
     partition: u16,
+    js: jetstream::Context,
     ingest: jetstream::stream::Stream,
     table: Arc<LeaseTable>,
     inbound: mpsc::Sender<Inbound>,
+    adopt: watch::Receiver<Option<AdoptFn>>,
     ack_wait: Duration,
 }
 
 impl Worker {
-    async fn run(self) {
+    async fn run(mut self) {
         let p = self.partition;
         let mut backoff = Duration::from_millis(200);
+        // Not one message before the partition's incidents are in the book: a continuing
+        // condition must find its incident, not open a second one.
+        while self.table.holds(p) {
+            match self.adopt_incidents().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cluster: adopting the partition's incidents failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        backoff = Duration::from_millis(200);
         while self.table.holds(p) {
             match self.consume().await {
                 Ok(()) => return,
@@ -270,6 +303,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    async fn adopt_incidents(&mut self) -> Result<(), String> {
+        let p = self.partition;
+        let adopt = self.adopt.wait_for(Option::is_some).await.map_err(|_| "the gateway is stopping".to_owned())?.clone();
+        let Some(adopt) = adopt else { return Err("no incident manager".into()) };
+        let incidents = super::adopt::unclosed(&self.js, p).await?;
+        if incidents.is_empty() {
+            return Ok(());
+        }
+        let found = incidents.len();
+        let changed = adopt(incidents).await?;
+        tracing::info!(partition = p, found, changed, "cluster: adopted the partition's unclosed incidents from the log");
+        Ok(())
     }
 
     async fn consume(&self) -> Result<(), String> {

@@ -4,8 +4,9 @@
 //! `citywatch.incidents.{id}`, the entry carries `Nats-Msg-Id: {id}:{revision}` (JetStream drops
 //! a repeat within the duplicate window) and is published with the expected last subject sequence
 //! of the revision before it (a repeat after the window, or a conflicting writer, is refused).
-//! Every other push channel is wrapped in [`Fenced`]: a change for a site whose partition this
-//! gateway does not hold right now is not sent (the partition's owner acts for it).
+//! Only the owner of the incident's site partition appends ([`Fence`]): a change committed by a
+//! gateway that no longer holds the lease never reaches the log, so no channel ever sends it.
+//! The push channels themselves deliver from the log ([`super::delivery`]).
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use crate::notify::{DeliveryError, NamedSink, Sink};
 pub const LOG_CHANNEL: &str = "cluster-log";
 
 /// Header carrying the revision, so a reader can tell the revisions apart without parsing.
-const REVISION_HEADER: &str = "Citywatch-Revision";
+pub const REVISION_HEADER: &str = "Citywatch-Revision";
 
 /// Appends every incident change to [`INCIDENT_STREAM`].
 pub struct IncidentLog {
@@ -54,7 +55,7 @@ impl IncidentLog {
 
     async fn append(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
         let incident = &item.incident;
-        let subject = format!("{INCIDENT_PREFIX}.{}", incident.id);
+        let subject = subject_of(incident, self.fence.partitions);
         let transient = |what: &str, e: &dyn std::fmt::Display| DeliveryError::Transient(format!("incident log, {what}: {e}"));
         let stream = self.js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| transient("stream", &e))?;
         // The last entry of this incident: already there (a repeat) → done; else expect it.
@@ -97,42 +98,14 @@ impl Sink for IncidentLog {
     }
 }
 
-/// A push channel that sends only for sites whose partition this gateway holds.
-pub struct Fenced {
-    inner: Arc<dyn Sink>,
-    fence: Fence,
+/// The incident log as the outbox's only cluster channel: every configured push channel then
+/// delivers from the log ([`super::delivery`]), not from this gateway's outbox.
+pub fn log_sink(js: jetstream::Context, fence: Fence) -> NamedSink {
+    (Arc::from(LOG_CHANNEL), Arc::new(IncidentLog::new(js, fence)))
 }
 
-impl std::fmt::Debug for Fenced {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fenced").field("fence", &self.fence).finish_non_exhaustive()
-    }
-}
-
-impl Sink for Fenced {
-    fn deliver<'a>(&'a self, item: &'a OutboxItem) -> BoxFuture<'a, Result<(), DeliveryError>> {
-        Box::pin(async move {
-            if !self.fence.allows(&item.incident) {
-                // Not ours to send any more: counted as handled so the channel's queue moves on.
-                tracing::info!(id = %item.incident.id, revision = item.incident.revision, channel = %item.channel, "cluster: partition not held; push fenced");
-                return Ok(());
-            }
-            self.inner.deliver(item).await
-        })
-    }
-
-    fn tick<'a>(&'a self, now_ms: i64) -> BoxFuture<'a, ()> {
-        self.inner.tick(now_ms)
-    }
-
-    fn resume(&self, active: &[Arc<Incident>]) {
-        self.inner.resume(active)
-    }
-}
-
-/// Wraps every channel in [`Fenced`] and adds the incident log first.
-pub fn cluster_sinks(sinks: Vec<NamedSink>, js: jetstream::Context, fence: Fence) -> Vec<NamedSink> {
-    let mut out: Vec<NamedSink> = vec![(Arc::from(LOG_CHANNEL), Arc::new(IncidentLog::new(js, fence.clone())))];
-    out.extend(sinks.into_iter().map(|(name, inner)| -> NamedSink { (name, Arc::new(Fenced { inner, fence: fence.clone() })) }));
-    out
+/// The log subject of an incident: `citywatch.incidents.{partition}.{id}`, so a new owner of a
+/// partition reads the last entry of its incidents alone (filter `citywatch.incidents.{p}.>`).
+pub fn subject_of(incident: &Incident, partitions: u16) -> String {
+    format!("{INCIDENT_PREFIX}.{}.{}", partition_of(&incident.site, partitions), incident.id)
 }

@@ -274,25 +274,51 @@ impl Book {
                 }
             }
             let Some(inc) = self.incidents.get(&id) else { continue };
-            if inc.situation.is_some() && inc.scope == Scope::Device {
-                // What each member last said is not stored: the lead's is the incident's, the
-                // others are taken at the lowest severity until their next repeat.
-                let members = inc
-                    .rules_active
-                    .iter()
-                    .map(|r| Member {
-                        rule: r.clone(),
-                        severity: if *r == inc.rule { inc.severity } else { Severity::Info },
-                        metric: inc.metric,
-                        value: inc.value,
-                        threshold: inc.threshold,
-                        summary: inc.summary.clone(),
-                    })
-                    .collect();
+            if let Some(members) = restored_members(inc) {
                 self.members.insert(id, members);
             }
         }
         self
+    }
+
+    /// Takes an incident as another gateway left it (cluster mode: this gateway now owns its
+    /// site's partition; the replicated log's newest entry is the truth, whatever this book had).
+    /// Keyed as [`Book::new`] keys a loaded incident; stored, not pushed, no new revision: the
+    /// next change is its next revision. A closed incident is taken only to end a local copy.
+    /// Returns whether the book changed.
+    pub fn adopt(&mut self, inc: Incident, now_ms: i64) -> bool {
+        match self.incidents.get(&inc.id) {
+            Some(local) if *local == inc => return false,
+            Some(local) => {
+                if self.keys.get(&local.key) == Some(&local.id) {
+                    self.keys.remove(&local.key);
+                }
+            }
+            None if inc.state == IncidentState::Closed => return false,
+            None => {}
+        }
+        let reopen = self.cfg.reopen_within.as_ms();
+        self.cleared_at.remove(&inc.id);
+        self.members.remove(&inc.id);
+        if inc.state.is_active() || (inc.state == IncidentState::Cleared && now_ms - inc.updated_ms < reopen) {
+            self.keys.insert(inc.key.clone(), inc.id.clone());
+            if inc.state == IncidentState::Cleared {
+                self.cleared_at.insert(inc.id.clone(), inc.updated_ms);
+            }
+        }
+        if is_group_incident(&inc) {
+            let ids = self.storms.entry(inc.site.clone()).or_default();
+            if !ids.contains(&inc.id) {
+                ids.push(inc.id.clone());
+            }
+        }
+        if let Some(members) = restored_members(&inc) {
+            self.members.insert(inc.id.clone(), members);
+        }
+        self.dirty.remove(&inc.id);
+        self.commit.incidents.push(Arc::new(inc.clone()));
+        self.incidents.insert(inc.id.clone(), inc);
+        true
     }
 
     /// The situation a device-scoped signal of `rule` carrying `metric` belongs to.
@@ -1246,6 +1272,28 @@ impl Book {
         self.commit.outbox.push(arc);
         self.incidents.insert(inc.id.clone(), inc);
     }
+}
+
+/// A situation incident's members as far as its body tells them. What each member last said is
+/// not stored: the lead's is the incident's, the others are taken at the lowest severity until
+/// their next repeat. `None`: not a device situation.
+fn restored_members(inc: &Incident) -> Option<Vec<Member>> {
+    if inc.situation.is_none() || inc.scope != Scope::Device {
+        return None;
+    }
+    let members = inc
+        .rules_active
+        .iter()
+        .map(|r| Member {
+            rule: r.clone(),
+            severity: if *r == inc.rule { inc.severity } else { Severity::Info },
+            metric: inc.metric,
+            value: inc.value,
+            threshold: inc.threshold,
+            summary: inc.summary.clone(),
+        })
+        .collect();
+    Some(members)
 }
 
 /// Whether an incident is a group's site incident (an outage storm): site scope with a

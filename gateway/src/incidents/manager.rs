@@ -155,6 +155,9 @@ pub(crate) enum Request {
     AddSilence { config: Box<SilenceConfig>, reply: oneshot::Sender<Result<SilenceConfig, String>> },
     RemoveSilence { id: String, reply: oneshot::Sender<bool> },
     Silences { reply: oneshot::Sender<Vec<SilenceConfig>> },
+    /// Incidents another gateway kept (cluster mode); the reply, after the commit, says how
+    /// many changed the book.
+    Adopt { incidents: Vec<Incident>, reply: oneshot::Sender<usize> },
 }
 
 /// The manager's queue of requests, opaque: handed from [`Manager::new`] to [`Manager::run`].
@@ -267,6 +270,14 @@ impl IncidentsHandle {
     pub async fn silences(&self) -> Result<Vec<SilenceConfig>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Silences { reply }).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Takes over incidents as another gateway left them (cluster mode, a partition gained):
+    /// stored and keyed, not pushed. Returns once committed, with how many changed the book.
+    pub async fn adopt(&self, incidents: Vec<Incident>) -> Result<usize, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Adopt { incidents, reply }).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 
@@ -481,6 +492,13 @@ impl Manager {
             }
             Request::Silences { reply } => {
                 let _ = reply.send(self.book.silences().iter().map(|s| s.config.clone()).collect());
+            }
+            Request::Adopt { incidents, reply } => {
+                let changed = incidents.into_iter().map(|i| self.book.adopt(i, now)).filter(|changed| *changed).count();
+                // Like a transition's, the reply waits for the commit.
+                replies.push(Box::new(move || {
+                    let _ = reply.send(changed);
+                }));
             }
         }
     }

@@ -699,3 +699,36 @@ fn parents_and_groups_naming_what_is_not_there_are_refused_with_their_key() {
     assert!(ok.parents()[0].ack_children, "acknowledging children is the default");
     assert_eq!(ok.groups()[0].severity, None);
 }
+
+/// Cluster mode: a gateway gaining a partition adopts the incidents another gateway left in the
+/// log; the condition going on updates the same id, the next change is the next revision.
+#[test]
+fn an_adopted_incident_continues_with_its_id_and_next_revision() {
+    let mut a = book();
+    a.apply(open("g1", "gas_high", Severity::Critical), T0);
+    let id = pushed(&mut a)[0].0.clone();
+    let acked = a.transition(&id, Action::Ack, "li", None, None, T0 + 10).expect("ack");
+    assert_eq!(acked.revision, 2);
+    let mut b = book();
+    assert!(b.adopt(acked.clone(), T0 + 20), "new to this book");
+    assert!(!b.adopt(acked.clone(), T0 + 21), "the same state twice changes nothing");
+    let (commit, _) = b.take();
+    assert!(commit.outbox.is_empty(), "adopting pushes nothing");
+    assert_eq!(commit.incidents.len(), 1, "but stores it");
+    b.apply(open("g1", "gas_high", Severity::Critical), T0 + 30);
+    assert!(pushed(&mut b).is_empty(), "a continuing condition is a repeat of the adopted incident");
+    b.apply(clear("g1", "gas_high"), T0 + 40);
+    let p = pushed(&mut b);
+    assert_eq!(p, [(id.clone(), 3, IncidentState::Acknowledged)], "the crew's state stays; the next revision");
+    // The log's entry wins over a local copy, and a closed one leaves the book at the next tick.
+    let mut closed = acked;
+    closed.revision = 9;
+    closed.state = IncidentState::Closed;
+    assert!(b.adopt(closed, T0 + 50));
+    b.tick(T0 + 60, false);
+    assert!(b.get(&id).is_none());
+    b.apply(open("g1", "gas_high", Severity::Critical), T0 + 70);
+    let p = pushed(&mut b);
+    assert_eq!(p.len(), 1);
+    assert_ne!(p[0].0, id, "after close the condition is a new incident");
+}
