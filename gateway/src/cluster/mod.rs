@@ -35,7 +35,7 @@ use crate::notify::PublishFn;
 pub const INGEST_STREAM: &str = "CITYWATCH_INGEST";
 /// The replicated incident log: one entry per (incident id, revision).
 pub const INCIDENT_STREAM: &str = "CITYWATCH_INCIDENTS";
-/// Subject prefix of the incident log: `citywatch.incidents.{id}`.
+/// Subject prefix of the incident log: `citywatch.incidents.{partition}.{id}`.
 pub const INCIDENT_PREFIX: &str = "citywatch.incidents";
 /// Live members, one key per gateway, expiring with the bucket's max age (= lease TTL).
 pub const MEMBERS_BUCKET: &str = "citywatch_members";

@@ -1,7 +1,7 @@
 //! Incident changes in cluster mode: the replicated incident log, and fencing of every push.
 //!
 //! The log holds exactly one entry per (incident id, revision): the subject is
-//! `citywatch.incidents.{id}`, the entry carries `Nats-Msg-Id: {id}:{revision}` (JetStream drops
+//! `citywatch.incidents.{partition}.{id}`, the entry carries `Nats-Msg-Id: {id}:{revision}` (JetStream drops
 //! a repeat within the duplicate window) and is published with the expected last subject sequence
 //! of the revision before it (a repeat after the window, or a conflicting writer, is refused).
 //! Only the owner of the incident's site partition appends ([`Fence`]): a change committed by a
