@@ -184,3 +184,4 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     // it had not yet handed to the stream; a surviving node's PUBACK is never lost.
     let survivors_lost: Vec<_> = lost_by_node.iter().filter(|(n, _)| **n != VICTIM).flat_map(|(_, l)| l.iter().take(5)).collect();
     assert!(survivors_lost.is_empty(), "events PUBACKed by a surviving node are missing from the ingest stream: {survivors_lost:?}");
+}
