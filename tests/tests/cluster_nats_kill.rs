@@ -125,7 +125,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
 
     // Pushes go on: a smoke alarm after the kill, published on a surviving node, is pushed.
     let (site, alarmed) = &ids[survivor];
-    let mut alarm = Publisher::connect(&nodes[survivor], 8).await.expect("publisher after the kill");
+    let alarm = Publisher::connect(&nodes[survivor], 8).await.expect("publisher after the kill");
     let body = json!({"seq": 1_000_000, "ts": wall_ms(), "event": "alarm", "metric": "smoke_db_m", "value": 0.4});
     alarm.publish_json(&device_topic(site, alarmed, "event"), false, &body).await.expect("alarm");
     let pushed = receiver
