@@ -282,7 +282,8 @@ async fn sensor_health_and_maintenance_views_show_the_fleet_and_follow_the_api()
     shot(&browser, "health-device-detail").await;
     browser.click("#dev-range button[data-range='24h']").await.expect("click");
     browser
-        .wait_for_script("the 24 h range", "return document.querySelector(\"#dev-range button[data-range='24h']\").classList.contains('on') && document.querySelectorAll('#dev-charts svg.chart').length === 5", WAIT)
+        // The 1 h charts stay up until the 24 h readings are in: wait for the redrawn battery chart.
+        .wait_for_script("the 24 h range", "const b = document.querySelector(\".chart-card[data-metric='battery_v'] svg.chart\"); return document.querySelector(\"#dev-range button[data-range='24h']\").classList.contains('on') && document.querySelectorAll('#dev-charts svg.chart').length === 5 && b && Number(b.dataset.points) < 81", WAIT)
         .await
         .expect("24h charts");
     // 24 h in 5-minute steps: 40 minutes of readings fall in 9 or 10 steps.
