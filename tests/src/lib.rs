@@ -79,13 +79,22 @@ where
 /// the port: the gateway and chromedriver print it, Alertmanager logs it, the Modbus server
 /// prints it, VictoriaMetrics' is read from /proc ([`ChildGuard::listening_ports`]), the
 /// in-process receivers read it from their listener.
+///
+/// Never hands out the same port twice in one process: tests run in parallel threads, and the
+/// kernel may give port 0's pick again once the probe is dropped (a NATS node once got the same
+/// port for its monitor and its routes, and failed with "address already in use").
 pub fn free_port() -> u16 {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a free port");
-    listener
-        .local_addr()
-        .expect("a bound listener has a local address")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a free port");
+        let port = listener.local_addr().expect("a bound listener has a local address").port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The last `lines` lines of `text`, for failure reports that stay readable.

@@ -24,6 +24,9 @@ pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
     })
 }
 
+/// How often [`NatsCluster::start`] tries fresh ports after a bind race.
+const PORT_ATTEMPTS: u32 = 3;
+
 /// One node's ports.
 #[derive(Debug, Clone)]
 pub struct NatsNode {
@@ -58,7 +61,24 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` clustered nodes with `partitions` partitions and waits until every node's
     /// JetStream is ready.
+    ///
+    /// Ports are picked free and then bound by the servers, which is racy: when a node exits
+    /// because its port was taken meanwhile, the whole cluster is started again on fresh ports
+    /// (up to [`PORT_ATTEMPTS`] times).
     pub async fn start(n: usize, partitions: u16) -> anyhow::Result<NatsCluster> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(n, partitions).await {
+                Err(e) if attempt < PORT_ATTEMPTS && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("nats cluster: a port was taken before the server bound it; starting again on fresh ports");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(n: usize, partitions: u16) -> anyhow::Result<NatsCluster> {
         let bin = nats_server_bin()?;
         let dir = tempfile::Builder::new().prefix("citywatch-nats-").tempdir().context("nats temp dir")?;
         let nodes: Vec<NatsNode> = (0..n)
