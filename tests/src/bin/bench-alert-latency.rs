@@ -20,6 +20,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use citywatch_tests::figures::{metric_sum, Percentiles};
 use citywatch_tests::{
     birth, device_topic, spawn_edge_sim, GatewayProcess, Mosquitto, Publisher, QoS, WebhookReceiver,
 };
@@ -95,21 +96,6 @@ impl Args {
     }
 }
 
-/// The sum over all label sets of the counter `name` in Prometheus text.
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
-
 /// (readings, telemetry messages) taken in so far.
 fn ingest_counters(gw: &GatewayProcess) -> anyhow::Result<(f64, f64)> {
     let text = gw.get_text("/metrics")?;
@@ -118,13 +104,7 @@ fn ingest_counters(gw: &GatewayProcess) -> anyhow::Result<(f64, f64)> {
         .find_map(|l| l.strip_prefix("citywatch_messages_received_total{channel=\"telemetry\"} "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
-    Ok((counter(&text, "citywatch_readings_total"), telemetry))
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    Ok((metric_sum(&text, "citywatch_readings_total"), telemetry))
 }
 
 fn now_ms() -> i64 {
@@ -299,8 +279,8 @@ async fn main() -> anyhow::Result<()> {
     // What the steps inside the gateway cost (its own histograms, whole run).
     let text = gw.get_text("/metrics")?;
     let mean_of = |name: &str| {
-        let count = counter(&text, &format!("{name}_count"));
-        if count > 0.0 { counter(&text, &format!("{name}_sum")) / count * 1000.0 } else { 0.0 }
+        let count = metric_sum(&text, &format!("{name}_count"));
+        if count > 0.0 { metric_sum(&text, &format!("{name}_sum")) / count * 1000.0 } else { 0.0 }
     };
     let commit_ms = mean_of("citywatch_incident_commit_seconds");
     let path_ms = mean_of("citywatch_incident_path_seconds");
@@ -314,37 +294,25 @@ async fn main() -> anyhow::Result<()> {
         0.0
     };
     let round = |v: f64| (v * 1000.0).round() / 1000.0;
-    let (p50, p90, p99, max, mean) = stats(&latencies_ms);
+    let ours = Percentiles::of(&latencies_ms);
     let mode = if args.external { "external" } else { "embedded" };
     println!("alert latency ({mode} mode): publish → gas_high (revision 1) at the webhook receiver");
-    println!(
-        "  incidents   {:>10}  (missed {})",
-        latencies_ms.len(),
-        missed.len()
-    );
-    println!("  p50         {:>10.3} ms", p50);
-    println!("  p90         {:>10.3} ms", p90);
-    println!("  p99         {:>10.3} ms", p99);
-    println!("  max         {:>10.3} ms", max);
-    println!("  mean        {:>10.3} ms", mean);
+    println!("  missed      {:>10}", missed.len());
+    println!("{}", ours.rows("ms"));
     println!("  background  {:>10.0} readings/s  ({:.0} telemetry msgs/s, {:.2} readings/msg, asked {} msgs/s, {} devices, {} connections)", readings_per_s, telemetry_per_s, per_message, args.rate, args.devices, args.connections);
     println!("  inside      {:>10.3} ms mean incident-store commit (fsync), {:.3} ms mean message arrival → change committed", commit_ms, path_ms);
     let red = node_red.as_ref().map(|_| {
-        let (p50, p90, p99, max, mean) = stats(&red_latencies_ms);
+        let theirs = Percentiles::of(&red_latencies_ms);
         println!("Node-RED 4, same broker and load: publish → HTTP POST at the receiver");
-        println!("  samples     {:>10}  (missed {})", red_latencies_ms.len(), red_missed);
-        println!("  p50         {:>10.3} ms", p50);
-        println!("  p90         {:>10.3} ms", p90);
-        println!("  p99         {:>10.3} ms", p99);
-        println!("  max         {:>10.3} ms", max);
-        println!("  mean        {:>10.3} ms", mean);
-        json!({"measured": red_latencies_ms.len(), "missed": red_missed, "p50_ms": round(p50),
-               "p90_ms": round(p90), "p99_ms": round(p99), "max_ms": round(max), "mean_ms": round(mean)})
+        println!("  missed      {:>10}", red_missed);
+        println!("{}", theirs.rows("ms"));
+        json!({"measured": theirs.count, "missed": red_missed, "p50_ms": round(theirs.p50),
+               "p90_ms": round(theirs.p90), "p99_ms": round(theirs.p99), "max_ms": round(theirs.max), "mean_ms": round(theirs.mean)})
     });
     if let Some(red) = &red {
         let theirs = red["p99_ms"].as_f64().unwrap_or(0.0);
         if theirs > 0.0 {
-            println!("  ratio       {:>10.2}  (Citywatch p99 / Node-RED p99; target ≤ 0.5)", p99 / theirs);
+            println!("  ratio       {:>10.2}  (Citywatch p99 / Node-RED p99; target ≤ 0.5)", ours.p99 / theirs);
         }
     }
     let line = json!({
@@ -356,11 +324,11 @@ async fn main() -> anyhow::Result<()> {
         "n": args.n,
         "measured": latencies_ms.len(),
         "missed": missed.len(),
-        "p50_ms": round(p50),
-        "p90_ms": round(p90),
-        "p99_ms": round(p99),
-        "max_ms": round(max),
-        "mean_ms": round(mean),
+        "p50_ms": round(ours.p50),
+        "p90_ms": round(ours.p90),
+        "p99_ms": round(ours.p99),
+        "max_ms": round(ours.max),
+        "mean_ms": round(ours.mean),
         "elapsed_s": round(elapsed),
         "background": {
             "rate_msgs_per_s": args.rate,
@@ -383,22 +351,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (p50, p90, p99, max, mean) of the samples, in their unit; zeros when there are none.
-fn stats(samples: &[f64]) -> (f64, f64, f64, f64, f64) {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return (0.0, 0.0, 0.0, 0.0, 0.0);
-    }
-    let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-    (
-        percentile(&sorted, 0.50),
-        percentile(&sorted, 0.90),
-        percentile(&sorted, 0.99),
-        sorted[sorted.len() - 1],
-        mean,
-    )
-}
 
 /// Node-RED 4 with the flow MQTT in → threshold → HTTP POST, and the receiver of its POSTs.
 struct NodeRed {

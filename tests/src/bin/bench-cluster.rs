@@ -288,8 +288,8 @@ async fn failover(args: &Args, bench: &mut Bench) -> anyhow::Result<Value> {
 /// Phase 3: publish → webhook under background telemetry, three gateways.
 async fn latency(args: &Args, bench: &Bench) -> anyhow::Result<Value> {
     let load = bench.load(args, "load", args.rate, None);
-    let (r0, _) = bench.ingest_counters();
-    wait_for("background telemetry flowing", SETTLE, || (bench.ingest_counters().0 > r0 + 1000.0).then_some(())).await?;
+    let (messages_before, _) = bench.ingest_counters();
+    wait_for("background telemetry flowing", SETTLE, || (bench.ingest_counters().0 > messages_before + 1000.0).then_some(())).await?;
     const WARM: usize = 10;
     const SITES: usize = 8;
     let ids: Vec<(String, String)> = (0..WARM + args.n).map(|i| (format!("lat{}", i % SITES), format!("lat-gas-{i}"))).collect();
