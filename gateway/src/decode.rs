@@ -16,7 +16,7 @@ use citywatch_edge::wire::{Channel, DeviceKind, EventKind, LinkState, Metric, To
 use tokio::sync::mpsc;
 
 use crate::ingest::IngestConfig;
-use crate::ingest::{now_ms, Ack, Inbound};
+use crate::ingest::{now_ms, Ack, Inbound, LaneReceivers};
 use crate::metrics::{self, Metrics};
 use crate::model::{DeviceCtx, Release, Signal, Stopped};
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
@@ -80,6 +80,8 @@ pub struct Rules {
 
 /// Messages taken from the source channel per batch.
 pub const MAX_BATCH_MESSAGES: usize = 2048;
+/// While filling a batch from the bulk lane, how often to look whether an alert is waiting.
+const ALERT_CHECK_EVERY: usize = 32;
 /// A device's record is persisted at least this often while it talks.
 pub const PERSIST_EVERY_MS: i64 = 60_000;
 /// Topics the gateway itself publishes under the same root; they are not device input.
@@ -102,6 +104,21 @@ pub struct Batch {
 impl Batch {
     pub fn is_empty(&self) -> bool {
         self.readings.is_empty() && self.writes.is_empty() && self.acks.is_empty() && self.signals.is_empty()
+    }
+
+    /// The store writes, in order: the readings, the other writes, then one write for all the
+    /// acks (they fire together after the commit). Signals and command acks are not writes.
+    pub fn into_writes(self) -> Vec<Write> {
+        let mut out = Vec::with_capacity(self.writes.len() + 2);
+        if !self.readings.is_empty() {
+            out.push(Write::Readings(self.readings));
+        }
+        out.extend(self.writes);
+        if !self.acks.is_empty() {
+            let acks = self.acks;
+            out.push(Write::Ack(Ack::new(move || acks.into_iter().for_each(Ack::done))));
+        }
+        out
     }
 }
 
@@ -169,23 +186,34 @@ impl DecodeStage {
 
     /// Runs until the source side closes, then returns (dropping its store writer lets the
     /// store drain and stop).
-    pub async fn run(mut self, mut input: mpsc::Receiver<Inbound>, store: StoreWriter) {
+    ///
+    /// The alert lane (device events, command acks) is served first: a batch starts with every
+    /// alert waiting, ends early when one arrives meanwhile, and while the store's queue is full
+    /// alerts are still decoded and their signals sent (see [`DecodeStage::store`]). So a gas
+    /// alarm queues neither behind bulk telemetry nor behind the store.
+    pub async fn run(mut self, mut input: LaneReceivers, store: StoreWriter) {
         let mut tick = tokio::time::interval(RULE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut alerts_open = true;
         loop {
             let mut batch = Batch::default();
             tokio::select! {
-                first = input.recv() => {
-                    let Some(first) = first else { break };
-                    let now = now_ms();
-                    self.handle(first, now, &mut batch);
-                    for _ in 1..MAX_BATCH_MESSAGES {
-                        match input.try_recv() {
-                            Ok(message) => self.handle(message, now, &mut batch),
-                            Err(_) => break,
+                biased;
+                first = input.alerts.recv(), if alerts_open => match first {
+                    Some(first) => self.fill(first, &mut input, &mut batch),
+                    None => alerts_open = false,
+                },
+                first = input.bulk.recv() => match first {
+                    Some(first) => self.fill(first, &mut input, &mut batch),
+                    None if alerts_open => {
+                        // The sources are stopping: take what is left on the alert lane first.
+                        while let Some(message) = input.alerts.recv().await {
+                            self.handle(message, now_ms(), &mut batch);
                         }
+                        alerts_open = false;
                     }
-                }
+                    None => break,
+                },
                 _ = tick.tick() => {
                     if let Some(rules) = self.rules.as_mut() {
                         while let Ok(r) = rules.releases.try_recv() {
@@ -195,21 +223,48 @@ impl DecodeStage {
                     }
                 }
             }
-            if self.send(&store, batch).await.is_err() {
+            if self.send(&store, batch, &mut input.alerts).await.is_err() {
                 tracing::error!("the store writer or the incident manager stopped; ingestion stops");
                 return;
             }
         }
     }
 
+    /// One batch: `first`, then every alert waiting, then bulk messages up to
+    /// [`MAX_BATCH_MESSAGES`], ending early when an alert arrives (its signal goes out with the
+    /// next batch, not after a whole bulk batch).
+    fn fill(&mut self, first: Inbound, input: &mut LaneReceivers, batch: &mut Batch) {
+        let now = now_ms();
+        self.handle(first, now, batch);
+        let mut taken = 1;
+        while taken < MAX_BATCH_MESSAGES {
+            let Ok(message) = input.alerts.try_recv() else { break };
+            self.handle(message, now, batch);
+            taken += 1;
+        }
+        while taken < MAX_BATCH_MESSAGES {
+            if taken % ALERT_CHECK_EVERY == 0 && !input.alerts.is_empty() {
+                break;
+            }
+            let Ok(message) = input.bulk.try_recv() else { break };
+            self.handle(message, now, batch);
+            taken += 1;
+        }
+    }
+
     /// Signals first (the incident path must not wait behind readings), then the store.
-    async fn send(&mut self, store: &StoreWriter, mut batch: Batch) -> Result<(), ()> {
+    async fn send(&mut self, store: &StoreWriter, mut batch: Batch, alerts: &mut mpsc::Receiver<Inbound>) -> Result<(), ()> {
+        self.signal(&mut batch).await?;
+        self.store(store, batch, alerts).await
+    }
+
+    /// Hands the batch's readings to InfluxDB, and its command acks and signals to the incident
+    /// manager (the batch's acks then wait for both the store and the incident manager).
+    async fn signal(&mut self, batch: &mut Batch) -> Result<(), ()> {
         if let Some(tap) = &self.influx {
             tap.readings(&batch.readings);
         }
-        let Some(rules) = self.rules.as_ref() else {
-            return send_batch(store, batch).await.map_err(|_| ());
-        };
+        let Some(rules) = self.rules.as_ref() else { return Ok(()) };
         for (device, id) in std::mem::take(&mut batch.command_acks) {
             rules.incidents.command_ack(device, id).await.map_err(|_| ())?;
         }
@@ -225,7 +280,41 @@ impl DecodeStage {
             let received_ms = batch.received_ms.unwrap_or_else(now_ms);
             rules.incidents.signals(signals, ack, received_ms).await.map_err(|_| ())?;
         }
-        send_batch(store, batch).await.map_err(|_| ())
+        Ok(())
+    }
+
+    /// Queues the batch's writes in order. While the store's queue is full, messages on the
+    /// alert lane are still decoded and their signals sent at once; their writes (and acks)
+    /// queue after these.
+    async fn store(&mut self, store: &StoreWriter, batch: Batch, alerts: &mut mpsc::Receiver<Inbound>) -> Result<(), ()> {
+        let mut writes: std::collections::VecDeque<Write> = batch.into_writes().into();
+        while let Some(write) = writes.pop_front() {
+            let write = match store.try_send(write) {
+                Ok(()) => continue,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(write)) => write,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(()),
+            };
+            loop {
+                tokio::select! {
+                    biased;
+                    permit = store.reserve() => {
+                        permit.map_err(|_| ())?.send(write);
+                        break;
+                    }
+                    Some(message) = alerts.recv() => {
+                        let mut urgent = Batch::default();
+                        self.handle(message, now_ms(), &mut urgent);
+                        while let Ok(message) = alerts.try_recv() {
+                            self.handle(message, now_ms(), &mut urgent);
+                        }
+                        self.signal(&mut urgent).await?;
+                        // After `write` and the rest of this batch: writes keep the order of batches.
+                        writes.extend(urgent.into_writes());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Decodes one message into `batch`. Synchronous and I/O-free.
@@ -464,16 +553,8 @@ enum Accepted {
 
 /// Sends a batch to the store: readings, then other writes, then the acks.
 pub async fn send_batch(store: &StoreWriter, batch: Batch) -> crate::store::Result<()> {
-    if !batch.readings.is_empty() {
-        store.send(Write::Readings(batch.readings)).await?;
-    }
-    for w in batch.writes {
+    for w in batch.into_writes() {
         store.send(w).await?;
-    }
-    if !batch.acks.is_empty() {
-        // One write for the whole batch's acks: they fire together after its commit.
-        let acks = batch.acks;
-        store.send(Write::Ack(Ack::new(move || acks.into_iter().for_each(Ack::done)))).await?;
     }
     Ok(())
 }

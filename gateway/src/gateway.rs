@@ -31,7 +31,7 @@ use crate::incidents::book::Book;
 use crate::incidents::manager::{self, ChannelSender, IncidentsHandle, Manager};
 use crate::incidents::silence::{Silence, SilenceConfig};
 use crate::incidents::store::IncidentStore;
-use crate::ingest::Inbound;
+use crate::ingest::{Inbound, Lanes};
 use crate::inspections::service::InspectionsHandle;
 use crate::metrics::Metrics;
 use crate::model::{Incident, Outcome, PublishFn};
@@ -142,17 +142,20 @@ impl Gateway {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        // sources → (bounded) → decode
-        let (inbound_tx, inbound_rx) = mpsc::channel(config.mqtt.queue_capacity);
-        let queue_probe = inbound_tx.clone();
-        let source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync> =
-            Arc::new(move || (queue_probe.max_capacity() - queue_probe.capacity(), queue_probe.max_capacity()));
+        // sources → (bounded, two lanes: alerts first) → decode
+        let (lanes, inbound_rx) = Lanes::channel(config.mqtt.queue_capacity);
+        let queue_probe = lanes.clone();
+        let source_queue: Arc<dyn Fn() -> (usize, usize) + Send + Sync> = Arc::new(move || queue_probe.fill());
         prometheus.register_collector(Box::new(crate::ingest::QueueMetrics(Arc::clone(&source_queue))));
         // Cluster mode: owned partitions of the NATS ingest stream replace the MQTT source.
-        let cluster = join_cluster(&config, &inbound_tx, &stop_rx, &mut tasks).await?;
+        let cluster = join_cluster(&config, &lanes.bulk, &stop_rx, &mut tasks).await?;
         let sources = match &cluster {
-            Some(joined) => Sources { broker: None, mqtt_addr: None, publish: joined.cluster.publisher(Arc::clone(&joined.leases)) },
-            None => start_sources(&config, &mut prometheus, inbound_tx, &stop_rx, &mut tasks).await?,
+            Some(joined) => {
+                // The partition consumers hold their own senders; the lanes close with them.
+                drop(lanes);
+                Sources { broker: None, mqtt_addr: None, publish: joined.cluster.publisher(Arc::clone(&joined.leases)) }
+            }
+            None => start_sources(&config, &mut prometheus, lanes, &stop_rx, &mut tasks).await?,
         };
         // incidents → notify (and the long-term store beside them)
         let rules = Arc::new(RuleSet::from_config(&config.rules)?);
@@ -304,14 +307,15 @@ fn adopt_into(incidents: IncidentsHandle) -> crate::cluster::adopt::AdoptFn {
     })
 }
 
-/// Modbus buses, then the MQTT source (embedded broker or external client), all into `inbound`.
+/// Modbus buses (bulk lane), then the MQTT source (embedded broker or external client; alerts
+/// and bulk by topic), all into `inbound`.
 
-async fn start_sources(config: &Config, prometheus: &mut MetricsRegistry, inbound: mpsc::Sender<Inbound>, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
+async fn start_sources(config: &Config, prometheus: &mut MetricsRegistry, inbound: Lanes, stop_rx: &watch::Receiver<bool>, tasks: &mut Tasks) -> Result<Sources> {
     // Modbus buses poll into the same source channel as MQTT (stopped with the sources).
     let mut buses = Vec::new();
     for poller in crate::sources::modbus::build(&config.modbus)? {
         buses.push(poller.stats());
-        tasks.push(("modbus", tokio::spawn(poller.run(inbound.clone(), stop_rx.clone()))));
+        tasks.push(("modbus", tokio::spawn(poller.run(inbound.bulk.clone(), stop_rx.clone()))));
     }
     if !buses.is_empty() {
         prometheus.register_collector(Box::new(crate::sources::modbus::BusMetrics(buses)));

@@ -4,10 +4,12 @@
 //! Sources know MQTT, not the contract; the pipeline decodes. An [`Ack`] travels with the
 //! message into the store writer and fires only after the transaction holding it commits, so
 //! a QoS 1 message is never acknowledged to the broker before it is on disk. Also `[ingest]`,
-//! the decode stage's and the registry's limits, and the source channel's fill for `/metrics`.
+//! the decode stage's and the registry's limits, the two lanes from the sources to the decode
+//! stage (alerts before bulk telemetry) and their fill for `/metrics`.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::units::Duration;
 
@@ -66,6 +68,73 @@ impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ack")
     }
+}
+
+/// Which way a message goes from a source to the decode stage. A gas alarm must not wait
+/// behind bulk telemetry: device events and command acknowledgements take the alert lane,
+/// which the decode stage always serves first; telemetry, statuses (births by the thousand at a
+/// restart) and anything unrecognised take the bulk lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Alerts,
+    Bulk,
+}
+
+impl Lane {
+    /// The lane of a message on `topic` (`…/{channel}`; only the last level is looked at).
+    pub fn of(topic: &str) -> Lane {
+        match topic.rsplit_once('/').map(|(_, channel)| channel) {
+            Some("event" | "cmd_ack") => Lane::Alerts,
+            _ => Lane::Bulk,
+        }
+    }
+}
+
+/// The sending side of the two lanes into the decode stage. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Lanes {
+    pub alerts: mpsc::Sender<Inbound>,
+    pub bulk: mpsc::Sender<Inbound>,
+}
+
+impl Lanes {
+    /// Both lanes, `capacity` messages for bulk and an alert lane of an eighth of that (at
+    /// least 256): alerts are rare, and a full alert lane pushes back like the bulk one.
+    pub fn channel(capacity: usize) -> (Lanes, LaneReceivers) {
+        let (bulk, bulk_rx) = mpsc::channel(capacity.max(1));
+        let (alerts, alerts_rx) = mpsc::channel((capacity / 8).max(256));
+        (Lanes { alerts, bulk }, LaneReceivers { alerts: alerts_rx, bulk: bulk_rx })
+    }
+
+    /// The sender for a message on `topic`.
+    pub fn for_topic(&self, topic: &str) -> &mpsc::Sender<Inbound> {
+        match Lane::of(topic) {
+            Lane::Alerts => &self.alerts,
+            Lane::Bulk => &self.bulk,
+        }
+    }
+
+    /// (messages waiting, capacity) over both lanes, for `/metrics`.
+    pub fn fill(&self) -> (usize, usize) {
+        let one = |tx: &mpsc::Sender<Inbound>| (tx.max_capacity() - tx.capacity(), tx.max_capacity());
+        let ((a, ac), (b, bc)) = (one(&self.alerts), one(&self.bulk));
+        (a + b, ac + bc)
+    }
+}
+
+/// One channel for both lanes (sources' unit tests, and callers without priority): the order
+/// of arrival is kept.
+impl From<mpsc::Sender<Inbound>> for Lanes {
+    fn from(tx: mpsc::Sender<Inbound>) -> Lanes {
+        Lanes { alerts: tx.clone(), bulk: tx }
+    }
+}
+
+/// The receiving side of the two lanes: the decode stage's input.
+#[derive(Debug)]
+pub struct LaneReceivers {
+    pub alerts: mpsc::Receiver<Inbound>,
+    pub bulk: mpsc::Receiver<Inbound>,
 }
 
 /// How full the channel between the sources and the decode stage is, for `/metrics`: a probe
@@ -138,6 +207,22 @@ impl Default for IngestConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_and_command_acks_take_the_alert_lane_the_rest_the_bulk_lane() {
+        assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/event"), Lane::Alerts);
+        assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/cmd_ack"), Lane::Alerts);
+        assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/telemetry"), Lane::Bulk);
+        assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/status"), Lane::Bulk);
+        assert_eq!(Lane::of("nonsense"), Lane::Bulk);
+        let (lanes, mut rx) = Lanes::channel(64);
+        let inbound = |topic: &str| Inbound { topic: topic.into(), payload: Bytes::new(), received_ms: 0, ack: None };
+        lanes.for_topic("a/b/event").try_send(inbound("a/b/event")).expect("room");
+        lanes.for_topic("a/b/telemetry").try_send(inbound("a/b/telemetry")).expect("room");
+        assert_eq!(rx.alerts.try_recv().expect("alert").topic, "a/b/event");
+        assert_eq!(rx.bulk.try_recv().expect("bulk").topic, "a/b/telemetry");
+        assert_eq!(lanes.fill(), (0, 256 + 64));
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 

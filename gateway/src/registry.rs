@@ -111,6 +111,11 @@ pub struct Device {
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub last_seq: Option<u32>,
+    /// Which of the [`SEQ_WINDOW`] `seq`s below `last_seq` arrived (bit k: `last_seq − 1 − k`),
+    /// so that a message overtaken by a later one (an alarm on the alert lane, or another
+    /// topic's order at the broker) is late, not a duplicate. Not persisted: after a restart
+    /// every earlier `seq` counts as seen, as before.
+    pub seq_window: u64,
     pub seq_gaps: u64,
     pub duplicates: u64,
     pub battery_v: Option<f64>,
@@ -261,6 +266,7 @@ impl<'de> Deserialize<'de> for Device {
             first_seen_ms: r.first_seen_ms,
             last_seen_ms: r.last_seen_ms,
             last_seq: r.last_seq,
+            seq_window: u64::MAX,
             seq_gaps: r.seq_gaps,
             duplicates: r.duplicates,
             battery_v: r.battery_v,
@@ -316,6 +322,10 @@ pub enum SeqCheck {
 /// the device restarted its counter (a reboot), and the message is fresh.
 pub const DUPLICATE_WINDOW: u32 = 1024;
 
+/// How far behind the last `seq` a message may arrive late and still be taken (and not dropped
+/// as a duplicate): one bit per `seq` in [`Device::seq_window`].
+pub const SEQ_WINDOW: u32 = 64;
+
 impl Device {
     pub fn new(id: &str, site: &str, kind: DeviceKind, now_ms: i64) -> Self {
         Device {
@@ -333,6 +343,7 @@ impl Device {
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
             last_seq: None,
+            seq_window: 0,
             seq_gaps: 0,
             duplicates: 0,
             battery_v: None,
@@ -365,25 +376,38 @@ impl Device {
         self.placement.get_or_insert_with(Default::default)
     }
 
-    /// Classifies `seq` and advances the device's counter.
+    /// Classifies `seq` and advances the device's counter. A `seq` up to [`SEQ_WINDOW`] behind
+    /// the last one that has not arrived yet is late, not a duplicate: it is fresh and fills
+    /// the gap counted when it was overtaken.
     pub fn check_seq(&mut self, seq: u32) -> SeqCheck {
         let Some(last) = self.last_seq else {
+            // What came before the first message heard is not waited for.
             self.last_seq = Some(seq);
+            self.seq_window = u64::MAX;
             return SeqCheck::Fresh { gap: 0 };
         };
         let behind = last.wrapping_sub(seq);
         if behind < DUPLICATE_WINDOW {
+            let bit = (1..=SEQ_WINDOW).contains(&behind).then(|| 1u64 << (behind - 1));
+            if let Some(bit) = bit.filter(|bit| self.seq_window & bit == 0) {
+                self.seq_window |= bit;
+                self.seq_gaps = self.seq_gaps.saturating_sub(1);
+                return SeqCheck::Fresh { gap: 0 };
+            }
             self.duplicates += 1;
             return SeqCheck::Duplicate;
         }
         let ahead = seq.wrapping_sub(last);
         self.last_seq = Some(seq);
         if ahead < u32::MAX / 2 {
+            // The old last moves to bit `ahead − 1`; the ones between have not arrived.
+            self.seq_window = if ahead > SEQ_WINDOW { 0 } else { self.seq_window.checked_shl(ahead).unwrap_or(0) | 1 << (ahead - 1) };
             let gap = ahead - 1;
             self.seq_gaps += u64::from(gap);
             SeqCheck::Fresh { gap }
         } else {
             // Far behind: the device rebooted and counts from zero again.
+            self.seq_window = u64::MAX;
             SeqCheck::Fresh { gap: 0 }
         }
     }
@@ -729,8 +753,33 @@ mod tests {
         assert_eq!(d.check_seq(0), SeqCheck::Fresh { gap: 0 });
         // reboot: far behind
         d.last_seq = Some(50_000);
+        d.seq_window = u64::MAX;
         assert_eq!(d.check_seq(0), SeqCheck::Fresh { gap: 0 });
         assert_eq!(d.last_seq, Some(0));
+    }
+
+    #[test]
+    fn a_message_overtaken_by_a_later_one_is_late_not_a_duplicate() {
+        let mut d = Device::new("d", "s", DeviceKind::GasDetector, 0);
+        assert_eq!(d.check_seq(40), SeqCheck::Fresh { gap: 0 });
+        // The alarm (43) overtakes telemetry 41 and 42 on the alert lane.
+        assert_eq!(d.check_seq(43), SeqCheck::Fresh { gap: 2 });
+        assert_eq!(d.seq_gaps, 2);
+        assert_eq!(d.check_seq(41), SeqCheck::Fresh { gap: 0 });
+        assert_eq!(d.check_seq(42), SeqCheck::Fresh { gap: 0 });
+        assert_eq!(d.seq_gaps, 0, "the late ones filled the gap");
+        // Seen once each: now duplicates.
+        for seq in [40, 41, 42, 43] {
+            assert_eq!(d.check_seq(seq), SeqCheck::Duplicate, "seq {seq}");
+        }
+        assert_eq!(d.duplicates, 4);
+        // A jump past the window forgets what came before it.
+        assert_eq!(d.check_seq(43 + 100), SeqCheck::Fresh { gap: 99 });
+        assert_eq!(d.check_seq(43 + 100 - 64), SeqCheck::Fresh { gap: 0 }, "64 behind: still in the window");
+        assert_eq!(d.check_seq(43 + 100 - 65), SeqCheck::Duplicate, "65 behind: too old to tell");
+        // A record loaded after a restart knows no window: everything behind is a duplicate.
+        let mut loaded = Device::from_record(&d.to_record());
+        assert_eq!(loaded.check_seq(43 + 100 - 2), SeqCheck::Duplicate);
     }
 
     #[test]
@@ -803,6 +852,8 @@ mod tests {
         let mut d = Device::new("d-1", "s", DeviceKind::SirenMount, 5);
         d.observe(Metric::TiltDeg, 0.1, 10);
         d.last_seq = Some(9);
+        // Not persisted: a loaded device counts every earlier seq as seen.
+        d.seq_window = u64::MAX;
         let reg = Registry::new();
         reg.load([d.to_record()]);
         assert_eq!(reg.get("d-1"), Some(d));

@@ -40,9 +40,15 @@ pub fn edge_sim_bin() -> PathBuf {
 
 /// Path of the release `citywatch` binary (package citywatch-gateway), built on first use.
 /// Panics with cargo's output if it does not build.
+///
+/// `CITYWATCH_BIN=path` runs that build instead, without building (the benchmarks' before/after
+/// comparisons of a saved binary).
 pub fn citywatch_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("citywatch-gateway", "citywatch"))
+    BIN.get_or_init(|| match std::env::var_os("CITYWATCH_BIN") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => build_bin("citywatch-gateway", "citywatch"),
+    })
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
 }

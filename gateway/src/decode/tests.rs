@@ -176,3 +176,71 @@ fn a_jumping_device_clock_is_accepted_at_receive_time_flagged_and_evaluated_live
     assert!(b.signals.iter().any(|sig| &*sig.rule == "device_alarm"), "{:?}", b.signals);
     assert!(b.writes.iter().any(|w| matches!(w, Write::Event(e) if e.ts_ms > NOW && e.ts_ms < NOW + 10)));
 }
+
+/// Hands every batch's signals to a channel the test reads (and acknowledges them at once).
+#[derive(Debug)]
+struct Recorded(tokio::sync::mpsc::UnboundedSender<Vec<Signal>>);
+
+impl SignalSink for Recorded {
+    fn signals(&self, signals: Vec<Signal>, ack: Option<Ack>, _: i64) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        let _ = self.0.send(signals);
+        if let Some(ack) = ack {
+            ack.done();
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn command_ack(&self, _: String, _: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_is_evaluated_while_bulk_telemetry_waits_for_a_full_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::store::StorageConfig { path: dir.path().to_path_buf(), queue_capacity: 1, ..Default::default() };
+    let (store, writer) = crate::store::SqliteStore::open(&config).expect("store");
+    // Hold the store's writer thread inside an ack (acks run there after the commit), then fill
+    // its one-write queue: from here on every send to the store waits.
+    let (unblock, blocked) = std::sync::mpsc::channel::<()>();
+    writer.send(Write::Ack(Ack::new(move || drop(blocked.recv())))).await.expect("writer");
+    while writer.try_send(Write::Ack(Ack::new(|| {}))).is_ok() {}
+
+    let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
+    let (_releases_tx, releases) = mpsc::channel(16);
+    let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
+    let mut s = stage().with_rules(engine, Recorded(signals_tx), releases, &[]);
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut Batch::default());
+    s.handle(msg("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":0,"values":{"gas_lel":1.0}}"#, NOW), NOW, &mut Batch::default());
+    let (lanes, input) = crate::ingest::Lanes::channel(64);
+    let stage = tokio::spawn(s.run(input, writer));
+
+    // Telemetry first: its batch cannot reach the store.
+    for seq in 1..=20 {
+        // Each its own time: the store keeps one reading per (device, metric, ts).
+        let body = format!(r#"{{"seq":{seq},"ts":{},"values":{{"gas_lel":1.0}}}}"#, NOW - 1000 + seq);
+        lanes.bulk.send(msg("citywatch/v1/xh/gas-1/telemetry", &body, NOW)).await.expect("bulk lane");
+    }
+    // Then the alarm, on its lane: its signal must come out although the store is still full.
+    let alarm = r#"{"seq":21,"event":"alarm","metric":"gas_lel","value":54.0}"#;
+    lanes.for_topic("citywatch/v1/xh/gas-1/event").send(msg("citywatch/v1/xh/gas-1/event", alarm, NOW)).await.expect("alert lane");
+    let evaluated = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(batch) = signals.recv().await {
+            if batch.iter().any(|sig| &*sig.rule == "device_alarm") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(evaluated, Ok(true), "the alarm was not evaluated while the store was full");
+
+    // Let the store go: the telemetry is stored after all, and the stage stops with its sources.
+    unblock.send(()).expect("writer thread waits");
+    drop(lanes);
+    tokio::time::timeout(std::time::Duration::from_secs(60), stage).await.expect("the stage stops").expect("no panic");
+    // Dropping the writer (with the stage) lets the store drain: the 20 telemetry readings
+    // (those the alarm overtook are late, not duplicates) and the alarm event.
+    tokio::task::block_in_place(|| store.join()).expect("the writer stops");
+    let stats = store.stats();
+    assert_eq!((stats.readings_written, stats.events_written), (20, 1), "{stats:?}");
+}

@@ -79,7 +79,7 @@ use tracing::{debug, info, warn};
 
 use super::{Error, Result};
 use crate::sources::config::{MqttConfig, MqttUser};
-use crate::ingest::{now_ms, Inbound};
+use crate::ingest::{now_ms, Inbound, Lanes};
 
 /// Most simultaneous device connections.
 pub const MAX_CONNECTIONS: usize = 262_144;
@@ -131,7 +131,7 @@ impl prometheus_client::collector::Collector for BrokerStats {
 pub struct EmbeddedBroker {
     addr: SocketAddr,
     /// The pipeline's sender, shared with the ingest hook; `None` once forwarding stopped.
-    out: Arc<RwLock<Option<mpsc::Sender<Inbound>>>>,
+    out: Arc<RwLock<Option<Lanes>>>,
     commands: mpsc::Sender<(TopicName, Bytes, bool)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stats: Arc<BrokerStats>,
@@ -147,7 +147,8 @@ impl EmbeddedBroker {
     /// Starts the broker on `cfg.listen` and forwards every publish matching `cfg.topic_filter`
     /// into `out`. Returns once the listener is bound (port 0 picks a free port, see
     /// [`EmbeddedBroker::local_addr`]). Must be called inside a tokio runtime.
-    pub async fn start(cfg: &MqttConfig, out: mpsc::Sender<Inbound>) -> Result<EmbeddedBroker> {
+    pub async fn start(cfg: &MqttConfig, out: impl Into<Lanes>) -> Result<EmbeddedBroker> {
+        let out: Lanes = out.into();
         let filter = Topic::from_str(&cfg.topic_filter)
             .map_err(|e| Error::Config(format!("mqtt.topic_filter {:?}: {e}", cfg.topic_filter)))?;
         // With the door, the broker listens on a private loopback port and the door on `listen`.
@@ -317,7 +318,7 @@ impl Handler for Accounts {
 /// `MessagePublish`: hands device publishes (and Last Wills) under the filter to the pipeline.
 struct Ingest {
     filter: Topic,
-    out: Arc<RwLock<Option<mpsc::Sender<Inbound>>>>,
+    out: Arc<RwLock<Option<Lanes>>>,
     stats: Arc<BrokerStats>,
 }
 
@@ -330,7 +331,8 @@ impl Handler for Ingest {
         if !self.filter.matches_str(&publish.topic) {
             return (true, acc);
         }
-        let out = self.out.read().ok().and_then(|o| o.clone());
+        // Events and command acks take the alert lane, so a gas alarm never waits behind bulk telemetry.
+        let out = self.out.read().ok().and_then(|o| o.as_ref().map(|lanes| lanes.for_topic(&publish.topic).clone()));
         let Some(out) = out else { return (true, acc) };
         let inbound = Inbound { topic: publish.topic.to_string(), payload: publish.payload.clone(), received_ms: now_ms(), ack: None };
         if out.send(inbound).await.is_ok() {

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Error, Result};
 use crate::sources::config::MqttConfig;
-use crate::ingest::{now_ms, Ack, Inbound};
+use crate::ingest::{now_ms, Ack, Inbound, Lanes};
 
 /// Room for the topic and header on top of `max_payload_bytes`.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
@@ -110,14 +110,15 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// Payloads up to `max_payload_bytes` (plus 64 KiB for the topic) are accepted; a bigger one
 /// breaks the connection and, being unacknowledged, comes back after every reconnect: keep the
 /// broker's own `message_size_limit` at or below `max_payload_bytes`.
-pub async fn run(cfg: MqttConfig, out: mpsc::Sender<Inbound>, shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(cfg: MqttConfig, out: impl Into<Lanes>, shutdown: watch::Receiver<bool>) -> Result<()> {
     let (_publisher, source) = connect(&cfg)?;
     source.run(out, shutdown).await
 }
 
 impl ExternalSource {
     /// See [`crate::sources::mqtt::run`].
-    pub async fn run(self, out: mpsc::Sender<Inbound>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run(self, out: impl Into<Lanes>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let lanes: Lanes = out.into();
         let ExternalSource { cfg, client, mut eventloop } = self;
         let runtime = tokio::runtime::Handle::current();
         // Bumped on every ConnAck and every connection error: an Ack created under an older
@@ -154,6 +155,11 @@ impl ExternalSource {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
+                    // Events and command acks take the alert lane. One connection still delivers
+                    // in order: while the bulk lane is full this task stops reading (to push back
+                    // on the broker), and an alarm behind it on the socket waits too. A second
+                    // connection for the alert topics would lift that (README, issue 14).
+                    let out = lanes.for_topic(&publish.topic);
                     let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack };
                     // Fast path without building a select: the pipeline usually has room.
                     let inbound = match out.try_send(inbound) {

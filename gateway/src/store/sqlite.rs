@@ -116,6 +116,12 @@ impl StoreWriter {
         self.tx.send(w).await.map_err(|_| Error::WriterGone)
     }
 
+    /// Waits for room for one write and holds it (cancel-safe: dropping the wait or the permit
+    /// queues nothing). `Error::WriterGone` if the writer stopped.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Write>> {
+        self.tx.reserve().await.map_err(|_| Error::WriterGone)
+    }
+
     /// Queues a write without waiting; gives it back when the queue is full or the writer gone.
     // The write comes back by value so the caller can retry it; boxing it would allocate on
     // exactly the path that runs when the store is already behind.
