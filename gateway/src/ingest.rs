@@ -20,6 +20,10 @@ pub struct Inbound {
     pub received_ms: i64,
     /// Present when the broker waits for our acknowledgement (external mode, QoS ≥ 1).
     pub ack: Option<Ack>,
+    /// Not a message that arrived but a device's last status read back from the cluster's
+    /// ingest stream by a partition's new owner (cluster mode): it registers the device as a
+    /// restart would and is no proof of life. `false` from every source.
+    pub restored: bool,
 }
 
 /// Acknowledges one message to its broker. Dropping it without [`Ack::done`] leaves the

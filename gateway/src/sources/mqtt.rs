@@ -154,7 +154,7 @@ impl ExternalSource {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
-                    let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack };
+                    let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, restored: false };
                     // Fast path without building a select: the pipeline usually has room.
                     let inbound = match out.try_send(inbound) {
                         Ok(()) => continue,
