@@ -319,11 +319,15 @@ impl DecodeStage {
 
     /// Decodes one message into `batch`. Synchronous and I/O-free.
     pub fn handle(&mut self, message: Inbound, now: i64, batch: &mut Batch) {
-        let Inbound { topic, payload, received_ms, ack } = message;
-        batch.received_ms.get_or_insert(received_ms);
+        let Inbound { topic, payload, received_ms, ack, restored } = message;
         if let Some(ack) = ack {
             batch.acks.push(ack);
         }
+        if restored {
+            self.restore(&topic, &payload, received_ms, now, batch);
+            return;
+        }
+        batch.received_ms.get_or_insert(received_ms);
         if topic.starts_with(OWN_TOPIC_PREFIX) {
             return;
         }
@@ -498,6 +502,53 @@ impl DecodeStage {
             }
         }
         Ok(())
+    }
+
+    /// A device's last status read back from the cluster's ingest stream by a partition's new
+    /// owner ([`Inbound::restored`]): registers the device, or updates it when nothing newer was
+    /// heard here, and has the rule engine track it from its last message — as a restart does
+    /// with the devices of its own store. Not a message that arrived: counted nowhere, no proof
+    /// of life, never quarantined (the owner that received it did all that).
+    fn restore(&mut self, topic: &str, payload: &[u8], received_ms: i64, now: i64, batch: &mut Batch) {
+        let Ok(t) = Topic::parse(topic) else { return };
+        let known = self.registry.site_matches(t.device, t.site);
+        if t.channel != Channel::Status || known == Some(false) {
+            return;
+        }
+        let Ok(Uplink::Status(s)) = Uplink::decode(t.channel, payload) else { return };
+        if known.is_none() && s.kind.is_none() {
+            return; // an unknown device whose status names no kind: its first owner refused it too
+        }
+        let fw = s.fw.as_ref().map(|fw| self.registry.intern(fw.as_str()));
+        let make = || Device::new(t.device, t.site, s.kind.unwrap_or(DeviceKind::GasDetector), received_ms);
+        let outcome = self.registry.upsert(t.device, make, |_, d| {
+            if d.never_reported {
+                d.never_reported = false;
+                d.first_seen_ms = received_ms;
+            }
+            if received_ms >= d.last_seen_ms {
+                d.link = s.state;
+                if let Some(k) = s.kind {
+                    d.kind = k;
+                }
+                if let Some(fw) = fw {
+                    d.fw = Some(fw);
+                }
+                if let Some(i) = s.interval_s {
+                    d.interval_s = i.max(1);
+                }
+            }
+            d.last_seen_ms = d.last_seen_ms.max(received_ms);
+            (d.kind, d.interval_s, d.last_seen_ms)
+        });
+        let Some((key, (kind, interval_s, last_seen_ms))) = outcome else { return };
+        if self.rules.is_some() {
+            let site = self.site(t.site);
+            if let Some(rules) = self.rules.as_mut() {
+                rules.engine.track(&DeviceCtx { id: &key, site: &site, kind, interval_s }, last_seen_ms);
+            }
+        }
+        self.persist(&key, now, true, batch);
     }
 
     /// Persists the device record when asked to, or when it was last persisted long ago.

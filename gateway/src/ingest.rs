@@ -22,6 +22,10 @@ pub struct Inbound {
     pub received_ms: i64,
     /// Present when the broker waits for our acknowledgement (external mode, QoS ≥ 1).
     pub ack: Option<Ack>,
+    /// Not a message that arrived but a device's last status read back from the cluster's
+    /// ingest stream by a partition's new owner (cluster mode): it registers the device as a
+    /// restart would and is no proof of life. `false` from every source.
+    pub restored: bool,
 }
 
 /// Acknowledges one message to its broker. Dropping it without [`Ack::done`] leaves the
@@ -216,7 +220,7 @@ mod tests {
         assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/status"), Lane::Bulk);
         assert_eq!(Lane::of("nonsense"), Lane::Bulk);
         let (lanes, mut rx) = Lanes::channel(64);
-        let inbound = |topic: &str| Inbound { topic: topic.into(), payload: Bytes::new(), received_ms: 0, ack: None };
+        let inbound = |topic: &str| Inbound { topic: topic.into(), payload: Bytes::new(), received_ms: 0, ack: None, restored: false };
         lanes.for_topic("a/b/event").try_send(inbound("a/b/event")).expect("room");
         lanes.for_topic("a/b/telemetry").try_send(inbound("a/b/telemetry")).expect("room");
         assert_eq!(rx.alerts.try_recv().expect("alert").topic, "a/b/event");

@@ -236,6 +236,44 @@ fn revisions_of(deliveries: &[Delivery], id: &str) -> BTreeMap<u64, Delivery> {
     by_key.into_values().map(|d| (d.revision(), d)).collect()
 }
 
+/// SPEC §9 "device state from the last message per device subject": a smoke detector is born
+/// while gw-a owns its site, and gw-a acknowledges the birth (so no redelivery carries it to
+/// anyone else). gw-a is SIGKILLed; the device's next event is an alarm without a measurement,
+/// from which no kind can be inferred: the new owner must know the device from the ingest
+/// stream's last status, evaluate the alarm and push it, and quarantine nothing as
+/// `unknown_device`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_born_on_a_killed_gateway_is_known_to_the_new_owner() {
+    let TwoGateways { nats, receiver, mut a, b, owners } = two_gateways().await;
+    let site = site_owned_by(&owners, "gw-a", "born-");
+    let partition = partition_of(&site, PARTITIONS) as usize;
+    let device = format!("{site}-smoke-1");
+    let publisher = Publisher::connect(&nats.nodes[1].mqtt_addr(), 100).await.expect("device connection");
+    publisher.publish_json(&device_topic(&site, &device, "status"), true, &birth("smoke_detector", 3600)).await.expect("birth");
+    let born = Instant::now() + SETTLE;
+    loop {
+        let known = a.gateway.get(&format!("/api/v1/devices/{device}")).is_ok_and(|d| d["kind"] == "smoke_detector");
+        let part = status(a.gateway.config_path()).map(|s| s["partitions"][partition].clone()).unwrap_or_default();
+        if known && part["owner"] == "gw-a" && part["lag"] == 0 && part["unacked"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < born, "gw-a never registered and acknowledged the birth: {part}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.gateway.kill();
+    wait_owned(b.gateway.config_path(), &["gw-b"]).await;
+    let alarm = json!({"seq": 2, "ts": chrono_ms(), "event": "alarm"});
+    publisher.publish_json(&device_topic(&site, &device, "event"), false, &alarm).await.expect("alarm");
+    receiver.wait_for(SETTLE, "the alarm pushed by the new owner", |d| d.iter().find(|d| d.device() == device && d.rule() == "device_alarm").map(|_| ())).await;
+    let known = b.gateway.get(&format!("/api/v1/devices/{device}")).expect("the device on the new owner");
+    assert_eq!(known["kind"], "smoke_detector", "{known}");
+    assert_eq!(known["site"], site.as_str(), "{known}");
+    let metrics = b.gateway.get_text("/metrics").expect("metrics");
+    let unknown = metrics.lines().find(|l| l.starts_with("citywatch_messages_rejected_total{reason=\"unknown_device\"}")).unwrap_or("none");
+    assert!(unknown == "none" || unknown.ends_with(" 0"), "the new owner quarantined an event as unknown_device: {unknown}");
+    assert!(!stored_for_site(&b, &site).is_empty(), "the new owner raised the alarm");
+}
+
 /// SPEC §9 "state that survives a gateway": a gas leak opens at a site owned by gw-a, the
 /// operator acknowledges it there while the city's receiver is down (so that change is still
 /// waiting for delivery), gw-a is SIGKILLed. The receiver comes back, the detector keeps

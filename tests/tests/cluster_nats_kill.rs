@@ -81,12 +81,13 @@ fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-// Known failure, kept runnable (`--ignored`) until it is fixed: in its first run (2026-12-03)
-// the surviving two nodes did not give the gateways their members bucket back for more than a
-// minute ("listing members failed: timed out"), every lease expired, nothing was pushed, and a
-// device's event reached a new owner that had never seen its birth (quarantined as
-// `unknown_device`). See README "Not done yet (cluster mode)".
-#[ignore = "known failure: losing one of three NATS nodes stalls membership and leases (README, cluster mode)"]
+// Known failure, kept runnable (`--ignored`): 1 of 3 runs passed on 2026-12-03 after the lease
+// loop was fixed (leases are now back within ~3 s of the kill). Still failing: the partition
+// workers' and push channels' reads that create an ordered consumer (incident adoption, device
+// restore) time out for 10–60 s after the kill, so no push came within 90 s in one run; in
+// another the test's own MQTT connect to a surviving node timed out right after the kill.
+// See README "Not done yet (cluster mode)".
+#[ignore = "known failure: after one of three NATS nodes dies, ordered-consumer reads stall a partition's takeover for up to a minute (README, cluster mode)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_puback_is_counted() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
@@ -144,6 +145,14 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
         logs.push(task.await.expect("device task"));
     }
     let acked_total: usize = logs.iter().map(|l| l.acked.len()).sum();
+    // Ingestion goes on: every partition's consumer reaches the end of the stream (through
+    // the two nodes left).
+    wait_for("every partition consumed to the end after the kill", SETTLE, || {
+        let status = cluster_status(&config).ok()?;
+        (status["lag_total"] == 0 && partition_owners(&status).iter().all(|o| !o.is_empty())).then_some(())
+    })
+    .await
+    .expect("the partitions are consumed to the end");
     let acked_after: f64 = events_taken() - before_kill;
     assert!(acked_after > 0.0, "ingestion stopped with the node: no event taken in after the kill");
 

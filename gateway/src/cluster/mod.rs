@@ -83,6 +83,9 @@ impl Cluster {
         let client = async_nats::ConnectOptions::new()
             .name(format!("citywatch-{}", config.node))
             .retry_on_initial_connect()
+            // A node that dies without closing its sockets (power, network) is noticed after
+            // two unanswered pings: every third of a lease TTL, not the client's default minute.
+            .ping_interval((config.lease_ttl.0 / 3).max(std::time::Duration::from_secs(1)))
             .connect(config.nats.clone())
             .await
             .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;

@@ -1,12 +1,20 @@
 //! Membership and partition leases: which gateway acts on which partition, and proof of it.
 //!
-//! Every tick (a third of the lease TTL) a gateway (1) announces itself in the members bucket,
-//! whose entries expire one TTL after their last put; (2) computes, by rendezvous hashing over
-//! the live members, the partitions it should own; (3) renews the leases it holds with
+//! Every tick (a third of the lease TTL) a gateway (1) renews the leases it holds with
 //! `update(key, me, expected_revision)` — the revision is the fencing token, a lease another
-//! gateway has taken cannot be renewed — releases those another member should now own, and
-//! takes the ones it should own once they are free or their revision has not moved for a whole
-//! TTL on its own clock.
+//! gateway has taken cannot be renewed — while it announces itself in the members bucket, whose
+//! entries expire one TTL after their last put, and lists the live members; (2) computes, by
+//! rendezvous hashing over them, the partitions it should own; (3) releases those another
+//! member should now own, and takes the ones it should own once they are free or their
+//! revision has not moved for a whole TTL on its own clock (at once when the key carries its
+//! own name).
+//!
+//! Losing a NATS node: the client moves to another listed node by itself; what this loop adds
+//! is that no call waits longer than [`call_timeout`] (a quarter TTL), the calls of one step
+//! run together, a listing that fails keeps the last member list, and the members are listed
+//! without creating a consumer. While a bucket's stream elects a new leader (RAFT, seconds)
+//! renewals go unanswered; a lease that runs out meanwhile stops its partition, and its holder
+//! takes it back at the first answer, since the key still carries its name.
 //!
 //! Safety without synchronised clocks: a holder's lease counts as valid until the instant it
 //! *sent* its last successful renewal plus TTL (monotonic clock); a taker waits a full TTL after
@@ -80,6 +88,59 @@ pub fn lease_key(partition: u16) -> String {
     format!("p-{partition}")
 }
 
+/// The longest one JetStream call of the ownership loop may wait: a quarter of the lease TTL
+/// (at least 250 ms). The client's own request timeout (15 s, for stream creation) is many
+/// TTLs; left at that, one call to a stream whose leader had died held the whole round up and
+/// every lease expired behind it. With every call bounded, a round (renewals, announcement and
+/// listing together; then releases and lease reads together; then takes together) ends within
+/// three quarters of a TTL, so a lease renewed at its start is renewed again before it runs out.
+pub fn call_timeout(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(250))
+}
+
+/// `call` within `limit`; its error, or the timeout, as text.
+pub async fn bounded<T, E: std::fmt::Display>(limit: Duration, call: impl std::future::Future<Output = std::result::Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
+/// The live members, sorted: the keys of the members bucket whose last entry is an
+/// announcement (not a leave).
+///
+/// Read without a consumer: the bucket stream's subjects (stream info, answered by the
+/// stream's leader), then each key's last entry (a direct get, answered by any replica).
+/// `keys()` creates an ordered consumer for every listing — every gateway, every third of a
+/// TTL — which goes through the meta leader and, when a node died, did not come back for over
+/// a minute.
+pub async fn live_members(members: &kv::Store, limit: Duration) -> Result<Vec<String>, String> {
+    let prefix = &members.prefix; // `$KV.{bucket}.`
+    let listing = async {
+        let mut subjects = members.stream.info_with_subjects(format!("{prefix}>")).await.map_err(|e| e.to_string())?;
+        let mut keys = Vec::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, _count) = entry.map_err(|e| e.to_string())?;
+            if let Some(key) = subject.strip_prefix(prefix.as_str()) {
+                keys.push(key.to_owned());
+            }
+        }
+        Ok::<_, String>(keys)
+    };
+    let keys = bounded(limit, listing).await?;
+    let entries = futures_util::future::join_all(keys.iter().map(|k| bounded(limit, members.entry(k.clone())))).await;
+    let mut live = Vec::new();
+    for (key, entry) in keys.into_iter().zip(entries) {
+        match entry? {
+            Some(e) if e.operation == kv::Operation::Put => live.push(key),
+            _ => {}
+        }
+    }
+    live.sort();
+    Ok(live)
+}
+
 struct Owner {
     cluster: Cluster,
     table: Arc<LeaseTable>,
@@ -94,6 +155,10 @@ struct Owner {
     workers: HashMap<u16, tokio::task::JoinHandle<()>>,
     /// Leases held by others: (revision, when we first saw it), to take them after a silent TTL.
     observed: HashMap<u16, (u64, Instant)>,
+    /// The members of the last listing that answered (kept while the cluster does not answer).
+    live: Vec<String>,
+    /// When a failed listing was last logged (one warning per TTL, not per round).
+    listing_warned: Option<Instant>,
 }
 
 pub(super) async fn start(
@@ -107,7 +172,20 @@ pub(super) async fn start(
     let ingest = cluster.js.get_stream(INGEST_STREAM).await.map_err(|e| super::js_err("opening the ingest stream")(&e))?;
     let table = Arc::new(LeaseTable::default());
     let ttl = cluster.config.lease_ttl.0;
-    let mut owner = Owner { cluster, table: Arc::clone(&table), members, leases, ingest, inbound, adopt, ttl, workers: HashMap::new(), observed: HashMap::new() };
+    let mut owner = Owner {
+        cluster,
+        table: Arc::clone(&table),
+        members,
+        leases,
+        ingest,
+        inbound,
+        adopt,
+        ttl,
+        workers: HashMap::new(),
+        observed: HashMap::new(),
+        live: Vec::new(),
+        listing_warned: None,
+    };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,98 +200,159 @@ pub(super) async fn start(
     Ok((table, task))
 }
 
+/// What a renewal came to.
+enum Renewal {
+    /// Renewed (the table already has the new revision).
+    Renewed,
+    /// The lease ran out before we could renew it (paused, or the cluster did not answer).
+    Late,
+    /// The server refused the expected revision: someone else wrote the key since.
+    Refused(String),
+    /// No answer in time: the lease stays valid until it runs out; the next round tries again.
+    Unanswered(String),
+}
+
 impl Owner {
     fn node(&self) -> &str {
         &self.cluster.config.node
     }
 
-    /// One round: announce, compute the wanted set, renew / release / take.
+    /// One round: renew every held lease while announcing and listing the members; then hand
+    /// over what another member now wins and take what we win. Every call is bounded by
+    /// [`call_timeout`] and the calls of one step run concurrently, so a node that died (or a
+    /// stream electing its leader) costs a round at most one timeout per step.
     async fn round(&mut self) {
+        let limit = call_timeout(self.ttl);
+        let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
         let announce = Member { node: self.node().to_owned(), at_ms: crate::ingest::now_ms(), partitions: self.table.held() };
-        if let Err(e) = self.members.put(self.node(), serde_json::to_vec(&announce).unwrap_or_default().into()).await {
+        let announcement = serde_json::to_vec(&announce).unwrap_or_default();
+        let (renewals, announced, listed) = tokio::join!(
+            futures_util::future::join_all(held.iter().map(|&(p, h)| self.renew(p, h, limit))),
+            bounded(limit, self.members.put(self.node(), announcement.into())),
+            live_members(&self.members, limit),
+        );
+        for (&(p, h), renewal) in held.iter().zip(renewals) {
+            match renewal {
+                Renewal::Renewed => {}
+                Renewal::Late => {
+                    // Another gateway may already have taken it. Stop acting; take it again
+                    // below if the key still carries our name (then nobody took it).
+                    tracing::warn!(partition = p, "cluster: lease ran out before its renewal (paused, or NATS did not answer); stopped acting on it");
+                    self.lost(p);
+                }
+                Renewal::Refused(e) => {
+                    tracing::warn!(partition = p, error = %e, "cluster: lease renewal refused; stopped acting on the partition");
+                    self.lost(p);
+                }
+                Renewal::Unanswered(e) => {
+                    tracing::warn!(partition = p, error = %e, valid_for_ms = h.valid_until.saturating_duration_since(Instant::now()).as_millis() as u64, "cluster: lease renewal unanswered; retrying next round");
+                }
+            }
+        }
+        if let Err(e) = announced {
             tracing::warn!(error = %e, "cluster: announcing membership failed");
         }
-        let mut live = match self.live_members().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster: listing members failed; renewing only");
-                Vec::new()
+        match listed {
+            Ok(live) => {
+                self.live = live;
+                self.listing_warned = None;
             }
-        };
+            Err(e) => {
+                if self.listing_warned.is_none_or(|at| at.elapsed() >= self.ttl) {
+                    tracing::warn!(error = %e, members = ?self.live, "cluster: listing members failed; going on with the last list");
+                    self.listing_warned = Some(Instant::now());
+                }
+            }
+        }
+        let mut live = self.live.clone();
         if !live.iter().any(|m| m == self.node()) {
             live.push(self.node().to_owned());
         }
+        let mut release = Vec::new();
+        let mut take = Vec::new();
         for p in 0..self.cluster.config.partitions {
             let wanted = rendezvous::owner(p, &live) == Some(self.node());
             let held = self.table.lock().get(&p).copied();
             match (held, wanted) {
-                (Some(h), true) => self.renew(p, h).await,
-                (Some(h), false) => self.release(p, h).await,
-                (None, true) => self.try_take(p).await,
-                (None, false) => {}
+                (Some(h), false) => release.push((p, h)),
+                (None, true) => take.push(p),
+                (Some(_), true) | (None, false) => {}
+            }
+        }
+        for &(p, _) in &release {
+            // Stop acting first, then free the key so the new owner need not wait a TTL.
+            self.lost(p);
+            tracing::info!(partition = p, "cluster: handing the partition over");
+        }
+        // A partition held whose consumer ended (it saw the lease invalid for a moment): start
+        // it again.
+        let ended: Vec<u16> = self.table.held().into_iter().filter(|p| self.workers.get(p).is_none_or(|w| w.is_finished())).collect();
+        for p in ended {
+            self.spawn_worker(p);
+        }
+        let leases = &self.leases;
+        let (_, entries) = tokio::join!(
+            futures_util::future::join_all(release.iter().map(|&(p, h)| async move {
+                if let Err(e) = bounded(limit, leases.delete_expect_revision(lease_key(p), Some(h.revision))).await {
+                    tracing::debug!(partition = p, error = %e, "cluster: releasing the lease failed; it expires instead");
+                }
+            })),
+            futures_util::future::join_all(take.iter().map(|&p| bounded(limit, leases.entry(lease_key(p))))),
+        );
+        let mut attempts = Vec::new();
+        for (&p, entry) in take.iter().zip(entries) {
+            match entry {
+                Ok(entry) => {
+                    if let Some(expected) = self.may_take(p, entry) {
+                        attempts.push((p, expected));
+                    }
+                }
+                Err(e) => tracing::debug!(partition = p, error = %e, "cluster: reading the lease failed"),
+            }
+        }
+        let taken = futures_util::future::join_all(attempts.iter().map(|&(p, expected)| self.take(p, expected, limit))).await;
+        for (&(p, _), won) in attempts.iter().zip(taken) {
+            match won {
+                Ok(revision) => {
+                    self.observed.remove(&p);
+                    tracing::info!(partition = p, token = revision, "cluster: partition acquired");
+                    self.spawn_worker(p);
+                }
+                Err(e) => tracing::debug!(partition = p, error = %e, "cluster: lost the race for the lease"),
             }
         }
     }
 
-    async fn live_members(&self) -> Result<Vec<String>, String> {
-        let mut keys = self.members.keys().await.map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            out.push(k.map_err(|e| e.to_string())?);
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    fn lost(&mut self, p: u16) {
-        self.table.lock().remove(&p);
-        if let Some(w) = self.workers.remove(&p) {
-            w.abort();
-        }
-    }
-
-    async fn renew(&mut self, p: u16, h: Held) {
+    /// Renews one lease with its revision as the expected one; a success goes into the table
+    /// at once (valid from the send time).
+    async fn renew(&self, p: u16, h: Held, limit: Duration) -> Renewal {
         let sent = Instant::now();
         if h.valid_until <= sent {
-            // Too late: another gateway may already have taken it. Stop acting, then try again
-            // as a newcomer (it waits a whole TTL of silence, or finds our revision intact).
-            tracing::warn!(partition = p, "cluster: lease expired before renewal (paused?); stopped acting on it");
-            self.lost(p);
-            self.observed.insert(p, (h.revision, sent));
-            return;
+            return Renewal::Late;
         }
-        match self.leases.update(super::ownership::lease_key(p), self.node().as_bytes().to_vec().into(), h.revision).await {
-            Ok(revision) => {
+        // An answer after the lease ran out is of no use: it is then renewed as a take.
+        let limit = limit.min(h.valid_until - sent);
+        match tokio::time::timeout(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), h.revision)).await {
+            Ok(Ok(revision)) => {
                 self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+                Renewal::Renewed
             }
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "cluster: lease renewal refused; stopped acting on the partition");
-                self.lost(p);
-            }
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Renewal::Refused(e.to_string()),
+            Ok(Err(e)) => Renewal::Unanswered(e.to_string()),
+            Err(_) => Renewal::Unanswered(format!("no answer within {limit:?}")),
         }
     }
 
-    async fn release(&mut self, p: u16, h: Held) {
-        // Stop acting first, then free the key so the new owner need not wait a TTL.
-        self.lost(p);
-        tracing::info!(partition = p, "cluster: handing the partition over");
-        if let Err(e) = self.leases.delete_expect_revision(lease_key(p), Some(h.revision)).await {
-            tracing::debug!(partition = p, error = %e, "cluster: releasing the lease failed; it expires instead");
-        }
-    }
-
-    async fn try_take(&mut self, p: u16) {
-        let key = lease_key(p);
-        let entry = match self.leases.entry(key.clone()).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::debug!(partition = p, error = %e, "cluster: reading the lease failed");
-                return;
-            }
-        };
-        let expected = match entry {
-            None => 0,
-            Some(e) if e.operation != kv::Operation::Put => e.revision,
+    /// Whether a partition we want and do not hold may be taken now, and with which expected
+    /// revision: a free key at once; a key in our own name at once (no other gateway writes our
+    /// name, so it is a renewal whose answer was lost or came too late, or this gateway's
+    /// previous run; the expected revision proves nobody took it since); another holder's key
+    /// once its revision has stood still for a whole TTL on our clock.
+    fn may_take(&mut self, p: u16, entry: Option<kv::Entry>) -> Option<u64> {
+        match entry {
+            None => Some(0),
+            Some(e) if e.operation != kv::Operation::Put => Some(e.revision),
+            Some(e) if e.value[..] == *self.node().as_bytes() => Some(e.revision),
             Some(e) => {
                 let now = Instant::now();
                 let seen = self.observed.entry(p).or_insert((e.revision, now));
@@ -221,21 +360,27 @@ impl Owner {
                     *seen = (e.revision, now);
                 }
                 if now.duration_since(seen.1) <= self.ttl {
-                    return;
+                    return None;
                 }
                 tracing::info!(partition = p, holder = %String::from_utf8_lossy(&e.value), "cluster: lease silent for a whole TTL; taking it");
-                e.revision
+                Some(e.revision)
             }
-        };
+        }
+    }
+
+    /// Writes our name over `expected`; a success goes into the table (valid from the send
+    /// time).
+    async fn take(&self, p: u16, expected: u64, limit: Duration) -> Result<u64, String> {
         let sent = Instant::now();
-        match self.leases.update(&key, self.node().as_bytes().to_vec().into(), expected).await {
-            Ok(revision) => {
-                self.observed.remove(&p);
-                self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
-                tracing::info!(partition = p, token = revision, "cluster: partition acquired");
-                self.spawn_worker(p);
-            }
-            Err(e) => tracing::debug!(partition = p, error = %e, "cluster: lost the race for the lease"),
+        let revision = bounded(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), expected)).await?;
+        self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+        Ok(revision)
+    }
+
+    fn lost(&mut self, p: u16) {
+        self.table.lock().remove(&p);
+        if let Some(w) = self.workers.remove(&p) {
+            w.abort();
         }
     }
 
@@ -249,23 +394,32 @@ impl Owner {
             adopt: self.adopt.clone(),
             ack_wait: self.ttl,
         };
-        self.workers.insert(p, tokio::spawn(worker.run()));
+        if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
+            old.abort();
+        }
     }
 
     /// Graceful leave: stop consuming, free every lease and the member entry at once.
     async fn leave(&mut self) {
+        let limit = call_timeout(self.ttl);
         let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
-        for (p, h) in held {
-            self.release(p, h).await;
+        for &(p, _) in &held {
+            self.lost(p);
         }
-        let _ = self.members.purge(self.node()).await;
+        futures_util::future::join_all(held.iter().map(|&(p, h)| bounded(limit, self.leases.delete_expect_revision(lease_key(p), Some(h.revision))))).await;
+        let _ = bounded(limit, self.members.purge(self.node())).await;
     }
 }
 
-/// Takes over one partition: first its unclosed incidents from the incident log
-/// ([`super::adopt`]), then its messages from the ingest stream through its durable consumer
-/// `part-{p}` (shared by whoever owns the partition, so a new owner resumes at the old owner's
-/// ack floor).
+/// How long one pull request of a partition consumer waits for messages.
+pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's heartbeat on an idle pull; two missed end the pull (see [`Worker::consume`]).
+pub(super) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Takes over one partition: first its unclosed incidents from the incident log and its
+/// devices' last statuses from the ingest stream ([`super::adopt`]), then its messages from the
+/// ingest stream through its durable consumer `part-{p}` (shared by whoever owns the partition,
+/// so a new owner resumes at the old owner's ack floor).
 struct Worker {
     partition: u16,
     js: jetstream::Context,
@@ -287,6 +441,18 @@ impl Worker {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "cluster: adopting the partition's incidents failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Then the devices the previous owner registered, before their next message.
+        backoff = Duration::from_millis(200);
+        while self.table.holds(p) {
+            match self.restore_devices().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cluster: reading the partition's device statuses failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -319,6 +485,25 @@ impl Worker {
         Ok(())
     }
 
+    /// Every device's last status of the partition, into the pipeline as restored (see
+    /// [`Inbound::restored`]) ahead of the partition's messages (one channel, in order).
+    async fn restore_devices(&self) -> Result<(), String> {
+        let statuses = super::adopt::last_statuses(&self.ingest, self.partition).await?;
+        let found = statuses.len();
+        for (topic, payload, stored_ms) in statuses {
+            if !self.table.holds(self.partition) {
+                return Ok(());
+            }
+            if self.inbound.send(Inbound { topic, payload, received_ms: stored_ms, ack: None, restored: true }).await.is_err() {
+                return Ok(());
+            }
+        }
+        if found > 0 {
+            tracing::info!(partition = self.partition, devices = found, "cluster: restored the partition's devices from their last status in the ingest stream");
+        }
+        Ok(())
+    }
+
     async fn consume(&self) -> Result<(), String> {
         let p = self.partition;
         let name = format!("part-{p}");
@@ -339,7 +524,11 @@ impl Worker {
             )
             .await
             .map_err(|e| e.to_string())?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        // Short pulls with heartbeats: when the consumer's leader dies with a NATS node, the
+        // pull it held is gone with it; a missed heartbeat ends this stream within
+        // 2 × PULL_HEARTBEAT and the worker pulls again from the new leader (the client's
+        // defaults, 30 s pulls and 15 s heartbeats, left a partition idle for half a minute).
+        let mut messages = consumer.stream().expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages().await.map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Handle::current();
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| e.to_string())?;
@@ -363,7 +552,7 @@ impl Worker {
                     }
                 });
             });
-            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack) }).await.is_err() {
+            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), restored: false }).await.is_err() {
                 return Ok(());
             }
         }

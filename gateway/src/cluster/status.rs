@@ -2,7 +2,6 @@
 //! lag of every partition's consumer — read from the cluster, as JSON.
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 
 use super::ownership::{lease_key, Member};
@@ -14,9 +13,8 @@ pub async fn status(cluster: &Cluster) -> Result<Value> {
     let members_kv = cluster.js.get_key_value(super::MEMBERS_BUCKET).await.map_err(|e| err("members bucket")(&e))?;
     let leases_kv = cluster.js.get_key_value(super::LEASES_BUCKET).await.map_err(|e| err("leases bucket")(&e))?;
     let mut members = Vec::new();
-    let mut keys = members_kv.keys().await.map_err(|e| err("members")(&e))?;
-    while let Some(k) = keys.next().await {
-        let k = k.map_err(|e| err("members")(&e))?;
+    let live = super::ownership::live_members(&members_kv, std::time::Duration::from_secs(10)).await.map_err(|e| err("members")(&e))?;
+    for k in live {
         if let Ok(Some(v)) = members_kv.get(&k).await {
             match serde_json::from_slice::<Member>(&v) {
                 Ok(m) => members.push(json!({"node": m.node, "seen_ms": m.at_ms, "partitions": m.partitions.len()})),

@@ -8,7 +8,7 @@ fn stage() -> DecodeStage {
 }
 
 fn msg(topic: &str, payload: &str, received_ms: i64) -> Inbound {
-    Inbound { topic: topic.into(), payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), received_ms, ack: None }
+    Inbound { topic: topic.into(), payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), received_ms, ack: None, restored: false }
 }
 
 const NOW: i64 = 1_800_000_000_000;
@@ -243,4 +243,38 @@ async fn an_alarm_is_evaluated_while_bulk_telemetry_waits_for_a_full_store() {
     tokio::task::block_in_place(|| store.join()).expect("the writer stops");
     let stats = store.stats();
     assert_eq!((stats.readings_written, stats.events_written), (20, 1), "{stats:?}");
+
+/// Cluster mode: a partition's new owner restores the devices the old owner registered from
+/// their last status in the ingest stream; their next event is accepted, not quarantined.
+#[test]
+fn a_restored_status_registers_the_device_without_counting_it_as_received() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    let stored = NOW - 60_000;
+    let restored = Inbound { restored: true, ..msg("citywatch/v1/xh/gas-1/status", BIRTH, stored) };
+    s.handle(restored, NOW, &mut b);
+    let d = s.registry.get("gas-1").expect("registered from the restored status");
+    assert_eq!((&*d.site, d.kind, d.interval_s, d.last_seen_ms), ("xh", DeviceKind::GasDetector, 10, stored));
+    assert_eq!(s.metrics.statuses.load(Ordering::Relaxed), 0, "not a status that arrived");
+    assert!(quarantined(&b).is_empty());
+    assert!(b.received_ms.is_none(), "a restored status does not date the batch");
+    s.handle(msg("citywatch/v1/xh/gas-1/event", r#"{"seq":7,"event":"self_test_ok"}"#, NOW), NOW, &mut b);
+    assert!(quarantined(&b).is_empty(), "the device's event after the restore: {:?}", quarantined(&b));
+    assert_eq!(s.metrics.events.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_restored_status_older_than_what_was_heard_changes_nothing_but_never_a_known_site() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
+    let offline = r#"{"state":"offline","kind":"smoke_detector"}"#;
+    s.handle(Inbound { restored: true, ..msg("citywatch/v1/xh/gas-1/status", offline, NOW - 1) }, NOW, &mut b);
+    let d = s.registry.get("gas-1").expect("registered");
+    assert_eq!((d.kind, d.link), (DeviceKind::GasDetector, LinkState::Online), "the newer birth stands");
+    s.handle(Inbound { restored: true, ..msg("citywatch/v1/other/gas-1/status", BIRTH, NOW + 1) }, NOW, &mut b);
+    assert_eq!(&*s.registry.get("gas-1").expect("registered").site, "xh");
+    s.handle(Inbound { restored: true, ..msg("citywatch/v1/xh/nameless/status", r#"{"state":"online"}"#, NOW) }, NOW, &mut b);
+    assert!(s.registry.get("nameless").is_none(), "no kind, unknown device: not registered");
+    assert!(quarantined(&b).is_empty(), "restored statuses are never quarantined");
 }

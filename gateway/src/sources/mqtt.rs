@@ -160,7 +160,7 @@ impl ExternalSource {
                     // on the broker), and an alarm behind it on the socket waits too. A second
                     // connection for the alert topics would lift that (README, issue 14).
                     let out = lanes.for_topic(&publish.topic);
-                    let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack };
+                    let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, restored: false };
                     // Fast path without building a select: the pipeline usually has room.
                     let inbound = match out.try_send(inbound) {
                         Ok(()) => continue,
