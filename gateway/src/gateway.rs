@@ -168,6 +168,13 @@ impl Gateway {
         let (releases_tx, releases_rx) = mpsc::channel(manager::RELEASES_QUEUE);
         let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
         incidents.register_metrics(&mut prometheus);
+        // Cluster mode: one API for the city — the other partitions' owners and the incident log.
+        let city_link = cluster.as_ref().map(|joined| (joined.cluster.clone(), Arc::clone(&joined.leases)));
+        let city = city_link.as_ref().map(|(c, _)| {
+            let (incidents, task) = crate::cluster::city::CityIncidents::start(c.js.clone(), stop_rx.clone());
+            tasks.push(("cluster incident view", task));
+            Arc::new(api::city::City { forwarder: crate::cluster::forward::Forwarder::new(c.client.clone()), incidents, partitions: c.config.partitions })
+        });
         // Cluster mode: partitions gained from now on (and those waiting) adopt their incidents.
         let adopt = cluster.map(|joined| {
             joined.adopt.send_replace(Some(adopt_into(incidents.clone())));
@@ -193,8 +200,13 @@ impl Gateway {
             incidents: Some(incidents.clone()),
             rules,
             notify: notify.states,
+            city,
         };
-        let app = api::auth::protect(api::router(state).merge(api::inspections::router(maintenance)), Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
+        let routes = api::router(state).merge(api::inspections::router(maintenance));
+        if let Some((c, leases)) = city_link {
+            tasks.push(("cluster API answers", start_answering(&c, leases, routes.clone(), &stop_rx)));
+        }
+        let app = api::auth::protect(routes, Arc::new(api::auth::Authenticator::new(&config.http.tokens)));
         let http_addr = start_http(&config, app, http_tls, &stop_rx, &mut tasks).await?;
         #[cfg(feature = "demo")]
         if let Some(fleet) = demo {
@@ -297,6 +309,17 @@ async fn join_cluster(config: &Config, inbound: &mpsc::Sender<Inbound>, stop_rx:
     tasks.push(("cluster", task));
     tracing::info!(node = %cluster_config.node, nats = ?cluster_config.nats, "joined the cluster");
     Ok(Some(Joined { cluster, leases, adopt }))
+}
+
+/// Cluster mode: answers the API requests other gateways forward for the partitions this one
+/// holds, with its own routes (the asking gateway authenticated the caller).
+fn start_answering(c: &crate::cluster::Cluster, leases: Arc<crate::cluster::LeaseTable>, routes: axum::Router, stop_rx: &watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let answering = crate::cluster::forward::answer(c.client.clone(), leases, api::city::answer_with(routes), stop_rx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = answering.await {
+            tracing::error!(error = %e, "cluster: no longer answering forwarded API requests");
+        }
+    })
 }
 
 /// The adoption hook: incidents read from the log go to the incident manager.

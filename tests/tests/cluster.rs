@@ -57,9 +57,10 @@ async fn two_gateways() -> TwoGateways {
     TwoGateways { nats, receiver, a, b, owners }
 }
 
-/// The incidents a gateway's own store holds for a site (what that gateway acted on).
+/// The incidents a gateway's own store holds for a site (what that gateway acted on): the list
+/// with `scope=local` (without it, any gateway lists the whole city's from the incident log).
 fn stored_for_site(node: &Node, site: &str) -> Vec<Value> {
-    let listed = node.gateway.get(&format!("/api/v1/incidents?site={site}")).expect("incident list");
+    let listed = node.gateway.get(&format!("/api/v1/incidents?site={site}&scope=local")).expect("incident list");
     listed["incidents"].as_array().cloned().unwrap_or_default()
 }
 
@@ -364,4 +365,114 @@ async fn an_incident_survives_its_gateway_with_its_id_and_every_revision_deliver
     }
     let senders: BTreeSet<&str> = revisions.values().filter_map(|d| d.header(GATEWAY_HEADER)).collect();
     assert!(senders.contains("gw-b"), "gw-b delivered after the kill: {senders:?}");
+}
+
+/// A live stream (`GET /api/v1/events`) read on a thread: every `data:` line's JSON, as it comes.
+fn live_stream(gateway: &GatewayProcess) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    use std::io::BufRead as _;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let url = format!("http://{}/api/v1/events", gateway.http_addr());
+    let sink = std::sync::Arc::clone(&seen);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let response = ureq::get(&url).call();
+        let _ = opened_tx.send(response.is_ok());
+        let Ok(response) = response else { return };
+        for line in std::io::BufReader::new(response.into_body().into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(Ok(v)) = line.strip_prefix("data:").map(|d| serde_json::from_str::<Value>(d.trim())) {
+                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(v);
+            }
+        }
+    });
+    assert_eq!(opened_rx.recv_timeout(SETTLE), Ok(true), "the live stream opened");
+    seen
+}
+
+/// SPEC §9 "one API for the whole city": a gas leak at a site owned by gw-a; through gw-b alone
+/// the operator finds the device and the incident (lists, details, live stream) and runs the
+/// loop ack → dispatch → resolve → close. gw-b forwards each transition to gw-a, which applies it
+/// (gw-b's own book stays empty for the site); the receiver gets every revision once, no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_loop_and_the_city_lists_work_through_a_gateway_that_does_not_own_the_site() {
+    let TwoGateways { nats, receiver, a, b, owners } = two_gateways().await;
+    let site = site_owned_by(&owners, "gw-a", "city-");
+    let device = format!("{site}-gas-1");
+    let live = live_stream(&b.gateway);
+    let publisher = Publisher::connect(&nats.nodes[1].mqtt_addr(), 100).await.expect("device connection");
+    publisher.publish_json(&device_topic(&site, &device, "status"), true, &birth("gas_detector", 60)).await.expect("status");
+    let mut seq = 0;
+    gas_reading(&publisher, &site, &device, &mut seq, 55.0).await;
+    let id = receiver.wait_for(SETTLE, "the gas leak's first revision", |d| d.iter().find(|d| d.device() == device && d.revision() == 1).map(|d| d.id().to_owned())).await;
+
+    // Incidents: gw-b lists and shows gw-a's incident from the log.
+    let listed = b
+        .gateway
+        .wait_for(SETTLE, "the incident in gw-b's city list", |g| {
+            g.get(&format!("/api/v1/incidents?site={site}")).ok().filter(|l| l["incidents"].as_array().is_some_and(|l| l.iter().any(|i| i["id"] == id.as_str())))
+        })
+        .await;
+    assert_eq!(listed["total"], 1, "{listed:#}");
+    assert!(listed["by_state"]["open"].as_u64().is_some_and(|n| n >= 1), "{listed:#}");
+    let one = b.gateway.get(&format!("/api/v1/incidents/{id}")).expect("incident detail on gw-b");
+    assert_eq!((one["site"].as_str(), one["device"].as_str()), (Some(site.as_str()), Some(device.as_str())), "{one:#}");
+    assert!(stored_for_site(&b, &site).is_empty(), "gw-b's own book acted for gw-a's site");
+
+    // Devices: gw-b answers for gw-a's device (by site, in the whole list, alone).
+    let by_site = b.gateway.get(&format!("/api/v1/devices?site={site}")).expect("devices of the site on gw-b");
+    assert_eq!(by_site["devices"].as_array().map(|d| d.iter().filter_map(|d| d["id"].as_str()).collect::<Vec<_>>()), Some(vec![device.as_str()]), "{by_site:#}");
+    let all = b.gateway.get("/api/v1/devices?limit=1000").expect("every device on gw-b");
+    assert!(all["devices"].as_array().is_some_and(|d| d.iter().any(|d| d["id"] == device.as_str())), "{all:#}");
+    assert_eq!(all["total"].as_u64(), all["devices"].as_array().map(|d| d.len() as u64), "{all:#}");
+    let one_device = b.gateway.get(&format!("/api/v1/devices/{device}")).expect("the device on gw-b");
+    assert_eq!(one_device["site"], site.as_str(), "{one_device:#}");
+    assert_eq!(b.gateway.status_of("/api/v1/devices/no-such-device").expect("GET"), 404, "an unknown device, after every partition answered");
+
+    // The operator loop through gw-b.
+    let mut revision = 1;
+    for (action, body, state) in [
+        ("ack", json!({"actor": "li", "note": "on it"}), "acknowledged"),
+        ("dispatch", json!({"actor": "li", "crew": "crew-7"}), "dispatched"),
+        ("resolve", json!({"actor": "li"}), "resolved"),
+        ("close", json!({"actor": "li"}), "closed"),
+    ] {
+        let (code, answer) = b.gateway.post(&format!("/api/v1/incidents/{id}/{action}"), &body).expect("transition through gw-b");
+        assert_eq!(code, 200, "{action} through gw-b: {answer}");
+        assert_eq!(answer["state"], state, "{action}: {answer:#}");
+        assert!(answer["revision"].as_u64().is_some_and(|r| r > revision), "{action}: {answer:#}");
+        revision = answer["revision"].as_u64().unwrap_or(revision);
+        // The next action needs this one in the log's view at gw-b (the owner applied it).
+        b.gateway
+            .wait_for(SETTLE, "the change in gw-b's view", |g| g.get(&format!("/api/v1/incidents/{id}")).ok().filter(|i| i["state"] == state).map(|_| ()))
+            .await;
+    }
+    assert_eq!(answer_state(&b, &id, "li"), Some("closed".to_owned()));
+    assert!(stored_for_site(&b, &site).is_empty(), "gw-b applied a transition itself: {:?}", stored_for_site(&b, &site));
+    assert!(stored_for_site(&a, &site).iter().any(|i| i["id"] == id.as_str() && i["state"] == "closed"), "the owner gw-a applied the loop");
+    let (code, refused) = b.gateway.post(&format!("/api/v1/incidents/{id}/ack"), &json!({"actor": "li"})).expect("ack of a closed incident");
+    assert!(code == 404 || code == 409, "a closed incident is not acknowledged again: {code} {refused}");
+
+    receiver.wait_for(SETTLE, "the closed revision", |d| d.iter().find(|d| d.id() == id && d.state() == "closed").map(|_| ())).await;
+    let revisions = revisions_of(&receiver.deliveries(), &id);
+    let n = revisions.keys().max().copied().unwrap_or(0);
+    assert_eq!(revisions.keys().copied().collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "every revision once, no gap:\n{}", receiver.report());
+    assert_eq!(n, revision, "the receiver's last revision is the last answer's");
+
+    // gw-b's live stream saw every revision, gw-a's changes all.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let streamed: BTreeSet<u64> = live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().filter(|e| e["id"] == id.as_str()).filter_map(|e| e["revision"].as_u64()).collect();
+        if streamed == (1..=n).collect::<BTreeSet<u64>>() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gw-b's live stream has revisions {streamed:?} of 1..={n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The state of incident `id` at `node`, and that its history names the operator.
+fn answer_state(node: &Node, id: &str, actor: &str) -> Option<String> {
+    let i = node.gateway.get(&format!("/api/v1/incidents/{id}")).ok()?;
+    let named = i["history"].as_array().is_some_and(|h| h.iter().any(|e| e["actor"] == actor));
+    named.then(|| i["state"].as_str().map(str::to_owned)).flatten()
 }

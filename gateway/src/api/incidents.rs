@@ -3,7 +3,9 @@
 //! delivery state of every push channel.
 //!
 //! Writes go to the incident manager and answer only after its commit, so a 200 means the
-//! transition is on disk and queued for every channel.
+//! transition is on disk and queued for every channel. In cluster mode lists, details and the
+//! live stream show the whole city from the replicated incident log ([`super::city`]), and a
+//! transition reaches this handler only at the owner of the incident's partition.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -66,6 +68,9 @@ pub struct IncidentParams {
     parent: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    /// `city` (the default): in cluster mode every gateway's incidents, from the replicated log;
+    /// `local`: this gateway's own book only (what it acted on). The same in single-node mode.
+    scope: Option<String>,
 }
 
 /// Incidents listed when `limit` is not given.
@@ -90,14 +95,27 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
     let limit = page::limit(p.limit, DEFAULT_INCIDENTS, MAX_INCIDENTS)?;
     let after = p.cursor.as_deref().map(page::incident_after).transpose()?;
     // One more than asked: whether a next page exists.
+    let local = match p.scope.as_deref() {
+        None | Some("city") => false,
+        Some("local") => true,
+        Some(other) => return Err(ApiError::BadRequest(format!("scope={other:?}: city or local"))),
+    };
     let filter = IncidentFilter { states, rule: p.rule, site: p.site, device: p.device, parent: p.parent, limit: limit + 1 };
-    let store = std::sync::Arc::clone(&h.store);
-    let (mut found, total, counts) = tokio::task::spawn_blocking(move || -> Result<_, crate::incidents::store::Error> {
-        let (found, total) = store.page(&filter, after.as_ref().map(|(t, id)| (*t, id.as_str())))?;
-        Ok((found, total, store.counts_by_state()?))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (mut found, total, counts) = match s.city.as_ref().filter(|_| !local) {
+        Some(city) => {
+            let (found, total) = city.incidents.page(&filter, after.as_ref().map(|(t, id)| (*t, id.as_str())));
+            (found, total, city.incidents.counts_by_state())
+        }
+        None => {
+            let store = std::sync::Arc::clone(&h.store);
+            tokio::task::spawn_blocking(move || -> Result<_, crate::incidents::store::Error> {
+                let (found, total) = store.page(&filter, after.as_ref().map(|(t, id)| (*t, id.as_str())))?;
+                Ok((found, total, store.counts_by_state()?))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+        }
+    };
     let more = found.len() > limit;
     found.truncate(limit);
     let next_cursor = more.then(|| found.last().map(|(t, i)| page::incident_cursor(*t, &i.id))).flatten();
@@ -112,7 +130,15 @@ pub async fn list(State(s): State<ApiState>, Query(p): Query<IncidentParams>) ->
 pub async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let h = handle(&s)?;
     let lookup = id.clone();
-    let incident = blocking(h, move |store| store.get(&lookup)).await?.ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
+    let local = blocking(h, move |store| store.get(&lookup)).await?;
+    // Cluster mode: the log's newest revision, or this gateway's own if newer (its change is
+    // committed here and on its way to the log).
+    let city = s.city.as_ref().and_then(|c| c.incidents.get(&id));
+    let incident = match (local, city) {
+        (Some(l), Some(c)) => Some(if l.revision >= c.revision { l } else { c }),
+        (l, c) => l.or(c),
+    };
+    let incident = incident.ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
     Ok(Json(json!(incident)))
 }
 
@@ -153,12 +179,26 @@ pub async fn transition(
 /// outbox position. A client reconnecting with `Last-Event-ID` first gets what it missed.
 pub async fn events(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let h = handle(&s)?;
-    // Subscribe before reading the backlog, so nothing falls between the two.
-    let live = BroadcastStream::new(h.events.subscribe());
     let last: Option<i64> = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-    let backlog = match last {
-        Some(after) => blocking(h, move |store| store.outbox_since(after, 1000)).await?,
-        None => Vec::new(),
+    // Subscribe before reading the backlog, so nothing falls between the two. In cluster mode
+    // the changes are the incident log's, `id:` its stream sequence.
+    let (live, backlog) = match &s.city {
+        Some(city) => {
+            let live = BroadcastStream::new(city.incidents.subscribe());
+            let backlog = match last {
+                Some(after) => city.incidents.since(after, 1000).await.map_err(ApiError::Unavailable)?.into_iter().map(|e| (e.seq, e.body.to_string())).collect(),
+                None => Vec::new(),
+            };
+            (live, backlog)
+        }
+        None => {
+            let live = BroadcastStream::new(h.events.subscribe());
+            let backlog = match last {
+                Some(after) => blocking(h, move |store| store.outbox_since(after, 1000)).await?,
+                None => Vec::new(),
+            };
+            (live, backlog)
+        }
     };
     let replayed_up_to = backlog.last().map_or(last.unwrap_or(i64::MIN), |(seq, _)| *seq);
     let backlog = stream::iter(backlog.into_iter().map(|(seq, body)| Ok(Event::default().event("incident").id(seq.to_string()).data(body))));

@@ -7,6 +7,7 @@
 //! internal errors log once and say little.
 
 pub mod auth;
+pub mod city;
 pub mod config;
 pub mod dashboard;
 pub mod error;
@@ -58,6 +59,8 @@ pub struct ApiState {
     pub rules: Arc<crate::rules::RuleSet>,
     /// Delivery state of every push channel.
     pub notify: Vec<Arc<crate::notify::ChannelState>>,
+    /// Cluster mode: the owners of the other partitions and the city's incidents ([`city`]).
+    pub city: Option<Arc<city::City>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -97,6 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), city::route))
         .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
@@ -158,7 +162,7 @@ struct DeviceFilter {
 
 /// `GET devices`: one page in id order. The page is a range of the registry's id index;
 /// `total` and `by_health` count every matching device in one pass without copying or sorting.
-async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> ApiResult<Json<Value>> {
+async fn devices(State(s): State<ApiState>, served: Option<axum::Extension<city::ServedFor>>, Query(f): Query<DeviceFilter>) -> ApiResult<Json<Value>> {
     let kind = f
         .kind
         .as_deref()
@@ -176,7 +180,13 @@ async fn devices(State(s): State<ApiState>, Query(f): Query<DeviceFilter>) -> Ap
     let limit = page::limit(f.limit, page::DEFAULT_LIMIT, page::MAX_LIMIT)?;
     let after = f.cursor.as_deref().map(page::device_after).transpose()?;
     let now = now_ms();
-    let placed = |d: &Device| f.site.as_deref().is_none_or(|site| &*d.site == site) && kind.is_none_or(|k| d.kind == k);
+    // Cluster mode, answering as a partition's owner: that partition's devices only.
+    let partition = served.zip(s.city.as_ref()).map(|(axum::Extension(city::ServedFor(p)), c)| (p, c.partitions));
+    let placed = |d: &Device| {
+        f.site.as_deref().is_none_or(|site| &*d.site == site)
+            && kind.is_none_or(|k| d.kind == k)
+            && partition.is_none_or(|(p, n)| crate::cluster::nats_config::partition_of(&d.site, n) == p)
+    };
     let mut total = 0usize;
     let mut by_health: BTreeMap<&str, usize> = Health::ALL.iter().map(|h| (h.as_str(), 0)).collect();
     s.registry.for_each(|d| {

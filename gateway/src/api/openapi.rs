@@ -191,6 +191,7 @@ pub fn document() -> Value {
                 query("site", "Only this site.", json!({ "type": "string" })),
                 query("device", "Only this device.", json!({ "type": "string" })),
                 query("parent", "Only the children of this incident (its `children`).", json!({ "type": "string" })),
+                query("scope", "Cluster mode: `city` (default) lists every gateway's incidents from the replicated log, `local` this gateway's own book. The same in single-node mode.", json!({ "type": "string", "enum": ["city", "local"] })),
                 inc_limit, inc_cursor,
             ],
             "responses": { "200": ok("A page of incidents.", page_of("incidents", schema("Incident"), json!({ "by_state": { "type": "object", "additionalProperties": { "type": "integer" } } }))),

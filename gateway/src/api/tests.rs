@@ -103,6 +103,7 @@ async fn fixture() -> Fixture {
         incidents: Some(handle),
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
+        city: None,
     };
     Fixture { _dir: dir, state, writer: Some(writer), incident }
 }
@@ -415,6 +416,7 @@ async fn api_devices_page_at_a_million() {
         incidents: None,
         rules: Arc::new(crate::rules::RuleSet::from_config(&Default::default()).expect("default rules")),
         notify: Vec::new(),
+        city: None,
     };
     for uri in ["/api/v1/devices", "/api/v1/devices?cursor=6465762d30353030303030", "/api/v1/devices?limit=1000", "/api/v1/devices?site=site-7", "/api/v1/devices?health=offline"] {
         let started = Instant::now();

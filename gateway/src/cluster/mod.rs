@@ -12,8 +12,10 @@
 //! the partitions deliver.
 
 pub mod adopt;
+pub mod city;
 pub mod config;
 pub mod delivery;
+pub mod forward;
 pub mod nats_config;
 pub mod ownership;
 pub mod rendezvous;
