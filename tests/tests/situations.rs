@@ -250,11 +250,19 @@ async fn ten_devices_of_a_site_going_offline_together_are_one_site_incident() {
     let mut listed = ids(&storm.body["devices"]);
     listed.sort();
     assert_eq!(listed, devices);
-    // The pushes of the site incident: revisions in order, one per device added.
+    // The pushes of the site incident: revisions in order, opened with three, then the devices
+    // added coalesced (at most one revision per `storm_update_every`), each listing the whole
+    // set so far and never fewer than the one before.
     let storm_id = storm.id().to_owned();
-    let mut revisions: Vec<u64> = receiver.deliveries().iter().filter(|d| d.id() == storm_id).map(Delivery::revision).collect();
+    let pushes: Vec<Delivery> = receiver.deliveries().into_iter().filter(|d| d.id() == storm_id).collect();
+    let mut revisions: Vec<u64> = pushes.iter().map(Delivery::revision).collect();
     revisions.dedup();
-    assert_eq!(revisions, (1..=8).collect::<Vec<_>>(), "opened with three, then seven devices added, one revision each");
+    let last = storm.revision();
+    assert_eq!(revisions, (1..=last).collect::<Vec<_>>(), "every revision once, in order");
+    assert!(last <= 8, "at most one revision per device added: {revisions:?}");
+    let sizes: Vec<usize> = pushes.iter().map(|d| ids(&d.body["devices"]).len()).collect();
+    assert_eq!(sizes.first(), Some(&3), "{sizes:?}");
+    assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
     // The board: one open incident for the site; the two device incidents opened before the
     // threshold are folded into it (closed, naming it).
     let open = gw.get(&format!("/api/v1/incidents?site={site}&state=active")).expect("incidents");
@@ -273,8 +281,9 @@ async fn ten_devices_of_a_site_going_offline_together_are_one_site_incident() {
     let online = birth("smoke_detector", 60);
     publishers[0].publish_json(&device_topic(site, &devices[0], "status"), true, &online).await.expect("online");
     let removed = receiver
-        .wait_for(STEP_WAIT, "the device removed", |all| all.iter().find(|d| d.id() == storm_id && d.revision() == 9).cloned())
+        .wait_for(STEP_WAIT, "the device removed", |all| all.iter().find(|d| d.id() == storm_id && d.revision() == last + 1).cloned())
         .await;
+    assert_eq!(removed.body["history"].as_array().and_then(|h| h.last()).map(|h| h["action"].clone()), Some(json!("device_removed")));
     assert_eq!(ids(&removed.body["devices"]).len(), 9);
     assert!(!ids(&removed.body["devices"]).contains(&devices[0]));
 }

@@ -4,7 +4,8 @@
 //! silences hold signals back; unacknowledged criticals escalate; commands are supervised.
 //! The rule pack's policies across incidents live here too: situations merge a device's member
 //! rules into one incident, parents link a site's device incidents under its composite one
-//! (an ack cascades to open children), groups make an outage storm one site incident.
+//! (an ack cascades to open children), groups make an outage storm one site incident whose
+//! membership changes are coalesced (at most one revision per `storm_update_every`).
 //!
 //! Pure and synchronous: every method takes `now_ms` and records what must be committed and
 //! pushed in a [`Commit`] and a list of [`Command`]s, which the manager task carries out.
@@ -132,7 +133,36 @@ pub struct Book {
     storm_window: HashMap<(String, String), VecDeque<(i64, String)>>,
     /// Group incidents (site outages) in the book, by site.
     storms: HashMap<String, Vec<String>>,
+    /// Each group incident's membership now and its changes not yet pushed, by incident id.
+    rosters: HashMap<String, Roster>,
     pub stats: BookStats,
+}
+
+/// An outage storm's membership. The incident in the book lists the devices of its last
+/// revision; the roster knows who is in the storm now and what changed since, so a device
+/// joining or leaving costs O(1) and thousands of them make one revision per interval, not one
+/// each (each revision carries the whole list: one per change was quadratic).
+#[derive(Debug, Default)]
+struct Roster {
+    /// The devices for which the group's rule holds now.
+    now: HashSet<String>,
+    /// Devices that joined since the last pushed revision, in order (some may have left again).
+    joined: Vec<String>,
+    /// How many joins and leaves since the last pushed revision.
+    joins: u64,
+    leaves: u64,
+    /// When the incident was last pushed with its membership.
+    pushed_ms: i64,
+}
+
+impl Roster {
+    fn of(inc: &Incident) -> Roster {
+        Roster { now: inc.devices.iter().cloned().collect(), pushed_ms: inc.updated_ms, ..Roster::default() }
+    }
+
+    fn pending(&self) -> bool {
+        self.joins + self.leaves > 0
+    }
 }
 
 /// An active member rule of a situation incident: what it last said.
@@ -211,6 +241,7 @@ impl Book {
             groups: Vec::new(),
             storm_window: HashMap::new(),
             storms: HashMap::new(),
+            rosters: HashMap::new(),
             stats: BookStats::default(),
         };
         let reopen = book.cfg.reopen_within.as_ms();
@@ -224,6 +255,7 @@ impl Book {
             }
             if is_group_incident(&inc) {
                 book.storms.entry(inc.site.clone()).or_default().push(inc.id.clone());
+                book.rosters.insert(inc.id.clone(), Roster::of(&inc));
             }
             book.incidents.insert(inc.id.clone(), inc);
         }
@@ -306,11 +338,13 @@ impl Book {
                 self.cleared_at.insert(inc.id.clone(), inc.updated_ms);
             }
         }
+        self.rosters.remove(&inc.id);
         if is_group_incident(&inc) {
             let ids = self.storms.entry(inc.site.clone()).or_default();
             if !ids.contains(&inc.id) {
                 ids.push(inc.id.clone());
             }
+            self.rosters.insert(inc.id.clone(), Roster::of(&inc));
         }
         if let Some(members) = restored_members(&inc) {
             self.members.insert(inc.id.clone(), members);
@@ -357,8 +391,11 @@ impl Book {
         let mut out = Vec::new();
         for i in self.incidents.values().filter(|i| i.state.is_active()) {
             if is_group_incident(i) {
-                // The grouped rule is active on each device listed.
-                out.extend(i.devices.iter().map(|d| (d.clone(), i.rule.clone(), Scope::Device)));
+                // The grouped rule is active on each device in the storm now.
+                match self.rosters.get(&i.id) {
+                    Some(r) => out.extend(r.now.iter().map(|d| (d.clone(), i.rule.clone(), Scope::Device))),
+                    None => out.extend(i.devices.iter().map(|d| (d.clone(), i.rule.clone(), Scope::Device))),
+                }
                 continue;
             }
             if i.rules_active.is_empty() {
@@ -845,6 +882,12 @@ impl Book {
         if action == Action::Dispatch && crew.as_deref().is_none_or(|c| c.trim().is_empty()) {
             return Err(TransitionError::Invalid("crew: required to dispatch".into()));
         }
+        let state = self.incidents.get(id).map(|i| i.state).ok_or_else(|| TransitionError::NotFound(id.to_owned()))?;
+        if action.allowed_from().contains(&state) && self.rosters.get(id).is_some_and(Roster::pending) {
+            // The operator acts on the storm as it is now: its membership first, in a revision
+            // of its own (and a resolve then ends the rule on exactly those devices).
+            self.storm_flush(id, now_ms);
+        }
         let inc = self.incidents.get(id).ok_or_else(|| TransitionError::NotFound(id.to_owned()))?;
         let ack_note = note.clone();
         if !action.allowed_from().contains(&inc.state) {
@@ -977,7 +1020,11 @@ impl Book {
             return None;
         }
         self.storms.get(&*s.site)?.iter().find(|id| {
-            self.incidents.get(*id).is_some_and(|i| i.state.is_active() && *i.rule == *s.rule && i.devices.iter().any(|d| **d == *s.device))
+            let listed = |i: &Incident| match self.rosters.get(*id) {
+                Some(r) => r.now.contains(&*s.device),
+                None => i.devices.iter().any(|d| **d == *s.device),
+            };
+            self.incidents.get(*id).is_some_and(|i| i.state.is_active() && *i.rule == *s.rule && listed(i))
         }).cloned()
     }
 
@@ -1087,6 +1134,7 @@ impl Book {
         self.stats.opened += 1;
         self.keys.insert(key, id.clone());
         self.storms.entry(site.clone()).or_default().push(id.clone());
+        self.rosters.insert(id.clone(), Roster::of(&inc));
         self.flaps.insert(id.clone(), Flaps { last_signal_ms: now_ms, ..Flaps::default() });
         self.push(inc);
         for (child_key, child_id) in taken {
@@ -1109,22 +1157,77 @@ impl Book {
         }
     }
 
-    /// A device added to (`joins`) or removed from an active group incident: one revision.
+    /// A device added to (`joins`) or removed from an active group incident: noted in its
+    /// roster, pushed at once if the storm's last push is `storm_update_every` ago, else with
+    /// the others by [`Book::tick`].
     fn storm_change(&mut self, id: &str, s: &Signal, joins: bool, now_ms: i64) {
-        let Some(inc) = self.incidents.get(id) else { return };
-        let mut inc = inc.clone();
+        let Some(roster) = self.rosters.get_mut(id) else { return };
         if joins {
-            inc.devices.push(s.device.to_string());
-            inc.device = s.device.to_string();
-            inc.count += 1;
-        } else {
-            inc.devices.retain(|d| **d != *s.device);
+            if roster.now.insert(s.device.to_string()) {
+                roster.joined.push(s.device.to_string());
+                roster.joins += 1;
+            }
+        } else if roster.now.remove(&*s.device) {
+            roster.leaves += 1;
         }
+        if now_ms - roster.pushed_ms >= self.cfg.storm_update_every.as_ms() {
+            self.storm_flush(id, now_ms);
+        }
+    }
+
+    /// Pushes a group incident's membership changes since its last revision as one revision
+    /// carrying the whole list. A device that joined and left again meanwhile only counts.
+    fn storm_flush(&mut self, id: &str, now_ms: i64) {
+        let Some(roster) = self.rosters.get_mut(id) else { return };
+        if !roster.pending() {
+            return;
+        }
+        let Some(inc) = self.incidents.get_mut(id) else { return };
+        let joins = std::mem::take(&mut roster.joins);
+        roster.leaves = 0;
+        let joined = std::mem::take(&mut roster.joined);
+        let mut removed = Vec::new();
+        let mut listed: HashSet<&str> = HashSet::with_capacity(inc.devices.len());
+        for d in &inc.devices {
+            if roster.now.contains(d) {
+                listed.insert(d);
+            } else {
+                removed.push(d.clone());
+            }
+        }
+        let added: Vec<String> = joined.into_iter().filter(|d| roster.now.contains(d) && !listed.contains(d.as_str())).collect();
+        inc.count += joins;
+        if added.is_empty() && removed.is_empty() {
+            // Nothing an operator would see changed: persisted with the next coalesced update.
+            self.dirty.insert(id.to_owned());
+            return;
+        }
+        roster.pushed_ms = now_ms;
+        let mut inc = inc.clone();
+        inc.devices.retain(|d| roster.now.contains(d));
+        let what = match (added.is_empty(), removed.is_empty()) {
+            (false, true) => "device_added",
+            (true, false) => "device_removed",
+            _ => "devices_changed",
+        };
+        let note = membership_note(&added, &removed, inc.devices.len() + added.len());
+        if let Some(last) = added.last() {
+            inc.device = last.clone();
+        }
+        inc.devices.extend(added);
         inc.value = Some(inc.devices.len() as f64);
         inc.summary = storm_summary(&inc.rule, &inc.site, &inc.devices);
-        let what = if joins { "device_added" } else { "device_removed" };
-        next_revision(&mut inc, &mut self.commit, SYSTEM, what, Some(s.device.to_string()), now_ms);
+        next_revision(&mut inc, &mut self.commit, SYSTEM, what, Some(note), now_ms);
         self.push(inc);
+    }
+
+    /// Pushes every group incident's pending membership changes now, whatever the interval
+    /// (the gateway is stopping: the final membership is never left unpushed).
+    pub fn flush_storms(&mut self, now_ms: i64) {
+        let pending: Vec<String> = self.rosters.iter().filter(|(_, r)| r.pending()).map(|(id, _)| id.clone()).collect();
+        for id in pending {
+            self.storm_flush(&id, now_ms);
+        }
     }
 
     /// A device going offline again within the re-open window of its site's cleared storm.
@@ -1138,6 +1241,9 @@ impl Book {
         inc.count += 1;
         inc.rules_active = vec![inc.rule.clone()];
         inc.summary = storm_summary(&inc.rule, &inc.site, &inc.devices);
+        let mut roster = Roster::of(&inc);
+        roster.pushed_ms = now_ms;
+        self.rosters.insert(id.to_owned(), roster);
         self.cleared_at.remove(id);
         self.stats.reopened += 1;
         next_revision(&mut inc, &mut self.commit, SYSTEM, "reopened", Some(s.device.to_string()), now_ms);
@@ -1148,10 +1254,14 @@ impl Book {
     /// clears it. False: the device is in no storm.
     fn storm_leave(&mut self, s: &Signal, now_ms: i64) -> bool {
         let Some(id) = self.storm_of(s) else { return false };
-        let last = self.incidents.get(&id).is_some_and(|i| i.devices.len() == 1);
+        let last = self.rosters.get(&id).is_some_and(|r| r.now.len() == 1);
         if !last {
             self.storm_change(&id, s, false, now_ms);
             return true;
+        }
+        // The clear is pushed at once and carries the final membership: none.
+        if let Some(roster) = self.rosters.get_mut(&id) {
+            *roster = Roster { pushed_ms: now_ms, ..Roster::default() };
         }
         let Some(inc) = self.incidents.get_mut(&id) else { return true };
         inc.devices.clear();
@@ -1165,6 +1275,12 @@ impl Book {
     /// Timers: escalation, flapping's quiet period, silences ending, unanswered commands,
     /// re-open windows, and persisting coalesced updates.
     pub fn tick(&mut self, now_ms: i64, persist_updates: bool) {
+        // Outage storms' membership changes whose interval is up.
+        let every = self.cfg.storm_update_every.as_ms();
+        let due: Vec<String> = self.rosters.iter().filter(|(_, r)| r.pending() && now_ms - r.pushed_ms >= every).map(|(id, _)| id.clone()).collect();
+        for id in due {
+            self.storm_flush(&id, now_ms);
+        }
         // Escalation of unacknowledged incidents.
         let after = self.cfg.escalate_after.as_ms();
         let every = self.cfg.renotify_every.as_ms();
@@ -1254,6 +1370,7 @@ impl Book {
             self.members.remove(&id);
             self.flaps.remove(&id);
             self.cleared_at.remove(&id);
+            self.rosters.remove(&id);
         }
         let incidents = &self.incidents;
         self.storms.retain(|_, ids| {
@@ -1316,6 +1433,28 @@ fn storm_summary(rule: &str, site: &str, devices: &[String]) -> String {
         list.push_str(&format!(" and {} more", devices.len() - SHOWN));
     }
     format!("{rule} at {} devices of {site} at once: {list}", devices.len())
+}
+
+/// A group incident's membership revision note: the devices added and back (the first ten of
+/// each named) and how many are in it now. Bounded: every revision carries the whole history.
+fn membership_note(added: &[String], removed: &[String], now: usize) -> String {
+    const SHOWN: usize = 10;
+    let named = |ds: &[String]| {
+        let mut names = ds.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+        if ds.len() > SHOWN {
+            names.push_str(&format!(" and {} more", ds.len() - SHOWN));
+        }
+        names
+    };
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("+{}: {}", added.len(), named(added)));
+    }
+    if !removed.is_empty() {
+        parts.push(format!("-{}: {}", removed.len(), named(removed)));
+    }
+    parts.push(format!("{now} now"));
+    parts.join("; ")
 }
 
 /// The devices a site-scoped signal counts, the signalling one included.

@@ -27,6 +27,11 @@ pub struct IncidentsConfig {
     /// A command sent to a device (e.g. `close_valve`) not acknowledged within this time is
     /// noted in the incident's history.
     pub command_timeout: Duration,
+    /// An outage storm (a `[[group]]` site incident) pushes its membership changes (devices
+    /// going offline, devices back) at most once per this interval: one revision carrying the
+    /// whole device list and its count. Its opening, its clearing (the last device back) and
+    /// operators' actions are pushed at once. "0s": one revision per device joining or leaving.
+    pub storm_update_every: Duration,
     /// Closed incidents and their audit trail are kept this long (law: at least 6 months).
     pub retention: Duration,
     /// Silences and maintenance windows (`[[incidents.silence]]`).
@@ -44,6 +49,7 @@ impl Default for IncidentsConfig {
             flap_quiet: Duration::secs(300),
             reopen_within: Duration::secs(600),
             command_timeout: Duration::secs(30),
+            storm_update_every: Duration::secs(5),
             retention: Duration::secs(400 * 86_400),
             silence: Vec::new(),
         }
@@ -70,6 +76,9 @@ impl IncidentsConfig {
             if d.0.is_zero() {
                 return bad(key, "must be more than 0s");
             }
+        }
+        if self.storm_update_every.0 > std::time::Duration::from_secs(60) {
+            return bad("storm_update_every", "must be at most 1m: a duty officer sees an outage grow or shrink within a minute");
         }
         for (i, s) in self.silence.iter().enumerate() {
             Silence::new(s.clone()).map_err(|e| {

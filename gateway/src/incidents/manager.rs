@@ -398,6 +398,10 @@ impl Manager {
                     }
                 }
             }
+            if stopping {
+                // Outage storms' coalesced membership changes go out with the last commit.
+                self.book.flush_storms(now_ms());
+            }
             let (mut commit, commands) = self.book.take();
             if commit_marks || stopping || !commit.is_empty() {
                 commit.deliveries = std::mem::take(&mut marks);

@@ -575,34 +575,44 @@ fn an_outage_storm_is_one_site_incident_that_folds_the_early_device_incidents() 
     assert_eq!(p[1].history.last().map(|h| h.action.as_str()), Some("folded"));
     assert_eq!((p[2].id.as_str(), p[2].state, p[2].parent.as_deref()), (d2.as_str(), IncidentState::Acknowledged, Some(storm.id.as_str())));
     assert!(b.take_released().is_empty(), "folding does not end the rule: the devices' return still arrives");
-    // Seven more: each one revision of the same incident.
+    // Seven more within the interval: one revision of the same incident when it is up.
     for i in 4..=10 {
         b.apply(offline(&format!("d{i}")), T0 + 11_000 + i);
     }
+    assert!(pushed_incidents(&mut b).is_empty(), "coalesced until storm_update_every has passed");
+    b.tick(T0 + 14_999, false);
+    assert!(pushed_incidents(&mut b).is_empty());
+    b.tick(T0 + 15_000, false);
     let p = pushed_incidents(&mut b);
-    assert_eq!(p.iter().map(|i| (i.id.clone(), i.revision)).collect::<Vec<_>>(), (2..=8).map(|r| (storm.id.clone(), r)).collect::<Vec<_>>());
+    assert_eq!(p.iter().map(|i| (i.id.clone(), i.revision)).collect::<Vec<_>>(), [(storm.id.clone(), 2)]);
     let inc = b.get(&storm.id).expect("storm").clone();
-    assert_eq!((inc.devices.len(), inc.value), (10, Some(10.0)));
-    assert!(inc.history.iter().skip(1).all(|h| h.action == "device_added"));
+    assert_eq!((inc.devices.len(), inc.value, inc.count), (10, Some(10.0), 10));
+    assert_eq!(inc.devices[3..], ["d4", "d5", "d6", "d7", "d8", "d9", "d10"]);
+    let last = inc.history.last().expect("history");
+    assert_eq!((last.action.as_str(), last.note.as_deref()), ("device_added", Some("+7: d4, d5, d6, d7, d8, d9, d10; 10 now")));
     let mut active: Vec<String> = b.active_device_rules().into_iter().filter(|(_, r, _)| r == "device_offline").map(|(d, _, _)| d).collect();
     active.sort();
     active.dedup();
     assert_eq!(active.len(), 10, "the rule engine resumes every listed device: {active:?}");
     assert_eq!(b.stats.opened, 3, "d1, d2 and the storm");
-    // Returns: each one revision; d2's own incident sees its condition clear too.
+    // Returns: the first after a quiet interval is pushed at once, the next waits for the
+    // interval; d2's own incident sees its condition clear at once.
     b.apply(back("d1"), T0 + 20_000);
     b.apply(back("d2"), T0 + 21_000);
     let p = pushed_incidents(&mut b);
-    assert_eq!(p.iter().map(|i| (i.id.clone(), i.history.last().map(|h| h.action.clone()).unwrap_or_default())).collect::<Vec<_>>(), [
-        (storm.id.clone(), "device_removed".to_owned()),
-        (storm.id.clone(), "device_removed".to_owned()),
-        (d2.clone(), "condition_cleared".to_owned()),
-    ]);
+    let actions = |p: &[Incident]| p.iter().map(|i| (i.id.clone(), i.history.last().map(|h| h.action.clone()).unwrap_or_default())).collect::<Vec<_>>();
+    assert_eq!(actions(&p), [(storm.id.clone(), "device_removed".to_owned()), (d2.clone(), "condition_cleared".to_owned())]);
+    assert_eq!(p[0].devices.len(), 9);
+    b.tick(T0 + 25_000, false);
+    let p = pushed_incidents(&mut b);
+    assert_eq!(actions(&p), [(storm.id.clone(), "device_removed".to_owned())]);
+    assert_eq!((p[0].devices.len(), p[0].revision), (8, 4));
+    assert_eq!(p[0].history.last().and_then(|h| h.note.as_deref()), Some("-1: d2; 8 now"));
     for i in 3..=10 {
         b.apply(back(&format!("d{i}")), T0 + 30_000 + i);
     }
     let inc = b.get(&storm.id).expect("storm").clone();
-    assert_eq!((inc.state, inc.devices.len(), inc.revision), (IncidentState::Cleared, 0, 18), "the last one back clears it");
+    assert_eq!((inc.state, inc.devices.len(), inc.revision), (IncidentState::Cleared, 0, 6), "d3 at once, the last one back clears it with the rest");
     assert!(inc.rules_active.is_empty());
     assert_eq!(b.stats.signals_without_incident, 0);
     // Offline again within the re-open window: the same site incident.
@@ -649,6 +659,8 @@ fn resolving_a_storm_releases_each_device_and_a_restart_keeps_it() {
     for d in ["d1", "d2", "d3", "d4"] {
         b.apply(offline(d), T0);
     }
+    // The gateway stops: what is pending is pushed (d4, within the interval of the opening).
+    b.flush_storms(T0);
     let (commit, _) = b.take();
     let storm = commit.outbox.iter().find(|i| i.scope == Scope::Site).map(|i| i.id.clone()).expect("storm");
     // Restart: the unclosed incidents as stored.
@@ -664,19 +676,21 @@ fn resolving_a_storm_releases_each_device_and_a_restart_keeps_it() {
         .with_groups(pack.groups().to_vec());
     b.apply(back("d1"), T0 + 2000);
     b.apply(offline("d5"), T0 + 2000);
+    assert!(pushed_incidents(&mut b).is_empty(), "within the interval of the stored revision");
+    b.tick(T0 + 5000, false);
     let p = pushed_incidents(&mut b);
-    assert_eq!(p.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), [storm.as_str(), storm.as_str()]);
+    assert_eq!(p.iter().map(|i| (i.id.as_str(), i.history.last().map(|h| h.action.as_str()))).collect::<Vec<_>>(), [(storm.as_str(), Some("devices_changed"))]);
     assert_eq!(b.get(&storm).expect("storm").devices, ["d2", "d3", "d4", "d5"]);
-    b.transition(&storm, Action::Resolve, "li", Some("power restored by the utility".into()), None, T0 + 3000).expect("resolve");
+    b.transition(&storm, Action::Resolve, "li", Some("power restored by the utility".into()), None, T0 + 6000).expect("resolve");
     let mut released: Vec<(Scope, String, String)> = b.take_released().into_iter().map(|r| (r.scope, r.device, r.rule)).collect();
     released.sort_by(|a, b| a.1.cmp(&b.1));
     assert_eq!(released.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["d2", "d3", "d4", "d5"]);
     assert!(released.iter().all(|r| r.0 == Scope::Device && r.2 == "device_offline"));
     // The next outage is a new incident.
     pushed_incidents(&mut b);
-    b.tick(T0 + 4000, false);
+    b.tick(T0 + 7000, false);
     for d in ["d6", "d7", "d8"] {
-        b.apply(offline(d), T0 + 5000);
+        b.apply(offline(d), T0 + 8000);
     }
     let p = pushed_incidents(&mut b);
     let new = p.iter().find(|i| i.scope == Scope::Site).expect("new storm");
@@ -731,4 +745,203 @@ fn an_adopted_incident_continues_with_its_id_and_next_revision() {
     let p = pushed(&mut b);
     assert_eq!(p.len(), 1);
     assert_ne!(p[0].0, id, "after close the condition is a new incident");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outage storms' membership changes, coalesced (`storm_update_every`).
+
+fn storm_book(every: u64) -> Book {
+    let pack = crate::rules::RuleSet::default_pack();
+    let cfg = IncidentsConfig { storm_update_every: crate::units::Duration(std::time::Duration::from_millis(every)), ..IncidentsConfig::default() };
+    Book::new(cfg, Vec::new(), Vec::new(), T0).with_situations(pack.situations().to_vec()).with_parents(pack.parents().to_vec()).with_groups(pack.groups().to_vec())
+}
+
+fn storm_pushes(b: &mut Book) -> Vec<Incident> {
+    pushed_incidents(b).into_iter().filter(|i| i.scope == Scope::Site).collect()
+}
+
+#[test]
+fn thousands_of_devices_of_one_site_make_one_revision_per_interval_and_nothing_is_lost() {
+    let mut b = storm_book(5000);
+    // 3000 devices going offline over 3 s, ticking every second as the manager does.
+    let mut pushes = Vec::new();
+    for i in 0..3000i64 {
+        let now = T0 + i;
+        b.apply(offline(&format!("d{i:04}")), now);
+        if i % 1000 == 999 {
+            b.tick(now, false);
+        }
+        pushes.extend(storm_pushes(&mut b));
+    }
+    // The opening is not held back: the third device opens it at once.
+    assert_eq!(pushes.len(), 1, "{:?}", pushes.iter().map(|i| i.revision).collect::<Vec<_>>());
+    assert_eq!((pushes[0].revision, pushes[0].devices.len(), pushes[0].state), (1, 3, IncidentState::Open));
+    let id = pushes[0].id.clone();
+    b.tick(T0 + 5001, false);
+    assert!(storm_pushes(&mut b).is_empty(), "opened at T0 + 2: not yet");
+    b.tick(T0 + 5002, false);
+    let p = storm_pushes(&mut b);
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].revision, p[0].devices.len(), p[0].value, p[0].count), (2, 3000, Some(3000.0), 3000));
+    let note = p[0].history.last().and_then(|h| h.note.clone()).unwrap_or_default();
+    assert_eq!(note, "+2997: d0003, d0004, d0005, d0006, d0007, d0008, d0009, d0010, d0011, d0012 and 2987 more; 3000 now");
+    assert!(p[0].summary.ends_with("and 2990 more"), "{}", p[0].summary);
+    assert_eq!(b.active_device_rules().len(), 3000);
+    // Half come back over a second: one revision when the interval is up.
+    for i in 0..1500i64 {
+        b.apply(back(&format!("d{i:04}")), T0 + 6000 + i / 2);
+    }
+    assert!(storm_pushes(&mut b).is_empty());
+    b.tick(T0 + 10_002, false);
+    let p = storm_pushes(&mut b);
+    assert_eq!((p.len(), p[0].revision, p[0].devices.len()), (1, 3, 1500));
+    assert_eq!(p[0].devices.first().map(String::as_str), Some("d1500"));
+    // The rest: the last one back clears it at once, carrying the final (empty) membership.
+    for i in 1500..3000i64 {
+        b.apply(back(&format!("d{i:04}")), T0 + 11_000);
+    }
+    let p = storm_pushes(&mut b);
+    assert_eq!(p.len(), 1, "the clear carries what was pending");
+    assert_eq!((p[0].id.as_str(), p[0].revision, p[0].state, p[0].devices.len()), (id.as_str(), 4, IncidentState::Cleared, 0));
+    assert!(b.active_device_rules().is_empty());
+    assert_eq!(b.stats.signals_without_incident, 0);
+}
+
+#[test]
+fn without_an_interval_every_device_is_a_revision_as_before() {
+    let mut b = storm_book(0);
+    for i in 0..10 {
+        b.apply(offline(&format!("d{i}")), T0 + i);
+    }
+    b.apply(back("d0"), T0 + 20);
+    let p = storm_pushes(&mut b);
+    assert_eq!(p.iter().map(|i| (i.revision, i.devices.len())).collect::<Vec<_>>(), [(1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 8), (7, 9), (8, 10), (9, 9)]);
+    assert_eq!(p[1].history.last().and_then(|h| h.note.as_deref()), Some("+1: d3; 4 now"));
+}
+
+#[test]
+fn a_device_gone_and_back_within_the_interval_is_counted_not_pushed() {
+    let mut b = storm_book(5000);
+    for d in ["d1", "d2", "d3"] {
+        b.apply(offline(d), T0);
+    }
+    storm_pushes(&mut b);
+    b.apply(offline("d4"), T0 + 1000);
+    b.apply(back("d4"), T0 + 2000);
+    b.tick(T0 + 6000, true);
+    let (commit, _) = b.take();
+    assert!(commit.outbox.is_empty(), "nothing a duty officer would see changed");
+    let stored = commit.incidents.iter().find(|i| i.scope == Scope::Site).expect("the count is persisted");
+    assert_eq!((stored.revision, stored.count, stored.devices.len()), (1, 4, 3));
+    // Back again and away again: the roster follows, the next change is pushed at once.
+    b.apply(offline("d4"), T0 + 7000);
+    let p = storm_pushes(&mut b);
+    assert_eq!((p.len(), p[0].revision, p[0].devices.clone()), (1, 2, vec!["d1".to_owned(), "d2".to_owned(), "d3".to_owned(), "d4".to_owned()]));
+}
+
+#[test]
+fn an_operator_acts_on_the_storm_as_it_is_now_and_stopping_pushes_what_is_pending() {
+    let mut b = storm_book(5000);
+    for d in ["d1", "d2", "d3"] {
+        b.apply(offline(d), T0);
+    }
+    let id = storm_pushes(&mut b)[0].id.clone();
+    b.apply(offline("d4"), T0 + 100);
+    b.apply(back("d1"), T0 + 200);
+    b.transition(&id, Action::Ack, "wang", None, None, T0 + 300).expect("ack");
+    let p = storm_pushes(&mut b);
+    assert_eq!(p.iter().map(|i| (i.revision, i.state, i.devices.len())).collect::<Vec<_>>(), [(2, IncidentState::Open, 3), (3, IncidentState::Acknowledged, 3)]);
+    assert_eq!(p[1].devices, ["d2", "d3", "d4"]);
+    // A resolve with changes pending releases exactly the devices offline now.
+    b.apply(offline("d5"), T0 + 400);
+    b.apply(back("d2"), T0 + 500);
+    b.transition(&id, Action::Resolve, "wang", None, None, T0 + 600).expect("resolve");
+    let mut released: Vec<String> = b.take_released().into_iter().map(|r| r.device).collect();
+    released.sort();
+    assert_eq!(released, ["d3", "d4", "d5"]);
+    storm_pushes(&mut b);
+    // The gateway stopping: pending changes are pushed whatever the interval.
+    let mut b = storm_book(60_000);
+    for d in ["e1", "e2", "e3", "e4"] {
+        b.apply(at_site("east", offline(d)), T0);
+    }
+    assert_eq!(storm_pushes(&mut b).iter().map(|i| i.devices.len()).collect::<Vec<_>>(), [3]);
+    b.flush_storms(T0 + 1);
+    let p = storm_pushes(&mut b);
+    assert_eq!((p.len(), p[0].revision, p[0].devices.len()), (1, 2, 4));
+    b.flush_storms(T0 + 2);
+    assert!(storm_pushes(&mut b).is_empty(), "nothing pending, nothing pushed");
+}
+
+#[test]
+fn a_restart_keeps_the_pushed_membership_and_the_interval() {
+    let mut b = storm_book(5000);
+    for d in ["d1", "d2", "d3"] {
+        b.apply(offline(d), T0);
+    }
+    let (commit, _) = b.take();
+    let mut stored: HashMap<String, Incident> = HashMap::new();
+    for i in &commit.incidents {
+        stored.insert(i.id.clone(), (**i).clone());
+    }
+    let stored: Vec<Incident> = stored.into_values().filter(|i| i.state != IncidentState::Closed).collect();
+    let pack = crate::rules::RuleSet::default_pack();
+    let cfg = IncidentsConfig { storm_update_every: crate::units::Duration::secs(5), ..IncidentsConfig::default() };
+    let mut b = Book::new(cfg, stored, Vec::new(), T0 + 1000).with_situations(pack.situations().to_vec()).with_parents(pack.parents().to_vec()).with_groups(pack.groups().to_vec());
+    b.apply(offline("d4"), T0 + 2000);
+    assert!(storm_pushes(&mut b).is_empty(), "the stored revision's time starts the interval");
+    let mut active: Vec<String> = b.active_device_rules().into_iter().map(|(d, _, _)| d).collect();
+    active.sort();
+    assert_eq!(active, ["d1", "d2", "d3", "d4"], "the rule engine resumes the storm as it is now");
+    b.tick(T0 + 5000, false);
+    assert_eq!(storm_pushes(&mut b).iter().map(|i| (i.revision, i.devices.len())).collect::<Vec<_>>(), [(2, 4)]);
+}
+
+/// The cost of an outage storm of `n` devices of one site going offline within `spread_ms` and
+/// coming back, as the manager drives the book (a commit taken after each signal, a tick each
+/// second): revisions pushed, JSON bytes pushed, the largest single push and the time taken.
+fn storm_cost(every_ms: u64, n: i64, spread_ms: i64) -> (usize, usize, usize, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut b = storm_book(every_ms);
+    let (mut revisions, mut bytes, mut largest) = (0, 0, 0);
+    let mut count = |b: &mut Book| {
+        for i in b.take().0.outbox.iter().filter(|i| i.scope == Scope::Site) {
+            let len = serde_json::to_vec(&**i).map(|v| v.len()).unwrap_or(0);
+            revisions += 1;
+            bytes += len;
+            largest = largest.max(len);
+        }
+    };
+    let mut next_tick = T0 + 1000;
+    for (phase, start) in [(0, T0), (1, T0 + 120_000)] {
+        for i in 0..n {
+            let now = start + i * spread_ms / n;
+            while now >= next_tick {
+                b.tick(next_tick, false);
+                count(&mut b);
+                next_tick += 1000;
+            }
+            let d = format!("dev-{i:06}");
+            b.apply(if phase == 0 { offline(&d) } else { back(&d) }, now);
+            count(&mut b);
+        }
+        for _ in 0..10 {
+            b.tick(next_tick, false);
+            count(&mut b);
+            next_tick += 1000;
+        }
+        next_tick = next_tick.max(start + 120_000);
+    }
+    (revisions, bytes, largest, started.elapsed())
+}
+
+/// Before/after figures for the README; run with
+/// `cargo test --release -p citywatch-gateway --lib storm_cost_figures -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test: prints figures"]
+fn storm_cost_figures() {
+    for (every, n) in [(0, 1000), (0, 2000), (0, 4000), (5000, 1000), (5000, 2000), (5000, 4000), (5000, 10_000), (5000, 27_000), (5000, 100_000)] {
+        let (revisions, bytes, largest, took) = storm_cost(every, n, 10_000);
+        println!("storm_update_every={every}ms devices={n}: {revisions} revisions, {:.1} MB JSON pushed, largest {:.1} kB, {:.2} s", bytes as f64 / 1e6, largest as f64 / 1e3, took.as_secs_f64());
+    }
 }
