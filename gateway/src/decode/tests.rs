@@ -202,7 +202,7 @@ async fn an_alarm_is_evaluated_while_bulk_telemetry_waits_for_a_full_store() {
     // Hold the store's writer thread inside an ack (acks run there after the commit), then fill
     // its one-write queue: from here on every send to the store waits.
     let (unblock, blocked) = std::sync::mpsc::channel::<()>();
-    writer.send(Write::Ack(Ack::new(move || drop(blocked.recv())))).await.expect("writer");
+    writer.send(Write::Ack(Ack::new(move || { let _ = blocked.recv(); }))).await.expect("writer");
     while writer.try_send(Write::Ack(Ack::new(|| {}))).is_ok() {}
 
     let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
@@ -243,6 +243,7 @@ async fn an_alarm_is_evaluated_while_bulk_telemetry_waits_for_a_full_store() {
     tokio::task::block_in_place(|| store.join()).expect("the writer stops");
     let stats = store.stats();
     assert_eq!((stats.readings_written, stats.events_written), (20, 1), "{stats:?}");
+}
 
 /// Cluster mode: a partition's new owner restores the devices the old owner registered from
 /// their last status in the ingest stream; their next event is accepted, not quarantined.
