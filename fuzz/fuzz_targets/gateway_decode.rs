@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             let device = DEVICES[usize::from(head >> 2 & 3)];
             (format!("citywatch/v1/{site}/{device}/{}", CHANNELS[usize::from(head & 3)]), payload)
         };
-        let message = Inbound { topic, payload: bytes::Bytes::copy_from_slice(payload), received_ms: now, ack: None };
+        let message = Inbound { topic, payload: bytes::Bytes::copy_from_slice(payload), received_ms: now, ack: None, restored: false };
         stage.handle(message, now, &mut batch);
         if batch.readings.len() > 10_000 {
             batch = Batch::default();
