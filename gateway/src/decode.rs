@@ -602,13 +602,5 @@ enum Accepted {
     Duplicate,
 }
 
-/// Sends a batch to the store: readings, then other writes, then the acks.
-pub async fn send_batch(store: &StoreWriter, batch: Batch) -> crate::store::Result<()> {
-    for w in batch.into_writes() {
-        store.send(w).await?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests;
