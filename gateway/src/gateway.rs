@@ -149,6 +149,9 @@ impl Gateway {
         prometheus.register_collector(Box::new(crate::ingest::QueueMetrics(Arc::clone(&source_queue))));
         // Cluster mode: owned partitions of the NATS ingest stream replace the MQTT source.
         let cluster = join_cluster(&config, &lanes.bulk, &stop_rx, &mut tasks).await?;
+        if let Some(joined) = &cluster {
+            prometheus.register_collector(Box::new(Arc::clone(&joined.partition_metrics)));
+        }
         let sources = match &cluster {
             Some(joined) => {
                 // The partition consumers hold their own senders; the lanes close with them.
@@ -296,6 +299,7 @@ struct Sources {
 struct Joined {
     cluster: crate::cluster::Cluster,
     leases: Arc<crate::cluster::LeaseTable>,
+    partition_metrics: Arc<crate::cluster::partition_metrics::PartitionMetrics>,
     adopt: watch::Sender<Option<crate::cluster::adopt::AdoptFn>>,
 }
 
@@ -305,10 +309,10 @@ async fn join_cluster(config: &Config, inbound: &mpsc::Sender<Inbound>, stop_rx:
     let Some(cluster_config) = &config.cluster else { return Ok(None) };
     let cluster = crate::cluster::Cluster::connect(cluster_config).await?;
     let (adopt, adopt_rx) = watch::channel(None);
-    let (leases, task) = cluster.join(inbound.clone(), adopt_rx, stop_rx.clone()).await?;
-    tasks.push(("cluster", task));
+    let started = cluster.join(inbound.clone(), adopt_rx, stop_rx.clone()).await?;
+    tasks.push(("cluster", started.task));
     tracing::info!(node = %cluster_config.node, nats = ?cluster_config.nats, "joined the cluster");
-    Ok(Some(Joined { cluster, leases, adopt }))
+    Ok(Some(Joined { cluster, leases: started.leases, partition_metrics: started.metrics, adopt }))
 }
 
 /// Cluster mode: answers the API requests other gateways forward for the partitions this one
@@ -450,14 +454,15 @@ fn start_notify(
     if let Some(joined) = cluster {
         let c = &joined.cluster;
         let ack_wait = crate::cluster::delivery::ack_wait(c.config.lease_ttl.0);
+        let limit = crate::cluster::calls::worker_call_timeout(c.config.lease_ttl.0);
         for sink in std::mem::take(&mut sinks) {
             let state = crate::notify::ChannelState::new(Arc::clone(&sink.0));
             log_states.push(Arc::clone(&state));
-            let channel = crate::cluster::delivery::LogChannel { js: c.js.clone(), sink, state, retry: config.notify.retry.clone(), ack_wait };
+            let channel = crate::cluster::delivery::LogChannel { js: c.js.clone(), sink, state, retry: config.notify.retry.clone(), ack_wait, limit };
             tasks.push(("cluster push channel", tokio::spawn(channel.run(stop_rx.clone()))));
         }
         let fence = crate::cluster::sinks::Fence { leases: Arc::clone(&joined.leases), partitions: c.config.partitions };
-        sinks.push(crate::cluster::sinks::log_sink(c.js.clone(), fence));
+        sinks.push(crate::cluster::sinks::log_sink(c.js.clone(), fence, limit));
     }
     if let Some(tap) = influx {
         sinks.push((Arc::from(crate::notify::influx::CHANNEL), Arc::new(crate::notify::influx::InfluxIncidentSink::new(tap.clone()))));

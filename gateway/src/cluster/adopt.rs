@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::{self, message::StreamMessage, stream::DirectGetErrorKind, stream::LastRawMessageErrorKind};
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt as _;
 
+use super::calls::{retried, READ_ATTEMPTS};
 use super::{nats_config, INCIDENT_PREFIX, INCIDENT_STREAM};
 use crate::model::{Incident, IncidentState};
 
@@ -24,14 +25,27 @@ use crate::model::{Incident, IncidentState};
 /// the manager runs (the partitions' consumers wait for it).
 pub type AdoptFn = Arc<dyn Fn(Vec<Incident>) -> BoxFuture<'static, Result<usize, String>> + Send + Sync>;
 
-/// Longest a partition's read of the log or of its devices' statuses may take before it is
-/// tried again.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many gets of one read run at once.
+const CONCURRENT_GETS: usize = 32;
 
-/// The newest log entry of every incident of `partition` that is not closed.
-pub async fn unclosed(js: &jetstream::Context, partition: u16) -> Result<Vec<Incident>, String> {
+/// Who answers a get of a subject's last message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFrom {
+    /// The stream's leader (`STREAM.MSG.GET`): it has every acknowledged write, so the incident
+    /// log's last entry is the one the previous owner appended last — an older revision
+    /// adopted would make the next one repeat a revision number.
+    Leader,
+    /// Any replica (a direct get, `allow_direct`): spreads the load; a replica may be a few
+    /// writes behind the leader, which for a device's last status is harmless (its next status
+    /// comes through the partition's consumer anyway).
+    AnyReplica,
+}
+
+/// The newest log entry of every incident of `partition` that is not closed; every call bounded
+/// by `limit` (see [`last_per_subject`]).
+pub async fn unclosed(js: &jetstream::Context, partition: u16, limit: Duration) -> Result<Vec<Incident>, String> {
     let stream = js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| format!("incident log: {e}"))?;
-    let entries = last_per_subject(&stream, format!("{INCIDENT_PREFIX}.{partition}.>")).await.map_err(|e| format!("reading partition {partition}'s incidents: {e}"))?;
+    let entries = last_per_subject(&stream, format!("{INCIDENT_PREFIX}.{partition}.>"), ReadFrom::Leader, limit).await.map_err(|e| format!("reading partition {partition}'s incidents: {e}"))?;
     let mut out = Vec::new();
     for message in entries {
         match serde_json::from_slice::<Incident>(&message.payload) {
@@ -46,42 +60,68 @@ pub async fn unclosed(js: &jetstream::Context, partition: u16) -> Result<Vec<Inc
 /// The last status message of every device of `partition` still in the ingest stream (its
 /// retention is the horizon: a device whose last status is older is not found), as
 /// (device topic, payload, ms since the epoch the stream stored it).
-pub async fn last_statuses(ingest: &jetstream::stream::Stream, partition: u16) -> Result<Vec<(String, bytes::Bytes, i64)>, String> {
+pub async fn last_statuses(ingest: &jetstream::stream::Stream, partition: u16, limit: Duration) -> Result<Vec<(String, bytes::Bytes, i64)>, String> {
     let filter = format!("{}.{partition}.*.*.status", nats_config::PARTITION_PREFIX);
-    let messages = last_per_subject(ingest, filter).await.map_err(|e| format!("reading partition {partition}'s device statuses: {e}"))?;
+    let messages = last_per_subject(ingest, filter, ReadFrom::AnyReplica, limit).await.map_err(|e| format!("reading partition {partition}'s device statuses: {e}"))?;
     Ok(messages
         .into_iter()
         .filter_map(|m| {
             let (_, topic) = super::topic_of_subject(m.subject.as_str())?;
-            let stored_ms = m.info().map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64).ok()?;
-            Some((topic, m.payload.clone(), stored_ms))
+            let stored_ms = (m.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            Some((topic, m.payload, stored_ms))
         })
         .collect())
 }
 
-/// The last message of every subject matching `filter`: an ordered consumer delivering the
-/// last message per subject, read until it has nothing pending, within [`READ_TIMEOUT`].
-async fn last_per_subject<I>(stream: &jetstream::stream::Stream<I>, filter: String) -> Result<Vec<jetstream::Message>, String> {
-    let read = async {
-        let mut consumer = stream
-            .create_consumer(pull::OrderedConfig { filter_subject: filter, deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject, ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
-        let pending = consumer.info().await.map_err(|e| e.to_string())?.num_pending;
-        let mut out = Vec::new();
-        if pending == 0 {
-            return Ok(out);
+/// The last message of every subject matching `filter`, without a consumer: the stream's
+/// subjects matching it (stream info, answered by the stream's leader), then each subject's
+/// last message ([`ReadFrom`]). Each call is bounded by `limit` and tried [`READ_ATTEMPTS`]
+/// times; none goes through the JetStream meta leader.
+///
+/// An ordered consumer (`LastPerSubject`) did the same in one go, but its creation goes
+/// through the meta leader: right after a NATS node died it did not answer for 10–60 s, and
+/// every partition's takeover waited behind it.
+async fn last_per_subject<I>(stream: &jetstream::stream::Stream<I>, filter: String, from: ReadFrom, limit: Duration) -> Result<Vec<StreamMessage>, String> {
+    let subjects = retried(limit, READ_ATTEMPTS, || async {
+        let mut listing = stream.info_with_subjects(&filter).await.map_err(|e| e.to_string())?;
+        let mut subjects = Vec::new();
+        while let Some(entry) = listing.next().await {
+            let (subject, _count) = entry.map_err(|e| e.to_string())?;
+            subjects.push(subject);
         }
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let last = message.info().map(|i| i.pending).unwrap_or(0) == 0;
-            out.push(message);
-            if last {
-                return Ok(out);
-            }
+        Ok::<_, String>(subjects)
+    })
+    .await
+    .map_err(|e| format!("listing the subjects {filter}: {e}"))?;
+    let lasts: Vec<Result<Option<StreamMessage>, String>> =
+        futures_util::stream::iter(subjects).map(|subject| last_of(stream, subject, from, limit)).buffer_unordered(CONCURRENT_GETS).collect().await;
+    let mut out = Vec::with_capacity(lasts.len());
+    for last in lasts {
+        out.extend(last?);
+    }
+    Ok(out)
+}
+
+/// The last message of one subject; `None` when it is gone (aged out since it was listed).
+async fn last_of<I>(stream: &jetstream::stream::Stream<I>, subject: String, from: ReadFrom, limit: Duration) -> Result<Option<StreamMessage>, String> {
+    let from_leader = || async {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
-        Err("the consumer ended early".to_owned())
     };
-    tokio::time::timeout(READ_TIMEOUT, read).await.map_err(|_| format!("took over {READ_TIMEOUT:?}"))?
+    retried(limit, READ_ATTEMPTS, || async {
+        if from == ReadFrom::Leader {
+            return from_leader().await;
+        }
+        match stream.direct_get_last_for_subject(subject.clone()).await {
+            Ok(m) => Ok(Some(m)),
+            // A replica that has not stored the subject yet, or it aged out: ask the leader.
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => from_leader().await,
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .map_err(|e| format!("last message of {subject}: {e}"))
 }

@@ -62,7 +62,7 @@ impl CityIncidents {
     }
 
     async fn follow(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
+        let mut waits = super::calls::waits();
         loop {
             let error = tokio::select! {
                 r = self.follow_once() => r,
@@ -70,10 +70,9 @@ impl CityIncidents {
             };
             tracing::warn!(error = %error, "cluster: following the incident log failed; retrying");
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

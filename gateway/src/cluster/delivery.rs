@@ -18,6 +18,7 @@ use backon::BackoffBuilder as _;
 use futures_util::StreamExt as _;
 use tokio::sync::watch;
 
+use super::calls::bounded;
 use super::{INCIDENT_PREFIX, INCIDENT_STREAM};
 use crate::model::{Incident, OutboxItem};
 use crate::notify::{drop_reason, ChannelState, DeliveryError, NamedSink, RetryConfig};
@@ -46,6 +47,8 @@ pub struct LogChannel {
     pub state: Arc<ChannelState>,
     pub retry: RetryConfig,
     pub ack_wait: Duration,
+    /// The longest one JetStream call may wait ([`super::calls::worker_call_timeout`]).
+    pub limit: Duration,
 }
 
 impl std::fmt::Debug for LogChannel {
@@ -61,9 +64,11 @@ impl LogChannel {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let channel = Arc::clone(&self.sink.0);
         let mut waits = backoff(&self.retry);
+        // The channel's consumer once looked up, kept across pulls (see `consume`).
+        let mut consumer = None;
         loop {
             let result = tokio::select! {
-                r = self.consume() => r,
+                r = self.consume(&mut consumer) => r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             if let Err(e) = result {
@@ -78,12 +83,12 @@ impl LogChannel {
         }
     }
 
-    async fn consume(&self) -> Result<(), String> {
-        let (channel, sink) = (&self.sink.0, &self.sink.1);
+    /// The channel's durable consumer, looked up (created if missing) within `limit`.
+    async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, String> {
+        let channel = &self.sink.0;
         let stream = self.js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| format!("incident log: {e}"))?;
         let name = consumer_name(channel);
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
+        let lookup = stream.get_or_create_consumer(
                 &name,
                 pull::Config {
                     durable_name: Some(name.clone()),
@@ -97,13 +102,24 @@ impl LogChannel {
                     max_ack_pending: 1,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|e| format!("consumer {name}: {e}"))?;
+            );
+        bounded(self.limit, lookup).await.map_err(|e| format!("consumer {name}: {e}"))
+    }
+
+    /// Pulls and delivers until the pull fails. The consumer is looked up once and kept in
+    /// `cached`: after a missed heartbeat (its leader died with a NATS node) the next pull goes
+    /// to the new leader without another lookup; any other failure forgets it.
+    async fn consume(&self, cached: &mut Option<jetstream::consumer::PullConsumer>) -> Result<(), String> {
+        let sink = &self.sink.1;
+        let consumer = match cached {
+            Some(c) => c.clone(),
+            None => cached.insert(self.consumer().await?).clone(),
+        };
+        let name = consumer_name(&self.sink.0);
         // Short pulls with heartbeats, as the partition consumers: a consumer leader lost with a
         // NATS node is noticed within two heartbeats, not after a 30 s pull.
         let pulls = consumer.stream().max_messages_per_batch(1).expires(super::ownership::PULL_EXPIRES).heartbeat(super::ownership::PULL_HEARTBEAT);
-        let mut messages = pulls.messages().await.map_err(|e| format!("consumer {name}: {e}"))?;
+        let mut messages = bounded(self.limit, pulls.messages()).await.map_err(|e| format!("consumer {name}: {e}"))?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -115,7 +131,14 @@ impl LogChannel {
                 }
             };
             let Some(message) = message else { return Err("message stream ended".into()) };
-            let message = message.map_err(|e| e.to_string())?;
+            let message = match message {
+                Ok(m) => m,
+                Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => return Err(format!("consumer {name}: {e}")),
+                Err(e) => {
+                    *cached = None;
+                    return Err(format!("consumer {name}: {e}"));
+                }
+            };
             self.deliver(message).await;
         }
     }
@@ -156,7 +179,7 @@ impl LogChannel {
             Ok(()) => {
                 // Waits for JetStream's confirmation; if it is lost the change comes again and
                 // the receiver drops the repeat by its Idempotency-Key.
-                if let Err(e) = message.double_ack().await {
+                if let Err(e) = bounded(self.limit, message.double_ack()).await {
                     tracing::debug!(%channel, seq, error = %e, "cluster: acknowledging a delivered change failed; it will be sent again");
                 }
                 self.state.record_delivered(now);

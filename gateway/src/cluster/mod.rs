@@ -12,12 +12,14 @@
 //! the partitions deliver.
 
 pub mod adopt;
+pub mod calls;
 pub mod city;
 pub mod config;
 pub mod delivery;
 pub mod forward;
 pub mod nats_config;
 pub mod ownership;
+pub mod partition_metrics;
 pub mod rendezvous;
 pub mod sinks;
 pub mod status;
@@ -122,11 +124,21 @@ impl Cluster {
                     num_replicas: c.replicas,
                     max_age: c.ingest_retention.0,
                     duplicate_window: std::time::Duration::from_secs(120),
+                    // A partition's new owner reads its devices' last statuses by direct
+                    // gets, answered by any replica ([`adopt`]).
+                    allow_direct: true,
                     ..Default::default()
                 })
                 .await;
             match attempt {
-                Ok(_) => break,
+                Ok(stream) => {
+                    // Created by an earlier version without direct gets: turn them on.
+                    if !stream.cached_info().config.allow_direct {
+                        let config = jetstream::stream::Config { allow_direct: true, ..stream.cached_info().config.clone() };
+                        self.js.update_stream(&config).await.map_err(|e| js_err("allowing direct gets on the ingest stream")(&e))?;
+                    }
+                    break;
+                }
                 Err(e) if jetstream_ready.elapsed() < std::time::Duration::from_secs(60) => {
                     tracing::info!(error = %e, "waiting for JetStream to accept the ingest stream");
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -185,14 +197,15 @@ impl Cluster {
     }
 
     /// Starts membership and partition ownership; owned partitions' messages go to `inbound`.
-    /// The returned table answers "do I hold partition p right now" for fencing.
+    /// The returned table answers "do I hold partition p right now" for fencing; the
+    /// per-partition figures go on `/metrics`.
     /// A gained partition's unclosed incidents go to `adopt` (once set) before its messages.
     pub async fn join(
         &self,
         inbound: mpsc::Sender<Inbound>,
         adopt: watch::Receiver<Option<adopt::AdoptFn>>,
         stop: watch::Receiver<bool>,
-    ) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
+    ) -> Result<ownership::Started> {
         ownership::start(self.clone(), inbound, adopt, stop).await
     }
 

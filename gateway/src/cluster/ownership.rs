@@ -11,7 +11,7 @@
 //!
 //! Losing a NATS node: the client moves to another listed node by itself; what this loop adds
 //! is that no call waits longer than [`call_timeout`] (a quarter TTL), the calls of one step
-//! run together, a listing that fails keeps the last member list, and the members are listed
+//! run together ([`bounded_each`]), a listing that fails keeps the last member list, and the members are listed
 //! without creating a consumer. While a bucket's stream elects a new leader (RAFT, seconds)
 //! renewals go unanswered; a lease that runs out meanwhile stops its partition, and its holder
 //! takes it back at the first answer, since the key still carries its name.
@@ -22,6 +22,10 @@
 //! a message on and before every command or push, so after a pause longer than the TTL (SIGSTOP,
 //! a partition from NATS) it sends nothing for the partition before it has renewed — and renewing
 //! fails once another gateway took it.
+//!
+//! A partition's worker takes it over (adopts its incidents, restores its devices, then
+//! consumes it) with every JetStream call bounded by [`worker_call_timeout`] and each step
+//! retried while the lease is held, so no step can stall a takeover behind a leader that died.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -32,6 +36,8 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
 use super::adopt::AdoptFn;
+use super::calls::{bounded, bounded_each, call_timeout, waits, worker_call_timeout};
+use super::partition_metrics::{LeaseLoss, PartitionMetrics};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound};
 
@@ -73,6 +79,12 @@ impl LeaseTable {
         v.sort_unstable();
         v
     }
+
+    /// A lease held from now on for one TTL of a minute (unit tests of what reads the table).
+    #[cfg(test)]
+    pub fn hold_for_test(&self, partition: u16, revision: u64) {
+        self.lock().insert(partition, Held { revision, valid_until: Instant::now() + Duration::from_secs(60) });
+    }
 }
 
 /// What a member writes about itself.
@@ -86,25 +98,6 @@ pub struct Member {
 
 pub fn lease_key(partition: u16) -> String {
     format!("p-{partition}")
-}
-
-/// The longest one JetStream call of the ownership loop may wait: a quarter of the lease TTL
-/// (at least 250 ms). The client's own request timeout (15 s, for stream creation) is many
-/// TTLs; left at that, one call to a stream whose leader had died held the whole round up and
-/// every lease expired behind it. With every call bounded, a round (renewals, announcement and
-/// listing together; then releases and lease reads together; then takes together) ends within
-/// three quarters of a TTL, so a lease renewed at its start is renewed again before it runs out.
-pub fn call_timeout(ttl: Duration) -> Duration {
-    (ttl / 4).max(Duration::from_millis(250))
-}
-
-/// `call` within `limit`; its error, or the timeout, as text.
-pub async fn bounded<T, E: std::fmt::Display>(limit: Duration, call: impl std::future::Future<Output = std::result::Result<T, E>>) -> Result<T, String> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {limit:?}")),
-    }
 }
 
 /// The live members, sorted: the keys of the members bucket whose last entry is an
@@ -129,7 +122,7 @@ pub async fn live_members(members: &kv::Store, limit: Duration) -> Result<Vec<St
         Ok::<_, String>(keys)
     };
     let keys = bounded(limit, listing).await?;
-    let entries = futures_util::future::join_all(keys.iter().map(|k| bounded(limit, members.entry(k.clone())))).await;
+    let entries = bounded_each(limit, keys.iter().cloned(), |k| members.entry(k)).await;
     let mut live = Vec::new();
     for (key, entry) in keys.into_iter().zip(entries) {
         match entry? {
@@ -159,6 +152,20 @@ struct Owner {
     live: Vec<String>,
     /// When a failed listing was last logged (one warning per TTL, not per round).
     listing_warned: Option<Instant>,
+    metrics: Arc<PartitionMetrics>,
+    /// Each partition's durable consumer once looked up, kept for its later workers: a pull
+    /// goes to the consumer's leader wherever it is, while a lookup is one more call that has
+    /// to get through right after a NATS node died.
+    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+}
+
+/// What [`start`] hands back: the lease table (fencing), the per-partition figures for
+/// `/metrics`, and the lease loop's task.
+#[derive(Debug)]
+pub struct Started {
+    pub leases: Arc<LeaseTable>,
+    pub metrics: Arc<PartitionMetrics>,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 pub(super) async fn start(
@@ -166,11 +173,12 @@ pub(super) async fn start(
     inbound: mpsc::Sender<Inbound>,
     adopt: watch::Receiver<Option<AdoptFn>>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(Arc<LeaseTable>, tokio::task::JoinHandle<()>)> {
+) -> Result<Started> {
     let members = cluster.members().await?;
     let leases = cluster.leases().await?;
     let ingest = cluster.js.get_stream(INGEST_STREAM).await.map_err(|e| super::js_err("opening the ingest stream")(&e))?;
     let table = Arc::new(LeaseTable::default());
+    let metrics = Arc::new(PartitionMetrics::new(cluster.config.partitions, Arc::clone(&table)));
     let ttl = cluster.config.lease_ttl.0;
     let mut owner = Owner {
         cluster,
@@ -185,6 +193,8 @@ pub(super) async fn start(
         observed: HashMap::new(),
         live: Vec::new(),
         listing_warned: None,
+        metrics: Arc::clone(&metrics),
+        consumers: Arc::default(),
     };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
@@ -197,7 +207,7 @@ pub(super) async fn start(
         }
         owner.leave().await;
     });
-    Ok((table, task))
+    Ok(Started { leases: table, metrics, task })
 }
 
 /// What a renewal came to.
@@ -233,16 +243,16 @@ impl Owner {
         );
         for (&(p, h), renewal) in held.iter().zip(renewals) {
             match renewal {
-                Renewal::Renewed => {}
+                Renewal::Renewed => self.metrics.renewed(p),
                 Renewal::Late => {
                     // Another gateway may already have taken it. Stop acting; take it again
                     // below if the key still carries our name (then nobody took it).
                     tracing::warn!(partition = p, "cluster: lease ran out before its renewal (paused, or NATS did not answer); stopped acting on it");
-                    self.lost(p);
+                    self.lost(p, LeaseLoss::Expired);
                 }
                 Renewal::Refused(e) => {
                     tracing::warn!(partition = p, error = %e, "cluster: lease renewal refused; stopped acting on the partition");
-                    self.lost(p);
+                    self.lost(p, LeaseLoss::Refused);
                 }
                 Renewal::Unanswered(e) => {
                     tracing::warn!(partition = p, error = %e, valid_for_ms = h.valid_until.saturating_duration_since(Instant::now()).as_millis() as u64, "cluster: lease renewal unanswered; retrying next round");
@@ -281,7 +291,7 @@ impl Owner {
         }
         for &(p, _) in &release {
             // Stop acting first, then free the key so the new owner need not wait a TTL.
-            self.lost(p);
+            self.lost(p, LeaseLoss::HandedOver);
             tracing::info!(partition = p, "cluster: handing the partition over");
         }
         // A partition held whose consumer ended (it saw the lease invalid for a moment): start
@@ -291,14 +301,15 @@ impl Owner {
             self.spawn_worker(p);
         }
         let leases = &self.leases;
-        let (_, entries) = tokio::join!(
-            futures_util::future::join_all(release.iter().map(|&(p, h)| async move {
-                if let Err(e) = bounded(limit, leases.delete_expect_revision(lease_key(p), Some(h.revision))).await {
-                    tracing::debug!(partition = p, error = %e, "cluster: releasing the lease failed; it expires instead");
-                }
-            })),
-            futures_util::future::join_all(take.iter().map(|&p| bounded(limit, leases.entry(lease_key(p))))),
+        let (released, entries) = tokio::join!(
+            bounded_each(limit, release.iter().copied(), |(p, h)| leases.delete_expect_revision(lease_key(p), Some(h.revision))),
+            bounded_each(limit, take.iter().copied(), |p| leases.entry(lease_key(p))),
         );
+        for (&(p, _), result) in release.iter().zip(released) {
+            if let Err(e) = result {
+                tracing::debug!(partition = p, error = %e, "cluster: releasing the lease failed; it expires instead");
+            }
+        }
         let mut attempts = Vec::new();
         for (&p, entry) in take.iter().zip(entries) {
             match entry {
@@ -315,6 +326,7 @@ impl Owner {
             match won {
                 Ok(revision) => {
                     self.observed.remove(&p);
+                    self.metrics.acquired(p);
                     tracing::info!(partition = p, token = revision, "cluster: partition acquired");
                     self.spawn_worker(p);
                 }
@@ -377,8 +389,10 @@ impl Owner {
         Ok(revision)
     }
 
-    fn lost(&mut self, p: u16) {
-        self.table.lock().remove(&p);
+    fn lost(&mut self, p: u16, why: LeaseLoss) {
+        if self.table.lock().remove(&p).is_some() {
+            self.metrics.lost(p, why);
+        }
         if let Some(w) = self.workers.remove(&p) {
             w.abort();
         }
@@ -393,6 +407,9 @@ impl Owner {
             inbound: self.inbound.clone(),
             adopt: self.adopt.clone(),
             ack_wait: self.ttl,
+            limit: worker_call_timeout(self.ttl),
+            metrics: Arc::clone(&self.metrics),
+            consumers: Arc::clone(&self.consumers),
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -404,9 +421,10 @@ impl Owner {
         let limit = call_timeout(self.ttl);
         let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
         for &(p, _) in &held {
-            self.lost(p);
+            self.lost(p, LeaseLoss::HandedOver);
         }
-        futures_util::future::join_all(held.iter().map(|&(p, h)| bounded(limit, self.leases.delete_expect_revision(lease_key(p), Some(h.revision))))).await;
+        let leases = &self.leases;
+        bounded_each(limit, held.iter().copied(), |(p, h)| leases.delete_expect_revision(lease_key(p), Some(h.revision))).await;
         let _ = bounded(limit, self.members.purge(self.node())).await;
     }
 }
@@ -428,45 +446,60 @@ struct Worker {
     inbound: mpsc::Sender<Inbound>,
     adopt: watch::Receiver<Option<AdoptFn>>,
     ack_wait: Duration,
+    /// The longest one JetStream call may wait ([`worker_call_timeout`]).
+    limit: Duration,
+    metrics: Arc<PartitionMetrics>,
+    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+}
+
+/// The steps of a worker, in order; each is retried until it succeeds or the lease is gone.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Not one message before the partition's incidents are in the book: a continuing
+    /// condition must find its incident, not open a second one.
+    AdoptIncidents,
+    /// Then the devices the previous owner registered, before their next message.
+    RestoreDevices,
+    /// Then the partition's messages, until the lease is gone.
+    Consume,
+}
+
+impl Step {
+    fn failed(self) -> &'static str {
+        match self {
+            Step::AdoptIncidents => "adopting the partition's incidents",
+            Step::RestoreDevices => "reading the partition's device statuses",
+            Step::Consume => "consuming the partition",
+        }
+    }
 }
 
 impl Worker {
     async fn run(mut self) {
         let p = self.partition;
-        let mut backoff = Duration::from_millis(200);
-        // Not one message before the partition's incidents are in the book: a continuing
-        // condition must find its incident, not open a second one.
-        while self.table.holds(p) {
-            match self.adopt_incidents().await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cluster: adopting the partition's incidents failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        let started = Instant::now();
+        for step in [Step::AdoptIncidents, Step::RestoreDevices, Step::Consume] {
+            let mut waits = waits();
+            loop {
+                if !self.table.holds(p) {
+                    return;
+                }
+                let result = match step {
+                    Step::AdoptIncidents => self.adopt_incidents().await,
+                    Step::RestoreDevices => self.restore_devices().await,
+                    Step::Consume => self.consume().await,
+                };
+                match result {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "cluster: {} failed; retrying", step.failed());
+                        tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))).await;
+                    }
                 }
             }
-        }
-        // Then the devices the previous owner registered, before their next message.
-        backoff = Duration::from_millis(200);
-        while self.table.holds(p) {
-            match self.restore_devices().await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cluster: reading the partition's device statuses failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        backoff = Duration::from_millis(200);
-        while self.table.holds(p) {
-            match self.consume().await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cluster: partition consumer failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+            if matches!(step, Step::RestoreDevices) {
+                self.metrics.took_over(p, started.elapsed());
+                tracing::info!(partition = p, took_ms = started.elapsed().as_millis() as u64, "cluster: partition taken over; consuming it");
             }
         }
     }
@@ -475,7 +508,7 @@ impl Worker {
         let p = self.partition;
         let adopt = self.adopt.wait_for(Option::is_some).await.map_err(|_| "the gateway is stopping".to_owned())?.clone();
         let Some(adopt) = adopt else { return Err("no incident manager".into()) };
-        let incidents = super::adopt::unclosed(&self.js, p).await?;
+        let incidents = super::adopt::unclosed(&self.js, p, self.limit).await?;
         if incidents.is_empty() {
             return Ok(());
         }
@@ -487,8 +520,8 @@ impl Worker {
 
     /// Every device's last status of the partition, into the pipeline as restored (see
     /// [`Inbound::restored`]) ahead of the partition's messages (one channel, in order).
-    async fn restore_devices(&self) -> Result<(), String> {
-        let statuses = super::adopt::last_statuses(&self.ingest, self.partition).await?;
+    async fn restore_devices(&mut self) -> Result<(), String> {
+        let statuses = super::adopt::last_statuses(&self.ingest, self.partition, self.limit).await?;
         let found = statuses.len();
         for (topic, payload, stored_ms) in statuses {
             if !self.table.holds(self.partition) {
@@ -504,34 +537,49 @@ impl Worker {
         Ok(())
     }
 
-    async fn consume(&self) -> Result<(), String> {
+    /// The partition's durable consumer: the one looked up before, or looked up (created if
+    /// missing) within [`Worker::limit`].
+    async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, String> {
         let p = self.partition;
+        if let Some(c) = self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&p) {
+            return Ok(c.clone());
+        }
         let name = format!("part-{p}");
-        let consumer: jetstream::consumer::Consumer<pull::Config> = self
-            .ingest
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    // Unacknowledged messages of a dead owner come back after this: the lease
-                    // TTL, so failover replays them within TTL + replay.
-                    ack_wait: self.ack_wait,
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            // Unacknowledged messages of a dead owner come back after this: the lease TTL, so
+            // failover replays them within TTL + replay.
+            ack_wait: self.ack_wait,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        };
+        let consumer: jetstream::consumer::PullConsumer = bounded(self.limit, self.ingest.get_or_create_consumer(&name, config)).await.map_err(|e| format!("consumer {name}: {e}"))?;
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(p, consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn consume(&mut self) -> Result<(), String> {
+        let p = self.partition;
+        let consumer = self.consumer().await?;
         // Short pulls with heartbeats: when the consumer's leader dies with a NATS node, the
         // pull it held is gone with it; a missed heartbeat ends this stream within
         // 2 × PULL_HEARTBEAT and the worker pulls again from the new leader (the client's
         // defaults, 30 s pulls and 15 s heartbeats, left a partition idle for half a minute).
-        let mut messages = consumer.stream().expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages().await.map_err(|e| e.to_string())?;
+        let mut messages = bounded(self.limit, consumer.stream().expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages()).await?;
         let runtime = tokio::runtime::Handle::current();
         while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
+            let message = match message {
+                Ok(m) => m,
+                // The leader went quiet: pull again from the same consumer.
+                Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => return Err(e.to_string()),
+                // Deleted, or no responder: look it up (or create it) again next time.
+                Err(e) => {
+                    self.consumers.lock().unwrap_or_else(PoisonError::into_inner).remove(&p);
+                    return Err(e.to_string());
+                }
+            };
             // Fencing: not one message more once the lease is gone (the next owner gets it
             // again after ack_wait, since we never acknowledge it).
             if !self.table.holds(p) {
@@ -542,7 +590,10 @@ impl Worker {
                 let _ = message.ack().await;
                 continue;
             };
-            let received_ms = message.info().map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64).unwrap_or_else(|_| crate::ingest::now_ms());
+            let (received_ms, pending) = match message.info() {
+                Ok(i) => ((i.published.unix_timestamp_nanos() / 1_000_000) as i64, i.pending),
+                Err(_) => (crate::ingest::now_ms(), 0),
+            };
             let payload = message.payload.clone();
             let rt = runtime.clone();
             let ack = Ack::new(move || {
@@ -555,6 +606,7 @@ impl Worker {
             if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), restored: false }).await.is_err() {
                 return Ok(());
             }
+            self.metrics.taken_in(p, pending);
         }
         Err("message stream ended".into())
     }

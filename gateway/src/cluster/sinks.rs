@@ -27,6 +27,8 @@ pub const REVISION_HEADER: &str = "Citywatch-Revision";
 pub struct IncidentLog {
     js: jetstream::Context,
     fence: Fence,
+    /// The longest one JetStream call of an append may wait; the outbox retries after it.
+    limit: std::time::Duration,
 }
 
 impl std::fmt::Debug for IncidentLog {
@@ -49,8 +51,8 @@ impl Fence {
 }
 
 impl IncidentLog {
-    pub fn new(js: jetstream::Context, fence: Fence) -> IncidentLog {
-        IncidentLog { js, fence }
+    pub fn new(js: jetstream::Context, fence: Fence, limit: std::time::Duration) -> IncidentLog {
+        IncidentLog { js, fence, limit }
     }
 
     async fn append(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
@@ -59,7 +61,7 @@ impl IncidentLog {
         let transient = |what: &str, e: &dyn std::fmt::Display| DeliveryError::Transient(format!("incident log, {what}: {e}"));
         let stream = self.js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| transient("stream", &e))?;
         // The last entry of this incident: already there (a repeat) → done; else expect it.
-        let last = match stream.direct_get_last_for_subject(&subject).await {
+        let last = match tokio::time::timeout(self.limit, stream.direct_get_last_for_subject(&subject)).await.map_err(|_| transient("reading the last entry", &"no answer in time"))? {
             Ok(m) => {
                 let revision = m.headers.get(REVISION_HEADER).and_then(|v| v.as_str().parse::<u32>().ok()).unwrap_or(0);
                 Some((m.sequence, revision))
@@ -76,12 +78,13 @@ impl IncidentLog {
         headers.insert("Nats-Msg-Id", item.idempotency_key().as_str());
         headers.insert("Nats-Expected-Last-Subject-Sequence", last.map(|(s, _)| s).unwrap_or(0).to_string().as_str());
         headers.insert(REVISION_HEADER, incident.revision.to_string().as_str());
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, item.body.as_bytes().to_vec().into())
-            .await
-            .map_err(|e| transient("publish", &e))?;
-        ack.await.map_err(|e| transient("acknowledgement", &e))?;
+        // Bounded: a change whose acknowledgement does not come (the log's leader died) is tried
+        // again; if it was stored, the retry finds it as the last entry and stops there.
+        let published = async {
+            let ack = self.js.publish_with_headers(subject, headers, item.body.as_bytes().to_vec().into()).await.map_err(|e| transient("publish", &e))?;
+            ack.await.map_err(|e| transient("acknowledgement", &e))
+        };
+        tokio::time::timeout(self.limit, published).await.map_err(|_| transient("acknowledgement", &"no answer in time"))??;
         Ok(())
     }
 }
@@ -100,8 +103,9 @@ impl Sink for IncidentLog {
 
 /// The incident log as the outbox's only cluster channel: every configured push channel then
 /// delivers from the log ([`super::delivery`]), not from this gateway's outbox.
-pub fn log_sink(js: jetstream::Context, fence: Fence) -> NamedSink {
-    (Arc::from(LOG_CHANNEL), Arc::new(IncidentLog::new(js, fence)))
+/// Every JetStream call of an append waits at most `limit`.
+pub fn log_sink(js: jetstream::Context, fence: Fence, limit: std::time::Duration) -> NamedSink {
+    (Arc::from(LOG_CHANNEL), Arc::new(IncidentLog::new(js, fence, limit)))
 }
 
 /// The log subject of an incident: `citywatch.incidents.{partition}.{id}`, so a new owner of a
