@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use citywatch_gateway::cluster::INGEST_STREAM;
 use citywatch_tests::figures::{cluster_status, metric_series, partition_owners};
-use citywatch_tests::{birth, device_topic, split_addr, unique_client_id, wait_for, GatewayProcess, NatsCluster, Publisher, WebhookReceiver};
+use citywatch_tests::{birth, device_topic, split_addr, unique_client_id, wait_for, wait_for_async, GatewayProcess, NatsCluster, Publisher, WebhookReceiver};
 use futures_util::StreamExt as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
@@ -77,17 +77,42 @@ async fn device(site: String, id: String, nodes: Vec<String>, first: usize, unti
     log
 }
 
+/// A publisher on one of `addrs`, tried in turn until `within`: right after a node died, a
+/// surviving node's MQTT listener can take longer than the client's connect timeout to answer
+/// (its MQTT sessions live in JetStream, whose leaders are being elected again).
+async fn connect_retrying(addrs: &[String], capacity: usize, within: Duration) -> Publisher {
+    let deadline = Instant::now() + within;
+    let mut errors = Vec::new();
+    for addr in addrs.iter().cycle() {
+        match Publisher::connect(addr, capacity).await {
+            Ok(p) => return p,
+            Err(e) if Instant::now() < deadline => {
+                errors.push(format!("{addr}: {e:#}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("no MQTT connection to any of {addrs:?} within {within:?}: {e:#} (earlier: {errors:?})"),
+        }
+    }
+    unreachable!("cycle() over a non-empty list does not end")
+}
+
+/// Publishes `body` at QoS 1 until a node acknowledges it, on a new connection for every try
+/// (the same `seq` each time: the gateway keeps one).
+async fn publish_until_acked(addrs: &[String], topic: &str, body: &serde_json::Value, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut publisher = connect_retrying(addrs, 8, deadline.saturating_duration_since(Instant::now())).await;
+        if publisher.publish_json(topic, false, body).await.is_ok() && publisher.wait_acked(1, Duration::from_secs(10)).await.is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no PUBACK for {topic} from any of {addrs:?} within {within:?}");
+    }
+}
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-// Known failure, kept runnable (`--ignored`): 1 of 3 runs passed on 2026-12-03 after the lease
-// loop was fixed (leases are now back within ~3 s of the kill). Still failing: the partition
-// workers' and push channels' reads that create an ordered consumer (incident adoption, device
-// restore) time out for 10–60 s after the kill, so no push came within 90 s in one run; in
-// another the test's own MQTT connect to a surviving node timed out right after the kill.
-// See README "Not done yet (cluster mode)".
-#[ignore = "known failure: after one of three NATS nodes dies, ordered-consumer reads stall a partition's takeover for up to a minute (README, cluster mode)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_puback_is_counted() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
@@ -132,13 +157,25 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
 
     // Pushes go on: a smoke alarm after the kill, published on a surviving node, is pushed.
     let (site, alarmed) = &ids[survivor];
-    let alarm = Publisher::connect(&nodes[survivor], 8).await.expect("publisher after the kill");
+    let survivors: Vec<String> = nodes.iter().enumerate().filter(|(i, _)| *i != VICTIM).map(|(_, a)| a.clone()).collect();
     let body = json!({"seq": 1_000_000, "ts": wall_ms(), "event": "alarm", "metric": "smoke_db_m", "value": 0.4});
-    alarm.publish_json(&device_topic(site, alarmed, "event"), false, &body).await.expect("alarm");
+    publish_until_acked(&survivors, &device_topic(site, alarmed, "event"), &body, SETTLE).await;
     let pushed = receiver
         .wait_for(SETTLE, "an incident pushed after the NATS node was killed", |ds| ds.iter().find(|d| d.device() == alarmed.as_str() && d.state() == "open").map(|d| d.received))
         .await;
     eprintln!("first push after the kill: {:.2} s after it", pushed.saturating_duration_since(killed).as_secs_f64());
+    // What the kill cost each gateway, from its per-partition metrics.
+    for (name, g) in ["gw-a", "gw-b"].iter().zip(&gateways) {
+        let text = g.get_text("/metrics").unwrap_or_default();
+        let sum = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).collect::<Vec<_>>();
+        let expired: f64 = text.lines().filter(|l| l.starts_with("citywatch_cluster_lease_losses_total{") && l.contains("reason=\"expired\"")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        let takeovers = sum("citywatch_cluster_partition_takeover_seconds{");
+        eprintln!(
+            "{name}: {} partitions owned, {expired} leases expired, longest last takeover {:.2} s",
+            metric_series(&text, "citywatch_cluster_partitions_owned"),
+            takeovers.iter().copied().fold(0.0, f64::max)
+        );
+    }
 
     let mut logs = Vec::new();
     for task in tasks {
@@ -156,26 +193,37 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     let acked_after: f64 = events_taken() - before_kill;
     assert!(acked_after > 0.0, "ingestion stopped with the node: no event taken in after the kill");
 
-    // Every acknowledged event, looked up in the replicated ingest stream.
+    // Every acknowledged event, looked up in the replicated ingest stream: every stored message
+    // by a direct get (any replica answers), not through a consumer — creating one goes through
+    // the JetStream meta leader, which can leave it unanswered for a minute after a node died.
     let client = async_nats::connect(nats.nodes[survivor].url()).await.expect("NATS client");
     let js = jetstream::new(client);
-    let mut stream = js.get_stream(INGEST_STREAM).await.expect("ingest stream");
-    let last = stream.info().await.expect("stream info").state.last_sequence;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: "citywatch.part.>".into(), ..Default::default() })
-        .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
+    let js = &js;
+    let stream = wait_for_async("the ingest stream's info", SETTLE, move || async move { js.get_stream(INGEST_STREAM).await.ok() }).await.expect("ingest stream");
+    let (first, last) = (stream.cached_info().state.first_sequence, stream.cached_info().state.last_sequence);
+    let gets = futures_util::stream::iter(first..=last)
+        .map(|seq| {
+            let stream = &stream;
+            async move {
+                let fetched = wait_for_async(&format!("ingest stream message {seq}"), SETTLE, move || async move {
+                    match tokio::time::timeout(Duration::from_secs(5), stream.direct_get(seq)).await {
+                        Ok(Ok(m)) => Some(Some(m)),
+                        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Some(None),
+                        _ => None,
+                    }
+                })
+                .await;
+                fetched.expect("a direct get of the ingest stream")
+            }
+        })
+        .buffer_unordered(64);
     let mut stored: BTreeSet<(String, u32)> = BTreeSet::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+    for m in gets.collect::<Vec<_>>().await.into_iter().flatten() {
         if m.subject.ends_with(".event") {
             let device = m.subject.split('.').nth(4).unwrap_or("").to_owned();
             if let Some(seq) = serde_json::from_slice::<serde_json::Value>(&m.payload).ok().and_then(|v| v["seq"].as_u64()) {
                 stored.insert((device, seq as u32));
             }
-        }
-        if m.info().map(|i| i.stream_sequence >= last).unwrap_or(false) {
-            break;
         }
     }
     let mut lost_by_node: BTreeMap<usize, Vec<(String, u32)>> = BTreeMap::new();
