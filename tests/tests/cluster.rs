@@ -73,6 +73,13 @@ fn status(config: &std::path::Path) -> anyhow::Result<Value> {
 
 /// Owner of every partition, once every partition has one among `expected` (and each of them owns some).
 async fn wait_owned(config: &std::path::Path, expected: &[&str]) -> Vec<String> {
+    wait_owned_with(config, expected, expected).await
+}
+
+/// Owner of every partition, once every partition has one among `expected` and each of
+/// `must_own` owns some (rendezvous hashing may give a member none: with 8 partitions over four
+/// gateways, gw-a gets none).
+async fn wait_owned_with(config: &std::path::Path, expected: &[&str], must_own: &[&str]) -> Vec<String> {
     let deadline = Instant::now() + SETTLE;
     let mut last;
     loop {
@@ -81,7 +88,7 @@ async fn wait_owned(config: &std::path::Path, expected: &[&str]) -> Vec<String> 
             Ok(s) => {
             let owners: Vec<String> = s["partitions"].as_array().map(|ps| ps.iter().map(|p| p["owner"].as_str().unwrap_or("").to_owned()).collect()).unwrap_or_default();
             let used: BTreeSet<&str> = owners.iter().map(String::as_str).collect();
-            if owners.len() == PARTITIONS as usize && owners.iter().all(|o| expected.contains(&o.as_str())) && expected.iter().all(|e| used.contains(e)) {
+            if owners.len() == PARTITIONS as usize && owners.iter().all(|o| expected.contains(&o.as_str())) && must_own.iter().all(|e| used.contains(e)) {
                 return owners;
             }
             last = s;
@@ -475,4 +482,78 @@ fn answer_state(node: &Node, id: &str, actor: &str) -> Option<String> {
     let i = node.gateway.get(&format!("/api/v1/incidents/{id}")).ok()?;
     let named = i["history"].as_array().is_some_and(|h| h.iter().any(|e| e["actor"] == actor));
     named.then(|| i["state"].as_str().map(str::to_owned)).flatten()
+}
+
+/// SPEC §9 "a fourth gateway joins": three gateways own the partitions, a gas leak is open at a
+/// site of every partition; gw-d joins. The partitions rebalance by rendezvous hashing to include
+/// it (each moves at most once: from its owner to gw-d), and nothing is lost or doubled: the
+/// moved sites' incidents are adopted by gw-d with their ids, the operator acknowledges and
+/// closes every one (through gw-d, which forwards to each owner), and the receiver has for every
+/// device exactly one incident whose revisions run 1..n without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_gateway_joins_and_the_partitions_rebalance_with_nothing_lost_or_doubled() {
+    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    let _a = gateway(&nats, "gw-a", &receiver).await;
+    let _b = gateway(&nats, "gw-b", &receiver).await;
+    let c = gateway(&nats, "gw-c", &receiver).await;
+    let before = wait_owned(c.gateway.config_path(), &["gw-a", "gw-b", "gw-c"]).await;
+    let publisher = Publisher::connect(&nats.nodes[0].mqtt_addr(), 100).await.expect("device connection");
+    // One site per partition, a gas leak at each.
+    let sites: Vec<String> = (0..PARTITIONS).map(|p| (0..10_000).map(|i| format!("join-{i}")).find(|s| partition_of(s, PARTITIONS) == p).expect("a site per partition")).collect();
+    let mut seqs = vec![0u32; sites.len()];
+    for (site, seq) in sites.iter().zip(seqs.iter_mut()) {
+        let device = format!("{site}-gas-1");
+        publisher.publish_json(&device_topic(site, &device, "status"), true, &birth("gas_detector", 60)).await.expect("status");
+        gas_reading(&publisher, site, &device, seq, 55.0).await;
+    }
+    let mut ids = BTreeMap::new();
+    for site in &sites {
+        let device = format!("{site}-gas-1");
+        let id = receiver.wait_for(SETTLE, "every site's gas leak", |d| d.iter().find(|d| d.device() == device && d.revision() == 1).map(|d| d.id().to_owned())).await;
+        ids.insert(site.clone(), id);
+    }
+
+    let d = gateway(&nats, "gw-d", &receiver).await;
+    let after = wait_owned_with(d.gateway.config_path(), &["gw-a", "gw-b", "gw-c", "gw-d"], &["gw-d"]).await;
+    for (p, (was, is)) in before.iter().zip(&after).enumerate() {
+        assert!(was == is || is == "gw-d", "partition {p} moved from {was} to {is}, not to the newcomer");
+    }
+    let moved: Vec<&String> = sites.iter().filter(|s| after[partition_of(s, PARTITIONS) as usize] == "gw-d").collect();
+    assert!(!moved.is_empty(), "gw-d owns some partitions: {after:?}");
+    // The leaks go on: the new owner must fold them into the adopted incidents, not open others.
+    for _ in 0..3 {
+        for (site, seq) in sites.iter().zip(seqs.iter_mut()) {
+            gas_reading(&publisher, site, &format!("{site}-gas-1"), seq, 55.0).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for site in &moved {
+        let id = &ids[*site];
+        d.gateway.wait_for(SETTLE, "gw-d adopted the moved site's incident", |g| {
+            g.get(&format!("/api/v1/incidents?site={site}&scope=local")).ok().filter(|l| l["incidents"].as_array().is_some_and(|l| l.iter().any(|i| i["id"] == id.as_str()))).map(|_| ())
+        }).await;
+    }
+    // The operator ends every leak through gw-d (forwarded to each site's owner).
+    for (site, id) in &ids {
+        for action in ["ack", "resolve", "close"] {
+            let (code, answer) = d.gateway.post(&format!("/api/v1/incidents/{id}/{action}"), &json!({"actor": "li"})).expect("transition through gw-d");
+            assert_eq!(code, 200, "{action} of {id} at {site}: {answer}");
+            let state = answer["state"].as_str().unwrap_or_default().to_owned();
+            d.gateway.wait_for(SETTLE, "the change in gw-d's view", |g| g.get(&format!("/api/v1/incidents/{id}")).ok().filter(|i| i["state"] == state.as_str()).map(|_| ())).await;
+        }
+    }
+    for id in ids.values() {
+        receiver.wait_for(SETTLE, "every closed revision", |d| d.iter().find(|d| d.id() == id.as_str() && d.state() == "closed").map(|_| ())).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = receiver.deliveries();
+    for (site, id) in &ids {
+        let device = format!("{site}-gas-1");
+        let for_device: BTreeSet<String> = deliveries.iter().filter(|d| d.device() == device).map(|d| d.id().to_owned()).collect();
+        assert_eq!(for_device, BTreeSet::from([id.clone()]), "one incident for {device}:\n{}", receiver.report());
+        let revisions = revisions_of(&deliveries, id);
+        let n = revisions.keys().max().copied().unwrap_or(0);
+        assert_eq!(revisions.keys().copied().collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "{id}: every revision once, no gap:\n{}", receiver.report());
+    }
 }
