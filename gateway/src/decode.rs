@@ -449,16 +449,7 @@ impl DecodeStage {
             }
             match &uplink {
                 Uplink::Status(s) => {
-                    d.link = s.state;
-                    if let Some(k) = s.kind {
-                        d.kind = k;
-                    }
-                    if let Some(fw) = fw {
-                        d.fw = Some(fw);
-                    }
-                    if let Some(i) = s.interval_s {
-                        d.interval_s = i.max(1);
-                    }
+                    apply_status(d, s, fw);
                     kind_and_interval = Some((d.kind, d.interval_s));
                     Ok(Accepted::Status(s.state))
                 }
@@ -597,16 +588,7 @@ impl DecodeStage {
                 d.first_seen_ms = received_ms;
             }
             if received_ms >= d.last_seen_ms {
-                d.link = s.state;
-                if let Some(k) = s.kind {
-                    d.kind = k;
-                }
-                if let Some(fw) = fw {
-                    d.fw = Some(fw);
-                }
-                if let Some(i) = s.interval_s {
-                    d.interval_s = i.max(1);
-                }
+                apply_status(d, &s, fw);
             }
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
             (d.kind, d.interval_s, d.last_seen_ms)
@@ -636,6 +618,21 @@ impl DecodeStage {
             tracing::warn!(%reason, %topic, total = self.metrics.rejected().get(reason).copied().unwrap_or(0), "rejected input quarantined (logged at most once per period per reason)");
         }
         batch.writes.push(Write::Quarantine(QuarantineEntry { id: 0, received_ms, topic, reason: reason.to_owned(), payload }));
+    }
+}
+
+/// What a `status` says about its device: link state, and kind, firmware (already interned)
+/// and interval where given. The one place both a received and a restored status go through.
+fn apply_status(d: &mut Device, s: &citywatch_edge::wire::Status, fw: Option<Arc<str>>) {
+    d.link = s.state;
+    if let Some(k) = s.kind {
+        d.kind = k;
+    }
+    if let Some(fw) = fw {
+        d.fw = Some(fw);
+    }
+    if let Some(i) = s.interval_s {
+        d.interval_s = i.max(1);
     }
 }
 
