@@ -84,6 +84,11 @@ pub const MAX_BATCH_MESSAGES: usize = 2048;
 const ALERT_CHECK_EVERY: usize = 32;
 /// A device's record is persisted at least this often while it talks.
 pub const PERSIST_EVERY_MS: i64 = 60_000;
+/// How long an event from a device the gateway does not know yet is held back for the
+/// device's birth (see [`Parked`]) before it is quarantined as `unknown_device`.
+const PARK_FOR_BIRTH_MS: i64 = 2_000;
+/// Events held back at once; past this an event of an unknown device is quarantined at once.
+const MAX_PARKED: usize = 4_096;
 /// Topics the gateway itself publishes under the same root; they are not device input.
 pub const OWN_TOPIC_PREFIX: &str = "citywatch/v1/ops/";
 
@@ -134,11 +139,26 @@ pub struct DecodeStage {
     sites: HashMap<String, Arc<str>>,
     /// The long-term store (InfluxDB), fed copies of the readings without waiting.
     influx: Option<crate::store::influx::InfluxTap>,
+    /// Events of devices not known yet, waiting for their birth, oldest first.
+    parked: std::collections::VecDeque<Parked>,
+}
+
+/// An event that overtook its device's first `status`. Events take the alert lane and births
+/// the bulk lane (and, with an external broker, another connection), so a new device's first
+/// alarm can reach the decode stage before its birth does. Rejecting it as `unknown_device`
+/// would lose a real alarm; it is held instead, and decoded again whenever the bulk lane is
+/// seen empty after it was held (then every message queued before it has been seen). It is
+/// quarantined when its device is still unknown after [`PARK_FOR_BIRTH_MS`]. Its ack travels
+/// with it.
+#[derive(Debug)]
+struct Parked {
+    message: Inbound,
+    since_ms: i64,
 }
 
 impl DecodeStage {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, config: IngestConfig) -> Self {
-        DecodeStage { registry, metrics, config, logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None }
+        DecodeStage { registry, metrics, config, logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None, parked: Default::default() }
     }
 
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
@@ -212,9 +232,16 @@ impl DecodeStage {
                         }
                         alerts_open = false;
                     }
-                    None => break,
+                    None => {
+                        self.release_parked(now_ms(), true, true, &mut batch);
+                        if self.send(&store, batch, &mut input.alerts).await.is_err() {
+                            tracing::error!("the store writer or the incident manager stopped; ingestion stops");
+                        }
+                        return;
+                    }
                 },
                 _ = tick.tick() => {
+                    self.release_parked(now_ms(), input.bulk.is_empty(), false, &mut batch);
                     if let Some(rules) = self.rules.as_mut() {
                         while let Ok(r) = rules.releases.try_recv() {
                             rules.engine.release(&r);
@@ -242,13 +269,36 @@ impl DecodeStage {
             self.handle(message, now, batch);
             taken += 1;
         }
+        let mut bulk_drained = false;
         while taken < MAX_BATCH_MESSAGES {
             if taken % ALERT_CHECK_EVERY == 0 && !input.alerts.is_empty() {
                 break;
             }
-            let Ok(message) = input.bulk.try_recv() else { break };
+            let Ok(message) = input.bulk.try_recv() else {
+                bulk_drained = true;
+                break;
+            };
             self.handle(message, now, batch);
             taken += 1;
+        }
+        if !self.parked.is_empty() {
+            self.release_parked(now, bulk_drained, false, batch);
+        }
+    }
+
+    /// Decodes the held events again when the bulk lane has been seen empty (`bulk_drained`,
+    /// observed after they were held) or the sources are gone (`last`). One whose device is
+    /// still unknown is quarantined once it is old enough, or when `last`; otherwise held again.
+    fn release_parked(&mut self, now: i64, bulk_drained: bool, last: bool, batch: &mut Batch) {
+        if !(bulk_drained || last) {
+            return;
+        }
+        for _ in 0..self.parked.len() {
+            let Some(parked) = self.parked.pop_front() else { break };
+            let last_try = last || now - parked.since_ms >= PARK_FOR_BIRTH_MS;
+            if let Some(message) = self.decode(parked.message, now, batch, Attempt::Retry { last: last_try }) {
+                self.parked.push_back(Parked { message, since_ms: parked.since_ms });
+            }
         }
     }
 
@@ -317,23 +367,34 @@ impl DecodeStage {
         Ok(())
     }
 
-    /// Decodes one message into `batch`. Synchronous and I/O-free.
+    /// Decodes one message into `batch`. Synchronous and I/O-free. An event of a device not
+    /// known yet may be held back for its birth (see [`Parked`]).
     pub fn handle(&mut self, message: Inbound, now: i64, batch: &mut Batch) {
-        let Inbound { topic, payload, received_ms, ack, restored } = message;
-        if let Some(ack) = ack {
-            batch.acks.push(ack);
+        if let Some(message) = self.decode(message, now, batch, Attempt::First) {
+            self.parked.push_back(Parked { message, since_ms: now });
         }
+    }
+
+    /// [`DecodeStage::handle`]'s work; returns the message when it is to be held back.
+    fn decode(&mut self, message: Inbound, now: i64, batch: &mut Batch, attempt: Attempt) -> Option<Inbound> {
+        let Inbound { topic, payload, received_ms, ack, restored } = message;
         if restored {
+            batch.acks.extend(ack);
             self.restore(&topic, &payload, received_ms, now, batch);
-            return;
+            return None;
         }
         batch.received_ms.get_or_insert(received_ms);
         if topic.starts_with(OWN_TOPIC_PREFIX) {
-            return;
+            batch.acks.extend(ack);
+            return None;
         }
         let parsed = Topic::parse(&topic);
-        self.metrics.count_received(parsed.ok().map(|t| t.channel), payload.len());
+        if attempt == Attempt::First {
+            self.metrics.count_received(parsed.ok().map(|t| t.channel), payload.len());
+        }
+        let mut is_event = false;
         let result = parsed.and_then(|t| {
+            is_event = t.channel == Channel::Event;
             if t.channel == Channel::Cmd {
                 return Ok(None); // the gateway's own commands to devices
             }
@@ -345,8 +406,17 @@ impl DecodeStage {
             Err(e) => Err(e.reason()),
         };
         if let Err(reason) = outcome {
+            let may_wait = match attempt {
+                Attempt::First => self.parked.len() < MAX_PARKED,
+                Attempt::Retry { last } => !last,
+            };
+            if reason == metrics::UNKNOWN_DEVICE && is_event && may_wait {
+                return Some(Inbound { topic, payload, received_ms, ack, restored: false });
+            }
             self.reject(reason, topic, payload, received_ms, now, batch);
         }
+        batch.acks.extend(ack);
+        None
     }
 
     fn accept(&mut self, site: &str, device: &str, uplink: Uplink, received_ms: i64, now: i64, batch: &mut Batch) -> Result<(), &'static str> {
@@ -379,16 +449,7 @@ impl DecodeStage {
             }
             match &uplink {
                 Uplink::Status(s) => {
-                    d.link = s.state;
-                    if let Some(k) = s.kind {
-                        d.kind = k;
-                    }
-                    if let Some(fw) = fw {
-                        d.fw = Some(fw);
-                    }
-                    if let Some(i) = s.interval_s {
-                        d.interval_s = i.max(1);
-                    }
+                    apply_status(d, s, fw);
                     kind_and_interval = Some((d.kind, d.interval_s));
                     Ok(Accepted::Status(s.state))
                 }
@@ -527,16 +588,7 @@ impl DecodeStage {
                 d.first_seen_ms = received_ms;
             }
             if received_ms >= d.last_seen_ms {
-                d.link = s.state;
-                if let Some(k) = s.kind {
-                    d.kind = k;
-                }
-                if let Some(fw) = fw {
-                    d.fw = Some(fw);
-                }
-                if let Some(i) = s.interval_s {
-                    d.interval_s = i.max(1);
-                }
+                apply_status(d, &s, fw);
             }
             d.last_seen_ms = d.last_seen_ms.max(received_ms);
             (d.kind, d.interval_s, d.last_seen_ms)
@@ -567,6 +619,29 @@ impl DecodeStage {
         }
         batch.writes.push(Write::Quarantine(QuarantineEntry { id: 0, received_ms, topic, reason: reason.to_owned(), payload }));
     }
+}
+
+/// What a `status` says about its device: link state, and kind, firmware (already interned)
+/// and interval where given. The one place both a received and a restored status go through.
+fn apply_status(d: &mut Device, s: &citywatch_edge::wire::Status, fw: Option<Arc<str>>) {
+    d.link = s.state;
+    if let Some(k) = s.kind {
+        d.kind = k;
+    }
+    if let Some(fw) = fw {
+        d.fw = Some(fw);
+    }
+    if let Some(i) = s.interval_s {
+        d.interval_s = i.max(1);
+    }
+}
+
+/// Whether a message is decoded for the first time or again after being held (see [`Parked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    /// `last`: quarantine it if its device is still unknown.
+    Retry { last: bool },
 }
 
 /// The skew limits of [`IngestConfig`] and where to count a skewed message.

@@ -70,7 +70,7 @@ fn bad_input_is_quarantined_with_its_reason_and_ingestion_goes_on() {
         ("citywatch/v1/x h/gas-1/telemetry", r#"{"seq":1,"values":{}}"#, "bad_topic"),
         ("citywatch/v1/other-site/gas-1/telemetry", r#"{"seq":9,"values":{"gas_lel":1}}"#, "site_mismatch"),
         ("citywatch/v1/xh/gas-1/telemetry", r#"{"seq":10,"values":{"tilt_deg":1}}"#, "metric_not_for_kind"),
-        ("citywatch/v1/xh/mystery/event", r#"{"seq":1,"event":"tamper"}"#, "unknown_device"),
+        ("citywatch/v1/xh/mystery/telemetry", r#"{"seq":1,"values":{}}"#, "unknown_device"),
     ];
     for (topic, payload, _) in cases {
         s.handle(msg(topic, payload, NOW), NOW, &mut b);
@@ -278,4 +278,81 @@ fn a_restored_status_older_than_what_was_heard_changes_nothing_but_never_a_known
     s.handle(Inbound { restored: true, ..msg("citywatch/v1/xh/nameless/status", r#"{"state":"online"}"#, NOW) }, NOW, &mut b);
     assert!(s.registry.get("nameless").is_none(), "no kind, unknown device: not registered");
     assert!(quarantined(&b).is_empty(), "restored statuses are never quarantined");
+}
+
+/// A new device's first alarm overtakes its birth (events take the alert lane, births the
+/// bulk lane): it is held, not quarantined, and decoded once the birth has been seen.
+#[test]
+fn an_event_that_overtook_its_devices_birth_waits_for_it() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let a = Arc::clone(&acked);
+    let alarm = Inbound {
+        ack: Some(Ack::new(move || { a.fetch_add(1, Ordering::SeqCst); })),
+        // An alarm without `metric` says nothing of the device's kind: it cannot register it.
+        ..msg("citywatch/v1/xh/gas-9/event", r#"{"seq":1,"event":"alarm"}"#, NOW)
+    };
+    s.handle(alarm, NOW, &mut b);
+    assert!(quarantined(&b).is_empty() && b.writes.is_empty() && b.acks.is_empty(), "held with its ack");
+    assert_eq!(s.metrics.events.load(Ordering::Relaxed), 0);
+    // The bulk lane is not empty yet (its birth is in it): held even when old.
+    s.release_parked(NOW + 10_000, false, false, &mut b);
+    assert!(quarantined(&b).is_empty() && s.parked.len() == 1);
+    // The birth arrives; the next time the bulk lane is empty, the alarm is decoded.
+    s.handle(msg("citywatch/v1/xh/gas-9/status", BIRTH, NOW), NOW, &mut b);
+    s.release_parked(NOW + 10_000, true, false, &mut b);
+    assert!(s.parked.is_empty());
+    assert!(quarantined(&b).is_empty(), "{:?}", quarantined(&b));
+    assert_eq!(s.metrics.events.load(Ordering::Relaxed), 1);
+    assert!(b.writes.iter().any(|w| matches!(w, Write::Event(e) if &*e.device == "gas-9")));
+    b.into_writes().into_iter().for_each(|w| if let Write::Ack(ack) = w { ack.done() });
+    assert_eq!(acked.load(Ordering::SeqCst), 1, "its ack went with it");
+}
+
+#[test]
+fn an_event_of_a_device_that_never_is_born_is_quarantined_after_the_wait() {
+    let mut s = stage();
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/mystery/event", r#"{"seq":1,"event":"tamper"}"#, NOW), NOW, &mut b);
+    s.release_parked(NOW + 1, true, false, &mut b); // decoded again: still unknown, held again
+    assert!(quarantined(&b).is_empty() && s.parked.len() == 1, "too young to give up on");
+    s.release_parked(NOW + PARK_FOR_BIRTH_MS, false, false, &mut b);
+    assert!(quarantined(&b).is_empty(), "the bulk lane was not seen empty");
+    s.release_parked(NOW + PARK_FOR_BIRTH_MS, true, false, &mut b);
+    assert_eq!(quarantined(&b), vec!["unknown_device".to_owned()]);
+    assert!(s.parked.is_empty());
+    assert_eq!(s.metrics.rejected_total(), 1);
+    assert_eq!(s.metrics.received[2].load(Ordering::Relaxed), 1, "counted as received once, not per try");
+}
+
+/// The same through the running stage: the birth waits in the bulk lane, the alarm is first on
+/// the alert lane, and the alarm still opens its incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_stage_evaluates_an_alarm_that_overtook_its_birth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::store::StorageConfig { path: dir.path().to_path_buf(), ..Default::default() };
+    let (store, writer) = crate::store::SqliteStore::open(&config).expect("store");
+    let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
+    let (_releases_tx, releases) = mpsc::channel(16);
+    let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
+    let s = stage().with_rules(engine, Recorded(signals_tx), releases, &[]);
+    let (lanes, input) = crate::ingest::Lanes::channel(64);
+    lanes.bulk.send(msg("citywatch/v1/xh/gas-9/status", BIRTH, NOW)).await.expect("bulk lane");
+    lanes.alerts.send(msg("citywatch/v1/xh/gas-9/event", r#"{"seq":1,"event":"alarm"}"#, NOW)).await.expect("alert lane");
+    let stage = tokio::spawn(s.run(input, writer));
+    let evaluated = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(batch) = signals.recv().await {
+            if batch.iter().any(|sig| &*sig.rule == "device_alarm") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(evaluated, Ok(true), "the alarm that overtook its birth was not evaluated");
+    drop(lanes);
+    tokio::time::timeout(std::time::Duration::from_secs(60), stage).await.expect("the stage stops").expect("no panic");
+    tokio::task::block_in_place(|| store.join()).expect("the writer stops");
+    assert_eq!(store.stats().events_written, 1);
 }

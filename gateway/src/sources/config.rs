@@ -35,6 +35,10 @@ pub struct MqttConfig {
     pub client_id: String,
     /// Topic filter subscribed to (both modes).
     pub topic_filter: String,
+    /// External mode: the topics a second connection (client id + `-alerts`) subscribes to and
+    /// feeds to the alert lane, so alarms never wait behind bulk telemetry on one socket.
+    /// Empty: one connection.
+    pub alert_topic_filter: String,
     pub keep_alive: Duration,
     /// Largest payload accepted by the embedded broker, bytes (the contract's limit is 1 KiB;
     /// larger ones are let in so they can be counted and quarantined).
@@ -78,6 +82,7 @@ impl Default for MqttConfig {
             password: None,
             client_id: "citywatch-gateway".into(),
             topic_filter: "citywatch/v1/#".into(),
+            alert_topic_filter: "citywatch/v1/+/+/event".into(),
             keep_alive: Duration::secs(30),
             max_payload_bytes: 64 * 1024,
             queue_capacity: 16_384,

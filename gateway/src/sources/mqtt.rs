@@ -38,18 +38,32 @@ impl ExternalPublisher {
     }
 }
 
-/// The receiving side; [`ExternalSource::run`] drives the connection.
+/// The receiving side; [`ExternalSource::run`] drives its connections.
 pub struct ExternalSource {
     cfg: MqttConfig,
+    main: Connection,
+    /// The alert connection (`mqtt.alert_topic_filter`), if configured.
+    alerts: Option<Connection>,
+}
+
+/// One MQTT connection to the broker.
+struct Connection {
     client: AsyncClient,
     eventloop: EventLoop,
 }
 
 impl std::fmt::Debug for ExternalSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExternalSource").field("url", &self.cfg.url).field("client_id", &self.cfg.client_id).finish()
+        f.debug_struct("ExternalSource")
+            .field("url", &self.cfg.url)
+            .field("client_id", &self.cfg.client_id)
+            .field("alert_connection", &self.alerts.is_some())
+            .finish()
     }
 }
+
+/// The client id of the alert connection: the main one's plus this.
+pub const ALERT_CLIENT_SUFFIX: &str = "-alerts";
 
 /// Prepares the client (no network I/O yet): a publisher handle and the source to run.
 pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> {
@@ -63,24 +77,35 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
         // rumqttc panics on sub-second keep-alives.
         return Err(Error::Config("mqtt.keep_alive must be 0 or at least 1s".into()));
     }
-    let mut options = MqttOptions::new(cfg.client_id.clone(), host, port);
-    options
-        .set_clean_session(false)
-        .set_keep_alive(keep_alive)
-        .set_manual_acks(true)
-        .set_max_packet_size(
-            cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD),
-            cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD),
-        );
-    if let Some(user) = &cfg.username {
-        options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+    for (knob, filter) in [("topic_filter", &cfg.topic_filter), ("alert_topic_filter", &cfg.alert_topic_filter)] {
+        if !(filter.is_empty() && knob == "alert_topic_filter") && !rumqttc::valid_filter(filter) {
+            return Err(Error::Config(format!("mqtt.{knob} {filter:?} is not a valid MQTT topic filter")));
+        }
     }
+    let open = |client_id: String, capacity: usize| {
+        let mut options = MqttOptions::new(client_id, host.clone(), port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(keep_alive)
+            .set_manual_acks(true)
+            .set_max_packet_size(
+                cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD),
+                cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD),
+            );
+        if let Some(user) = &cfg.username {
+            options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        eventloop.set_network_options(network_options());
+        Connection { client, eventloop }
+    };
     // Acks travel through this queue; make it deep enough that `try_ack` practically never
-    // finds it full (every message waiting in `out` may be acked at once).
-    let capacity = cfg.queue_capacity.saturating_add(1024);
-    let (client, mut eventloop) = AsyncClient::new(options, capacity);
-    eventloop.set_network_options(network_options());
-    Ok((ExternalPublisher { client: client.clone() }, ExternalSource { cfg: cfg.clone(), client, eventloop }))
+    // finds it full (every message waiting in the lanes may be acked at once).
+    let main = open(cfg.client_id.clone(), cfg.queue_capacity.saturating_add(1024));
+    let alerts = (!cfg.alert_topic_filter.is_empty())
+        .then(|| open(format!("{}{ALERT_CLIENT_SUFFIX}", cfg.client_id), (cfg.queue_capacity / 8).max(256).saturating_add(1024)));
+    let publisher = ExternalPublisher { client: main.client.clone() };
+    Ok((publisher, ExternalSource { cfg: cfg.clone(), main, alerts }))
 }
 
 /// Socket options of the connection to the broker. `TCP_NODELAY` (rumqttc leaves Nagle on):
@@ -107,6 +132,16 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// message (at-least-once holds; the pipeline sees duplicates). The alternative, reading on into
 /// an unbounded buffer, trades that for unbounded memory with QoS 0 traffic.
 ///
+/// **The alert connection.** A connection delivers in order, so an alarm behind a full bulk lane
+/// would wait on the socket. With `cfg.alert_topic_filter` set (device events by default), a
+/// second connection (client id + [`ALERT_CLIENT_SUFFIX`], its own persistent session)
+/// subscribes to those topics alone and feeds the alert lane, which the decode stage serves
+/// first; it is read while the main connection is held back. The main connection still
+/// subscribes to everything (so malformed topics are still seen and quarantined) and skips its
+/// own copy of an alert-topic message (acknowledging it at once) only when the alert session is
+/// known to hold every such message too — see [`Coverage`]. Otherwise it passes its copy on as
+/// well, and the decode stage drops the second one by `seq`.
+///
 /// Payloads up to `max_payload_bytes` (plus 64 KiB for the topic) are accepted; a bigger one
 /// breaks the connection and, being unacknowledged, comes back after every reconnect: keep the
 /// broker's own `message_size_limit` at or below `max_payload_bytes`.
@@ -115,107 +150,208 @@ pub async fn run(cfg: MqttConfig, out: impl Into<Lanes>, shutdown: watch::Receiv
     source.run(out, shutdown).await
 }
 
+/// Which of the source's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Main,
+    Alerts,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Main => "main",
+            Role::Alerts => "alerts",
+        }
+    }
+}
+
+/// Whether the alert connection's session holds every alert-topic message the main session
+/// holds, so the main connection may skip its copies. True only when, in this run, the alert
+/// connection's first session was already present at the broker (it was subscribed before this
+/// run: every alert-topic message since is queued for it) and no connection has since found its
+/// session gone (a broker that lost its sessions loses both subscriptions; the main one's may
+/// come back first, and what it receives before the alert one is back is in no other session).
+/// A first run, or one after sessions were lost, passes both copies on until the next start.
+#[derive(Debug, Default)]
+struct Coverage(std::sync::atomic::AtomicU8);
+
+impl Coverage {
+    const UNKNOWN: u8 = 0;
+    const COVERED: u8 = 1;
+    const NEVER: u8 = 2;
+
+    fn on_connack(&self, role: Role, session_present: bool, first: bool) {
+        if !session_present {
+            self.0.store(Self::NEVER, Ordering::SeqCst);
+        } else if role == Role::Alerts && first {
+            let _ = self.0.compare_exchange(Self::UNKNOWN, Self::COVERED, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    fn covered(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == Self::COVERED
+    }
+}
+
+/// What each connection's loop shares.
+struct Shared {
+    cfg: MqttConfig,
+    lanes: Lanes,
+    coverage: Coverage,
+    /// Tells the other connection to stop when one stops.
+    stop: watch::Sender<bool>,
+}
+
 impl ExternalSource {
     /// See [`crate::sources::mqtt::run`].
     pub async fn run(self, out: impl Into<Lanes>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let lanes: Lanes = out.into();
-        let ExternalSource { cfg, client, mut eventloop } = self;
-        let runtime = tokio::runtime::Handle::current();
-        // Bumped on every ConnAck and every connection error: an Ack created under an older
-        // value belongs to a connection that is gone (the broker will redeliver that message).
-        let generation = Arc::new(AtomicU64::new(0));
-        let mut backoff = Backoff::new();
-        let mut connected = false;
-        let mut outage: Option<Instant> = None;
-
-        loop {
-            let event = tokio::select! {
-                biased;
-                () = shutdown_requested(&mut shutdown) => break,
-                event = eventloop.poll() => event,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    generation.fetch_add(1, Ordering::SeqCst);
-                    connected = true;
-                    backoff.reset();
-                    match outage.take() {
-                        Some(since) => info!(url = %cfg.url, down_for = ?since.elapsed(), session_present = ack.session_present, "external broker: reconnected"),
-                        None => info!(url = %cfg.url, session_present = ack.session_present, "external broker: connected"),
-                    }
-                    // A new session has no subscriptions; an old one keeps them, and subscribing
-                    // again is harmless (retained messages are sent again). Never await the
-                    // client from this task: the request queue only drains while we poll.
-                    let (client, filter) = (client.clone(), cfg.topic_filter.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                            warn!(filter, error = %e, "external broker: cannot queue subscribe");
-                        }
-                    });
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
-                    // Events and command acks take the alert lane. One connection still delivers
-                    // in order: while the bulk lane is full this task stops reading (to push back
-                    // on the broker), and an alarm behind it on the socket waits too. A second
-                    // connection for the alert topics would lift that (README, issue 14).
-                    let out = lanes.for_topic(&publish.topic);
-                    let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, restored: false };
-                    // Fast path without building a select: the pipeline usually has room.
-                    let inbound = match out.try_send(inbound) {
-                        Ok(()) => continue,
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            info!("external broker: pipeline closed, stopping");
-                            break;
-                        }
-                        Err(mpsc::error::TrySendError::Full(inbound)) => inbound,
-                    };
-                    tokio::select! {
-                        biased;
-                        // Dropped unacknowledged: redelivered in the next session.
-                        () = shutdown_requested(&mut shutdown) => break,
-                        sent = out.send(inbound) => if sent.is_err() {
-                            info!("external broker: pipeline closed, stopping");
-                            break;
-                        },
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                    if suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                        error!(filter = %cfg.topic_filter, "external broker refused the subscription");
-                    } else {
-                        debug!(filter = %cfg.topic_filter, "external broker: subscribed");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    generation.fetch_add(1, Ordering::SeqCst);
-                    connected = false;
-                    if outage.is_none() {
-                        outage = Some(Instant::now());
-                        if matches!(e, ConnectionError::ConnectionRefused(_)) {
-                            error!(url = %cfg.url, error = %e, "external broker refused the connection (credentials?); retrying");
-                        } else {
-                            warn!(url = %cfg.url, error = %e, "external broker unreachable; reconnecting with backoff");
-                        }
-                    } else {
-                        debug!(error = %e, "external broker: reconnect failed");
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        biased;
-                        () = shutdown_requested(&mut shutdown) => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
+        let ExternalSource { cfg, main, alerts } = self;
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared { cfg, lanes: out.into(), coverage: Coverage::default(), stop });
+        let forward = {
+            let shared = Arc::clone(&shared);
+            async move {
+                shutdown_requested(&mut shutdown).await;
+                let _ = shared.stop.send(true);
             }
-        }
-
-        if connected {
-            disconnect(&client, &mut eventloop).await;
+        };
+        let main_loop = run_connection(Role::Main, main, Arc::clone(&shared), stop_rx.clone());
+        let connections = async move {
+            match alerts {
+                Some(alerts) => {
+                    let alert_loop = run_connection(Role::Alerts, alerts, Arc::clone(&shared), stop_rx);
+                    tokio::join!(main_loop, alert_loop);
+                }
+                None => main_loop.await,
+            }
+        };
+        tokio::select! {
+            () = connections => {}
+            () = async { forward.await; std::future::pending::<()>().await } => {}
         }
         info!("external broker source stopped");
         Ok(())
+    }
+}
+
+/// Drives one connection until `stop`; then tells the other connection to stop as well.
+async fn run_connection(role: Role, connection: Connection, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let Connection { client, mut eventloop } = connection;
+    let cfg = &shared.cfg;
+    let lanes = &shared.lanes;
+    let connection = role.name();
+    let filter = match role {
+        Role::Main => cfg.topic_filter.clone(),
+        Role::Alerts => cfg.alert_topic_filter.clone(),
+    };
+    // The alert topics the main connection may skip (see `Coverage`).
+    let alert_filter = (role == Role::Main && !cfg.alert_topic_filter.is_empty()).then(|| cfg.alert_topic_filter.as_str());
+    let runtime = tokio::runtime::Handle::current();
+    // Bumped on every ConnAck and every connection error: an Ack created under an older
+    // value belongs to a connection that is gone (the broker will redeliver that message).
+    let generation = Arc::new(AtomicU64::new(0));
+    let mut backoff = Backoff::new();
+    let mut connected = false;
+    let mut first_connack = true;
+    let mut outage: Option<Instant> = None;
+
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = shutdown_requested(&mut shutdown) => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                generation.fetch_add(1, Ordering::SeqCst);
+                connected = true;
+                backoff.reset();
+                shared.coverage.on_connack(role, ack.session_present, first_connack);
+                first_connack = false;
+                match outage.take() {
+                    Some(since) => info!(url = %cfg.url, connection, down_for = ?since.elapsed(), session_present = ack.session_present, "external broker: reconnected"),
+                    None => info!(url = %cfg.url, connection, session_present = ack.session_present, "external broker: connected"),
+                }
+                // A new session has no subscriptions; an old one keeps them, and subscribing
+                // again is harmless (retained messages are sent again). Never await the
+                // client from this task: the request queue only drains while we poll.
+                let (client, filter) = (client.clone(), filter.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        warn!(filter, connection, error = %e, "external broker: cannot queue subscribe");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let ack = (publish.qos != QoS::AtMostOnce).then(|| make_ack(&client, &publish, &generation, &runtime));
+                if alert_filter.is_some_and(|f| rumqttc::matches(&publish.topic, f)) && shared.coverage.covered() {
+                    // The alert connection's session has this message too and delivers it.
+                    if let Some(ack) = ack {
+                        ack.done();
+                    }
+                    continue;
+                }
+                // Main: events and command acks take the alert lane, the rest the bulk lane.
+                // Alerts: everything takes the alert lane (it must never wait for bulk room).
+                let out = match role {
+                    Role::Main => lanes.for_topic(&publish.topic),
+                    Role::Alerts => &lanes.alerts,
+                };
+                let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, restored: false };
+                // Fast path without building a select: the pipeline usually has room.
+                let inbound = match out.try_send(inbound) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        info!(connection, "external broker: pipeline closed, stopping");
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Full(inbound)) => inbound,
+                };
+                tokio::select! {
+                    biased;
+                    // Dropped unacknowledged: redelivered in the next session.
+                    () = shutdown_requested(&mut shutdown) => break,
+                    sent = out.send(inbound) => if sent.is_err() {
+                        info!(connection, "external broker: pipeline closed, stopping");
+                        break;
+                    },
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                if suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    error!(filter, connection, "external broker refused the subscription");
+                } else {
+                    debug!(filter, connection, "external broker: subscribed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                generation.fetch_add(1, Ordering::SeqCst);
+                connected = false;
+                if outage.is_none() {
+                    outage = Some(Instant::now());
+                    if matches!(e, ConnectionError::ConnectionRefused(_)) {
+                        error!(url = %cfg.url, connection, error = %e, "external broker refused the connection (credentials?); retrying");
+                    } else {
+                        warn!(url = %cfg.url, connection, error = %e, "external broker unreachable; reconnecting with backoff");
+                    }
+                } else {
+                    debug!(connection, error = %e, "external broker: reconnect failed");
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    biased;
+                    () = shutdown_requested(&mut shutdown) => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    let _ = shared.stop.send(true);
+    if connected {
+        disconnect(&client, &mut eventloop).await;
     }
 }
 

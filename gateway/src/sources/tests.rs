@@ -589,3 +589,99 @@ fn external_rejects_bad_settings() {
     let short = MqttConfig { keep_alive: crate::units::Duration(Duration::from_millis(500)), ..MqttConfig::default() };
     assert!(mqtt::connect(&short).is_err());
 }
+
+/// Publishes an event until it arrives on `alerts`: the alert connection is subscribed. Drops
+/// every copy (acked), including the main connection's late ones.
+async fn wait_alerts_flowing(port: u16, alerts: &mut mpsc::Receiver<Inbound>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the alert connection never started receiving");
+        assert!(mosquitto_pub(port, &["-q", "1", "-t", "citywatch/v1/s/probe/event", "-m", "probe"]).await);
+        if let Ok(Some(m)) = timeout(Duration::from_millis(300), alerts.recv()).await {
+            m.ack.into_iter().for_each(crate::ingest::Ack::done);
+            while let Ok(Some(m)) = timeout(Duration::from_millis(500), alerts.recv()).await {
+                assert_eq!(m.topic, "citywatch/v1/s/probe/event");
+                m.ack.into_iter().for_each(crate::ingest::Ack::done);
+            }
+            return;
+        }
+    }
+}
+
+fn two_lanes(bulk: usize) -> (crate::ingest::Lanes, mpsc::Receiver<Inbound>, mpsc::Receiver<Inbound>) {
+    let (bulk_tx, bulk_rx) = mpsc::channel(bulk);
+    let (alerts_tx, alerts_rx) = mpsc::channel(64);
+    (crate::ingest::Lanes { alerts: alerts_tx, bulk: bulk_tx }, alerts_rx, bulk_rx)
+}
+
+/// An alarm behind bulk telemetry on the broker reaches the alert lane over its own connection
+/// while the main connection is held back by a full bulk lane. In the first run both sessions
+/// are new, so the main connection passes its copy on too; from the next run on (the alert
+/// session was there before) it skips it, and the skipped copy is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_alerts_take_their_own_connection_past_a_full_bulk_lane() {
+    let broker = Mosquitto::start().await;
+    let cfg = broker.cfg("gw-lanes");
+    assert_eq!(cfg.alert_topic_filter, "citywatch/v1/+/+/event", "on by default");
+    let (lanes, mut alerts, mut bulk) = two_lanes(1);
+    let start = |lanes: crate::ingest::Lanes| {
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(mqtt::run(cfg.clone(), lanes, shutdown_rx));
+        Running { shutdown, task }
+    };
+    let running = start(lanes);
+    wait_flowing(broker.port, &mut bulk).await;
+    wait_alerts_flowing(broker.port, &mut alerts).await;
+
+    // Fill the bulk lane (one message) and the main connection's path behind it.
+    for i in 0..50 {
+        assert!(mosquitto_pub(broker.port, &["-q", "1", "-t", "citywatch/v1/s/gas-1/telemetry", "-m", &format!("t{i}")]).await);
+    }
+    assert!(mosquitto_pub(broker.port, &["-q", "1", "-t", "citywatch/v1/s/gas-1/event", "-m", "alarm"]).await);
+    let m = recv(&mut alerts).await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("citywatch/v1/s/gas-1/event", &b"alarm"[..]));
+    m.ack.expect("QoS 1").done();
+    assert_eq!(bulk.len(), 1, "the bulk lane was full all along");
+
+    // Now read the bulk lane: all 50 readings arrive in order, and (first run) the main
+    // connection's copy of the alarm reaches the alert lane after them.
+    for i in 0..50 {
+        let m = recv(&mut bulk).await;
+        assert_eq!(&m.payload[..], format!("t{i}").as_bytes());
+        m.ack.expect("QoS 1").done();
+    }
+    let copy = recv(&mut alerts).await;
+    assert_eq!(&copy.payload[..], b"alarm", "first run: the main session's copy is passed on");
+    copy.ack.expect("QoS 1").done();
+    running.stop().await;
+
+    // Second run: both sessions were there before. An alarm arrives once.
+    let (lanes, mut alerts, mut bulk) = two_lanes(64);
+    let running = start(lanes);
+    wait_flowing(broker.port, &mut bulk).await;
+    wait_alerts_flowing(broker.port, &mut alerts).await;
+    assert!(mosquitto_pub(broker.port, &["-q", "1", "-t", "citywatch/v1/s/gas-1/event", "-m", "alarm-2"]).await);
+    let m = recv(&mut alerts).await;
+    assert_eq!(&m.payload[..], b"alarm-2");
+    m.ack.expect("QoS 1").done();
+    assert_quiet(&mut alerts, Duration::from_secs(1)).await;
+    assert_quiet(&mut bulk, Duration::from_millis(200)).await;
+    running.stop().await;
+
+    // Third run: nothing comes back, so the main connection acknowledged the copy it skipped.
+    let (lanes, mut alerts, mut bulk) = two_lanes(64);
+    let running = start(lanes);
+    assert_quiet(&mut alerts, Duration::from_secs(1)).await;
+    assert_quiet(&mut bulk, Duration::from_millis(200)).await;
+    running.stop().await;
+}
+
+#[test]
+fn external_rejects_a_bad_alert_filter_and_allows_none() {
+    let bad = MqttConfig { alert_topic_filter: "citywatch/#/event".into(), ..MqttConfig::default() };
+    let err = mqtt::connect(&bad).expect_err("invalid filter").to_string();
+    assert!(err.contains("alert_topic_filter"), "{err}");
+    let off = MqttConfig { alert_topic_filter: String::new(), ..MqttConfig::default() };
+    let (_, source) = mqtt::connect(&off).expect("one connection is fine");
+    assert!(format!("{source:?}").contains("alert_connection: false"));
+}

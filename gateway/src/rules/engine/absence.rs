@@ -42,7 +42,11 @@ pub(super) fn arm_deadlines(d: &mut DeviceState, id: &Arc<str>, timers: &mut Tim
         let (rule, slot) = (&eff.rules[i], &mut slots[i]);
         let RuleSpec::Absence(a) = &rule.def.spec else { continue };
         let deadline = last_seen_ms.saturating_add(a.silence_ms(*interval_s));
-        slot.state = Some(Box::new(State::Absence { deadline }));
+        // Every message moves it: update in place rather than allocate a new state.
+        match slot.state.as_deref_mut() {
+            Some(State::Absence { deadline: d }) => *d = deadline,
+            _ => slot.state = Some(Box::new(State::Absence { deadline })),
+        }
         let next = (!slot.active).then_some(deadline);
         arm(timers, id, *epoch, i, &mut slot.queued, next, NONE);
     }
