@@ -599,10 +599,7 @@ async fn wait_alerts_flowing(port: u16, alerts: &mut mpsc::Receiver<Inbound>) {
         assert!(mosquitto_pub(port, &["-q", "1", "-t", "citywatch/v1/s/probe/event", "-m", "probe"]).await);
         if let Ok(Some(m)) = timeout(Duration::from_millis(300), alerts.recv()).await {
             m.ack.into_iter().for_each(crate::ingest::Ack::done);
-            while let Ok(Some(m)) = timeout(Duration::from_millis(500), alerts.recv()).await {
-                assert_eq!(m.topic, "citywatch/v1/s/probe/event");
-                m.ack.into_iter().for_each(crate::ingest::Ack::done);
-            }
+            drain(alerts, Duration::from_millis(500)).await;
             return;
         }
     }
@@ -614,14 +611,26 @@ fn two_lanes(bulk: usize) -> (crate::ingest::Lanes, mpsc::Receiver<Inbound>, mps
     (crate::ingest::Lanes { alerts: alerts_tx, bulk: bulk_tx }, alerts_rx, bulk_rx)
 }
 
+/// Acks and drops whatever arrives on `rx` until it is quiet for `d`; returns the payloads.
+async fn drain(rx: &mut mpsc::Receiver<Inbound>, d: Duration) -> Vec<Vec<u8>> {
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = timeout(d, rx.recv()).await {
+        seen.push(m.payload.to_vec());
+        m.ack.into_iter().for_each(crate::ingest::Ack::done);
+    }
+    seen
+}
+
 /// An alarm behind bulk telemetry on the broker reaches the alert lane over its own connection
 /// while the main connection is held back by a full bulk lane. In the first run both sessions
 /// are new, so the main connection passes its copy on too; from the next run on (the alert
-/// session was there before) it skips it, and the skipped copy is acknowledged.
+/// session was there before) it skips it, and the skipped copy is acknowledged. Redeliveries
+/// (a slow machine can make the broker drop the held-back connection) are tolerated: at least
+/// once is the contract, not exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_alerts_take_their_own_connection_past_a_full_bulk_lane() {
     let broker = Mosquitto::start().await;
-    let cfg = broker.cfg("gw-lanes");
+    let cfg = MqttConfig { keep_alive: crate::units::Duration::secs(60), ..broker.cfg("gw-lanes") };
     assert_eq!(cfg.alert_topic_filter, "citywatch/v1/+/+/event", "on by default");
     let (lanes, mut alerts, mut bulk) = two_lanes(1);
     let start = |lanes: crate::ingest::Lanes| {
@@ -643,36 +652,45 @@ async fn external_alerts_take_their_own_connection_past_a_full_bulk_lane() {
     m.ack.expect("QoS 1").done();
     assert_eq!(bulk.len(), 1, "the bulk lane was full all along");
 
-    // Now read the bulk lane: all 50 readings arrive in order, and (first run) the main
-    // connection's copy of the alarm reaches the alert lane after them.
-    for i in 0..50 {
+    // Now read the bulk lane: all 50 readings arrive, and (first run) the main connection's
+    // copy of the alarm reaches the alert lane after them.
+    let mut readings = std::collections::BTreeSet::new();
+    while readings.len() < 50 {
         let m = recv(&mut bulk).await;
-        assert_eq!(&m.payload[..], format!("t{i}").as_bytes());
+        readings.insert(String::from_utf8_lossy(&m.payload).into_owned());
         m.ack.expect("QoS 1").done();
     }
     let copy = recv(&mut alerts).await;
     assert_eq!(&copy.payload[..], b"alarm", "first run: the main session's copy is passed on");
     copy.ack.expect("QoS 1").done();
+    drain(&mut bulk, Duration::from_millis(500)).await;
+    drain(&mut alerts, Duration::from_millis(200)).await;
     running.stop().await;
 
     // Second run: both sessions were there before. An alarm arrives once.
     let (lanes, mut alerts, mut bulk) = two_lanes(64);
     let running = start(lanes);
-    wait_flowing(broker.port, &mut bulk).await;
     wait_alerts_flowing(broker.port, &mut alerts).await;
+    drain(&mut bulk, Duration::from_millis(500)).await;
     assert!(mosquitto_pub(broker.port, &["-q", "1", "-t", "citywatch/v1/s/gas-1/event", "-m", "alarm-2"]).await);
-    let m = recv(&mut alerts).await;
-    assert_eq!(&m.payload[..], b"alarm-2");
-    m.ack.expect("QoS 1").done();
-    assert_quiet(&mut alerts, Duration::from_secs(1)).await;
-    assert_quiet(&mut bulk, Duration::from_millis(200)).await;
+    loop {
+        let m = recv(&mut alerts).await;
+        let found = &m.payload[..] == b"alarm-2";
+        m.ack.into_iter().for_each(crate::ingest::Ack::done);
+        if found {
+            break;
+        }
+    }
+    let later = drain(&mut alerts, Duration::from_secs(1)).await;
+    assert!(!later.iter().any(|p| p == b"alarm-2"), "second run: the main connection skipped its copy");
     running.stop().await;
 
-    // Third run: nothing comes back, so the main connection acknowledged the copy it skipped.
+    // Third run: the alarm does not come back, so the main connection acknowledged the copy
+    // it skipped.
     let (lanes, mut alerts, mut bulk) = two_lanes(64);
     let running = start(lanes);
-    assert_quiet(&mut alerts, Duration::from_secs(1)).await;
-    assert_quiet(&mut bulk, Duration::from_millis(200)).await;
+    let back: Vec<Vec<u8>> = [drain(&mut alerts, Duration::from_secs(1)).await, drain(&mut bulk, Duration::from_millis(200)).await].concat();
+    assert!(!back.iter().any(|p| p == b"alarm-2"), "the skipped copy was not acknowledged");
     running.stop().await;
 }
 
