@@ -83,11 +83,8 @@ impl Config {
         if self.mqtt.client_id.is_empty() {
             return invalid("mqtt.client_id", "must not be empty");
         }
-        if !rumqttc::valid_filter(&self.mqtt.topic_filter) {
-            return invalid("mqtt.topic_filter", "is not a valid MQTT topic filter");
-        }
-        if !self.mqtt.alert_topic_filter.is_empty() && !rumqttc::valid_filter(&self.mqtt.alert_topic_filter) {
-            return invalid("mqtt.alert_topic_filter", "is not a valid MQTT topic filter (or \"\" for one connection)");
+        if let Err((key, reason)) = self.mqtt.check_filters() {
+            return invalid(key, &reason);
         }
         if self.storage.batch_max_rows == 0 {
             return invalid("storage.batch_max_rows", "must be at least 1");

@@ -344,10 +344,11 @@ impl DecodeStage {
                 Err(tokio::sync::mpsc::error::TrySendError::Full(write)) => write,
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(()),
             };
+            let readings = write.reading_count();
             loop {
                 tokio::select! {
                     biased;
-                    permit = store.reserve() => {
+                    permit = store.reserve(readings) => {
                         permit.map_err(|_| ())?.send(write);
                         break;
                     }

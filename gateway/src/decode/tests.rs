@@ -223,15 +223,7 @@ async fn an_alarm_is_evaluated_while_bulk_telemetry_waits_for_a_full_store() {
     // Then the alarm, on its lane: its signal must come out although the store is still full.
     let alarm = r#"{"seq":21,"event":"alarm","metric":"gas_lel","value":54.0}"#;
     lanes.for_topic("citywatch/v1/xh/gas-1/event").send(msg("citywatch/v1/xh/gas-1/event", alarm, NOW)).await.expect("alert lane");
-    let evaluated = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        while let Some(batch) = signals.recv().await {
-            if batch.iter().any(|sig| &*sig.rule == "device_alarm") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let evaluated = signalled(&mut signals, "device_alarm").await;
     assert_eq!(evaluated, Ok(true), "the alarm was not evaluated while the store was full");
 
     // Let the store go: the telemetry is stored after all, and the stage stops with its sources.
@@ -341,18 +333,27 @@ async fn the_running_stage_evaluates_an_alarm_that_overtook_its_birth() {
     lanes.bulk.send(msg("citywatch/v1/xh/gas-9/status", BIRTH, NOW)).await.expect("bulk lane");
     lanes.alerts.send(msg("citywatch/v1/xh/gas-9/event", r#"{"seq":1,"event":"alarm"}"#, NOW)).await.expect("alert lane");
     let stage = tokio::spawn(s.run(input, writer));
-    let evaluated = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        while let Some(batch) = signals.recv().await {
-            if batch.iter().any(|sig| &*sig.rule == "device_alarm") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let evaluated = signalled(&mut signals, "device_alarm").await;
     assert_eq!(evaluated, Ok(true), "the alarm that overtook its birth was not evaluated");
     drop(lanes);
     tokio::time::timeout(std::time::Duration::from_secs(60), stage).await.expect("the stage stops").expect("no panic");
     tokio::task::block_in_place(|| store.join()).expect("the writer stops");
     assert_eq!(store.stats().events_written, 1);
+}
+
+/// Whether a signal of `rule` comes out of the running stage within a minute (`Err` on timeout,
+/// `Ok(false)` when the stage stopped without one).
+async fn signalled(
+    signals: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<Signal>>,
+    rule: &str,
+) -> Result<bool, tokio::time::error::Elapsed> {
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(batch) = signals.recv().await {
+            if batch.iter().any(|sig| &*sig.rule == rule) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
 }

@@ -102,5 +102,20 @@ impl MqttConfig {
         }
         Ok((host.trim_matches(|c| c == '[' || c == ']').to_owned(), port))
     }
+
+    /// Checks the subscription filters: `Err((knob, reason))` for the first bad one.
+    /// `alert_topic_filter` may be empty (one connection).
+    pub fn check_filters(&self) -> Result<(), (&'static str, String)> {
+        if !rumqttc::valid_filter(&self.topic_filter) {
+            return Err(("mqtt.topic_filter", format!("{:?} is not a valid MQTT topic filter", self.topic_filter)));
+        }
+        if !self.alert_topic_filter.is_empty() && !rumqttc::valid_filter(&self.alert_topic_filter) {
+            return Err((
+                "mqtt.alert_topic_filter",
+                format!("{:?} is not a valid MQTT topic filter (or \"\" for one connection)", self.alert_topic_filter),
+            ));
+        }
+        Ok(())
+    }
 }
 

@@ -77,11 +77,7 @@ pub fn connect(cfg: &MqttConfig) -> Result<(ExternalPublisher, ExternalSource)> 
         // rumqttc panics on sub-second keep-alives.
         return Err(Error::Config("mqtt.keep_alive must be 0 or at least 1s".into()));
     }
-    for (knob, filter) in [("topic_filter", &cfg.topic_filter), ("alert_topic_filter", &cfg.alert_topic_filter)] {
-        if !(filter.is_empty() && knob == "alert_topic_filter") && !rumqttc::valid_filter(filter) {
-            return Err(Error::Config(format!("mqtt.{knob} {filter:?} is not a valid MQTT topic filter")));
-        }
-    }
+    cfg.check_filters().map_err(|(knob, reason)| Error::Config(format!("{knob} {reason}")))?;
     let open = |client_id: String, capacity: usize| {
         let mut options = MqttOptions::new(client_id, host.clone(), port);
         options

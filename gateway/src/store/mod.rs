@@ -18,7 +18,7 @@ use citywatch_edge::wire::{EventKind, Metric};
 use crate::ingest::Ack;
 
 pub use sqlite::{SqliteStore, StoreOptions};
-pub use sqlite::StoreWriter;
+pub use sqlite::{StoreWriter, WritePermit};
 pub use config::StorageConfig;
 
 /// One metric value of one device at one time.
@@ -73,6 +73,16 @@ pub enum Write {
     Ack(Ack),
 }
 
+impl Write {
+    /// Readings it carries: what it counts against the store queue's bound in readings.
+    pub fn reading_count(&self) -> usize {
+        match self {
+            Write::Readings(v) => v.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// How to aggregate readings into steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {
@@ -122,6 +132,9 @@ pub struct StoreStats {
     /// Messages waiting in the writer's channel.
     pub queue_depth: u64,
     pub queue_capacity: u64,
+    /// Readings waiting in the writer's channel, and the most it takes before senders wait.
+    pub queue_readings: u64,
+    pub queue_max_readings: u64,
     /// Write errors (each logged once); the writer keeps going.
     pub write_errors: u64,
     /// The disk refuses writes (full, read-only): the current batch is being retried and
@@ -140,6 +153,8 @@ impl prometheus_client::collector::Collector for StoreMetrics {
         let e = &mut encoder;
         gauge(e, "citywatch_store_queue_depth", "Writes waiting for the store writer.", st.queue_depth)?;
         gauge(e, "citywatch_store_queue_capacity", "Capacity of the store queue.", st.queue_capacity)?;
+        gauge(e, "citywatch_store_queue_readings", "Readings waiting for the store writer.", st.queue_readings)?;
+        gauge(e, "citywatch_store_queue_max_readings", "Readings the store queue holds before the decode stage waits.", st.queue_max_readings)?;
         gauge(e, "citywatch_store_last_batch_seconds", "Duration of the last store transaction.", st.last_batch_us as f64 / 1e6)?;
         gauge(e, "citywatch_store_max_batch_seconds", "Slowest store transaction since start.", st.max_batch_us as f64 / 1e6)?;
         gauge(e, "citywatch_store_last_batch_rows", "Rows in the last store transaction.", st.last_batch_rows)?;

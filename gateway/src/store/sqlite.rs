@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +34,11 @@ pub const SCHEMA_VERSION: i64 = 1;
 
 const MINUTE_MS: i64 = 60_000;
 
+/// The readings queued ahead of the writer are bounded to this many transactions' worth
+/// (`batch_max_rows` each): enough to keep the writer busy while the decode stage prepares the
+/// next batch, and a fixed memory cost (4 × 10 000 readings ≈ 1.6 MB by default).
+const BACKLOG_BATCHES: usize = 4;
+
 /// Page cache of the read connection (the API's queries), KiB: fixed, whatever the fleet.
 const READ_CACHE_KIB: u32 = 8192;
 
@@ -62,7 +67,7 @@ pub struct StoreOptions {
     pub synchronous: Synchronous,
     /// Least time between two retention passes (default 5 minutes).
     pub retention_every: Duration,
-    /// Page cache of the write connection, MiB (`[storage] cache_mib`, default 64). Each batch dirties about one page
+    /// Page cache of the write connection, MiB (`[storage] cache_mib`, default 32). Each batch dirties about one page
     /// per series it touches, so the cache should hold the hot leaf pages of every live series.
     pub cache_mib: u32,
     /// WAL pages written before the writer checkpoints (default 10 000, ~40 MB). Larger values
@@ -103,23 +108,107 @@ struct Shared {
     refusing: std::sync::atomic::AtomicBool,
 }
 
+/// Readings queued ahead of the writer thread, bounded.
+///
+/// The channel counts writes, and one `Write::Readings` is a whole decode batch (up to ~10k
+/// readings), so a channel of writes alone would let a writer that falls behind (a loaded
+/// machine, a slow disk) hold ~50 MB of readings in memory. This bound, in readings, makes the
+/// decode stage wait instead (and so the source and the broker, which keeps unacknowledged
+/// messages): the store's memory stays fixed however far behind it is. A write of more readings
+/// than the bound is let through when nothing is queued, so no batch is too big to ever go.
+#[derive(Debug)]
+pub(super) struct Backlog {
+    queued: AtomicUsize,
+    max: usize,
+    room: tokio::sync::Notify,
+}
+
+impl Backlog {
+    fn new(max: usize) -> Self {
+        Backlog { queued: AtomicUsize::new(0), max: max.max(1), room: tokio::sync::Notify::new() }
+    }
+
+    fn fits(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let q = self.queued.load(Ordering::Acquire);
+        q == 0 || q.saturating_add(n) <= self.max
+    }
+
+    /// Waits until `n` more readings fit. One sender of readings (the decode stage) is the
+    /// design; two racing senders can overshoot the bound by one write, never more.
+    async fn room_for(&self, n: usize) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.fits(n) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn add(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
+    /// The writer took a write off the queue.
+    pub(super) fn taken(&self, w: &Write) {
+        let n = w.reading_count();
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.room.notify_waiters();
+        }
+    }
+
+    pub(super) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
 /// Sends writes to the writer thread. Cheap to clone; when the last clone is dropped the writer
-/// drains what is queued, commits it and stops.
+/// drains what is queued, commits it and stops. Waits while the queue is full, in writes
+/// (`[storage] queue_capacity`) or in readings ([`Backlog`]).
 #[derive(Debug, Clone)]
 pub struct StoreWriter {
     tx: mpsc::Sender<Write>,
+    backlog: Arc<Backlog>,
+}
+
+/// Room for one write in the store's queue, held (see [`StoreWriter::reserve`]).
+#[derive(Debug)]
+pub struct WritePermit<'a> {
+    permit: mpsc::Permit<'a, Write>,
+    backlog: &'a Backlog,
+}
+
+impl WritePermit<'_> {
+    /// Queues `w`, which should be the write the permit was reserved for (its readings were
+    /// the ones waited for; more are let through and counted).
+    pub fn send(self, w: Write) {
+        self.backlog.add(w.reading_count());
+        self.permit.send(w);
+    }
 }
 
 impl StoreWriter {
     /// Queues a write, waiting while the queue is full. `Error::WriterGone` if the writer stopped.
     pub async fn send(&self, w: Write) -> Result<()> {
-        self.tx.send(w).await.map_err(|_| Error::WriterGone)
+        self.reserve(w.reading_count()).await?.send(w);
+        Ok(())
     }
 
-    /// Waits for room for one write and holds it (cancel-safe: dropping the wait or the permit
-    /// queues nothing). `Error::WriterGone` if the writer stopped.
-    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Write>> {
-        self.tx.reserve().await.map_err(|_| Error::WriterGone)
+    /// Waits for room for a write of `readings` readings ([`Write::reading_count`]), then for
+    /// one slot, and holds it (cancel-safe: dropping the wait or the permit queues nothing).
+    /// `Error::WriterGone` if the writer stopped.
+    pub async fn reserve(&self, readings: usize) -> Result<WritePermit<'_>> {
+        self.backlog.room_for(readings).await;
+        let permit = self.tx.reserve().await.map_err(|_| Error::WriterGone)?;
+        Ok(WritePermit { permit, backlog: &self.backlog })
     }
 
     /// Queues a write without waiting; gives it back when the queue is full or the writer gone.
@@ -127,12 +216,32 @@ impl StoreWriter {
     // exactly the path that runs when the store is already behind.
     #[allow(clippy::result_large_err)]
     pub fn try_send(&self, w: Write) -> Result<(), TrySendError<Write>> {
-        self.tx.try_send(w)
+        let n = w.reading_count();
+        if !self.backlog.fits(n) {
+            return Err(TrySendError::Full(w));
+        }
+        // Counted before the send: the writer may take the write (and subtract) at once.
+        self.backlog.add(n);
+        self.tx.try_send(w).inspect_err(|_| {
+            self.backlog.queued.fetch_sub(n, Ordering::AcqRel);
+        })
     }
 
-    /// [`StoreWriter::send`] for synchronous code; panics inside an async runtime (tokio's rule).
+    /// [`StoreWriter::send`] for synchronous code (tests, tools); panics inside an async
+    /// runtime (tokio's rule). Waits for room in readings by polling every millisecond.
     pub fn blocking_send(&self, w: Write) -> Result<()> {
-        self.tx.blocking_send(w).map_err(|_| Error::WriterGone)
+        let n = w.reading_count();
+        while !self.backlog.fits(n) {
+            if self.tx.is_closed() {
+                return Err(Error::WriterGone);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.backlog.add(n);
+        self.tx.blocking_send(w).map_err(|_| {
+            self.backlog.queued.fetch_sub(n, Ordering::AcqRel);
+            Error::WriterGone
+        })
     }
 
     /// The queue's size, as configured.
@@ -200,6 +309,7 @@ pub struct SqliteStore {
     shared: Arc<Shared>,
     /// Weak, so the store itself does not keep the writer alive.
     tx: mpsc::WeakSender<Write>,
+    backlog: Arc<Backlog>,
     queue_capacity: usize,
     raw_retention_ms: i64,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -244,11 +354,13 @@ impl SqliteStore {
 
         let capacity = opts.queue_capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
+        let backlog = Arc::new(Backlog::new(opts.batch_max_rows.saturating_mul(BACKLOG_BATCHES)));
         let shared = Arc::new(Shared::default());
         let raw_retention_ms = duration_ms(opts.raw_retention);
         let writer = Writer {
             conn,
             rx,
+            backlog: backlog.clone(),
             shared: shared.clone(),
             keys,
             logged: HashSet::new(),
@@ -266,11 +378,12 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             shared,
             tx: tx.downgrade(),
+            backlog: backlog.clone(),
             queue_capacity: capacity,
             raw_retention_ms,
             writer: Mutex::new(Some(handle)),
         };
-        Ok((store, StoreWriter { tx }))
+        Ok((store, StoreWriter { tx, backlog }))
     }
 
     /// The database file.
@@ -308,6 +421,8 @@ impl SqliteStore {
             max_batch_us: get(&s.max_batch_us),
             last_batch_rows: get(&s.last_batch_rows),
             queue_depth: depth as u64,
+            queue_readings: self.backlog.queued() as u64,
+            queue_max_readings: self.backlog.max as u64,
             queue_capacity: self.queue_capacity as u64,
             write_errors: get(&s.write_errors),
             refusing: s.refusing.load(Ordering::Relaxed),

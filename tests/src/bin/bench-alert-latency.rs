@@ -9,8 +9,15 @@
 //! MQTT in (every telemetry topic, JSON) → one threshold (`values.gas_lel` ≥ 50) → HTTP POST to
 //! a receiver in this process. Each publish is one sample for both; both tables are printed.
 //!
-//! Usage: bench-alert-latency [N=1000] [--mode embedded|external] [--node-red DIR]
-//!        [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]
+//! `--trigger event` sends the device's own alarm instead (`event: alarm`, `gas_lel` 55 on the
+//! `event` topic, which takes the gateway's alert lane and, in external mode, its alert
+//! connection); the sample ends at the incident's revision 1 at the receiver, whatever rule the
+//! situation carries (`device_alarm` or `gas_high`). Node-RED's flow then listens on the event
+//! topics and passes `event == "alarm"`.
+//!
+//! Usage: bench-alert-latency [N=1000] [--mode embedded|external] [--trigger telemetry|event]
+//!        [--node-red DIR] [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2]
+//!        [--warmup SECS=5]
 //! (scripts/bench-alert-latency builds the release binaries first and runs this.)
 //!
 //! The default rate aims at ~10k readings/s: an edge-sim telemetry message of a mixed fleet
@@ -43,6 +50,8 @@ struct Args {
     connections: usize,
     warmup: Duration,
     external: bool,
+    /// The device's own `alarm` event instead of a telemetry reading over the threshold.
+    event: bool,
     node_red: Option<std::path::PathBuf>,
 }
 
@@ -55,6 +64,7 @@ impl Args {
             connections: 2,
             warmup: Duration::from_secs(5),
             external: false,
+            event: false,
             node_red: None,
         };
         let mut it = std::env::args().skip(1);
@@ -68,6 +78,13 @@ impl Args {
                         other => bail!("--mode {other:?}: embedded or external"),
                     }
                 }
+                "--trigger" => {
+                    args.event = match value("--trigger")?.as_str() {
+                        "event" => true,
+                        "telemetry" => false,
+                        other => bail!("--trigger {other:?}: telemetry or event"),
+                    }
+                }
                 "--node-red" => args.node_red = Some(value("--node-red")?.into()),
                 "--rate" => args.rate = value("--rate")?.parse().context("--rate")?,
                 "--devices" => args.devices = value("--devices")?.parse().context("--devices")?,
@@ -79,7 +96,7 @@ impl Args {
                         Duration::from_secs_f64(value("--warmup")?.parse().context("--warmup")?)
                 }
                 "-h" | "--help" => {
-                    println!("usage: bench-alert-latency [N=1000] [--mode embedded|external] [--node-red DIR] [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]");
+                    println!("usage: bench-alert-latency [N=1000] [--mode embedded|external] [--trigger telemetry|event] [--node-red DIR] [--rate MSGS_PER_S=1900] [--devices 1000] [--connections 2] [--warmup SECS=5]");
                     std::process::exit(0);
                 }
                 n if !n.starts_with('-') => {
@@ -135,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
         None => gw.mqtt_addr().context("embedded broker")?.to_owned(),
     };
     let node_red = match &args.node_red {
-        Some(dir) => Some(NodeRed::start(dir, &broker).await?),
+        Some(dir) => Some(NodeRed::start(dir, &broker, args.event).await?),
         None => None,
     };
 
@@ -216,11 +233,18 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     for (k, id) in ids.iter().enumerate() {
         let warm = k < WARM_INCIDENTS;
-        let topic = device_topic(SITE, id, "telemetry");
-        let payload =
-            json!({"seq": k + 1, "ts": now_ms(), "values": {"gas_lel": 55.0, "valve_closed": 0}})
-                .to_string()
-                .into_bytes();
+        let (topic, payload) = if args.event {
+            (
+                device_topic(SITE, id, "event"),
+                json!({"seq": k + 1, "ts": now_ms(), "event": "alarm", "metric": "gas_lel", "value": 55.0}),
+            )
+        } else {
+            (
+                device_topic(SITE, id, "telemetry"),
+                json!({"seq": k + 1, "ts": now_ms(), "values": {"gas_lel": 55.0, "valve_closed": 0}}),
+            )
+        };
+        let payload = payload.to_string().into_bytes();
         let published = Instant::now();
         publisher
             .publish(&topic, QoS::AtLeastOnce, false, payload)
@@ -229,7 +253,9 @@ async fn main() -> anyhow::Result<()> {
         let arrived = loop {
             match tokio::time::timeout_at(deadline, feed.recv()).await {
                 Ok(Some(d))
-                    if d.rule() == "gas_high" && d.device() == id.as_str() && d.revision() == 1 =>
+                    if (args.event || d.rule() == "gas_high")
+                        && d.device() == id.as_str()
+                        && d.revision() == 1 =>
                 {
                     break Some(d)
                 }
@@ -246,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
             ),
             Some(_) => {}
             None if k == 0 => bail!(
-                "the first gas_high never reached the receiver within {PER_INCIDENT:?}\n{}\n{}",
+                "the first incident never reached the receiver within {PER_INCIDENT:?}\n{}\n{}",
                 receiver.report(),
                 citywatch_tests::tail(&gw.logs(), 40)
             ),
@@ -296,7 +322,9 @@ async fn main() -> anyhow::Result<()> {
     let round = |v: f64| (v * 1000.0).round() / 1000.0;
     let ours = Percentiles::of(&latencies_ms);
     let mode = if args.external { "external" } else { "embedded" };
-    println!("alert latency ({mode} mode): publish → gas_high (revision 1) at the webhook receiver");
+    let trigger = if args.event { "event" } else { "telemetry" };
+    let what = if args.event { "alarm event → incident" } else { "telemetry → gas_high" };
+    println!("alert latency ({mode} mode, {what}): publish → revision 1 at the webhook receiver");
     println!("  missed      {:>10}", missed.len());
     println!("{}", ours.rows("ms"));
     println!("  background  {:>10.0} readings/s  ({:.0} telemetry msgs/s, {:.2} readings/msg, asked {} msgs/s, {} devices, {} connections)", readings_per_s, telemetry_per_s, per_message, args.rate, args.devices, args.connections);
@@ -318,6 +346,7 @@ async fn main() -> anyhow::Result<()> {
     let line = json!({
         "bench": "alert_latency",
         "mode": mode,
+        "trigger": trigger,
         "node_red": red,
         "gateway_commit_mean_ms": round(commit_ms),
         "gateway_arrival_to_commit_mean_ms": round(path_ms),
@@ -344,7 +373,7 @@ async fn main() -> anyhow::Result<()> {
     drop(mosquitto);
     if !missed.is_empty() {
         eprintln!(
-            "missed (no gas_high within {PER_INCIDENT:?}): {:?}",
+            "missed (no incident within {PER_INCIDENT:?}): {:?}",
             &missed[..missed.len().min(20)]
         );
     }
@@ -360,7 +389,9 @@ struct NodeRed {
 }
 
 impl NodeRed {
-    async fn start(install: &std::path::Path, broker: &str) -> anyhow::Result<NodeRed> {
+    /// `event`: the flow listens on the event topics and passes `event == "alarm"` (the
+    /// device's own alarm) instead of the telemetry threshold.
+    async fn start(install: &std::path::Path, broker: &str, event: bool) -> anyhow::Result<NodeRed> {
         let bin = install.join("node_modules/.bin/node-red");
         anyhow::ensure!(bin.exists(), "{} missing: npm install node-red@4 there first", bin.display());
         let (host, port) = broker.rsplit_once(':').context("broker host:port")?;
@@ -374,15 +405,20 @@ impl NodeRed {
             }
         });
         let dir = tempfile::Builder::new().prefix("citywatch-node-red-").tempdir()?;
+        let (topic, property, rule) = if event {
+            ("citywatch/v1/+/+/event", "payload.event", json!({"t": "eq", "v": "alarm", "vt": "str"}))
+        } else {
+            ("citywatch/v1/+/+/telemetry", "payload.values.gas_lel", json!({"t": "gte", "v": "50", "vt": "num"}))
+        };
         let flow = json!([
             {"id": "tab1", "type": "tab", "label": "bench"},
             {"id": "broker1", "type": "mqtt-broker", "name": "bench", "broker": host, "port": port,
              "clientid": format!("node-red-bench-{}", std::process::id()), "autoConnect": true, "usetls": false,
              "protocolVersion": "4", "keepalive": "60", "cleansession": true},
-            {"id": "in1", "type": "mqtt in", "z": "tab1", "topic": "citywatch/v1/+/+/telemetry", "qos": "1",
+            {"id": "in1", "type": "mqtt in", "z": "tab1", "topic": topic, "qos": "1",
              "datatype": "json", "broker": "broker1", "nl": false, "rap": false, "inputs": 0, "wires": [["sw1"]]},
-            {"id": "sw1", "type": "switch", "z": "tab1", "property": "payload.values.gas_lel", "propertyType": "msg",
-             "rules": [{"t": "gte", "v": "50", "vt": "num"}], "checkall": "true", "outputs": 1, "wires": [["post1"]]},
+            {"id": "sw1", "type": "switch", "z": "tab1", "property": property, "propertyType": "msg",
+             "rules": [rule], "checkall": "true", "outputs": 1, "wires": [["post1"]]},
             {"id": "post1", "type": "http request", "z": "tab1", "method": "POST", "ret": "txt", "paytoqs": "ignore",
              "url": format!("http://127.0.0.1:{post_port}/alert"), "wires": [[]]}
         ]);

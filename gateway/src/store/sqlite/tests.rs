@@ -610,3 +610,45 @@ fn measure(pattern: &str, sync_mode: Synchronous) {
     drop(w);
     store.close().expect("close");
 }
+
+#[test]
+fn the_queue_holds_a_bounded_number_of_readings_whatever_its_count_of_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options(dir.path());
+    opts.batch_max_rows = 10; // the bound is BACKLOG_BATCHES × 10 = 40 readings
+    let (store, w) = SqliteStore::open_with(opts).expect("open");
+    let bound = 10 * BACKLOG_BATCHES;
+    assert_eq!(store.stats().queue_max_readings, bound as u64);
+    let batch = |n: usize, t0: i64| -> Write {
+        Write::Readings((0..n).map(|i| reading("q", Metric::GasLel, t0 + i as i64, 1.0)).collect())
+    };
+    // Hold the writer thread inside an ack: what is sent next stays queued.
+    let (entered_tx, entered) = std_mpsc::channel();
+    let (release, blocked) = std_mpsc::channel::<()>();
+    w.blocking_send(Write::Ack(Ack::new(move || {
+        let _ = entered_tx.send(());
+        let _ = blocked.recv();
+    })))
+    .expect("writer");
+    entered.recv_timeout(WAIT).expect("the writer runs the ack");
+
+    assert!(w.try_send(batch(30, 1_000)).is_ok(), "30 of 40 fit");
+    assert!(matches!(w.try_send(batch(20, 2_000)), Err(TrySendError::Full(_))), "30 + 20 > 40 waits");
+    assert!(w.try_send(Write::Ack(Ack::new(|| {}))).is_ok(), "writes without readings are not held back");
+    assert!(w.try_send(batch(10, 3_000)).is_ok(), "30 + 10 = 40 fits");
+    assert_eq!(store.stats().queue_readings, 40);
+    // An async sender waits for room, and goes once the writer has taken the queued readings.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let sender = w.clone();
+    let waiting = std::thread::spawn(move || rt.block_on(sender.send(batch(25, 4_000))));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiting.is_finished(), "no room: the sender waits");
+    release.send(()).expect("writer waits");
+    waiting.join().expect("sender thread").expect("sent once there was room");
+    sync(&w);
+    assert_eq!(store.stats().queue_readings, 0);
+    // A write bigger than the bound still goes when nothing is queued.
+    write_sync(&w, vec![batch(100, 10_000)]);
+    let all = store.readings(&query("q", Metric::GasLel, 0, 20_000, None)).expect("read");
+    assert_eq!(all.len(), 30 + 10 + 25 + 100);
+}

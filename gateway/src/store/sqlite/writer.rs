@@ -23,6 +23,8 @@ use crate::store::{Reading, Write};
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) rx: mpsc::Receiver<Write>,
+    /// Readings queued ahead of this thread: released as each write is taken.
+    pub(super) backlog: Arc<super::Backlog>,
     pub(super) opts: StoreOptions,
     pub(super) shared: Arc<Shared>,
     /// device name → id, every row of `device_keys`.
@@ -71,7 +73,7 @@ impl Writer {
         loop {
             let first = if self.retention.is_some() {
                 match self.rx.try_recv() {
-                    Ok(w) => w,
+                    Ok(w) => self.took(w),
                     Err(TryRecvError::Empty) => {
                         self.retention_step();
                         continue;
@@ -80,7 +82,7 @@ impl Writer {
                 }
             } else {
                 match self.rx.blocking_recv() {
-                    Some(w) => w,
+                    Some(w) => self.took(w),
                     None => break,
                 }
             };
@@ -89,6 +91,7 @@ impl Writer {
             while rows < self.opts.batch_max_rows && batch.len() < max_msgs {
                 match self.rx.try_recv() {
                     Ok(w) => {
+                        let w = self.took(w);
                         rows += rows_of(&w);
                         batch.push(w);
                     }
@@ -101,6 +104,12 @@ impl Writer {
             }
         }
         tracing::debug!("store writer: every sender is gone and the queue is drained; stopping");
+    }
+
+    /// A write taken off the queue: its readings no longer count against the backlog.
+    fn took(&self, w: Write) -> Write {
+        self.backlog.taken(&w);
+        w
     }
 
     fn write_batch(&mut self, batch: Vec<Write>) {
