@@ -1,10 +1,18 @@
 //! Cluster mode when a NATS node dies (issue 17, SPEC §9): three nats-server nodes, two gateways,
 //! devices publishing QoS 1 events at a few thousand a second spread over all three nodes'
-//! MQTT listeners; SIGKILL of one node in the middle. Ingestion and pushes must go on through
+//! MQTT listeners; SIGKILL of the node that leads the ingest stream (the worst case: the stream
+//! has no leader until the two nodes left elect one). Ingestion and pushes must go on through
 //! the other two, and a device's PUBACK is checked against the replicated ingest stream: every
 //! event a device got a PUBACK for is looked up there afterwards, and what is missing is counted
 //! per node that sent the PUBACK — the measurement behind the README's "What a PUBACK means in
 //! cluster mode".
+//!
+//! nats-server's MQTT listener sends a QoS 1 PUBACK once the message is stored in its own
+//! `$MQTT_msgs` stream; the ingest stream gets the message by a plain publish to the mapped
+//! subject, which only its leader takes in. While the ingest stream has no leader, PUBACKed
+//! events are lost — whichever node acknowledged them. The test asserts what follows from that
+//! and nothing more: the loss is one run of each device's events, and it ends (every device has
+//! events stored after its lost ones).
 //!
 //! Each device keeps one QoS 1 publish in flight, so a PUBACK names exactly one `seq`; when its
 //! link breaks it connects to the next node and sends the unacknowledged event again (what the
@@ -20,37 +28,47 @@ use citywatch_tests::{birth, device_topic, split_addr, unique_client_id, wait_fo
 use futures_util::StreamExt as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
+use tokio::sync::watch;
 
 const SECRET: &str = "e2e-nats-kill-secret";
 const PARTITIONS: u16 = 8;
 const DEVICES: usize = 24;
 const SITES: usize = 6;
-/// The node that is killed (index into the cluster's nodes).
-const VICTIM: usize = 1;
 const BEFORE_KILL: Duration = Duration::from_secs(4);
-const AFTER_KILL: Duration = Duration::from_secs(8);
+/// How long devices go on publishing once the ingest stream has a leader again.
+const AFTER_LEADER: Duration = Duration::from_secs(4);
 const SETTLE: Duration = Duration::from_secs(90);
 const EVENTS: &str = "citywatch_messages_received_total{channel=\"event\"}";
 
-/// What one device saw: each acknowledged seq with the node whose listener sent the PUBACK.
+/// One PUBACK: the event's seq, the node whose listener sent it, when it came.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    seq: u32,
+    node: usize,
+    at: Instant,
+}
+
+/// What one device saw: each acknowledged event, in order.
 #[derive(Debug, Default)]
 struct DeviceLog {
-    acked: Vec<(u32, usize)>,
+    acked: Vec<Acked>,
     reconnects: usize,
 }
 
-/// One device: events `self_test_ok` with rising seq, one in flight, until `until`.
-async fn device(site: String, id: String, nodes: Vec<String>, first: usize, until: Instant) -> DeviceLog {
+/// One device: events `self_test_ok` with rising seq, one in flight, until the instant `until`
+/// holds (moved by the test once it knows when the ingest stream has a leader again).
+async fn device(site: String, id: String, nodes: Vec<String>, first: usize, until: watch::Receiver<Instant>) -> DeviceLog {
     let mut log = DeviceLog::default();
     let mut node = first;
     let mut seq: u32 = 1;
-    'links: while Instant::now() < until {
+    let running = || Instant::now() < *until.borrow();
+    'links: while running() {
         let Ok((host, port)) = split_addr(&nodes[node]) else { break };
         let mut options = MqttOptions::new(unique_client_id(&id), host, port);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut events) = AsyncClient::new(options, 8);
         let topic = device_topic(&site, &id, "event");
-        while Instant::now() < until {
+        while running() {
             let body = json!({"seq": seq, "ts": wall_ms(), "event": "self_test_ok"}).to_string();
             if client.try_publish(&topic, QoS::AtLeastOnce, false, body).is_err() {
                 break;
@@ -69,12 +87,39 @@ async fn device(site: String, id: String, nodes: Vec<String>, first: usize, unti
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue 'links;
             }
-            log.acked.push((seq, node));
+            log.acked.push(Acked { seq, node, at: Instant::now() });
             seq += 1;
         }
         break;
     }
     log
+}
+
+/// The server name of the ingest stream's leader as the cluster answers now; `None` while it
+/// has none (the stream info request then goes unanswered).
+async fn ingest_leader(js: &jetstream::Context) -> Option<String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), js.get_stream(INGEST_STREAM)).await.ok()?.ok()?;
+    stream.cached_info().cluster.as_ref()?.leader.clone()
+}
+
+/// Every RAFT group `node` leads among the streams and their consumers (`stream` or
+/// `stream/consumer`): what has to elect a new leader when it dies.
+async fn groups_led_by(js: &jetstream::Context, node: &str) -> Vec<String> {
+    let mut led = Vec::new();
+    let names: Vec<String> = js.stream_names().filter_map(|n| async move { n.ok() }).collect().await;
+    for name in names {
+        let Ok(stream) = js.get_stream(&name).await else { continue };
+        if stream.cached_info().cluster.as_ref().and_then(|c| c.leader.as_deref()) == Some(node) {
+            led.push(name.clone());
+        }
+        let consumers: Vec<_> = stream.consumers().filter_map(|c| async move { c.ok() }).collect().await;
+        for c in consumers {
+            if c.cluster.as_ref().and_then(|c| c.leader.as_deref()) == Some(node) {
+                led.push(format!("{name}/{}", c.name));
+            }
+        }
+    }
+    led
 }
 
 /// A publisher on one of `addrs`, tried in turn until `within`: right after a node died, a
@@ -114,8 +159,7 @@ fn wall_ms() -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "passed 3 runs in a row on its branch, then failed on the merged tree (2026-12-03 16:05): 25,969 of 43,563 events PUBACKed by the two surviving nodes were not found in the ingest stream by the read-back; not yet known whether they are lost or the read-back is short (issue 17)"]
-async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_puback_is_counted() {
+async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_the_lost_pubacks_are_one_window() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
     let mut gateways = Vec::new();
@@ -135,9 +179,18 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     .await
     .expect("partitions settle");
 
+    // The victim: the node leading the ingest stream. The watcher stays on a node that survives.
+    let probe = jetstream::new(async_nats::connect(nats.nodes[0].url()).await.expect("NATS client"));
+    let probe = &probe;
+    let leader = wait_for_async("the ingest stream's leader", SETTLE, move || ingest_leader(probe)).await.expect("ingest leader");
+    let victim = nats.nodes.iter().position(|n| n.name == leader).expect("the leader is one of the nodes");
+    let survivor = (victim + 1) % nats.nodes.len();
+    let led = groups_led_by(probe, &leader).await;
+    eprintln!("node {victim} ({leader}) leads the ingest stream and is killed; RAFT groups it leads: {led:?}");
+    let watcher = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(async_nats::connect(nats.nodes[survivor].url()).await.expect("NATS client"));
+
     // Devices, born first on a node that stays up, then publishing through every node.
     let nodes: Vec<String> = nats.nodes.iter().map(|n| n.mqtt_addr()).collect();
-    let survivor = (VICTIM + 1) % nodes.len();
     let mut births = Publisher::connect(&nodes[survivor], DEVICES + 8).await.expect("publisher");
     let ids: Vec<(String, String)> = (0..DEVICES).map(|i| (format!("nk{}", i % SITES), format!("nk-smoke-{i}"))).collect();
     for (site, id) in &ids {
@@ -146,25 +199,46 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     births.wait_acked(DEVICES as u64, Duration::from_secs(30)).await.expect("births acknowledged");
 
     let started = Instant::now();
-    let until = started + BEFORE_KILL + AFTER_KILL;
-    let tasks: Vec<_> = ids.iter().enumerate().map(|(i, (site, id))| tokio::spawn(device(site.clone(), id.clone(), nodes.clone(), i % nodes.len(), until))).collect();
+    let (until_tx, until) = watch::channel(started + BEFORE_KILL + SETTLE);
+    let tasks: Vec<_> = ids.iter().enumerate().map(|(i, (site, id))| tokio::spawn(device(site.clone(), id.clone(), nodes.clone(), i % nodes.len(), until.clone()))).collect();
     let events_taken = || gateways.iter().filter_map(|g| g.get_text("/metrics").ok()).map(|t| metric_series(&t, EVENTS)).sum::<f64>();
 
     tokio::time::sleep(BEFORE_KILL).await;
     let before_kill = events_taken();
     assert!(before_kill > 0.0, "no event reached the gateways before the kill");
-    nats.kill(VICTIM);
+    nats.kill(victim);
     let killed = Instant::now();
+    eprintln!("node {victim} killed at {} ms since the epoch (to read the gateways' logs by)", wall_ms());
 
-    // Pushes go on: a smoke alarm after the kill, published on a surviving node, is pushed.
+    // The two nodes left elect a new ingest leader (nats-server: after a 4–9 s election timeout).
+    let watcher = &watcher;
+    let victim_name = leader.clone();
+    let new_leader = wait_for_async("a new leader of the ingest stream", SETTLE, move || {
+        let victim_name = victim_name.clone();
+        async move { ingest_leader(watcher).await.filter(|l| *l != victim_name) }
+    })
+    .await
+    .expect("a new ingest leader");
+    let leader_back = Instant::now();
+    until_tx.send_replace(leader_back + AFTER_LEADER);
+    eprintln!("ingest stream leader again ({new_leader}) {:.2} s after the kill", leader_back.duration_since(killed).as_secs_f64());
+
+    // Pushes go on: a smoke alarm published on a surviving node once the ingest stream has a
+    // leader again (one published before may be PUBACKed and lost, as any event then) is pushed.
     let (site, alarmed) = &ids[survivor];
-    let survivors: Vec<String> = nodes.iter().enumerate().filter(|(i, _)| *i != VICTIM).map(|(_, a)| a.clone()).collect();
+    let survivors: Vec<String> = nodes.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, a)| a.clone()).collect();
     let body = json!({"seq": 1_000_000, "ts": wall_ms(), "event": "alarm", "metric": "smoke_db_m", "value": 0.4});
     publish_until_acked(&survivors, &device_topic(site, alarmed, "event"), &body, SETTLE).await;
+    let alarm_acked = Instant::now();
     let pushed = receiver
         .wait_for(SETTLE, "an incident pushed after the NATS node was killed", |ds| ds.iter().find(|d| d.device() == alarmed.as_str() && d.state() == "open").map(|d| d.received))
         .await;
-    eprintln!("first push after the kill: {:.2} s after it", pushed.saturating_duration_since(killed).as_secs_f64());
+    eprintln!(
+        "first push after the kill: {:.2} s after it; the alarm was PUBACKed {:.2} s after the kill, pushed {:.2} s after its PUBACK",
+        pushed.saturating_duration_since(killed).as_secs_f64(),
+        alarm_acked.duration_since(killed).as_secs_f64(),
+        pushed.saturating_duration_since(alarm_acked).as_secs_f64()
+    );
     // What the kill cost each gateway, from its per-partition metrics.
     for (name, g) in ["gw-a", "gw-b"].iter().zip(&gateways) {
         let text = g.get_text("/metrics").unwrap_or_default();
@@ -182,6 +256,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     for task in tasks {
         logs.push(task.await.expect("device task"));
     }
+    let published_for = until.borrow().duration_since(started);
     let acked_total: usize = logs.iter().map(|l| l.acked.len()).sum();
     // Ingestion goes on: every partition's consumer reaches the end of the stream (through
     // the two nodes left).
@@ -197,29 +272,41 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
     // Every acknowledged event, looked up in the replicated ingest stream: every stored message
     // by a direct get (any replica answers), not through a consumer — creating one goes through
     // the JetStream meta leader, which can leave it unanswered for a minute after a node died.
-    let client = async_nats::connect(nats.nodes[survivor].url()).await.expect("NATS client");
-    let js = jetstream::new(client);
+    // A direct get that finds nothing is asked again of the stream's leader (a replica that
+    // lags behind answers "not found" for what the leader has).
+    let js = jetstream::new(async_nats::connect(nats.nodes[survivor].url()).await.expect("NATS client"));
     let js = &js;
     let stream = wait_for_async("the ingest stream's info", SETTLE, move || async move { js.get_stream(INGEST_STREAM).await.ok() }).await.expect("ingest stream");
-    let (first, last) = (stream.cached_info().state.first_sequence, stream.cached_info().state.last_sequence);
+    let state = stream.cached_info().state.clone();
+    let (first, last) = (state.first_sequence, state.last_sequence);
     let gets = futures_util::stream::iter(first..=last)
         .map(|seq| {
             let stream = &stream;
             async move {
                 let fetched = wait_for_async(&format!("ingest stream message {seq}"), SETTLE, move || async move {
                     match tokio::time::timeout(Duration::from_secs(5), stream.direct_get(seq)).await {
-                        Ok(Ok(m)) => Some(Some(m)),
-                        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Some(None),
+                        Ok(Ok(m)) => Some((Some(m), false)),
+                        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                            match tokio::time::timeout(Duration::from_secs(5), stream.get_raw_message(seq)).await {
+                                Ok(Ok(m)) => Some((Some(m), true)),
+                                Ok(Err(e)) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Some((None, false)),
+                                _ => None,
+                            }
+                        }
                         _ => None,
                     }
                 })
                 .await;
-                fetched.expect("a direct get of the ingest stream")
+                fetched.expect("a get of the ingest stream")
             }
         })
         .buffer_unordered(64);
     let mut stored: BTreeSet<(String, u32)> = BTreeSet::new();
-    for m in gets.collect::<Vec<_>>().await.into_iter().flatten() {
+    let (mut read, mut direct_short) = (0usize, 0usize);
+    for (m, short) in gets.collect::<Vec<_>>().await {
+        direct_short += usize::from(short);
+        let Some(m) = m else { continue };
+        read += 1;
         if m.subject.ends_with(".event") {
             let device = m.subject.split('.').nth(4).unwrap_or("").to_owned();
             if let Some(seq) = serde_json::from_slice::<serde_json::Value>(&m.payload).ok().and_then(|v| v["seq"].as_u64()) {
@@ -227,25 +314,48 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_every_lost_pu
             }
         }
     }
-    let mut lost_by_node: BTreeMap<usize, Vec<(String, u32)>> = BTreeMap::new();
+    assert_eq!(read as u64, state.messages, "the read-back ({read} messages) is not the ingest stream's {} messages", state.messages);
+
+    let mut lost_by_node: BTreeMap<usize, usize> = BTreeMap::new();
+    let (mut lost_first, mut lost_last, mut lost_after_leader) = (None::<Instant>, None::<Instant>, 0usize);
+    let mut not_one_window = Vec::new();
     for ((_, id), log) in ids.iter().zip(&logs) {
-        for (seq, node) in &log.acked {
-            if !stored.contains(&(id.clone(), *seq)) {
-                lost_by_node.entry(*node).or_default().push((id.clone(), *seq));
+        // Per device: which acknowledged events are stored, in the order they were acknowledged.
+        let kept: Vec<bool> = log.acked.iter().map(|a| stored.contains(&(id.clone(), a.seq))).collect();
+        for a in log.acked.iter().filter(|a| !stored.contains(&(id.clone(), a.seq))) {
+            *lost_by_node.entry(a.node).or_default() += 1;
+            lost_first = Some(lost_first.map_or(a.at, |f| f.min(a.at)));
+            lost_last = Some(lost_last.map_or(a.at, |l| l.max(a.at)));
+            lost_after_leader += usize::from(a.at > leader_back);
+        }
+        // One window: kept… lost… kept, with at least one kept after the lost ones.
+        let first_lost = kept.iter().position(|k| !k);
+        if let Some(f) = first_lost {
+            let back = kept[f..].iter().position(|k| *k).map(|b| f + b);
+            if back.is_none_or(|b| !kept[b..].iter().all(|k| *k)) {
+                not_one_window.push((id.clone(), kept.iter().filter(|k| !**k).count(), kept.len()));
             }
         }
     }
     let reconnects: usize = logs.iter().map(|l| l.reconnects).sum();
-    let lost: usize = lost_by_node.values().map(Vec::len).sum();
+    let leaderless: usize = logs.iter().flat_map(|l| &l.acked).filter(|a| a.at > killed && a.at < leader_back).count();
+    let lost: usize = lost_by_node.values().sum();
+    let since_kill = |t: Option<Instant>| t.map_or(f64::NAN, |t| if t >= killed { t.duration_since(killed).as_secs_f64() } else { -killed.duration_since(t).as_secs_f64() });
     eprintln!(
         "NATS node kill: {acked_total} events PUBACKed over {:.1} s ({:.0}/s), {reconnects} reconnects; taken in by the gateways after the kill: {acked_after:.0}; \
-         PUBACKed but not in the ingest stream: {lost} ({:?} by the node that acknowledged them; node {VICTIM} was killed)",
-        (BEFORE_KILL + AFTER_KILL).as_secs_f64(),
-        acked_total as f64 / (BEFORE_KILL + AFTER_KILL).as_secs_f64(),
-        lost_by_node.iter().map(|(n, l)| (n, l.len())).collect::<Vec<_>>()
+         ingest stream: {} messages, {} read back ({direct_short} found only by the leader); \
+         {leaderless} PUBACKed between the kill and the new leader; \
+         PUBACKed but not in the ingest stream: {lost} ({:?} by the node that acknowledged them; node {victim} was killed), \
+         PUBACKed from {:.2} s to {:.2} s after the kill, {lost_after_leader} after the new leader was seen",
+        published_for.as_secs_f64(),
+        acked_total as f64 / published_for.as_secs_f64(),
+        state.messages,
+        read,
+        lost_by_node.iter().collect::<Vec<_>>(),
+        since_kill(lost_first),
+        since_kill(lost_last),
     );
-    // What the README states: a loss can only come from PUBACKs the dead node sent for messages
-    // it had not yet handed to the stream; a surviving node's PUBACK is never lost.
-    let survivors_lost: Vec<_> = lost_by_node.iter().filter(|(n, _)| **n != VICTIM).flat_map(|(_, l)| l.iter().take(5)).collect();
-    assert!(survivors_lost.is_empty(), "events PUBACKed by a surviving node are missing from the ingest stream: {survivors_lost:?}");
+    // What the README states: a PUBACK is lost only while the ingest stream has no leader, so
+    // each device loses at most one run of events, and the loss ends.
+    assert!(not_one_window.is_empty(), "lost events are not one run per device, ended by stored ones (device, lost, acknowledged): {not_one_window:?}");
 }
