@@ -322,7 +322,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_the_lost_puba
     for ((_, id), log) in ids.iter().zip(&logs) {
         // Per device: which acknowledged events are stored, in the order they were acknowledged.
         let kept: Vec<bool> = log.acked.iter().map(|a| stored.contains(&(id.clone(), a.seq))).collect();
-        for a in log.acked.iter().filter(|a| !stored.contains(&(id.clone(), a.seq))) {
+        for (a, _) in log.acked.iter().zip(&kept).filter(|(_, kept)| !**kept) {
             *lost_by_node.entry(a.node).or_default() += 1;
             lost_first = Some(lost_first.map_or(a.at, |f| f.min(a.at)));
             lost_last = Some(lost_last.map_or(a.at, |l| l.max(a.at)));

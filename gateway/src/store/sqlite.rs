@@ -156,13 +156,17 @@ impl Backlog {
         }
     }
 
-    /// The writer took a write off the queue.
-    pub(super) fn taken(&self, w: &Write) {
-        let n = w.reading_count();
+    /// `n` readings left the queue (or never entered it): wakes the senders waiting for room.
+    fn remove(&self, n: usize) {
         if n > 0 {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             self.room.notify_waiters();
         }
+    }
+
+    /// The writer took a write off the queue.
+    pub(super) fn taken(&self, w: &Write) {
+        self.remove(w.reading_count());
     }
 
     pub(super) fn queued(&self) -> usize {
@@ -222,9 +226,7 @@ impl StoreWriter {
         }
         // Counted before the send: the writer may take the write (and subtract) at once.
         self.backlog.add(n);
-        self.tx.try_send(w).inspect_err(|_| {
-            self.backlog.queued.fetch_sub(n, Ordering::AcqRel);
-        })
+        self.tx.try_send(w).inspect_err(|_| self.backlog.remove(n))
     }
 
     /// [`StoreWriter::send`] for synchronous code (tests, tools); panics inside an async
@@ -239,7 +241,7 @@ impl StoreWriter {
         }
         self.backlog.add(n);
         self.tx.blocking_send(w).map_err(|_| {
-            self.backlog.queued.fetch_sub(n, Ordering::AcqRel);
+            self.backlog.remove(n);
             Error::WriterGone
         })
     }
