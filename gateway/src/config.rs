@@ -89,6 +89,12 @@ impl Config {
         if self.storage.batch_max_rows == 0 {
             return invalid("storage.batch_max_rows", "must be at least 1");
         }
+        if self.storage.commit_max_rows < self.storage.batch_max_rows {
+            return invalid(
+                "storage.commit_max_rows",
+                &format!("must be at least storage.batch_max_rows ({})", self.storage.batch_max_rows),
+            );
+        }
         if self.storage.queue_capacity == 0 {
             return invalid("storage.queue_capacity", "must be at least 1");
         }

@@ -58,8 +58,12 @@ pub struct StoreOptions {
     pub dir: PathBuf,
     pub raw_retention: Duration,
     pub rollup_retention: Duration,
-    /// Most rows in one transaction (a `Write::Readings(v)` counts `v.len()`, an ack 0, others 1).
+    /// Most rows in one take off the queue, sorted and inserted in one go (a
+    /// `Write::Readings(v)` counts `v.len()`, an ack 0, others 1).
     pub batch_max_rows: usize,
+    /// Most rows in one transaction: while further takes are already waiting, the writer adds
+    /// them to the open transaction up to this many rows (group commit).
+    pub commit_max_rows: usize,
     /// Writes buffered ahead of the writer thread.
     pub queue_capacity: usize,
     pub quarantine_max_rows: usize,
@@ -82,6 +86,7 @@ impl From<&StorageConfig> for StoreOptions {
             raw_retention: c.raw_retention.0,
             rollup_retention: c.rollup_retention.0,
             batch_max_rows: c.batch_max_rows.max(1),
+            commit_max_rows: c.commit_max_rows.max(c.batch_max_rows).max(1),
             queue_capacity: c.queue_capacity.max(1),
             quarantine_max_rows: c.quarantine_max_rows,
             synchronous: Synchronous::Full,

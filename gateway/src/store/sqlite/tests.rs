@@ -21,6 +21,7 @@ fn options(dir: &Path) -> StoreOptions {
         raw_retention: Duration::from_secs(30 * 86_400),
         rollup_retention: Duration::from_secs(365 * 86_400),
         batch_max_rows: 10_000,
+        commit_max_rows: 100_000,
         queue_capacity: 1024,
         quarantine_max_rows: 1000,
         synchronous: Synchronous::Full,
@@ -619,8 +620,10 @@ fn the_queue_holds_a_bounded_number_of_readings_whatever_its_count_of_writes() {
     let (store, w) = SqliteStore::open_with(opts).expect("open");
     let bound = 10 * BACKLOG_BATCHES;
     assert_eq!(store.stats().queue_max_readings, bound as u64);
-    let batch = |n: usize, t0: i64| -> Write {
-        Write::Readings((0..n).map(|i| reading("q", Metric::GasLel, t0 + i as i64, 1.0)).collect())
+    // An hour ago: well inside the raw retention, which the writer applies between batches.
+    let base = now_ms() - 3_600_000;
+    let batch = move |n: usize, t0: i64| -> Write {
+        Write::Readings((0..n).map(|i| reading("q", Metric::GasLel, base + t0 + i as i64, 1.0)).collect())
     };
     // Hold the writer thread inside an ack: what is sent next stays queued.
     let (entered_tx, entered) = std_mpsc::channel();
@@ -649,6 +652,53 @@ fn the_queue_holds_a_bounded_number_of_readings_whatever_its_count_of_writes() {
     assert_eq!(store.stats().queue_readings, 0);
     // A write bigger than the bound still goes when nothing is queued.
     write_sync(&w, vec![batch(100, 10_000)]);
-    let all = store.readings(&query("q", Metric::GasLel, 0, 20_000, None)).expect("read");
+    let all = store.readings(&query("q", Metric::GasLel, base, base + 20_000, None)).expect("read");
     assert_eq!(all.len(), 30 + 10 + 25 + 100);
+}
+
+#[test]
+fn takes_already_waiting_join_the_open_transaction_up_to_commit_max_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options(dir.path());
+    opts.batch_max_rows = 10;
+    opts.commit_max_rows = 20;
+    let (store, w) = SqliteStore::open_with(opts).expect("open");
+    // The minute before this one: inside the raw retention, which the writer applies between
+    // batches.
+    let base = (now_ms() / 60_000 - 1) * 60_000;
+    let batch = |t0: i64| -> Write {
+        Write::Readings((0..10).map(|i| reading("g", Metric::GasLel, base + t0 + i, 1.0)).collect())
+    };
+    // Hold the writer thread inside an ack: what is sent next waits in the queue.
+    let (entered_tx, entered) = std_mpsc::channel();
+    let (release, blocked) = std_mpsc::channel::<()>();
+    w.blocking_send(Write::Ack(Ack::new(move || {
+        let _ = entered_tx.send(());
+        let _ = blocked.recv();
+    })))
+    .expect("writer");
+    entered.recv_timeout(WAIT).expect("the writer runs the ack");
+    let before = store.stats().batches;
+    let (done_tx, done) = std_mpsc::channel();
+    for t0 in [1_000, 2_000, 3_000] {
+        w.try_send(batch(t0)).map_err(|_| "queue full").expect("30 readings fit the bound of 40");
+    }
+    w.try_send(Write::Ack(Ack::new(move || {
+        let _ = done_tx.send(());
+    })))
+    .map_err(|_| "queue full")
+    .expect("an ack is never held back");
+    release.send(()).expect("writer waits");
+    done.recv_timeout(WAIT).expect("the last ack fires");
+    // One take is 10 rows; the first transaction takes the second take too (20 rows, the
+    // limit), the second holds the third take and the ack. One take per transaction: four.
+    assert_eq!(store.stats().batches - before, 2);
+    let all = store.readings(&query("g", Metric::GasLel, base, base + 10_000, None)).expect("read");
+    assert_eq!(all.len(), 30);
+    // The rollup of that minute gathers all three takes: 30 readings of 1.0.
+    let minute = store.readings(&query("g", Metric::GasLel, base, base + 60_000, Some(60_000))).expect("read");
+    assert_eq!(minute.len(), 1);
+    assert_eq!(minute[0].count, 30);
+    drop(w);
+    store.close().expect("close");
 }

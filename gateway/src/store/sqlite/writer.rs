@@ -69,11 +69,10 @@ struct Agg {
 impl Writer {
     pub(super) fn run(mut self) {
         self.retention = self.start_retention();
-        let max_msgs = self.opts.batch_max_rows.saturating_mul(4).max(64);
         loop {
             let first = if self.retention.is_some() {
                 match self.rx.try_recv() {
-                    Ok(w) => self.took(w),
+                    Ok(w) => w,
                     Err(TryRecvError::Empty) => {
                         self.retention_step();
                         continue;
@@ -82,23 +81,14 @@ impl Writer {
                 }
             } else {
                 match self.rx.blocking_recv() {
-                    Some(w) => self.took(w),
+                    Some(w) => w,
                     None => break,
                 }
             };
-            let mut rows = rows_of(&first);
-            let mut batch = vec![first];
-            while rows < self.opts.batch_max_rows && batch.len() < max_msgs {
-                match self.rx.try_recv() {
-                    Ok(w) => {
-                        let w = self.took(w);
-                        rows += rows_of(&w);
-                        batch.push(w);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.write_batch(batch);
+            self.backlog.taken(&first);
+            let mut take = vec![first];
+            take_waiting(&mut self.rx, &self.backlog, self.opts.batch_max_rows, &mut take);
+            self.write_group(take);
             if self.retention.is_none() && Instant::now() >= self.next_retention {
                 self.retention = self.start_retention();
             }
@@ -106,61 +96,38 @@ impl Writer {
         tracing::debug!("store writer: every sender is gone and the queue is drained; stopping");
     }
 
-    /// A write taken off the queue: its readings no longer count against the backlog.
-    fn took(&self, w: Write) -> Write {
-        self.backlog.taken(&w);
-        w
-    }
-
-    fn write_batch(&mut self, batch: Vec<Write>) {
+    /// Commits one group: the first take, then every further take already waiting, in one
+    /// transaction of at most `commit_max_rows` rows (group commit). When the writer keeps up
+    /// the queue is empty after the first take and the group is that take alone; when it falls
+    /// behind, the group grows, and each series' newest B-tree page is written to the WAL once
+    /// per group instead of once per take — the store's write amplification, which (not the
+    /// CPU) limited ingest. The group's writes are held until the commit so that a group the disk
+    /// refuses can be retried whole.
+    fn write_group(&mut self, first: Vec<Write>) {
         let started = Instant::now();
         // Acks are set aside first: they fire after the commit, or are dropped after a failure
         // has been counted, so whoever sees an ack (or its absence) sees the stats that go with it.
         let mut acks = Vec::new();
-        let mut writes = Vec::with_capacity(batch.len());
-        for w in batch {
-            match w {
-                Write::Ack(a) => acks.push(a),
-                other => writes.push(other),
-            }
-        }
-        // A batch that fails for want of disk is retried until it commits, holding its acks:
-        // the queue fills, the decode stage and the source wait, and the broker keeps every
-        // unacknowledged QoS 1 message. Ingestion pauses; nothing is lost or half-written.
-        // Other errors (a bug, a constraint) drop the batch as before. On shutdown (every
-        // sender gone) the retries stop and the unacked messages are redelivered after restart.
-        let mut backoff = backon::ExponentialBuilder::new()
-            .with_min_delay(STORAGE_RETRY_INITIAL)
-            .with_max_delay(STORAGE_RETRY_MAX)
-            .without_max_times()
-            .build();
-        let mut attempts = 0u64;
-        let result = loop {
-            let mut new_keys = Vec::new();
-            let mut counts = BatchCounts::default();
-            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, &writes, &mut new_keys, &mut counts) {
-                Ok(()) => break Ok(counts),
-                Err(e) => {
-                    // The transaction rolled back: ids handed out in it no longer exist.
-                    for k in new_keys {
-                        self.keys.remove(&k);
-                    }
-                    self.error("batch", &e);
-                    attempts += 1;
-                    if !is_storage_unavailable(&e) || self.rx.is_closed() {
-                        break Err(());
-                    }
-                    if !self.shared.refusing.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %e, dir = %self.opts.dir.display(), "the store cannot write: ingestion paused, retrying; unacknowledged QoS 1 messages stay with the broker");
-                    }
-                    // Unlimited attempts: the iterator never ends.
-                    std::thread::sleep(backoff.next().unwrap_or(STORAGE_RETRY_MAX));
+        let mut writes = Vec::new();
+        set_aside_acks(first, &mut acks, &mut writes);
+        let mut new_keys = Vec::new();
+        let mut counts = BatchCounts::default();
+        let grown = self.grow_group(&mut acks, &mut writes, &mut new_keys, &mut counts);
+        let result = match grown {
+            Ok(()) => Ok(counts),
+            Err(e) => {
+                // The transaction rolled back: ids handed out in it no longer exist.
+                for k in new_keys.drain(..) {
+                    self.keys.remove(&k);
+                }
+                self.error("batch", &e);
+                if !is_storage_unavailable(&e) || self.rx.is_closed() {
+                    Err(())
+                } else {
+                    self.retry_until_committed(&writes, &e)
                 }
             }
         };
-        if self.shared.refusing.swap(false, Ordering::Relaxed) && result.is_ok() {
-            tracing::warn!(attempts, "the store writes again; ingestion resumes");
-        }
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(counts) => {
@@ -182,6 +149,77 @@ impl Writer {
         }
     }
 
+    /// The first attempt at a group: one transaction, the writes given, then further takes while
+    /// writes are waiting and the group is under `commit_max_rows`; then the commit.
+    fn grow_group(
+        &mut self,
+        acks: &mut Vec<Ack>,
+        writes: &mut Vec<Write>,
+        new_keys: &mut Vec<Arc<str>>,
+        counts: &mut BatchCounts,
+    ) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut cells = RollupCells::default();
+        apply_writes(&tx, &mut self.keys, writes, new_keys, counts, &mut cells)?;
+        let mut rows: usize = writes.iter().map(rows_of).sum();
+        while rows < self.opts.commit_max_rows {
+            let Ok(w) = self.rx.try_recv() else { break };
+            self.backlog.taken(&w);
+            let mut take = vec![w];
+            let take_rows = take_waiting(&mut self.rx, &self.backlog, self.opts.batch_max_rows, &mut take);
+            let from = writes.len();
+            set_aside_acks(take, acks, writes);
+            apply_writes(&tx, &mut self.keys, &writes[from..], new_keys, counts, &mut cells)?;
+            rows += take_rows;
+        }
+        cells.flush(&tx)?;
+        if counts.quarantined > 0 {
+            trim_quarantine(&tx, self.opts.quarantine_max_rows)?;
+        }
+        tx.commit()
+    }
+
+    /// A group the disk refused (full, read-only, gone): retried whole, holding its acks, until
+    /// it commits. The queue fills, the decode stage and the source wait, and the broker keeps
+    /// every unacknowledged QoS 1 message: ingestion pauses; nothing is lost or half-written.
+    /// On shutdown (every sender gone) the retries stop and the unacked messages are redelivered
+    /// after restart.
+    fn retry_until_committed(&mut self, writes: &[Write], first_error: &rusqlite::Error) -> Result<BatchCounts, ()> {
+        let mut backoff = backon::ExponentialBuilder::new()
+            .with_min_delay(STORAGE_RETRY_INITIAL)
+            .with_max_delay(STORAGE_RETRY_MAX)
+            .without_max_times()
+            .build();
+        if !self.shared.refusing.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %first_error, dir = %self.opts.dir.display(), "the store cannot write: ingestion paused, retrying; unacknowledged QoS 1 messages stay with the broker");
+        }
+        let mut attempts = 1u64;
+        loop {
+            // Unlimited attempts: the iterator never ends.
+            std::thread::sleep(backoff.next().unwrap_or(STORAGE_RETRY_MAX));
+            let mut new_keys = Vec::new();
+            let mut counts = BatchCounts::default();
+            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts) {
+                Ok(()) => {
+                    self.shared.refusing.store(false, Ordering::Relaxed);
+                    tracing::warn!(attempts, "the store writes again; ingestion resumes");
+                    return Ok(counts);
+                }
+                Err(e) => {
+                    for k in new_keys {
+                        self.keys.remove(&k);
+                    }
+                    self.error("batch", &e);
+                    attempts += 1;
+                    if !is_storage_unavailable(&e) || self.rx.is_closed() {
+                        self.shared.refusing.store(false, Ordering::Relaxed);
+                        return Err(());
+                    }
+                }
+            }
+        }
+    }
+
     /// Counts an error and logs the first of each kind.
     pub(super) fn error(&mut self, what: &str, e: &rusqlite::Error) {
         self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -192,7 +230,35 @@ impl Writer {
     }
 }
 
-/// Rows a write counts for `batch_max_rows`.
+/// Adds to `take` the writes already waiting, up to `batch_max_rows` rows in all (one take:
+/// what is sorted and inserted in one go); returns the take's rows. Never waits.
+fn take_waiting(rx: &mut mpsc::Receiver<Write>, backlog: &super::Backlog, batch_max_rows: usize, take: &mut Vec<Write>) -> usize {
+    let max_msgs = batch_max_rows.saturating_mul(4).max(64);
+    let mut rows: usize = take.iter().map(rows_of).sum();
+    while rows < batch_max_rows && take.len() < max_msgs {
+        match rx.try_recv() {
+            Ok(w) => {
+                backlog.taken(&w);
+                rows += rows_of(&w);
+                take.push(w);
+            }
+            Err(_) => break,
+        }
+    }
+    rows
+}
+
+/// Moves a take's writes to `writes`, its acks to `acks`.
+fn set_aside_acks(take: Vec<Write>, acks: &mut Vec<Ack>, writes: &mut Vec<Write>) {
+    for w in take {
+        match w {
+            Write::Ack(a) => acks.push(a),
+            other => writes.push(other),
+        }
+    }
+}
+
+/// Rows a write counts for `batch_max_rows` and `commit_max_rows`.
 fn rows_of(w: &Write) -> usize {
     match w {
         Write::Readings(v) => v.len(),
@@ -233,7 +299,7 @@ fn is_storage_unavailable(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// Writes one batch in one transaction. On error nothing is committed.
+/// Writes a group in one transaction. On error nothing is committed.
 fn apply_batch(
     conn: &mut Connection,
     keys: &mut HashMap<Arc<str>, i64>,
@@ -243,8 +309,27 @@ fn apply_batch(
     counts: &mut BatchCounts,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut cells = RollupCells::default();
+    apply_writes(&tx, keys, batch, new_keys, counts, &mut cells)?;
+    cells.flush(&tx)?;
+    if counts.quarantined > 0 {
+        trim_quarantine(&tx, opts.quarantine_max_rows)?;
+    }
+    tx.commit()
+}
+
+/// Writes one take inside an open transaction: readings sorted by key (B-tree locality),
+/// their rollups gathered in `cells`, events, quarantined messages, device records.
+fn apply_writes(
+    tx: &rusqlite::Transaction<'_>,
+    keys: &mut HashMap<Arc<str>, i64>,
+    batch: &[Write],
+    new_keys: &mut Vec<Arc<str>>,
+    counts: &mut BatchCounts,
+    cells: &mut RollupCells,
+) -> rusqlite::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
-    let mut quarantined = false;
+    let mut last: Option<(&Arc<str>, i64)> = None;
     for w in batch {
         match w {
             Write::Readings(readings) => {
@@ -254,13 +339,21 @@ fn apply_batch(
                         tracing::debug!(%device, %metric, value, "non-finite reading dropped");
                         continue;
                     }
-                    let device = key(&tx, keys, new_keys, device)?;
+                    // A message's readings are adjacent: its device's id is looked up once.
+                    let device = match last {
+                        Some((name, id)) if Arc::ptr_eq(name, device) || **name == **device => id,
+                        _ => {
+                            let id = key(tx, keys, new_keys, device)?;
+                            last = Some((device, id));
+                            id
+                        }
+                    };
                     rows.push(Row { device, metric: metric_index(metric), ts: ts_ms, value, historical });
                 }
             }
             Write::Event(e) => {
                 counts.rows += 1;
-                let device = key(&tx, keys, new_keys, &e.device)?;
+                let device = key(tx, keys, new_keys, &e.device)?;
                 let mut stmt = tx.prepare_cached(
                     "INSERT OR IGNORE INTO events(device, ts, seq, kind, metric, value, cmd_id)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -282,7 +375,6 @@ fn apply_batch(
                 )?;
                 stmt.execute(params![q.received_ms, q.topic, q.reason, &q.payload[..]])?;
                 counts.quarantined += 1;
-                quarantined = true;
             }
             Write::Device(d) => {
                 counts.rows += 1;
@@ -313,11 +405,8 @@ fn apply_batch(
         }
     }
     counts.rows += rows.len() as u64;
-    counts.readings = insert_readings(&tx, &mut rows)?;
-    if quarantined {
-        trim_quarantine(&tx, opts.quarantine_max_rows)?;
-    }
-    tx.commit()
+    counts.readings += insert_readings(tx, &mut rows, cells)?;
+    Ok(())
 }
 
 /// The id of a device name, adding it to `device_keys` (and `new_keys`) when new.
@@ -341,9 +430,10 @@ fn key(
     Ok(id)
 }
 
-/// Inserts the readings in key order (B-tree locality) and upserts the rollups of those actually
-/// inserted (a replayed key is ignored, so it is not counted twice). Returns the rows inserted.
-fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut [Row]) -> rusqlite::Result<u64> {
+/// Inserts the readings in key order (B-tree locality) and adds those actually inserted (a
+/// replayed key is ignored, so it is not counted twice) to the group's rollup cells. Returns
+/// the rows inserted.
+fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut [Row], cells: &mut RollupCells) -> rusqlite::Result<u64> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -352,20 +442,6 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut [Row]) -> rusqlite
     let mut insert = tx.prepare_cached(
         "INSERT OR IGNORE INTO readings(device, metric, ts, value, historical) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO rollup_1m(device, metric, minute, min, max, sum, count, last, last_ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT(device, metric, minute) DO UPDATE SET
-           min = min(min, excluded.min), max = max(max, excluded.max),
-           sum = sum + excluded.sum, count = count + excluded.count,
-           last = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last ELSE last END,
-           last_ts = max(last_ts, excluded.last_ts)",
-    )?;
-    let mut flush = |a: &Agg| {
-        upsert
-            .execute(params![a.device, a.metric, a.minute, a.min, a.max, a.sum, a.count, a.last, a.last_ts])
-            .map(|_| ())
-    };
     let mut inserted = 0u64;
     let mut cur: Option<Agg> = None;
     for r in rows.iter() {
@@ -376,34 +452,94 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut [Row]) -> rusqlite
         let minute = r.ts.div_euclid(MINUTE_MS) * MINUTE_MS;
         match &mut cur {
             // Rows are sorted by (device, metric, ts): a cell's rows are adjacent, ts ascending.
-            Some(a) if a.device == r.device && a.metric == r.metric && a.minute == minute => {
-                a.min = a.min.min(r.value);
-                a.max = a.max.max(r.value);
-                a.sum += r.value;
-                a.count += 1;
-                a.last = r.value;
-                a.last_ts = r.ts;
-            }
+            Some(a) if a.device == r.device && a.metric == r.metric && a.minute == minute => a.add(r.value, r.ts),
             _ => {
                 if let Some(a) = cur.take() {
-                    flush(&a)?;
+                    cells.add(tx, a)?;
                 }
-                cur = Some(Agg {
-                    device: r.device,
-                    metric: r.metric,
-                    minute,
-                    min: r.value,
-                    max: r.value,
-                    sum: r.value,
-                    count: 1,
-                    last: r.value,
-                    last_ts: r.ts,
-                });
+                cur = Some(Agg::new(r.device, r.metric, minute, r.value, r.ts));
             }
         }
     }
     if let Some(a) = cur {
-        flush(&a)?;
+        cells.add(tx, a)?;
     }
     Ok(inserted)
+}
+
+impl Agg {
+    fn new(device: i64, metric: i64, minute: i64, value: f64, ts: i64) -> Agg {
+        Agg { device, metric, minute, min: value, max: value, sum: value, count: 1, last: value, last_ts: ts }
+    }
+
+    fn add(&mut self, value: f64, ts: i64) {
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.sum += value;
+        self.count += 1;
+        if ts >= self.last_ts {
+            self.last = value;
+            self.last_ts = ts;
+        }
+    }
+
+    /// Folds another part of the same cell in (`last` is the later of the two).
+    fn merge(&mut self, o: &Agg) {
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        self.count += o.count;
+        if o.last_ts >= self.last_ts {
+            self.last = o.last;
+            self.last_ts = o.last_ts;
+        }
+    }
+}
+
+/// Most rollup cells a group gathers before it upserts them early (~100 bytes each: ~1.6 MB).
+const ROLLUP_CELLS_MAX: usize = 16_384;
+
+/// The rollup cells of one group, keyed by (device, metric, minute): each cell is upserted once
+/// per group (at the commit) instead of once per take. A group touching more cells than
+/// [`ROLLUP_CELLS_MAX`] (a fleet of tens of thousands of devices) upserts them as it goes.
+#[derive(Default)]
+struct RollupCells {
+    cells: HashMap<(i64, i64, i64), Agg>,
+}
+
+impl RollupCells {
+    fn add(&mut self, tx: &rusqlite::Transaction<'_>, a: Agg) -> rusqlite::Result<()> {
+        match self.cells.entry((a.device, a.metric, a.minute)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(&a),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(a);
+            }
+        }
+        if self.cells.len() >= ROLLUP_CELLS_MAX {
+            self.flush(tx)?;
+        }
+        Ok(())
+    }
+
+    /// Upserts every cell gathered, in key order (B-tree locality), and forgets them.
+    fn flush(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        if self.cells.is_empty() {
+            return Ok(());
+        }
+        let mut cells: Vec<Agg> = self.cells.drain().map(|(_, a)| a).collect();
+        cells.sort_unstable_by_key(|a| (a.device, a.metric, a.minute));
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO rollup_1m(device, metric, minute, min, max, sum, count, last, last_ts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(device, metric, minute) DO UPDATE SET
+               min = min(min, excluded.min), max = max(max, excluded.max),
+               sum = sum + excluded.sum, count = count + excluded.count,
+               last = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last ELSE last END,
+               last_ts = max(last_ts, excluded.last_ts)",
+        )?;
+        for a in &cells {
+            upsert.execute(params![a.device, a.metric, a.minute, a.min, a.max, a.sum, a.count, a.last, a.last_ts])?;
+        }
+        Ok(())
+    }
 }
