@@ -371,6 +371,7 @@ impl SqliteStore {
             shared: shared.clone(),
             keys,
             logged: HashSet::new(),
+            cells: Default::default(),
             retention: None,
             next_retention: Instant::now(),
             opts,

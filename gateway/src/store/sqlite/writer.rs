@@ -31,6 +31,8 @@ pub(super) struct Writer {
     pub(super) keys: HashMap<Arc<str>, i64>,
     /// Error kinds already logged.
     pub(super) logged: HashSet<String>,
+    /// The rollup cells of the group being written.
+    pub(super) cells: RollupCells,
     pub(super) retention: Option<RetentionPass>,
     pub(super) next_retention: Instant,
 }
@@ -159,8 +161,9 @@ impl Writer {
         counts: &mut BatchCounts,
     ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut cells = RollupCells::default();
-        apply_writes(&tx, &mut self.keys, writes, new_keys, counts, &mut cells)?;
+        let cells = &mut self.cells;
+        cells.clear();
+        apply_writes(&tx, &mut self.keys, writes, new_keys, counts, cells)?;
         let mut rows: usize = writes.iter().map(rows_of).sum();
         while rows < self.opts.commit_max_rows {
             let Ok(w) = self.rx.try_recv() else { break };
@@ -169,7 +172,7 @@ impl Writer {
             let take_rows = take_waiting(&mut self.rx, &self.backlog, self.opts.batch_max_rows, &mut take);
             let from = writes.len();
             set_aside_acks(take, acks, writes);
-            apply_writes(&tx, &mut self.keys, &writes[from..], new_keys, counts, &mut cells)?;
+            apply_writes(&tx, &mut self.keys, &writes[from..], new_keys, counts, cells)?;
             rows += take_rows;
         }
         cells.flush(&tx)?;
@@ -199,7 +202,8 @@ impl Writer {
             std::thread::sleep(backoff.next().unwrap_or(STORAGE_RETRY_MAX));
             let mut new_keys = Vec::new();
             let mut counts = BatchCounts::default();
-            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts) {
+            self.cells.clear();
+            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts, &mut self.cells) {
                 Ok(()) => {
                     self.shared.refusing.store(false, Ordering::Relaxed);
                     tracing::warn!(attempts, "the store writes again; ingestion resumes");
@@ -307,10 +311,10 @@ fn apply_batch(
     batch: &[Write],
     new_keys: &mut Vec<Arc<str>>,
     counts: &mut BatchCounts,
+    cells: &mut RollupCells,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut cells = RollupCells::default();
-    apply_writes(&tx, keys, batch, new_keys, counts, &mut cells)?;
+    apply_writes(&tx, keys, batch, new_keys, counts, cells)?;
     cells.flush(&tx)?;
     if counts.quarantined > 0 {
         trim_quarantine(&tx, opts.quarantine_max_rows)?;
@@ -496,23 +500,34 @@ impl Agg {
     }
 }
 
-/// Most rollup cells a group gathers before it upserts them early (~100 bytes each: ~1.6 MB).
-const ROLLUP_CELLS_MAX: usize = 16_384;
+/// Most rollup cells a group gathers before it upserts them early: with the index, ~100 bytes a
+/// cell, ~1 MB kept for the writer's life.
+const ROLLUP_CELLS_MAX: usize = 8_192;
 
 /// The rollup cells of one group, keyed by (device, metric, minute): each cell is upserted once
 /// per group (at the commit) instead of once per take. A group touching more cells than
-/// [`ROLLUP_CELLS_MAX`] (a fleet of tens of thousands of devices) upserts them as it goes.
+/// [`ROLLUP_CELLS_MAX`] (a fleet of thousands of devices) upserts them as it goes. One value
+/// lives as long as the writer, so its memory is allocated once.
 #[derive(Default)]
-struct RollupCells {
-    cells: HashMap<(i64, i64, i64), Agg>,
+pub(super) struct RollupCells {
+    cells: Vec<Agg>,
+    /// (device, metric, minute) → index in `cells`.
+    index: HashMap<(i64, i64, i64), u32>,
 }
 
 impl RollupCells {
+    /// Forgets every cell (a group starts, or its transaction rolled back).
+    fn clear(&mut self) {
+        self.cells.clear();
+        self.index.clear();
+    }
+
     fn add(&mut self, tx: &rusqlite::Transaction<'_>, a: Agg) -> rusqlite::Result<()> {
-        match self.cells.entry((a.device, a.metric, a.minute)) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(&a),
+        match self.index.entry((a.device, a.metric, a.minute)) {
+            std::collections::hash_map::Entry::Occupied(e) => self.cells[*e.get() as usize].merge(&a),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(a);
+                e.insert(self.cells.len() as u32);
+                self.cells.push(a);
             }
         }
         if self.cells.len() >= ROLLUP_CELLS_MAX {
@@ -526,8 +541,8 @@ impl RollupCells {
         if self.cells.is_empty() {
             return Ok(());
         }
-        let mut cells: Vec<Agg> = self.cells.drain().map(|(_, a)| a).collect();
-        cells.sort_unstable_by_key(|a| (a.device, a.metric, a.minute));
+        self.index.clear();
+        self.cells.sort_unstable_by_key(|a| (a.device, a.metric, a.minute));
         let mut upsert = tx.prepare_cached(
             "INSERT INTO rollup_1m(device, metric, minute, min, max, sum, count, last, last_ts)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -537,7 +552,7 @@ impl RollupCells {
                last = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last ELSE last END,
                last_ts = max(last_ts, excluded.last_ts)",
         )?;
-        for a in &cells {
+        for a in self.cells.drain(..) {
             upsert.execute(params![a.device, a.metric, a.minute, a.min, a.max, a.sum, a.count, a.last, a.last_ts])?;
         }
         Ok(())
