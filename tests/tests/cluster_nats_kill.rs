@@ -285,6 +285,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_ackn
     })
     .await
     .expect("the partitions are consumed to the end");
+    eprintln!("every partition relayed and consumed to the end {:.1} s after the kill", killed.elapsed().as_secs_f64());
     let acked_after: f64 = events_taken() - before_kill;
     assert!(acked_after > 0.0, "ingestion stopped with the node: no event taken in after the kill");
 
@@ -340,6 +341,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_ackn
             }
         }
     }
+    eprintln!("ingest stream read back {:.1} s after the kill", killed.elapsed().as_secs_f64());
     assert_eq!(read as u64, state.messages, "the read-back ({read} messages) is not the ingest stream's {} messages", state.messages);
 
     let mut lost_by_node: BTreeMap<usize, usize> = BTreeMap::new();

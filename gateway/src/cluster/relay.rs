@@ -202,10 +202,8 @@ impl Relay {
                     }
                 }
             }
-            for m in in_flight.into_iter().flatten() {
-                if let Err(stopped) = self.confirm(m).await {
-                    return stopped;
-                }
+            if let Err(stopped) = self.confirm(in_flight.into_iter().flatten().collect()).await {
+                return stopped;
             }
             if let Some(e) = ended {
                 return Stopped::Failed(e);
@@ -230,32 +228,50 @@ impl Relay {
         Some(InFlight { message, subject, headers, ack })
     }
 
-    /// Waits for the ingest stream's acknowledgement of `m`, publishing it again while none
-    /// comes (the ingest stream may be electing a leader) and the lease is held; then
-    /// acknowledges it in `$MQTT_msgs`.
-    async fn confirm(&self, m: InFlight) -> Result<(), Stopped> {
-        let InFlight { message, subject, headers, mut ack } = m;
+    /// Waits for the ingest stream's acknowledgements of a batch, in order, acknowledging each
+    /// message in `$MQTT_msgs` once the ingest stream has it; what was not acknowledged in time
+    /// (the ingest stream may be electing a leader) is published again, all together, while the
+    /// lease is held.
+    async fn confirm(&self, mut batch: Vec<InFlight>) -> Result<(), Stopped> {
         let mut waits = waits();
         loop {
-            let error = match ack {
-                Ok(pending) => match bounded(self.limit, std::future::IntoFuture::into_future(pending)).await {
-                    Ok(_) => break,
+            // One deadline for the whole batch: its publishes went out together.
+            let deadline = tokio::time::Instant::now() + self.limit;
+            let mut failed = Vec::new();
+            let mut error = String::new();
+            for m in batch {
+                let e = match m.ack {
+                    Ok(pending) => match tokio::time::timeout_at(deadline, std::future::IntoFuture::into_future(pending)).await {
+                        Ok(Ok(_)) => {
+                            if let Err(e) = m.message.ack().await {
+                                // It comes back after the ack wait and is published again:
+                                // stored once (message id).
+                                tracing::debug!(partition = self.partition, error = %e, "cluster: acknowledging a relayed message failed");
+                            }
+                            continue;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no acknowledgement within {:?}", self.limit),
+                    },
                     Err(e) => e,
-                },
-                Err(e) => e,
-            };
+                };
+                error = e;
+                failed.push((m.message, m.subject, m.headers));
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
             if !self.table.holds(self.partition) {
                 return Err(Stopped::LeaseGone);
             }
-            tracing::debug!(partition = self.partition, subject = %subject, error = %error, "cluster: the ingest stream did not acknowledge a relayed message; publishing it again");
+            tracing::debug!(partition = self.partition, failed = failed.len(), error = %error, "cluster: the ingest stream did not acknowledge relayed messages; publishing them again");
             tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))).await;
-            ack = self.js.publish_with_headers(subject.clone(), headers.clone(), message.payload.clone()).await.map_err(|e| e.to_string());
+            batch = Vec::with_capacity(failed.len());
+            for (message, subject, headers) in failed {
+                let ack = self.js.publish_with_headers(subject.clone(), headers.clone(), message.payload.clone()).await.map_err(|e| e.to_string());
+                batch.push(InFlight { message, subject, headers, ack });
+            }
         }
-        if let Err(e) = message.ack().await {
-            // It comes back after the ack wait and is published again: stored once (message id).
-            tracing::debug!(partition = self.partition, error = %e, "cluster: acknowledging a relayed message failed");
-        }
-        Ok(())
     }
 }
 
