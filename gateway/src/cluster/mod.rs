@@ -4,7 +4,9 @@
 //! site ([`nats_config`]) and the ingest stream keeps them. Each gateway owns some partitions by
 //! lease ([`ownership`]: a replicated KV bucket, revision = fencing token, [`rendezvous`] over
 //! live members) and feeds the owned partitions' messages into the usual pipeline as
-//! [`crate::ingest::Inbound`], acknowledged to JetStream only after the store commits. Incident
+//! [`crate::ingest::Inbound`], acknowledged to JetStream only after the store commits; a
+//! partition's QoS 1 messages reach the ingest stream through the owner's [`relay`] from the
+//! MQTT listener's own stream, the copy a device's PUBACK stands for. Incident
 //! changes go to a replicated log, one entry per (id, revision), appended only by the site's
 //! owner ([`sinks`]); every push channel delivers from that log through a durable consumer shared
 //! by all gateways ([`delivery`]); a gateway gaining a partition adopts its unclosed incidents
@@ -20,6 +22,7 @@ pub mod forward;
 pub mod nats_config;
 pub mod ownership;
 pub mod partition_metrics;
+pub mod relay;
 pub mod rendezvous;
 pub mod sinks;
 pub mod status;
@@ -70,6 +73,8 @@ pub struct Cluster {
     pub config: ClusterConfig,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// When each partition's relay consumer was created (empty for `cluster status`).
+    pub relay_since: relay::RelaySince,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -80,8 +85,9 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// Connects (any listed node will do; the client fails over between them) and creates the
-    /// ingest stream, the incident log and the KV buckets if they do not exist yet. nats-server
-    /// cannot declare streams in its configuration, so the first gateway creates them.
+    /// ingest stream, the incident log, the KV buckets and the relay consumers (with the MQTT
+    /// listener's stream they read) if they do not exist yet. nats-server cannot declare streams
+    /// in its configuration, so the first gateway creates them.
     pub async fn connect(config: &ClusterConfig) -> Result<Cluster> {
         config.validate().map_err(Error::Config)?;
         let client = async_nats::ConnectOptions::new()
@@ -95,8 +101,8 @@ impl Cluster {
             .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;
         // An R3 stream create waits for its RAFT group; the default 5 s is tight on a busy machine.
         let js = jetstream::ContextBuilder::new().timeout(std::time::Duration::from_secs(15)).build(client.clone());
-        let cluster = Cluster { config: config.clone(), client, js };
-        cluster.ensure_layout().await?;
+        let mut cluster = Cluster { config: config.clone(), client, js, relay_since: Default::default() };
+        cluster.relay_since = cluster.ensure_layout().await?;
         Ok(cluster)
     }
 
@@ -107,10 +113,10 @@ impl Cluster {
             .await
             .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;
         let js = jetstream::new(client.clone());
-        Ok(Cluster { config: config.clone(), client, js })
+        Ok(Cluster { config: config.clone(), client, js, relay_since: Default::default() })
     }
 
-    async fn ensure_layout(&self) -> Result<()> {
+    async fn ensure_layout(&self) -> Result<relay::RelaySince> {
         let c = &self.config;
         let jetstream_ready = std::time::Instant::now();
         // JetStream may still be electing its meta leader when the first gateway starts: retry.
@@ -161,7 +167,7 @@ impl Cluster {
             .map_err(|e| js_err("creating the incident log")(&e))?;
         self.members().await?;
         self.leases().await?;
-        Ok(())
+        relay::ensure(&self.js, c.partitions, c.replicas, c.lease_ttl.0).await.map_err(|e| js_err("creating the relay consumers")(&e))
     }
 
     /// The members bucket (created if missing): entries vanish one lease TTL after the last put.

@@ -1,7 +1,8 @@
 //! `citywatch cluster nats-config`: one nats-server node's configuration for a Citywatch cluster.
 //!
 //! Pure text generation (nothing here starts a server). What the server cannot declare in its
-//! configuration — the ingest stream, the KV buckets — the gateways create at startup
+//! configuration — the ingest stream, the KV buckets, the relay consumers on the MQTT listener's
+//! stream — the gateways create at startup
 //! ([`super::Cluster::connect`]).
 
 use std::fmt::Write as _;
@@ -93,6 +94,9 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
     let _ = writeln!(w, "}}");
     let _ = writeln!(w);
     let _ = writeln!(w, "# MQTT 3.1.1 for devices: sessions, retained messages and QoS 1 state live in JetStream.");
+    let _ = writeln!(w, "# A QoS 1 PUBLISH is PUBACKed once the listener's $MQTT_msgs stream holds it; the gateways keep");
+    let _ = writeln!(w, "# a durable consumer relay-{{p}} there per partition and move each message into the ingest");
+    let _ = writeln!(w, "# stream, so an acknowledged message survives a node (and an ingest leader) dying.");
     let _ = writeln!(w, "mqtt {{");
     let _ = writeln!(w, "  listen: {}", quote(&format!("{}:{}", spec.host, spec.mqtt_port)));
     let _ = writeln!(w, "  ack_wait: \"30s\"");
@@ -100,7 +104,8 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
     let _ = writeln!(w, "}}");
     let _ = writeln!(w);
     let _ = writeln!(w, "# A site's devices always land in one partition: partition({}, site).", spec.partitions);
-    let _ = writeln!(w, "# The gateways' ingest stream captures {PARTITION_PREFIX}.>; `cmd` topics are not mapped.");
+    let _ = writeln!(w, "# The gateways' ingest stream captures {PARTITION_PREFIX}.> (QoS 0 messages get in only this way;");
+    let _ = writeln!(w, "# the relay brings QoS 1 ones); `cmd` topics are not mapped.");
     let _ = writeln!(w, "mappings {{");
     for ch in INBOUND_CHANNELS {
         let _ = writeln!(w, "  {}: {}", quote(&source_subject(ch)), quote(&partition_destination(spec.partitions, ch)));
@@ -151,6 +156,7 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(".cmd"), "commands are not mapped: {text}");
+        assert!(text.contains("relay-{p}"), "the QoS 1 path is described: {text}");
     }
 
     #[test]

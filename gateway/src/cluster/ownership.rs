@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, watch};
 use super::adopt::AdoptFn;
 use super::calls::{bounded, bounded_each, call_timeout, waits, worker_call_timeout};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
+use super::relay::{is_plain_copy, Relay};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound};
 
@@ -146,6 +147,10 @@ struct Owner {
     ttl: Duration,
     /// Partition consumers running, by partition.
     workers: HashMap<u16, tokio::task::JoinHandle<()>>,
+    /// Relays running, by partition ([`super::relay`]).
+    relays: HashMap<u16, tokio::task::JoinHandle<()>>,
+    /// The relays' JetStream context.
+    relay_js: jetstream::Context,
     /// Leases held by others: (revision, when we first saw it), to take them after a silent TTL.
     observed: HashMap<u16, (u64, Instant)>,
     /// The members of the last listing that answered (kept while the cluster does not answer).
@@ -157,6 +162,8 @@ struct Owner {
     /// goes to the consumer's leader wherever it is, while a lookup is one more call that has
     /// to get through right after a NATS node died.
     consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    /// Each partition's relay consumer once looked up.
+    relay_consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
 }
 
 /// What [`start`] hands back: the lease table (fencing), the per-partition figures for
@@ -180,6 +187,7 @@ pub(super) async fn start(
     let table = Arc::new(LeaseTable::default());
     let metrics = Arc::new(PartitionMetrics::new(cluster.config.partitions, Arc::clone(&table)));
     let ttl = cluster.config.lease_ttl.0;
+    let relay_js = jetstream::ContextBuilder::new().timeout(worker_call_timeout(ttl)).backpressure_on_inflight(true).build(cluster.client.clone());
     let mut owner = Owner {
         cluster,
         table: Arc::clone(&table),
@@ -190,11 +198,14 @@ pub(super) async fn start(
         adopt,
         ttl,
         workers: HashMap::new(),
+        relays: HashMap::new(),
+        relay_js,
         observed: HashMap::new(),
         live: Vec::new(),
         listing_warned: None,
         metrics: Arc::clone(&metrics),
         consumers: Arc::default(),
+        relay_consumers: Arc::default(),
     };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
@@ -300,6 +311,10 @@ impl Owner {
         for p in ended {
             self.spawn_worker(p);
         }
+        let ended: Vec<u16> = self.table.held().into_iter().filter(|p| self.relays.get(p).is_none_or(|w| w.is_finished())).collect();
+        for p in ended {
+            self.spawn_relay(p);
+        }
         let leases = &self.leases;
         let (released, entries) = tokio::join!(
             bounded_each(limit, release.iter().copied(), |(p, h)| leases.delete_expect_revision(lease_key(p), Some(h.revision))),
@@ -329,6 +344,7 @@ impl Owner {
                     self.metrics.acquired(p);
                     tracing::info!(partition = p, token = revision, "cluster: partition acquired");
                     self.spawn_worker(p);
+                    self.spawn_relay(p);
                 }
                 Err(e) => tracing::debug!(partition = p, error = %e, "cluster: lost the race for the lease"),
             }
@@ -396,6 +412,25 @@ impl Owner {
         if let Some(w) = self.workers.remove(&p) {
             w.abort();
         }
+        if let Some(r) = self.relays.remove(&p) {
+            r.abort();
+        }
+    }
+
+    /// The partition's relay runs beside its worker, from the lease on: it does not wait for the
+    /// takeover's reads, and the worker's consumer takes in what it relays.
+    fn spawn_relay(&mut self, p: u16) {
+        let relay = Relay {
+            partition: p,
+            js: self.relay_js.clone(),
+            table: Arc::clone(&self.table),
+            ack_wait: self.ttl,
+            limit: worker_call_timeout(self.ttl),
+            consumers: Arc::clone(&self.relay_consumers),
+        };
+        if let Some(old) = self.relays.insert(p, tokio::spawn(relay.run())) {
+            old.abort();
+        }
     }
 
     fn spawn_worker(&mut self, p: u16) {
@@ -410,6 +445,7 @@ impl Owner {
             limit: worker_call_timeout(self.ttl),
             metrics: Arc::clone(&self.metrics),
             consumers: Arc::clone(&self.consumers),
+            relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -450,6 +486,9 @@ struct Worker {
     limit: Duration,
     metrics: Arc<PartitionMetrics>,
     consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    /// When the partition's relay consumer was created: a plain copy of a QoS 1 message stored
+    /// since then is skipped, the relayed copy counts ([`super::relay::is_plain_copy`]).
+    relay_since_ms: i64,
 }
 
 /// The steps of a worker, in order; each is retried until it succeeds or the lease is gone.
@@ -594,6 +633,11 @@ impl Worker {
                 Ok(i) => ((i.published.unix_timestamp_nanos() / 1_000_000) as i64, i.pending),
                 Err(_) => (crate::ingest::now_ms(), 0),
             };
+            if is_plain_copy(message.headers.as_ref(), received_ms, self.relay_since_ms) {
+                // The relay brings this QoS 1 message (the copy its PUBACK stands for).
+                let _ = message.ack().await;
+                continue;
+            }
             let payload = message.payload.clone();
             let rt = runtime.clone();
             let ack = Ack::new(move || {

@@ -1,5 +1,5 @@
 //! `citywatch cluster status`: members, partitions with their owners and fencing tokens, and the
-//! lag of every partition's consumer — read from the cluster, as JSON.
+//! lag of every partition's consumer and relay ([`super::relay`]) — read from the cluster, as JSON.
 
 use async_nats::jetstream::{self, consumer::pull};
 use serde_json::{json, Value};
@@ -23,6 +23,8 @@ pub async fn status(cluster: &Cluster) -> Result<Value> {
         }
     }
     let ingest = cluster.js.get_stream(INGEST_STREAM).await.map_err(|e| err("ingest stream")(&e))?;
+    // Missing before the first gateway of this version started: no relay lag then.
+    let mqtt_msgs = cluster.js.get_stream(super::relay::MQTT_MSGS_STREAM).await.ok();
     let mut partitions = Vec::new();
     let mut total_lag = 0u64;
     for p in 0..cluster.config.partitions {
@@ -37,8 +39,16 @@ pub async fn status(cluster: &Cluster) -> Result<Value> {
             },
             Err(_) => (None, None),
         };
-        total_lag += lag.unwrap_or(0) + pending_acks.unwrap_or(0) as u64;
-        partitions.push(json!({"partition": p, "owner": owner, "token": token, "lag": lag, "unacked": pending_acks}));
+        // QoS 1 messages the MQTT listener acknowledged and the relay has not yet moved.
+        let relay_lag = match &mqtt_msgs {
+            Some(s) => match s.get_consumer::<pull::Config>(&super::relay::consumer_name(p)).await {
+                Ok(mut c) => c.info().await.ok().map(|i| i.num_pending + i.num_ack_pending as u64),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        total_lag += lag.unwrap_or(0) + pending_acks.unwrap_or(0) as u64 + relay_lag.unwrap_or(0);
+        partitions.push(json!({"partition": p, "owner": owner, "token": token, "lag": lag, "unacked": pending_acks, "relay_lag": relay_lag}));
     }
     Ok(json!({
         "members": members,
