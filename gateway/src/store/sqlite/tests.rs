@@ -49,6 +49,20 @@ fn sync(w: &StoreWriter) {
     rx.recv_timeout(WAIT).expect("ack fires");
 }
 
+/// Holds the writer thread inside an ack until the answer is sent (or dropped): what is sent
+/// meanwhile stays queued.
+fn hold_writer(w: &StoreWriter) -> std_mpsc::Sender<()> {
+    let (entered_tx, entered) = std_mpsc::channel();
+    let (release, blocked) = std_mpsc::channel::<()>();
+    w.blocking_send(Write::Ack(Ack::new(move || {
+        let _ = entered_tx.send(());
+        let _ = blocked.recv();
+    })))
+    .expect("writer");
+    entered.recv_timeout(WAIT).expect("the writer runs the ack");
+    release
+}
+
 fn write_sync(w: &StoreWriter, items: Vec<Write>) {
     for item in items {
         w.blocking_send(item).expect("writer alive");
@@ -626,14 +640,7 @@ fn the_queue_holds_a_bounded_number_of_readings_whatever_its_count_of_writes() {
         Write::Readings((0..n).map(|i| reading("q", Metric::GasLel, base + t0 + i as i64, 1.0)).collect())
     };
     // Hold the writer thread inside an ack: what is sent next stays queued.
-    let (entered_tx, entered) = std_mpsc::channel();
-    let (release, blocked) = std_mpsc::channel::<()>();
-    w.blocking_send(Write::Ack(Ack::new(move || {
-        let _ = entered_tx.send(());
-        let _ = blocked.recv();
-    })))
-    .expect("writer");
-    entered.recv_timeout(WAIT).expect("the writer runs the ack");
+    let release = hold_writer(&w);
 
     assert!(w.try_send(batch(30, 1_000)).is_ok(), "30 of 40 fit");
     assert!(matches!(w.try_send(batch(20, 2_000)), Err(TrySendError::Full(_))), "30 + 20 > 40 waits");
@@ -670,14 +677,7 @@ fn takes_already_waiting_join_the_open_transaction_up_to_commit_max_rows() {
         Write::Readings((0..10).map(|i| reading("g", Metric::GasLel, base + t0 + i, 1.0)).collect())
     };
     // Hold the writer thread inside an ack: what is sent next waits in the queue.
-    let (entered_tx, entered) = std_mpsc::channel();
-    let (release, blocked) = std_mpsc::channel::<()>();
-    w.blocking_send(Write::Ack(Ack::new(move || {
-        let _ = entered_tx.send(());
-        let _ = blocked.recv();
-    })))
-    .expect("writer");
-    entered.recv_timeout(WAIT).expect("the writer runs the ack");
+    let release = hold_writer(&w);
     let before = store.stats().batches;
     let (done_tx, done) = std_mpsc::channel();
     for t0 in [1_000, 2_000, 3_000] {

@@ -118,15 +118,10 @@ impl Writer {
         let result = match grown {
             Ok(()) => Ok(counts),
             Err(e) => {
-                // The transaction rolled back: ids handed out in it no longer exist.
-                for k in new_keys.drain(..) {
-                    self.keys.remove(&k);
-                }
-                self.error("batch", &e);
-                if !is_storage_unavailable(&e) || self.rx.is_closed() {
-                    Err(())
-                } else {
+                if self.failed(new_keys, &e) {
                     self.retry_until_committed(&writes, &e)
+                } else {
+                    Err(())
                 }
             }
         };
@@ -166,20 +161,17 @@ impl Writer {
         apply_writes(&tx, &mut self.keys, writes, new_keys, counts, cells)?;
         let mut rows: usize = writes.iter().map(rows_of).sum();
         while rows < self.opts.commit_max_rows {
-            let Ok(w) = self.rx.try_recv() else { break };
-            self.backlog.taken(&w);
-            let mut take = vec![w];
+            let mut take = Vec::new();
             let take_rows = take_waiting(&mut self.rx, &self.backlog, self.opts.batch_max_rows, &mut take);
+            if take.is_empty() {
+                break;
+            }
             let from = writes.len();
             set_aside_acks(take, acks, writes);
             apply_writes(&tx, &mut self.keys, &writes[from..], new_keys, counts, cells)?;
             rows += take_rows;
         }
-        cells.flush(&tx)?;
-        if counts.quarantined > 0 {
-            trim_quarantine(&tx, self.opts.quarantine_max_rows)?;
-        }
-        tx.commit()
+        finish_group(tx, cells, counts, self.opts.quarantine_max_rows)
     }
 
     /// A group the disk refused (full, read-only, gone): retried whole, holding its acks, until
@@ -210,18 +202,25 @@ impl Writer {
                     return Ok(counts);
                 }
                 Err(e) => {
-                    for k in new_keys {
-                        self.keys.remove(&k);
-                    }
-                    self.error("batch", &e);
                     attempts += 1;
-                    if !is_storage_unavailable(&e) || self.rx.is_closed() {
+                    if !self.failed(new_keys, &e) {
                         self.shared.refusing.store(false, Ordering::Relaxed);
                         return Err(());
                     }
                 }
             }
         }
+    }
+
+    /// A group's transaction failed and rolled back: the device ids handed out in it no longer
+    /// exist, the error is counted. Answers whether to try the group again (the disk refused it
+    /// and senders remain) rather than drop it.
+    fn failed(&mut self, new_keys: Vec<Arc<str>>, e: &rusqlite::Error) -> bool {
+        for k in new_keys {
+            self.keys.remove(&k);
+        }
+        self.error("batch", e);
+        is_storage_unavailable(e) && !self.rx.is_closed()
     }
 
     /// Counts an error and logs the first of each kind.
@@ -315,9 +314,20 @@ fn apply_batch(
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     apply_writes(&tx, keys, batch, new_keys, counts, cells)?;
+    finish_group(tx, cells, counts, opts.quarantine_max_rows)
+}
+
+/// The end of a group's transaction: its rollup cells upserted, the quarantine trimmed when it
+/// grew, the commit.
+fn finish_group(
+    tx: rusqlite::Transaction<'_>,
+    cells: &mut RollupCells,
+    counts: &BatchCounts,
+    quarantine_max_rows: usize,
+) -> rusqlite::Result<()> {
     cells.flush(&tx)?;
     if counts.quarantined > 0 {
-        trim_quarantine(&tx, opts.quarantine_max_rows)?;
+        trim_quarantine(&tx, quarantine_max_rows)?;
     }
     tx.commit()
 }
