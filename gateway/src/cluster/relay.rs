@@ -224,8 +224,14 @@ impl Relay {
         let qos = message.headers.as_ref().and_then(|h| h.get(MQTT_QOS_HEADER)).map_or("1", |q| q.as_str()).to_owned();
         headers.insert(MQTT_QOS_HEADER, qos.as_str());
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{MSG_ID_PREFIX}{}", info.stream_sequence).as_str());
+        Some(self.send(message, subject, headers).await)
+    }
+
+    /// Publishes a message into the ingest stream (first time or again) without waiting for its
+    /// acknowledgement.
+    async fn send(&self, message: jetstream::Message, subject: String, headers: HeaderMap) -> InFlight {
         let ack = self.js.publish_with_headers(subject.clone(), headers.clone(), message.payload.clone()).await.map_err(|e| e.to_string());
-        Some(InFlight { message, subject, headers, ack })
+        InFlight { message, subject, headers, ack }
     }
 
     /// Waits for the ingest stream's acknowledgements of a batch, in order, acknowledging each
@@ -268,8 +274,7 @@ impl Relay {
             tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))).await;
             batch = Vec::with_capacity(failed.len());
             for (message, subject, headers) in failed {
-                let ack = self.js.publish_with_headers(subject.clone(), headers.clone(), message.payload.clone()).await.map_err(|e| e.to_string());
-                batch.push(InFlight { message, subject, headers, ack });
+                batch.push(self.send(message, subject, headers).await);
             }
         }
     }
