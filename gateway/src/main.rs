@@ -94,6 +94,10 @@ enum ClusterCommand {
         /// Optional HTTP monitoring port (/healthz).
         #[arg(long)]
         http_port: Option<u16>,
+        /// Copies of the MQTT listener's streams ($MQTT_msgs, sessions, retained messages);
+        /// default: min(3, the number of --routes), as [cluster] replicas does for the gateways' streams.
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// Print the cluster's members, partitions with owners, and lag per partition as JSON.
     Status {
@@ -196,8 +200,8 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
-        Command::Cluster { command: ClusterCommand::NatsConfig { name, port, cluster_port, mqtt_port, store, routes, partitions, host, http_port } } => {
-            let spec = citywatch_gateway::cluster::nats_config::NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port };
+        Command::Cluster { command: ClusterCommand::NatsConfig { name, port, cluster_port, mqtt_port, store, routes, partitions, host, http_port, replicas } } => {
+            let spec = citywatch_gateway::cluster::nats_config::NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port, replicas };
             print!("{}", citywatch_gateway::cluster::nats_config::render(&spec).map_err(anyhow::Error::msg)?);
             return Ok(());
         }

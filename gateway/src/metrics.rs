@@ -147,7 +147,7 @@ impl Collector for Uptime {
 // Helpers for collectors: one family each, encoded through `prometheus_client`.
 
 /// A counter without labels; `name` without `_total` (the encoder adds it).
-pub fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+pub fn counter<N: prometheus_client::encoding::EncodeCounterValue>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: N) -> fmt::Result {
     let metric = ConstCounter::new(value);
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }

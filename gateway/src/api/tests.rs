@@ -485,6 +485,8 @@ const FAMILIES: [(&str, &str); 62] = [
         ("citywatch_siren_test_silent", "counter"),
         ("citywatch_statuses", "counter"),
         ("citywatch_store_batches", "gauge"),
+        ("citywatch_store_busy_seconds", "counter"),
+        ("citywatch_store_commit_seconds", "counter"),
         ("citywatch_store_last_batch_rows", "gauge"),
         ("citywatch_store_last_batch_seconds", "gauge"),
         ("citywatch_store_max_batch_seconds", "gauge"),

@@ -36,6 +36,28 @@ pub struct NodeSpec {
     pub partitions: u16,
     /// Optional HTTP monitoring port (`/healthz?js-enabled-only=true`, `/jsz`).
     pub http_port: Option<u16>,
+    /// Copies of the MQTT listener's own streams (`$MQTT_msgs`, sessions, retained messages);
+    /// `None`: as many as the cluster has nodes (the routes), at most 3 — what the gateways'
+    /// `[cluster] replicas` gives the streams they create.
+    pub replicas: Option<usize>,
+}
+
+impl NodeSpec {
+    /// The MQTT streams' replicas: as given, else min(3, nodes). `--routes` names every node
+    /// (this one's own route included), so the node count is the route count.
+    fn mqtt_replicas(&self) -> Result<usize, String> {
+        let nodes = self.routes.len().max(1);
+        let replicas = self.replicas.unwrap_or(nodes.min(3));
+        if !(1..=5).contains(&replicas) {
+            return Err(format!("--replicas: {replicas} is not within 1..=5 (JetStream's limit)"));
+        }
+        if replicas > nodes {
+            return Err(format!(
+                "--replicas: {replicas} copies need as many nodes, but --routes names {nodes} (list every node's route, this one's too)"
+            ));
+        }
+        Ok(replicas)
+    }
 }
 
 /// The NATS subject of an MQTT topic part (`/` becomes `.`); MQTT topics of the contract hold
@@ -67,6 +89,7 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
             return Err(format!("--routes: {r:?} is not a nats://host:port URL"));
         }
     }
+    let mqtt_replicas = spec.mqtt_replicas()?;
     let mut out = String::new();
     let w = &mut out;
     // Writing to a String cannot fail.
@@ -99,6 +122,9 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
     let _ = writeln!(w, "# stream, so an acknowledged message survives a node (and an ingest leader) dying.");
     let _ = writeln!(w, "mqtt {{");
     let _ = writeln!(w, "  listen: {}", quote(&format!("{}:{}", spec.host, spec.mqtt_port)));
+    let _ = writeln!(w, "  # $MQTT_msgs, sessions and retained messages: as many copies as the gateways' streams");
+    let _ = writeln!(w, "  # ([cluster] replicas), whoever creates them first (a device or a gateway).");
+    let _ = writeln!(w, "  stream_replicas: {mqtt_replicas}");
     let _ = writeln!(w, "  ack_wait: \"30s\"");
     let _ = writeln!(w, "  max_ack_pending: 1000");
     let _ = writeln!(w, "}}");
@@ -141,6 +167,7 @@ mod tests {
             routes: vec!["nats://127.0.0.1:6222".into(), "nats://127.0.0.1:6223".into()],
             partitions: 64,
             http_port: None,
+            replicas: None,
         }
     }
 
@@ -157,6 +184,23 @@ mod tests {
         );
         assert!(!text.contains(".cmd"), "commands are not mapped: {text}");
         assert!(text.contains("relay-{p}"), "the QoS 1 path is described: {text}");
+        assert!(text.contains("stream_replicas: 2"), "two routes, two copies: {text}");
+    }
+
+    #[test]
+    fn the_mqtt_streams_get_at_most_three_copies_and_never_more_than_the_nodes() {
+        let mut s = spec();
+        s.routes = (1..=5).map(|i| format!("nats://h{i}:6222")).collect();
+        assert!(render(&s).expect("five nodes").contains("stream_replicas: 3"));
+        s.replicas = Some(5);
+        assert!(render(&s).expect("five copies on five nodes").contains("stream_replicas: 5"));
+        s.routes.clear();
+        s.replicas = None;
+        assert!(render(&s).expect("a single node").contains("stream_replicas: 1"));
+        s.replicas = Some(3);
+        assert!(render(&s).unwrap_err().contains("--replicas: 3 copies need as many nodes"));
+        s.replicas = Some(0);
+        assert!(render(&s).unwrap_err().contains("not within 1..=5"));
     }
 
     #[test]

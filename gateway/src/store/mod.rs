@@ -129,6 +129,10 @@ pub struct StoreStats {
     pub max_batch_us: u64,
     /// Rows in the last batch.
     pub last_batch_rows: u64,
+    /// Writer time spent on groups since start, and the part inside COMMIT (WAL write, fsync,
+    /// checkpoints), microseconds.
+    pub busy_us: u64,
+    pub commit_us: u64,
     /// Messages waiting in the writer's channel.
     pub queue_depth: u64,
     pub queue_capacity: u64,
@@ -159,6 +163,8 @@ impl prometheus_client::collector::Collector for StoreMetrics {
         gauge(e, "citywatch_store_max_batch_seconds", "Slowest store transaction since start.", st.max_batch_us as f64 / 1e6)?;
         gauge(e, "citywatch_store_last_batch_rows", "Rows in the last store transaction.", st.last_batch_rows)?;
         gauge(e, "citywatch_store_batches", "Store transactions committed.", st.batches)?;
+        crate::metrics::counter(e, "citywatch_store_busy_seconds", "Time the store writer spent writing (from taking writes to firing their acks).", st.busy_us as f64 / 1e6)?;
+        crate::metrics::counter(e, "citywatch_store_commit_seconds", "Part of the store writer's busy time inside COMMIT: the WAL's write and fsync, and checkpoints.", st.commit_us as f64 / 1e6)?;
         gauge(e, "citywatch_store_readings_written", "Readings committed to the store.", st.readings_written)?;
         gauge(e, "citywatch_store_write_errors", "Store write errors.", st.write_errors)?;
         gauge(e, "citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", u64::from(st.refusing))

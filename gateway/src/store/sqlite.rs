@@ -107,6 +107,11 @@ struct Shared {
     last_batch_us: AtomicU64,
     max_batch_us: AtomicU64,
     last_batch_rows: AtomicU64,
+    /// Time the writer spent writing groups (from the first take to the acks), and the part of
+    /// it inside COMMIT (the WAL's write and fsync, and any checkpoint it triggers), µs: how
+    /// busy the writer is, and how much of that is waiting for the disk.
+    busy_us: AtomicU64,
+    commit_us: AtomicU64,
     write_errors: AtomicU64,
     /// Set while a batch keeps failing for want of disk (full, read-only, I/O error) and is
     /// being retried; ingestion is paused behind it.
@@ -428,6 +433,8 @@ impl SqliteStore {
             last_batch_us: get(&s.last_batch_us),
             max_batch_us: get(&s.max_batch_us),
             last_batch_rows: get(&s.last_batch_rows),
+            busy_us: get(&s.busy_us),
+            commit_us: get(&s.commit_us),
             queue_depth: depth as u64,
             queue_readings: self.backlog.queued() as u64,
             queue_max_readings: self.backlog.max as u64,

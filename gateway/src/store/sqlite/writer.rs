@@ -3,7 +3,7 @@
 //! steps run between batches ([`super::retention`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -144,6 +144,7 @@ impl Writer {
                 // `acks` drop here unfired: the broker redelivers those messages.
             }
         }
+        self.shared.busy_us.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The first attempt at a group: one transaction, the writes given, then further takes while
@@ -171,7 +172,7 @@ impl Writer {
             apply_writes(&tx, &mut self.keys, &writes[from..], new_keys, counts, cells)?;
             rows += take_rows;
         }
-        finish_group(tx, cells, counts, self.opts.quarantine_max_rows)
+        finish_group(tx, cells, counts, self.opts.quarantine_max_rows, &self.shared.commit_us)
     }
 
     /// A group the disk refused (full, read-only, gone): retried whole, holding its acks, until
@@ -195,7 +196,7 @@ impl Writer {
             let mut new_keys = Vec::new();
             let mut counts = BatchCounts::default();
             self.cells.clear();
-            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts, &mut self.cells) {
+            match apply_batch(&mut self.conn, &mut self.keys, &self.opts, writes, &mut new_keys, &mut counts, &mut self.cells, &self.shared.commit_us) {
                 Ok(()) => {
                     self.shared.refusing.store(false, Ordering::Relaxed);
                     tracing::warn!(attempts, "the store writes again; ingestion resumes");
@@ -311,10 +312,11 @@ fn apply_batch(
     new_keys: &mut Vec<Arc<str>>,
     counts: &mut BatchCounts,
     cells: &mut RollupCells,
+    commit_us: &AtomicU64,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     apply_writes(&tx, keys, batch, new_keys, counts, cells)?;
-    finish_group(tx, cells, counts, opts.quarantine_max_rows)
+    finish_group(tx, cells, counts, opts.quarantine_max_rows, commit_us)
 }
 
 /// The end of a group's transaction: its rollup cells upserted, the quarantine trimmed when it
@@ -324,12 +326,16 @@ fn finish_group(
     cells: &mut RollupCells,
     counts: &BatchCounts,
     quarantine_max_rows: usize,
+    commit_us: &AtomicU64,
 ) -> rusqlite::Result<()> {
     cells.flush(&tx)?;
     if counts.quarantined > 0 {
         trim_quarantine(&tx, quarantine_max_rows)?;
     }
-    tx.commit()
+    let started = Instant::now();
+    let committed = tx.commit();
+    commit_us.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    committed
 }
 
 /// Writes one take inside an open transaction: readings sorted by key (B-tree locality),
