@@ -30,7 +30,7 @@ use writer::Writer;
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "citywatch.db";
 /// The schema this code writes; older databases are migrated, newer ones refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MINUTE_MS: i64 = 60_000;
 
@@ -277,16 +277,18 @@ impl StoreWriter {
 /// Reads share one connection behind a mutex (WAL lets them run beside the writer); each read
 /// is a single short statement, so contention stays low at the API's request rates.
 ///
-/// # Schema (version 1)
+/// # Schema (version 2)
 ///
 /// - `device_keys(id INTEGER PRIMARY KEY, name TEXT UNIQUE)`: devices are referenced by a small
 ///   integer everywhere else; the writer caches the map in memory.
-/// - `readings(device, metric, ts, value, historical)`, `WITHOUT ROWID`, primary key
-///   `(device, metric, ts)`. `metric` is the index in [`Metric::ALL`], which is therefore
-///   append-only (a test pins it). A reading whose key is already stored (a replay) is ignored:
-///   the first value written wins and the rollups count it once.
+/// - `readings(device, ts, historical, <one nullable REAL column per metric, named by its wire
+///   name>)`, `WITHOUT ROWID`, primary key `(device, ts)`: one row per telemetry message (v1 had
+///   one per reading, keyed `(device, metric, ts)`; migrated at open). A reading whose
+///   (device, metric, ts) is already stored (a replay) is ignored: the first value written wins
+///   and the rollups count it once; a message adding other metrics to a stored (device, ts)
+///   fills their columns.
 /// - `rollup_1m(device, metric, minute, min, max, sum, count, last, last_ts)`, `minute` being the
-///   minute's start in ms; maintained by the writer from the readings it actually inserted.
+///   minute's start in ms, `metric` the index in [`Metric::ALL`] (append-only: a test pins it); maintained by the writer from the readings it actually inserted.
 /// - `events` (primary key `(device, ts, seq)`, replays ignored), `quarantine` (autoincrement
 ///   id, newest = largest id), `devices` (the registry's records, upserted), `schema_version`.
 ///
@@ -304,16 +306,16 @@ impl StoreWriter {
 ///
 /// `cargo test --release -p citywatch-gateway store::sqlite::tests::writer_throughput -- --ignored --nocapture`
 /// writes 1 000 000 readings in batches of 10 000 with the default options. On the development
-/// VM (2 cores, ext4 on virtio) the writer alone did:
-/// - `live`, 1000 devices × 3 metrics round-robin (every batch touches all 3000 series):
-///   ~90–130k rows/s with `FULL`, ~110–150k with `NORMAL`; batches take up to ~230 ms.
-/// - `replay`, a batch holding ~3 devices' consecutive points: ~580–760k rows/s with `FULL`,
-///   ~620k–1.1M with `NORMAL`; batches ≤ ~55 ms.
+/// VM (2 cores, ext4 on virtio, a build beside it) with schema 2 and group commit the writer
+/// alone did:
+/// - `live`, 1000 devices × 3 metrics round-robin (every batch touches every device):
+///   ~550–710k readings/s with `FULL`;
+/// - `replay`, a batch holding ~3 devices' consecutive points: ~450–610k readings/s with `FULL`.
 ///
-/// The `live` ceiling is write amplification, not CPU: a transaction writes every page it
-/// dirties to the WAL, and clustering by `(device, metric, ts)` puts each series' newest rows on
-/// its own leaf page (plus one rollup page), so a 10 000-row batch over 3000 series writes
-/// ~6000 pages (~24 MB). Bigger batches or fewer series per batch raise the rate.
+/// (Schema 1, one row per reading and a transaction per 10k rows, did ~90–130k readings/s
+/// `live`.) A transaction writes every page it dirties to the WAL; clustering by `(device, ts)`
+/// puts each device's newest rows on one leaf page (plus its rollup pages), so group commit
+/// ([`StoreOptions::commit_max_rows`]) and the row per message both cut the pages per reading.
 #[derive(Debug)]
 pub struct SqliteStore {
     db_path: PathBuf,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use citywatch_edge::wire::{DeviceKind, EventKind, Metric};
 use rusqlite::params;
 
+use super::schema::metric_column;
 use super::{device_id, lock, metric_at, metric_index, sql_limit, SqliteStore, MINUTE_MS};
 use crate::ingest::now_ms;
 use crate::store::{DeviceRecord, Error, EventRecord, Point, QuarantineEntry, ReadingQuery, Result};
@@ -33,13 +34,15 @@ impl SqliteStore {
         let conn = lock(&self.reader);
         let Some(device) = device_id(&conn, &q.device)? else { return Ok(Vec::new()) };
         let metric = metric_index(q.metric);
+        // Raw readings: the metric's column of the device's rows (NULL where a message lacked it).
+        let column = metric_column(q.metric);
         let limit = sql_limit(q.limit);
         let Some(step) = q.step_ms else {
-            let mut stmt = conn.prepare_cached(
-                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2 AND ts >= ?3 AND ts < ?4
-                 ORDER BY ts LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(params![device, metric, q.from_ms, q.to_ms, limit], |r| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT ts, {column} FROM readings WHERE device = ?1 AND ts >= ?2 AND ts < ?3 AND {column} IS NOT NULL
+                 ORDER BY ts LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(params![device, q.from_ms, q.to_ms, limit], |r| {
                 let v: f64 = r.get(1)?;
                 Ok(Point { ts_ms: r.get(0)?, min: v, max: v, avg: v, last: v, count: 1 })
             })?;
@@ -58,22 +61,26 @@ impl SqliteStore {
                               sum(count) AS cnt, max(last_ts) AS lts
                        FROM rollup_1m WHERE device = ?1 AND metric = ?2 AND minute >= ?3 AND minute < ?4
                        GROUP BY b)
-                 ORDER BY b LIMIT ?6",
+                 ORDER BY b LIMIT ?6"
+                    .to_owned(),
             )
         } else {
+            // ?2 (the metric's index) is bound but not used here: the column names the metric.
             (
                 q.from_ms,
                 q.to_ms,
-                "SELECT b, mn, mx, av, cnt,
-                   (SELECT r.value FROM readings r WHERE r.device = ?1 AND r.metric = ?2 AND r.ts = lts)
-                 FROM (SELECT (ts - ?3) / ?5 AS b, min(value) AS mn, max(value) AS mx, avg(value) AS av,
-                              count(*) AS cnt, max(ts) AS lts
-                       FROM readings WHERE device = ?1 AND metric = ?2 AND ts >= ?3 AND ts < ?4
-                       GROUP BY b)
-                 ORDER BY b LIMIT ?6",
+                format!(
+                    "SELECT b, mn, mx, av, cnt,
+                       (SELECT r.{column} FROM readings r WHERE r.device = ?1 AND r.ts = lts)
+                     FROM (SELECT (ts - ?3) / ?5 AS b, min({column}) AS mn, max({column}) AS mx, avg({column}) AS av,
+                                  count({column}) AS cnt, max(ts) AS lts
+                           FROM readings WHERE device = ?1 AND ts >= ?3 AND ts < ?4 AND {column} IS NOT NULL
+                           GROUP BY b)
+                     ORDER BY b LIMIT ?6"
+                ),
             )
         };
-        let mut stmt = conn.prepare_cached(sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![device, metric, from, to, step, limit], |r| {
             let b: i64 = r.get(0)?;
             let count: i64 = r.get(4)?;
@@ -194,8 +201,8 @@ impl SqliteStore {
     pub fn reading_count(&self, device: &str, metric: Metric) -> Result<u64> {
         let conn = lock(&self.reader);
         let Some(id) = device_id(&conn, device)? else { return Ok(0) };
-        let mut stmt = conn.prepare_cached("SELECT count(*) FROM readings WHERE device = ?1 AND metric = ?2")?;
-        let n: i64 = stmt.query_row(params![id, metric_index(metric)], |r| r.get(0))?;
+        let mut stmt = conn.prepare_cached(&format!("SELECT count({}) FROM readings WHERE device = ?1", metric_column(metric)))?;
+        let n: i64 = stmt.query_row(params![id], |r| r.get(0))?;
         Ok(n.max(0) as u64)
     }
 }

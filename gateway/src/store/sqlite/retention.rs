@@ -62,8 +62,9 @@ pub(super) fn trim_quarantine(conn: &Connection, max_rows: usize) -> rusqlite::R
         .execute([sql_limit(max_rows)])
 }
 
-/// Where a retention pass is: device `devices[device]`, stage `0..M` = raw readings of metric
-/// `stage`, `M..2M` = rollups of metric `stage - M`, `2M` = events (M = `Metric::ALL.len()`).
+/// Where a retention pass is: device `devices[device]`, stage `0` = raw readings (a row holds a
+/// message's metrics), `1..=M` = rollups of metric `stage - 1`, `M + 1` = events
+/// (M = `Metric::ALL.len()`).
 pub(super) struct RetentionPass {
     pub(super) devices: Vec<i64>,
     pub(super) device: usize,
@@ -87,20 +88,20 @@ fn retention_step(conn: &mut Connection, pass: &mut RetentionPass, quarantine_ma
             break true;
         };
         let chunk = sql_limit(RETENTION_CHUNK);
-        let n = if pass.stage < m {
+        let n = if pass.stage == 0 {
             tx.prepare_cached(
-                "DELETE FROM readings WHERE device = ?1 AND metric = ?2 AND ts < coalesce(
-                   (SELECT ts FROM readings WHERE device = ?1 AND metric = ?2 AND ts < ?3
-                    ORDER BY ts LIMIT 1 OFFSET ?4), ?3)",
+                "DELETE FROM readings WHERE device = ?1 AND ts < coalesce(
+                   (SELECT ts FROM readings WHERE device = ?1 AND ts < ?2
+                    ORDER BY ts LIMIT 1 OFFSET ?3), ?2)",
             )?
-            .execute(params![device, pass.stage as i64, pass.raw_cutoff, chunk])?
-        } else if pass.stage < 2 * m {
+            .execute(params![device, pass.raw_cutoff, chunk])?
+        } else if pass.stage <= m {
             tx.prepare_cached(
                 "DELETE FROM rollup_1m WHERE device = ?1 AND metric = ?2 AND minute < coalesce(
                    (SELECT minute FROM rollup_1m WHERE device = ?1 AND metric = ?2 AND minute < ?3
                     ORDER BY minute LIMIT 1 OFFSET ?4), ?3)",
             )?
-            .execute(params![device, (pass.stage - m) as i64, pass.rollup_cutoff, chunk])?
+            .execute(params![device, (pass.stage - 1) as i64, pass.rollup_cutoff, chunk])?
         } else {
             tx.prepare_cached(
                 "DELETE FROM events WHERE device = ?1 AND ts < coalesce(
@@ -113,7 +114,7 @@ fn retention_step(conn: &mut Connection, pass: &mut RetentionPass, quarantine_ma
         // could delete fewer than a chunk; moving on then only postpones them to the next pass.)
         if n < RETENTION_CHUNK {
             pass.stage += 1;
-            if pass.stage > 2 * m {
+            if pass.stage > m + 1 {
                 pass.stage = 0;
                 pass.device += 1;
             }

@@ -1,10 +1,11 @@
 //! The schema of the embedded store and its migrations: what the tables are, and how an older
 //! database is brought up to [`SCHEMA_VERSION`](super::SCHEMA_VERSION). Nothing here runs after
-//! startup.
+//! startup. A new database is made as v1 and migrated like an old one, so there is one path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use citywatch_edge::wire::Metric;
 use rusqlite::Connection;
 
 use super::{Error, Result, SCHEMA_VERSION};
@@ -56,7 +57,80 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
             return Err(e.into());
         }
     }
-    // Future migrations: `if version < 2 { ... }`, each in its own transaction.
+    if version < 2 {
+        readings_by_message(conn)?;
+    }
+    // Future migrations: `if version < 3 { ... }`, each in its own transaction.
+    add_metric_columns(conn)?;
+    Ok(())
+}
+
+/// The column of a metric in `readings` (v2): its wire name, quoted. Wire names are
+/// `[a-z0-9_]` (a test pins them), so the text is a safe identifier.
+pub(super) fn metric_column(m: Metric) -> String {
+    format!("\"{}\"", m.as_str())
+}
+
+/// The `readings` table of schema v2: one row per (device, ts) — one telemetry message — with a
+/// nullable column per metric, so a message of five readings is one row, one index entry and
+/// one insert (v1 had a row per reading, keyed (device, metric, ts)).
+fn readings_v2_ddl(table: &str) -> String {
+    let columns: String = Metric::ALL.iter().map(|m| format!(", {} REAL", metric_column(*m))).collect();
+    format!(
+        "CREATE TABLE {table}(
+            device INTEGER NOT NULL, ts INTEGER NOT NULL, historical INTEGER NOT NULL DEFAULT 0{columns},
+            PRIMARY KEY(device, ts)) WITHOUT ROWID;"
+    )
+}
+
+/// v1 → v2: the readings regrouped by (device, ts), in one transaction (a large store takes a
+/// while: logged before and after). A v1 key (device, metric, ts) is unique, so each cell of
+/// the new table has at most one value.
+fn readings_by_message(conn: &Connection) -> Result<()> {
+    let started = std::time::Instant::now();
+    let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+    if rows > 0 {
+        tracing::info!(rows, "store: migrating readings to schema 2 (one row per device and time)");
+    }
+    let names: String = Metric::ALL.iter().map(|m| format!(", {}", metric_column(*m))).collect();
+    let pivot: String = Metric::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!(", max(CASE metric WHEN {i} THEN value END)"))
+        .collect();
+    let sql = format!(
+        "BEGIN IMMEDIATE;
+         {create}
+         INSERT INTO readings_v2(device, ts, historical{names})
+           SELECT device, ts, max(historical){pivot} FROM readings GROUP BY device, ts;
+         DROP TABLE readings;
+         ALTER TABLE readings_v2 RENAME TO readings;",
+        create = readings_v2_ddl("readings_v2"),
+    );
+    conn.execute_batch(&sql)?;
+    let done = conn
+        .execute("INSERT INTO schema_version(version, applied_ms) VALUES (2, ?1)", [now_ms()])
+        .and_then(|_| conn.execute_batch("COMMIT"));
+    if let Err(e) = done {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e.into());
+    }
+    if rows > 0 {
+        tracing::info!(rows, took_ms = started.elapsed().as_millis() as u64, "store: readings migrated to schema 2");
+    }
+    Ok(())
+}
+
+/// A metric added to [`Metric::ALL`] since the table was made gets its column (nullable, so
+/// adding it rewrites nothing).
+fn add_metric_columns(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('readings')")?;
+    let have: std::collections::HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for m in Metric::ALL {
+        if !have.contains(m.as_str()) {
+            conn.execute_batch(&format!("ALTER TABLE readings ADD COLUMN {} REAL", metric_column(*m)))?;
+        }
+    }
     Ok(())
 }
 

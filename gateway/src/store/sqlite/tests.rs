@@ -270,6 +270,87 @@ fn duplicates_do_not_break_a_batch() {
 }
 
 #[test]
+fn a_message_is_one_row_and_a_later_message_of_the_same_time_fills_only_its_new_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w) = open(dir.path());
+    let db = store.db_path().to_path_buf();
+    let t0 = base_minute();
+    // One message of three readings, then one of the same (device, ts) repeating one of them
+    // with another value and adding a fourth metric, in a later transaction.
+    write_sync(&w, vec![Write::Readings(vec![
+        reading("g", Metric::GasLel, t0, 5.0),
+        reading("g", Metric::TempC, t0, 21.0),
+        reading("g", Metric::BatteryV, t0, 3.6),
+    ])]);
+    assert_eq!(fresh_count(&db, "SELECT count(*) FROM readings"), 1, "one row per message");
+    write_sync(&w, vec![Write::Readings(vec![
+        reading("g", Metric::GasLel, t0, 50.0),
+        reading("g", Metric::RssiDbm, t0, -70.0),
+        reading("g", Metric::GasLel, t0 + 1000, 6.0),
+    ])]);
+    assert_eq!(fresh_count(&db, "SELECT count(*) FROM readings"), 2);
+    let gas = store.readings(&query("g", Metric::GasLel, t0, t0 + MINUTE_MS, None)).expect("read");
+    assert_eq!(gas.iter().map(|p| (p.ts_ms, p.last)).collect::<Vec<_>>(), vec![(t0, 5.0), (t0 + 1000, 6.0)], "the stored reading wins");
+    let rssi = store.readings(&query("g", Metric::RssiDbm, t0, t0 + MINUTE_MS, None)).expect("read");
+    assert_eq!(rssi.iter().map(|p| p.last).collect::<Vec<_>>(), vec![-70.0], "the new metric filled in");
+    assert!(store.readings(&query("g", Metric::CoPpm, t0, t0 + MINUTE_MS, None)).expect("read").is_empty(), "no column, no reading");
+    assert_eq!(store.reading_count("g", Metric::GasLel).expect("count"), 2);
+    assert_eq!(store.reading_count("g", Metric::TempC).expect("count"), 1);
+    // Rollups count each stored reading once; raw and rollup aggregation agree.
+    for step in [MINUTE_MS, 30_000] {
+        let rolled = store.readings(&query("g", Metric::GasLel, t0, t0 + MINUTE_MS, Some(step))).expect("read");
+        assert_eq!(rolled[0].count, 2, "step {step}");
+        assert_eq!((rolled[0].min, rolled[0].max, rolled[0].last), (5.0, 6.0, 6.0), "step {step}");
+    }
+    assert_eq!(store.stats().readings_written, 3 + 2, "the repeated gas reading is not counted");
+    drop(w);
+    store.close().expect("close");
+}
+
+#[test]
+fn a_schema_1_store_is_migrated_to_one_row_per_message_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t0 = base_minute();
+    {
+        // A v1 database as the previous release left it.
+        let c = Connection::open(dir.path().join(super::DB_FILE)).expect("db");
+        c.execute_batch(&format!(
+            "CREATE TABLE schema_version(version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (1, 0);
+             {}
+             INSERT INTO device_keys(id, name) VALUES (1, 'a'), (2, 'b');
+             INSERT INTO readings(device, metric, ts, value) VALUES
+               (1, 0, {t0}, 5.0), (1, 2, {t0}, 20.5), (1, 0, {t1}, 6.0), (2, 9, {t0}, 3.3);
+             INSERT INTO rollup_1m VALUES (1, 0, {t0}, 5.0, 6.0, 11.0, 2, 6.0, {t1});",
+            super::schema::SCHEMA_V1,
+            t1 = t0 + 1000,
+        ))
+        .expect("v1 schema");
+    }
+    let (store, w) = open(dir.path());
+    let db = store.db_path().to_path_buf();
+    assert_eq!(fresh_count(&db, "SELECT max(version) FROM schema_version"), 2);
+    assert_eq!(fresh_count(&db, "SELECT count(*) FROM readings"), 3, "(a, t0), (a, t0 + 1 s), (b, t0)");
+    let gas = store.readings(&query("a", Metric::GasLel, t0, t0 + MINUTE_MS, None)).expect("read");
+    assert_eq!(gas.iter().map(|p| p.last).collect::<Vec<_>>(), vec![5.0, 6.0]);
+    let temp = store.readings(&query("a", Metric::TempC, t0, t0 + MINUTE_MS, None)).expect("read");
+    assert_eq!(temp.iter().map(|p| (p.ts_ms, p.last)).collect::<Vec<_>>(), vec![(t0, 20.5)]);
+    assert_eq!(store.reading_count("b", Metric::BatteryV).expect("count"), 1);
+    let rolled = store.readings(&query("a", Metric::GasLel, t0, t0 + MINUTE_MS, Some(MINUTE_MS))).expect("read");
+    assert_eq!(rolled[0].count, 2, "rollups kept as they were");
+    // And it takes new messages.
+    write_sync(&w, vec![Write::Readings(vec![reading("a", Metric::GasLel, t0 + 2000, 7.0)])]);
+    assert_eq!(store.reading_count("a", Metric::GasLel).expect("count"), 3);
+    drop(w);
+    store.close().expect("close");
+    // Opening again leaves a v2 store as it is.
+    let (store, w) = open(dir.path());
+    assert_eq!(store.reading_count("a", Metric::GasLel).expect("count"), 3);
+    drop(w);
+    store.close().expect("close");
+}
+
+#[test]
 fn acks_fire_only_after_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, w) = open(dir.path());

@@ -12,7 +12,10 @@ use rusqlite::{params, Connection};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
+use citywatch_edge::wire::Metric;
+
 use super::retention::{trim_quarantine, RetentionPass};
+use super::schema::metric_column;
 use super::{metric_index, Shared, StoreOptions, MINUTE_MS};
 use crate::ingest::Ack;
 use crate::store::{Reading, Write};
@@ -46,13 +49,40 @@ struct BatchCounts {
     rows: u64,
 }
 
-/// One reading, keyed for the insert order.
+/// The metrics a row has a column for ([`Metric::ALL`], append-only).
+const METRICS: usize = Metric::ALL.len();
+
+/// One `readings` row: a device's readings at one time (one telemetry message), keyed for the
+/// insert order. `values[i]` is the reading of `Metric::ALL[i]`, NaN where there is none (a
+/// stored reading is always finite).
 struct Row {
     device: i64,
-    metric: i64,
     ts: i64,
-    value: f64,
     historical: bool,
+    values: [f64; METRICS],
+}
+
+impl Row {
+    fn new(device: i64, ts: i64, historical: bool) -> Row {
+        Row { device, ts, historical, values: [f64::NAN; METRICS] }
+    }
+
+    /// Takes a reading unless the row already has one for that metric (the first one wins, as
+    /// for a stored key).
+    fn set(&mut self, metric: usize, value: f64) {
+        if self.values[metric].is_nan() {
+            self.values[metric] = value;
+        }
+    }
+
+    /// Folds in a later row of the same (device, ts): its readings of metrics this one lacks.
+    fn absorb(&mut self, later: &Row) {
+        for (mine, theirs) in self.values.iter_mut().zip(&later.values) {
+            if mine.is_nan() {
+                *mine = *theirs;
+            }
+        }
+    }
 }
 
 /// A rollup cell being accumulated from one batch.
@@ -353,13 +383,14 @@ fn apply_writes(
     for w in batch {
         match w {
             Write::Readings(readings) => {
-                rows.reserve(readings.len());
                 for &Reading { ref device, metric, ts_ms, value, historical } in readings {
                     if !value.is_finite() {
                         tracing::debug!(%device, %metric, value, "non-finite reading dropped");
                         continue;
                     }
-                    // A message's readings are adjacent: its device's id is looked up once.
+                    counts.rows += 1;
+                    // A message's readings are adjacent: its device's id is looked up once, and
+                    // they become one row.
                     let device = match last {
                         Some((name, id)) if Arc::ptr_eq(name, device) || **name == **device => id,
                         _ => {
@@ -368,7 +399,15 @@ fn apply_writes(
                             id
                         }
                     };
-                    rows.push(Row { device, metric: metric_index(metric), ts: ts_ms, value, historical });
+                    let metric = metric_index(metric) as usize;
+                    match rows.last_mut() {
+                        Some(r) if r.device == device && r.ts == ts_ms => r.set(metric, value),
+                        _ => {
+                            let mut row = Row::new(device, ts_ms, historical);
+                            row.set(metric, value);
+                            rows.push(row);
+                        }
+                    }
                 }
             }
             Write::Event(e) => {
@@ -424,7 +463,6 @@ fn apply_writes(
             Write::Ack(_) => {}
         }
     }
-    counts.rows += rows.len() as u64;
     counts.readings += insert_readings(tx, &mut rows, cells)?;
     Ok(())
 }
@@ -450,41 +488,98 @@ fn key(
     Ok(id)
 }
 
-/// Inserts the readings in key order (B-tree locality) and adds those actually inserted (a
-/// replayed key is ignored, so it is not counted twice) to the group's rollup cells. Returns
-/// the rows inserted.
-fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut [Row], cells: &mut RollupCells) -> rusqlite::Result<u64> {
+/// Inserts the rows in key order (B-tree locality) and adds the readings actually stored to
+/// the group's rollup cells. A row whose (device, ts) is already stored (a replay, or another
+/// message of the same time) fills only the metrics still empty there: a stored reading is never
+/// replaced, so it is never counted twice. Returns the readings stored.
+fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &mut RollupCells) -> rusqlite::Result<u64> {
     if rows.is_empty() {
         return Ok(0);
     }
-    // Stable: among equal keys the first sent is inserted and the others ignored.
-    rows.sort_by_key(|r| (r.device, r.metric, r.ts));
-    let mut insert = tx.prepare_cached(
-        "INSERT OR IGNORE INTO readings(device, metric, ts, value, historical) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    let mut inserted = 0u64;
-    let mut cur: Option<Agg> = None;
-    for r in rows.iter() {
-        if insert.execute(params![r.device, r.metric, r.ts, r.value, r.historical])? == 0 {
-            continue;
+    // Stable: among rows of one key the first sent wins per metric.
+    rows.sort_by_key(|r| (r.device, r.ts));
+    rows.dedup_by(|later, kept| {
+        let same = later.device == kept.device && later.ts == kept.ts;
+        if same {
+            kept.absorb(later);
         }
-        inserted += 1;
+        same
+    });
+    let mut insert = tx.prepare_cached(&INSERT_SQL)?;
+    let mut stored = 0u64;
+    // The open rollup cell of each metric for the current (device, minute): rows come sorted by
+    // (device, ts), so a cell's readings are adjacent per metric.
+    let mut open: [Option<Agg>; METRICS] = std::array::from_fn(|_| None);
+    let mut open_at: Option<(i64, i64)> = None;
+    for r in rows.iter() {
+        insert.raw_bind_parameter(1, r.device)?;
+        insert.raw_bind_parameter(2, r.ts)?;
+        insert.raw_bind_parameter(3, r.historical)?;
+        for (i, v) in r.values.iter().enumerate() {
+            insert.raw_bind_parameter(4 + i, if v.is_nan() { None } else { Some(*v) })?;
+        }
+        let values = if insert.raw_execute()? == 1 { r.values } else { fill_stored_row(tx, r)? };
         let minute = r.ts.div_euclid(MINUTE_MS) * MINUTE_MS;
-        match &mut cur {
-            // Rows are sorted by (device, metric, ts): a cell's rows are adjacent, ts ascending.
-            Some(a) if a.device == r.device && a.metric == r.metric && a.minute == minute => a.add(r.value, r.ts),
-            _ => {
-                if let Some(a) = cur.take() {
-                    cells.add(tx, a)?;
-                }
-                cur = Some(Agg::new(r.device, r.metric, minute, r.value, r.ts));
+        if open_at != Some((r.device, minute)) {
+            for a in open.iter_mut().filter_map(Option::take) {
+                cells.add(tx, a)?;
+            }
+            open_at = Some((r.device, minute));
+        }
+        for (i, v) in values.iter().enumerate() {
+            if v.is_nan() {
+                continue;
+            }
+            stored += 1;
+            match &mut open[i] {
+                Some(a) => a.add(*v, r.ts),
+                slot => *slot = Some(Agg::new(r.device, i as i64, minute, *v, r.ts)),
             }
         }
     }
-    if let Some(a) = cur {
+    for a in open.iter_mut().filter_map(Option::take) {
         cells.add(tx, a)?;
     }
-    Ok(inserted)
+    Ok(stored)
+}
+
+/// `INSERT OR IGNORE INTO readings(device, ts, historical, <every metric column>) VALUES (?1, …)`.
+static INSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let columns: String = Metric::ALL.iter().map(|m| format!(", {}", metric_column(*m))).collect();
+    let params: String = (0..METRICS).map(|i| format!(", ?{}", 4 + i)).collect();
+    format!("INSERT OR IGNORE INTO readings(device, ts, historical{columns}) VALUES (?1, ?2, ?3{params})")
+});
+
+/// A row whose (device, ts) is already stored: its metrics still empty there are filled from
+/// `row`; returns the readings that were (NaN elsewhere). Rare: replays and repeated times.
+fn fill_stored_row(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Result<[f64; METRICS]> {
+    let columns: Vec<String> = Metric::ALL.iter().map(|m| metric_column(*m)).collect();
+    let stored: [Option<f64>; METRICS] = tx
+        .prepare_cached(&format!("SELECT {} FROM readings WHERE device = ?1 AND ts = ?2", columns.join(", ")))?
+        .query_row(params![row.device, row.ts], |r| {
+            let mut out = [None; METRICS];
+            for (i, slot) in out.iter_mut().enumerate() {
+                *slot = r.get(i)?;
+            }
+            Ok(out)
+        })?;
+    let mut added = [f64::NAN; METRICS];
+    for (i, (have, new)) in stored.iter().zip(&row.values).enumerate() {
+        if have.is_none() && !new.is_nan() {
+            added[i] = *new;
+        }
+    }
+    if added.iter().any(|v| !v.is_nan()) {
+        let sets: Vec<String> = columns.iter().enumerate().map(|(i, c)| format!("{c} = coalesce({c}, ?{})", 3 + i)).collect();
+        let mut update = tx.prepare_cached(&format!("UPDATE readings SET {} WHERE device = ?1 AND ts = ?2", sets.join(", ")))?;
+        update.raw_bind_parameter(1, row.device)?;
+        update.raw_bind_parameter(2, row.ts)?;
+        for (i, v) in added.iter().enumerate() {
+            update.raw_bind_parameter(3 + i, if v.is_nan() { None } else { Some(*v) })?;
+        }
+        update.raw_execute()?;
+    }
+    Ok(added)
 }
 
 impl Agg {
