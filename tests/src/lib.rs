@@ -7,6 +7,7 @@
 mod alertmanager;
 mod bins;
 mod browser;
+pub mod event_fleet;
 pub mod figures;
 mod gateway;
 mod modbus_server;

@@ -16,17 +16,17 @@
 //!
 //! Each device keeps one QoS 1 publish in flight, so a PUBACK names exactly one `seq`; when its
 //! link breaks it connects to the next node and sends the unacknowledged event again (what the
-//! firmware's store-and-forward ring does).
+//! firmware's store-and-forward ring does): [`citywatch_tests::event_fleet`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use citywatch_gateway::cluster::{relay, INGEST_STREAM};
+use citywatch_tests::event_fleet::{publish_events, wall_ms};
 use citywatch_tests::figures::{cluster_status, metric_series, partition_owners};
-use citywatch_tests::{birth, device_topic, split_addr, unique_client_id, wait_for, wait_for_async, GatewayProcess, NatsCluster, Publisher, WebhookReceiver};
+use citywatch_tests::{birth, device_topic, wait_for, wait_for_async, GatewayProcess, NatsCluster, Publisher, WebhookReceiver};
 use futures_util::StreamExt as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -39,61 +39,6 @@ const BEFORE_KILL: Duration = Duration::from_secs(4);
 const AFTER_LEADER: Duration = Duration::from_secs(4);
 const SETTLE: Duration = Duration::from_secs(90);
 const EVENTS: &str = "citywatch_messages_received_total{channel=\"event\"}";
-
-/// One PUBACK: the event's seq, the node whose listener sent it, when it came.
-#[derive(Debug, Clone, Copy)]
-struct Acked {
-    seq: u32,
-    node: usize,
-    at: Instant,
-}
-
-/// What one device saw: each acknowledged event, in order.
-#[derive(Debug, Default)]
-struct DeviceLog {
-    acked: Vec<Acked>,
-    reconnects: usize,
-}
-
-/// One device: events `self_test_ok` with rising seq, one in flight, until the instant `until`
-/// holds (moved by the test once it knows when the ingest stream has a leader again).
-async fn device(site: String, id: String, nodes: Vec<String>, first: usize, until: watch::Receiver<Instant>) -> DeviceLog {
-    let mut log = DeviceLog::default();
-    let mut node = first;
-    let mut seq: u32 = 1;
-    let running = || Instant::now() < *until.borrow();
-    'links: while running() {
-        let Ok((host, port)) = split_addr(&nodes[node]) else { break };
-        let mut options = MqttOptions::new(unique_client_id(&id), host, port);
-        options.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = AsyncClient::new(options, 8);
-        let topic = device_topic(&site, &id, "event");
-        while running() {
-            let body = json!({"seq": seq, "ts": wall_ms(), "event": "self_test_ok"}).to_string();
-            if client.try_publish(&topic, QoS::AtLeastOnce, false, body).is_err() {
-                break;
-            }
-            let acked = loop {
-                match tokio::time::timeout(Duration::from_secs(3), events.poll()).await {
-                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break true,
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(_)) | Err(_) => break false,
-                }
-            };
-            if !acked {
-                // The link broke (or stalled): the same seq again on the next node.
-                node = (node + 1) % nodes.len();
-                log.reconnects += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue 'links;
-            }
-            log.acked.push(Acked { seq, node, at: Instant::now() });
-            seq += 1;
-        }
-        break;
-    }
-    log
-}
 
 /// The server name of the ingest stream's leader as the cluster answers now; `None` while it
 /// has none (the stream info request then goes unanswered).
@@ -159,10 +104,6 @@ async fn publish_until_acked(addrs: &[String], topic: &str, body: &serde_json::V
     }
 }
 
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_acknowledged_event() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
@@ -219,7 +160,7 @@ async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_ackn
 
     let started = Instant::now();
     let (until_tx, until) = watch::channel(started + BEFORE_KILL + SETTLE);
-    let tasks: Vec<_> = ids.iter().enumerate().map(|(i, (site, id))| tokio::spawn(device(site.clone(), id.clone(), nodes.clone(), i % nodes.len(), until.clone()))).collect();
+    let tasks: Vec<_> = ids.iter().enumerate().map(|(i, (site, id))| tokio::spawn(publish_events(site.clone(), id.clone(), nodes.clone(), i % nodes.len(), until.clone()))).collect();
     let events_taken = || gateways.iter().filter_map(|g| g.get_text("/metrics").ok()).map(|t| metric_series(&t, EVENTS)).sum::<f64>();
 
     tokio::time::sleep(BEFORE_KILL).await;
