@@ -24,6 +24,7 @@ pub mod ownership;
 pub mod partition_metrics;
 pub mod relay;
 pub mod rendezvous;
+pub mod replay;
 pub mod sinks;
 pub mod status;
 

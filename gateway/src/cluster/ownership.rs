@@ -23,9 +23,10 @@
 //! a partition from NATS) it sends nothing for the partition before it has renewed — and renewing
 //! fails once another gateway took it.
 //!
-//! A partition's worker takes it over (adopts its incidents, restores its devices, then
-//! consumes it) with every JetStream call bounded by [`worker_call_timeout`] and each step
-//! retried while the lease is held, so no step can stall a takeover behind a leader that died.
+//! A partition's worker takes it over (adopts its incidents, restores its devices, replays its
+//! recent messages through the rules, then consumes it) with every JetStream call bounded by
+//! [`worker_call_timeout`] and each step retried while the lease is held, so no step can stall a
+//! takeover behind a leader that died.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,11 +37,11 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
 use super::adopt::AdoptFn;
-use super::calls::{bounded, bounded_each, call_timeout, waits, worker_call_timeout};
+use super::calls::{bounded, bounded_each, call_timeout, retried, waits, worker_call_timeout, READ_ATTEMPTS};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
 use super::relay::{is_plain_copy, Relay};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
-use crate::ingest::{Ack, Inbound};
+use crate::ingest::{Ack, Inbound, Origin};
 
 /// A lease this gateway holds.
 #[derive(Debug, Clone, Copy)]
@@ -446,6 +447,7 @@ impl Owner {
             metrics: Arc::clone(&self.metrics),
             consumers: Arc::clone(&self.consumers),
             relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
+            replay_window: self.cluster.config.replay_window.0,
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -471,7 +473,8 @@ pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(5);
 pub(super) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Takes over one partition: first its unclosed incidents from the incident log and its
-/// devices' last statuses from the ingest stream ([`super::adopt`]), then its messages from the
+/// devices' last statuses from the ingest stream ([`super::adopt`]), then the messages of its
+/// last `replay_window` the old owner took in ([`super::replay`]), then its messages from the
 /// ingest stream through its durable consumer `part-{p}` (shared by whoever owns the partition,
 /// so a new owner resumes at the old owner's ack floor).
 struct Worker {
@@ -489,6 +492,8 @@ struct Worker {
     /// When the partition's relay consumer was created: a plain copy of a QoS 1 message stored
     /// since then is skipped, the relayed copy counts ([`super::relay::is_plain_copy`]).
     relay_since_ms: i64,
+    /// `[cluster] replay_window`: how far back a takeover replays the partition (zero: not at all).
+    replay_window: Duration,
 }
 
 /// The steps of a worker, in order; each is retried until it succeeds or the lease is gone.
@@ -499,6 +504,9 @@ enum Step {
     AdoptIncidents,
     /// Then the devices the previous owner registered, before their next message.
     RestoreDevices,
+    /// Then what the previous owner took in lately, so the rule windows go on: before the
+    /// consumer's first message, which comes after them.
+    ReplayWindow,
     /// Then the partition's messages, until the lease is gone.
     Consume,
 }
@@ -508,6 +516,7 @@ impl Step {
         match self {
             Step::AdoptIncidents => "adopting the partition's incidents",
             Step::RestoreDevices => "reading the partition's device statuses",
+            Step::ReplayWindow => "replaying the partition's recent messages",
             Step::Consume => "consuming the partition",
         }
     }
@@ -517,7 +526,7 @@ impl Worker {
     async fn run(mut self) {
         let p = self.partition;
         let started = Instant::now();
-        for step in [Step::AdoptIncidents, Step::RestoreDevices, Step::Consume] {
+        for step in [Step::AdoptIncidents, Step::RestoreDevices, Step::ReplayWindow, Step::Consume] {
             let mut waits = waits();
             loop {
                 if !self.table.holds(p) {
@@ -526,6 +535,7 @@ impl Worker {
                 let result = match step {
                     Step::AdoptIncidents => self.adopt_incidents().await,
                     Step::RestoreDevices => self.restore_devices().await,
+                    Step::ReplayWindow => self.replay_window().await,
                     Step::Consume => self.consume().await,
                 };
                 match result {
@@ -536,7 +546,7 @@ impl Worker {
                     }
                 }
             }
-            if matches!(step, Step::RestoreDevices) {
+            if matches!(step, Step::ReplayWindow) {
                 self.metrics.took_over(p, started.elapsed());
                 tracing::info!(partition = p, took_ms = started.elapsed().as_millis() as u64, "cluster: partition taken over; consuming it");
             }
@@ -558,7 +568,7 @@ impl Worker {
     }
 
     /// Every device's last status of the partition, into the pipeline as restored (see
-    /// [`Inbound::restored`]) ahead of the partition's messages (one channel, in order).
+    /// [`Origin::Restored`]) ahead of the partition's messages (one channel, in order).
     async fn restore_devices(&mut self) -> Result<(), String> {
         let statuses = super::adopt::last_statuses(&self.ingest, self.partition, self.limit).await?;
         let found = statuses.len();
@@ -566,12 +576,70 @@ impl Worker {
             if !self.table.holds(self.partition) {
                 return Ok(());
             }
-            if self.inbound.send(Inbound { topic, payload, received_ms: stored_ms, ack: None, restored: true }).await.is_err() {
+            if self.inbound.send(Inbound { topic, payload, received_ms: stored_ms, ack: None, origin: Origin::Restored }).await.is_err() {
                 return Ok(());
             }
         }
         if found > 0 {
             tracing::info!(partition = self.partition, devices = found, "cluster: restored the partition's devices from their last status in the ingest stream");
+        }
+        Ok(())
+    }
+
+    /// The partition's messages stored since now − `replay_window` up to its consumer's ack
+    /// floor, into the pipeline as replayed ([`Origin::Replayed`]) in stream order, ahead of the
+    /// consumer's first message (one channel, in order). They are all read before the first is
+    /// sent, so they reach the decode stage as one burst (its rule timers wait while a replay
+    /// is fed). Best effort: when the reads fail [`READ_ATTEMPTS`] times the partition is
+    /// consumed without them (logged) — its windows then start over, as before replays existed.
+    async fn replay_window(&mut self) -> Result<(), String> {
+        let p = self.partition;
+        if self.replay_window.is_zero() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let from_ms = crate::ingest::now_ms() - i64::try_from(self.replay_window.as_millis()).unwrap_or(i64::MAX);
+        let filter = format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX);
+        let client = self.js.client();
+        let limit = self.limit;
+        let read = retried(limit * 3, READ_ATTEMPTS, || async {
+            let consumer = self.consumer().await?;
+            let floor = bounded(limit, consumer.get_info()).await?.ack_floor.stream_sequence;
+            if floor == 0 {
+                return Ok(super::replay::Window::default());
+            }
+            super::replay::read(&client, INGEST_STREAM, &filter, from_ms, floor, limit, Instant::now() + limit * 2).await
+        })
+        .await;
+        let window = match read {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cluster: the partition's recent messages could not be read; consuming it without replaying them (its rule windows start over)");
+                return Ok(());
+            }
+        };
+        let (mut replayed, mut skipped) = (0usize, 0usize);
+        for message in window.messages {
+            if !self.table.holds(p) {
+                return Ok(());
+            }
+            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else { continue };
+            let stored_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            if is_plain_copy(Some(&message.headers), stored_ms, self.relay_since_ms) {
+                skipped += 1;
+                continue;
+            }
+            if self.inbound.send(Inbound { topic, payload: message.payload, received_ms: stored_ms, ack: None, origin: Origin::Replayed }).await.is_err() {
+                return Ok(());
+            }
+            replayed += 1;
+        }
+        self.metrics.replayed(p, replayed);
+        let took_ms = started.elapsed().as_millis() as u64;
+        if window.cut_short || window.dropped > 0 {
+            tracing::warn!(partition = p, replayed, dropped_oldest = window.dropped, cut_short = window.cut_short, took_ms, "cluster: replayed only part of the partition's recent messages (bounded by count and time)");
+        } else if replayed > 0 {
+            tracing::info!(partition = p, replayed, plain_copies_skipped = skipped, took_ms, "cluster: replayed the partition's recent messages through the rules");
         }
         Ok(())
     }
@@ -647,7 +715,7 @@ impl Worker {
                     }
                 });
             });
-            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), restored: false }).await.is_err() {
+            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), origin: Origin::Live }).await.is_err() {
                 return Ok(());
             }
             self.metrics.taken_in(p, pending);
