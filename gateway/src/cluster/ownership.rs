@@ -557,13 +557,16 @@ impl Worker {
         let p = self.partition;
         let adopt = self.adopt.wait_for(Option::is_some).await.map_err(|_| "the gateway is stopping".to_owned())?.clone();
         let Some(adopt) = adopt else { return Err("no incident manager".into()) };
-        let incidents = super::adopt::unclosed(&self.js, p, self.limit).await?;
+        // Closed within the replay window too: a replayed alarm must not open again what an
+        // operator just closed.
+        let closed_since_ms = crate::ingest::now_ms() - i64::try_from(self.replay_window.as_millis()).unwrap_or(i64::MAX);
+        let incidents = super::adopt::unclosed(&self.js, p, closed_since_ms, self.limit).await?;
         if incidents.is_empty() {
             return Ok(());
         }
         let found = incidents.len();
         let changed = adopt(incidents).await?;
-        tracing::info!(partition = p, found, changed, "cluster: adopted the partition's unclosed incidents from the log");
+        tracing::info!(partition = p, found, changed, "cluster: adopted the partition's incidents from the log (unclosed, or closed within the replay window)");
         Ok(())
     }
 
