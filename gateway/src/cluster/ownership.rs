@@ -29,7 +29,7 @@
 //! takeover behind a leader that died.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, kv};
@@ -37,57 +37,13 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
 use super::adopt::AdoptFn;
+use super::leases::{Held, LeaseTable};
+use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::calls::{bounded, bounded_each, call_timeout, retried, waits, worker_call_timeout, READ_ATTEMPTS};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
 use super::relay::{is_plain_copy, Relay};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound, Origin};
-
-/// A lease this gateway holds.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    /// The KV revision of our last write: the fencing token.
-    revision: u64,
-    /// Sent time of the last successful renewal + TTL.
-    valid_until: Instant,
-}
-
-/// The partitions this gateway holds right now; shared by the ownership loop, the partition
-/// consumers, the command publisher and the push channels.
-#[derive(Debug, Default)]
-pub struct LeaseTable {
-    held: Mutex<HashMap<u16, Held>>,
-}
-
-impl LeaseTable {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u16, Held>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether this gateway may act on `partition` at this instant.
-    pub fn holds(&self, partition: u16) -> bool {
-        self.lock().get(&partition).is_some_and(|h| h.valid_until > Instant::now())
-    }
-
-    /// The fencing token of a held partition.
-    pub fn token(&self, partition: u16) -> Option<u64> {
-        self.lock().get(&partition).filter(|h| h.valid_until > Instant::now()).map(|h| h.revision)
-    }
-
-    /// Held partitions, sorted.
-    pub fn held(&self) -> Vec<u16> {
-        let now = Instant::now();
-        let mut v: Vec<u16> = self.lock().iter().filter(|(_, h)| h.valid_until > now).map(|(p, _)| *p).collect();
-        v.sort_unstable();
-        v
-    }
-
-    /// A lease held from now on for one TTL of a minute (unit tests of what reads the table).
-    #[cfg(test)]
-    pub fn hold_for_test(&self, partition: u16, revision: u64) {
-        self.lock().insert(partition, Held { revision, valid_until: Instant::now() + Duration::from_secs(60) });
-    }
-}
 
 /// What a member writes about itself.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -159,12 +115,10 @@ struct Owner {
     /// When a failed listing was last logged (one warning per TTL, not per round).
     listing_warned: Option<Instant>,
     metrics: Arc<PartitionMetrics>,
-    /// Each partition's durable consumer once looked up, kept for its later workers: a pull
-    /// goes to the consumer's leader wherever it is, while a lookup is one more call that has
-    /// to get through right after a NATS node died.
-    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
-    /// Each partition's relay consumer once looked up.
-    relay_consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    /// Each partition's durable consumer once looked up, kept for its later workers.
+    consumers: PartitionConsumers,
+    /// Each partition's relay consumer once looked up, kept for its later relays.
+    relay_consumers: PartitionConsumers,
 }
 
 /// What [`start`] hands back: the lease table (fencing), the per-partition figures for
@@ -205,8 +159,8 @@ pub(super) async fn start(
         live: Vec::new(),
         listing_warned: None,
         metrics: Arc::clone(&metrics),
-        consumers: Arc::default(),
-        relay_consumers: Arc::default(),
+        consumers: PartitionConsumers::default(),
+        relay_consumers: PartitionConsumers::default(),
     };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
@@ -245,7 +199,7 @@ impl Owner {
     /// stream electing its leader) costs a round at most one timeout per step.
     async fn round(&mut self) {
         let limit = call_timeout(self.ttl);
-        let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
+        let held: Vec<(u16, Held)> = self.table.all();
         let announce = Member { node: self.node().to_owned(), at_ms: crate::ingest::now_ms(), partitions: self.table.held() };
         let announcement = serde_json::to_vec(&announce).unwrap_or_default();
         let (renewals, announced, listed) = tokio::join!(
@@ -294,7 +248,7 @@ impl Owner {
         let mut take = Vec::new();
         for p in 0..self.cluster.config.partitions {
             let wanted = rendezvous::owner(p, &live) == Some(self.node());
-            let held = self.table.lock().get(&p).copied();
+            let held = self.table.get(p);
             match (held, wanted) {
                 (Some(h), false) => release.push((p, h)),
                 (None, true) => take.push(p),
@@ -363,7 +317,7 @@ impl Owner {
         let limit = limit.min(h.valid_until - sent);
         match tokio::time::timeout(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), h.revision)).await {
             Ok(Ok(revision)) => {
-                self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+                self.table.hold(p, Held { revision, valid_until: sent + self.ttl });
                 Renewal::Renewed
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Renewal::Refused(e.to_string()),
@@ -402,12 +356,12 @@ impl Owner {
     async fn take(&self, p: u16, expected: u64, limit: Duration) -> Result<u64, String> {
         let sent = Instant::now();
         let revision = bounded(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), expected)).await?;
-        self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+        self.table.hold(p, Held { revision, valid_until: sent + self.ttl });
         Ok(revision)
     }
 
     fn lost(&mut self, p: u16, why: LeaseLoss) {
-        if self.table.lock().remove(&p).is_some() {
+        if self.table.drop_lease(p) {
             self.metrics.lost(p, why);
         }
         if let Some(w) = self.workers.remove(&p) {
@@ -427,7 +381,7 @@ impl Owner {
             table: Arc::clone(&self.table),
             ack_wait: self.ttl,
             limit: worker_call_timeout(self.ttl),
-            consumers: Arc::clone(&self.relay_consumers),
+            consumers: self.relay_consumers.clone(),
         };
         if let Some(old) = self.relays.insert(p, tokio::spawn(relay.run())) {
             old.abort();
@@ -445,7 +399,7 @@ impl Owner {
             ack_wait: self.ttl,
             limit: worker_call_timeout(self.ttl),
             metrics: Arc::clone(&self.metrics),
-            consumers: Arc::clone(&self.consumers),
+            consumers: self.consumers.clone(),
             relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
             replay_window: self.cluster.config.replay_window.0,
         };
@@ -457,7 +411,7 @@ impl Owner {
     /// Graceful leave: stop consuming, free every lease and the member entry at once.
     async fn leave(&mut self) {
         let limit = call_timeout(self.ttl);
-        let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
+        let held: Vec<(u16, Held)> = self.table.all();
         for &(p, _) in &held {
             self.lost(p, LeaseLoss::HandedOver);
         }
@@ -466,11 +420,6 @@ impl Owner {
         let _ = bounded(limit, self.members.purge(self.node())).await;
     }
 }
-
-/// How long one pull request of a partition consumer waits for messages.
-pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server's heartbeat on an idle pull; two missed end the pull (see [`Worker::consume`]).
-pub(super) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Takes over one partition: first its unclosed incidents from the incident log and its
 /// devices' last statuses from the ingest stream ([`super::adopt`]), then the messages of its
@@ -488,7 +437,7 @@ struct Worker {
     /// The longest one JetStream call may wait ([`worker_call_timeout`]).
     limit: Duration,
     metrics: Arc<PartitionMetrics>,
-    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    consumers: PartitionConsumers,
     /// When the partition's relay consumer was created: a plain copy of a QoS 1 message stored
     /// since then is skipped, the relayed copy counts ([`super::relay::is_plain_copy`]).
     relay_since_ms: i64,
@@ -651,23 +600,22 @@ impl Worker {
     /// missing) within [`Worker::limit`].
     async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, String> {
         let p = self.partition;
-        if let Some(c) = self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&p) {
-            return Ok(c.clone());
-        }
-        let name = format!("part-{p}");
-        let config = pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            // Unacknowledged messages of a dead owner come back after this: the lease TTL, so
-            // failover replays them within TTL + replay.
-            ack_wait: self.ack_wait,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        };
-        let consumer: jetstream::consumer::PullConsumer = bounded(self.limit, self.ingest.get_or_create_consumer(&name, config)).await.map_err(|e| format!("consumer {name}: {e}"))?;
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(p, consumer.clone());
-        Ok(consumer)
+        self.consumers
+            .get(p, || async {
+                let name = format!("part-{p}");
+                let config = pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    // Unacknowledged messages of a dead owner come back after this: the lease
+                    // TTL, so failover replays them within TTL + replay.
+                    ack_wait: self.ack_wait,
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                };
+                bounded(self.limit, self.ingest.get_or_create_consumer(&name, config)).await.map_err(|e| format!("consumer {name}: {e}"))
+            })
+            .await
     }
 
     async fn consume(&mut self) -> Result<(), String> {
@@ -686,7 +634,7 @@ impl Worker {
                 Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => return Err(e.to_string()),
                 // Deleted, or no responder: look it up (or create it) again next time.
                 Err(e) => {
-                    self.consumers.lock().unwrap_or_else(PoisonError::into_inner).remove(&p);
+                    self.consumers.forget(p);
                     return Err(e.to_string());
                 }
             };
