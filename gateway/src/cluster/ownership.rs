@@ -37,10 +37,10 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
 use super::adopt::AdoptFn;
-use super::leases::{Held, LeaseTable};
-use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::calls::{bounded, bounded_each, call_timeout, retried, waits, worker_call_timeout, READ_ATTEMPTS};
+use super::leases::{Held, LeaseTable};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
+use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::relay::{is_plain_copy, Relay};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound, Origin};
@@ -554,13 +554,17 @@ impl Worker {
         let filter = format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX);
         let client = self.js.client();
         let limit = self.limit;
-        let read = retried(limit * 3, READ_ATTEMPTS, || async {
+        // An attempt ends within 4 limits: the lookup and the ack floor take at most 2, the read
+        // starts no batch past 2 limits from the attempt's start (or 1 from its own), and the
+        // batch under way takes at most 1 more.
+        let read = retried(limit * 4, READ_ATTEMPTS, || async {
+            let deadline = Instant::now() + limit * 2;
             let consumer = self.consumer().await?;
             let floor = bounded(limit, consumer.get_info()).await?.ack_floor.stream_sequence;
             if floor == 0 {
                 return Ok(super::replay::Window::default());
             }
-            super::replay::read(&client, INGEST_STREAM, &filter, from_ms, floor, limit, Instant::now() + limit * 2).await
+            super::replay::read(&client, INGEST_STREAM, &filter, from_ms, floor, limit, deadline.max(Instant::now() + limit)).await
         })
         .await;
         let window = match read {
