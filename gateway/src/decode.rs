@@ -6,7 +6,9 @@
 //! ingestion. Live readings, events and statuses also go through the rule engine (pure, constant
 //! work per reading), whose signals go to the incident manager *before* the batch goes to the
 //! store, so an incident never queues behind a bulk batch of readings. A batch's acks fire only
-//! once both its store writes and its incident changes are committed.
+//! once both its store writes and its incident changes are committed. In cluster mode a
+//! partition's new owner also hands it restored statuses and replayed messages ([`Origin`]):
+//! they update the registry and the rules, and are neither stored nor counted again.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
