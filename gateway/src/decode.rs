@@ -6,7 +6,9 @@
 //! ingestion. Live readings, events and statuses also go through the rule engine (pure, constant
 //! work per reading), whose signals go to the incident manager *before* the batch goes to the
 //! store, so an incident never queues behind a bulk batch of readings. A batch's acks fire only
-//! once both its store writes and its incident changes are committed.
+//! once both its store writes and its incident changes are committed. In cluster mode a
+//! partition's new owner also hands it restored statuses and replayed messages ([`Origin`]):
+//! they update the registry and the rules, and are neither stored nor counted again.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -16,7 +18,7 @@ use citywatch_edge::wire::{Channel, DeviceKind, EventKind, LinkState, Metric, To
 use tokio::sync::mpsc;
 
 use crate::ingest::IngestConfig;
-use crate::ingest::{now_ms, Ack, Inbound, LaneReceivers};
+use crate::ingest::{now_ms, Ack, Inbound, LaneReceivers, Origin};
 use crate::metrics::{self, Metrics};
 use crate::model::{DeviceCtx, Release, Signal, Stopped};
 use crate::registry::{infer_kind, Device, Registry, SeqCheck};
@@ -53,6 +55,10 @@ pub trait SignalSink: Send + Sync + std::fmt::Debug {
     fn signals(&self, signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>>;
     /// A device acknowledged the command `id`.
     fn command_ack(&self, device: String, id: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>>;
+    /// Signals of messages replayed by a partition's new owner ([`Origin::Replayed`]): the
+    /// previous owner may already have acted on them, so the receiver decides what they may
+    /// still change (the incident manager: only what the incident log does not hold).
+    fn replayed(&self, signals: Vec<Signal>) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>>;
 }
 
 /// A [`SignalSink`] with nothing behind it, for tests and fuzzing that call
@@ -65,6 +71,9 @@ impl SignalSink for Unwired {
         Box::pin(std::future::ready(Err(Stopped)))
     }
     fn command_ack(&self, _: String, _: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(std::future::ready(Err(Stopped)))
+    }
+    fn replayed(&self, _: Vec<Signal>) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
         Box::pin(std::future::ready(Err(Stopped)))
     }
 }
@@ -100,6 +109,8 @@ pub struct Batch {
     pub acks: Vec<Ack>,
     /// What the rule engine reported for this batch.
     pub signals: Vec<Signal>,
+    /// What it reported for replayed messages ([`DecodeStage::replay`]).
+    pub replayed_signals: Vec<Signal>,
     /// `cmd_ack` events: (device, command id).
     pub command_acks: Vec<(String, String)>,
     /// When the batch's first message arrived.
@@ -108,7 +119,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.readings.is_empty() && self.writes.is_empty() && self.acks.is_empty() && self.signals.is_empty()
+        self.readings.is_empty() && self.writes.is_empty() && self.acks.is_empty() && self.signals.is_empty() && self.replayed_signals.is_empty()
     }
 
     /// The store writes, in order: the readings, the other writes, then one write for all the
@@ -141,6 +152,9 @@ pub struct DecodeStage {
     influx: Option<crate::store::influx::InfluxTap>,
     /// Events of devices not known yet, waiting for their birth, oldest first.
     parked: std::collections::VecDeque<Parked>,
+    /// When a replayed message was last decoded: the engine's timers wait while a replay is fed
+    /// (see [`DecodeStage::replay`]).
+    replayed_at: Option<std::time::Instant>,
 }
 
 /// An event that overtook its device's first `status`. Events take the alert lane and births
@@ -158,7 +172,7 @@ struct Parked {
 
 impl DecodeStage {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, config: IngestConfig) -> Self {
-        DecodeStage { registry, metrics, config, logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None, parked: Default::default() }
+        DecodeStage { registry, metrics, config, logged_at: HashMap::new(), rules: None, sites: HashMap::new(), influx: None, parked: Default::default(), replayed_at: None }
     }
 
     /// Evaluates rules too, sending signals to the incident manager. Every registered device is
@@ -246,7 +260,11 @@ impl DecodeStage {
                         while let Ok(r) = rules.releases.try_recv() {
                             rules.engine.release(&r);
                         }
-                        rules.engine.tick(now_ms(), &mut batch.signals);
+                        // Not in the middle of a replay: a deadline of the replayed window would
+                        // fire at today's time before the window's later messages were seen.
+                        if self.replayed_at.is_none_or(|at| at.elapsed() >= RULE_TICK) {
+                            rules.engine.tick(now_ms(), &mut batch.signals);
+                        }
                     }
                 }
             }
@@ -315,6 +333,9 @@ impl DecodeStage {
             tap.readings(&batch.readings);
         }
         let Some(rules) = self.rules.as_ref() else { return Ok(()) };
+        if !batch.replayed_signals.is_empty() {
+            rules.incidents.replayed(std::mem::take(&mut batch.replayed_signals)).await.map_err(|_| ())?;
+        }
         for (device, id) in std::mem::take(&mut batch.command_acks) {
             rules.incidents.command_ack(device, id).await.map_err(|_| ())?;
         }
@@ -378,11 +399,19 @@ impl DecodeStage {
 
     /// [`DecodeStage::handle`]'s work; returns the message when it is to be held back.
     fn decode(&mut self, message: Inbound, now: i64, batch: &mut Batch, attempt: Attempt) -> Option<Inbound> {
-        let Inbound { topic, payload, received_ms, ack, restored } = message;
-        if restored {
-            batch.acks.extend(ack);
-            self.restore(&topic, &payload, received_ms, now, batch);
-            return None;
+        let Inbound { topic, payload, received_ms, ack, origin } = message;
+        match origin {
+            Origin::Live => {}
+            Origin::Restored => {
+                batch.acks.extend(ack);
+                self.restore(&topic, &payload, received_ms, now, batch);
+                return None;
+            }
+            Origin::Replayed => {
+                batch.acks.extend(ack);
+                self.replay(&topic, &payload, received_ms, now, batch);
+                return None;
+            }
         }
         batch.received_ms.get_or_insert(received_ms);
         if topic.starts_with(OWN_TOPIC_PREFIX) {
@@ -403,7 +432,7 @@ impl DecodeStage {
         });
         let outcome = match result {
             Ok(None) => Ok(()),
-            Ok(Some((t, uplink))) => self.accept(t.site, t.device, uplink, received_ms, now, batch),
+            Ok(Some((t, uplink))) => self.accept(t.site, t.device, uplink, received_ms, now, batch, Origin::Live),
             Err(e) => Err(e.reason()),
         };
         if let Err(reason) = outcome {
@@ -412,7 +441,7 @@ impl DecodeStage {
                 Attempt::Retry { last } => !last,
             };
             if reason == metrics::UNKNOWN_DEVICE && is_event && may_wait {
-                return Some(Inbound { topic, payload, received_ms, ack, restored: false });
+                return Some(Inbound { topic, payload, received_ms, ack, origin });
             }
             self.reject(reason, topic, payload, received_ms, now, batch);
         }
@@ -420,7 +449,11 @@ impl DecodeStage {
         None
     }
 
-    fn accept(&mut self, site: &str, device: &str, uplink: Uplink, received_ms: i64, now: i64, batch: &mut Batch) -> Result<(), &'static str> {
+    /// An accepted message into the registry, the rule engine (at `now`) and `batch`; counted in
+    /// the metrics when `origin` is [`Origin::Live`].
+    #[allow(clippy::too_many_arguments)]
+    fn accept(&mut self, site: &str, device: &str, uplink: Uplink, received_ms: i64, now: i64, batch: &mut Batch, origin: Origin) -> Result<(), &'static str> {
+        let counted = origin == Origin::Live;
         // The kind to register an unknown device with.
         let kind = match &uplink {
             Uplink::Status(s) => s.kind,
@@ -433,7 +466,7 @@ impl DecodeStage {
             _ => {}
         }
         let horizon = self.config.live_horizon.as_ms();
-        let clock = ClockSkew { ahead_ms: self.config.clock_skew_ahead.as_ms(), behind_ms: self.config.clock_skew_behind.as_ms(), metrics: &self.metrics };
+        let clock = ClockSkew { ahead_ms: self.config.clock_skew_ahead.as_ms(), behind_ms: self.config.clock_skew_behind.as_ms(), metrics: counted.then_some(&*self.metrics) };
         let make = || Device::new(device, site, kind.unwrap_or(DeviceKind::GasDetector), received_ms);
         // Firmware versions are shared by whole fleets: one copy each.
         let fw = match &uplink {
@@ -540,6 +573,11 @@ impl DecodeStage {
                 }
             }
         }
+        if !counted {
+            // Replayed: the previous owner counted it; the registry's record may be due anyway.
+            self.persist(&key, now, false, batch);
+            return Ok(());
+        }
         match outcome {
             Accepted::Status(_) => {
                 self.metrics.statuses.fetch_add(1, Ordering::Relaxed);
@@ -604,6 +642,39 @@ impl DecodeStage {
         self.persist(&key, now, true, batch);
     }
 
+    /// A message the partition's previous owner already took in, read back from the ingest
+    /// stream by its new owner ([`Origin::Replayed`], cluster mode), so that held-for durations
+    /// and windows begun on the old owner go on here. The registry and the rule engine see it at
+    /// its own time (when the stream stored it; the engine's clock is that time, not now), and
+    /// nothing else happens: its readings and events are not stored again, it is counted
+    /// nowhere, a bad one is not quarantined. Its signals go to the incident manager as replayed
+    /// ([`SignalSink::replayed`]), and only when it is within `[ingest] live_horizon` of now:
+    /// an older one builds rule state and opens nothing, as it would not arriving that late.
+    ///
+    /// The engine's timers do not run while a replay is fed (see [`DecodeStage::run`]): a hold
+    /// is evaluated at every replayed reading, a composite window by every contribution, and a
+    /// deadline that came due within the window fires at the first tick after the replay.
+    fn replay(&mut self, topic: &str, payload: &[u8], received_ms: i64, now: i64, batch: &mut Batch) {
+        self.replayed_at = Some(std::time::Instant::now());
+        if topic.starts_with(OWN_TOPIC_PREFIX) {
+            return;
+        }
+        let Ok(t) = Topic::parse(topic) else { return };
+        if t.channel == Channel::Cmd {
+            return;
+        }
+        let Ok(uplink) = Uplink::decode(t.channel, payload) else { return };
+        let mut replayed = Batch::default();
+        if self.accept(t.site, t.device, uplink, received_ms, received_ms, &mut replayed, Origin::Replayed).is_err() {
+            return;
+        }
+        // Of its writes only the device's record: the registry's view of it moved on.
+        batch.writes.extend(replayed.writes.into_iter().filter(|w| matches!(w, Write::Device(_))));
+        if now - received_ms <= self.config.live_horizon.as_ms() {
+            batch.replayed_signals.append(&mut replayed.signals);
+        }
+    }
+
     /// Persists the device record when asked to, or when it was last persisted long ago.
     fn persist(&mut self, key: &Arc<str>, now: i64, force: bool, batch: &mut Batch) {
         if let Some(device) = self.registry.take_if_due(key, now, PERSIST_EVERY_MS, force) {
@@ -645,11 +716,12 @@ enum Attempt {
     Retry { last: bool },
 }
 
-/// The skew limits of [`IngestConfig`] and where to count a skewed message.
+/// The skew limits of [`IngestConfig`] and where to count a skewed message (nowhere for a
+/// replayed one, counted when it arrived).
 struct ClockSkew<'a> {
     ahead_ms: i64,
     behind_ms: i64,
-    metrics: &'a Metrics,
+    metrics: Option<&'a Metrics>,
 }
 
 /// The time a message's readings are stored under: its `ts`, or the receive time when it has
@@ -660,9 +732,11 @@ fn device_time(d: &mut Device, ts: Option<u64>, received_ms: i64, clock: &ClockS
     let Some(ts) = ts else { return received_ms };
     let offset = i64::try_from(ts).unwrap_or(i64::MAX).saturating_sub(received_ms);
     if offset > clock.ahead_ms || offset < -clock.behind_ms {
-        d.clock_skewed += 1;
         d.clock_offset_ms = Some(offset);
-        clock.metrics.clock_skew.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = clock.metrics {
+            d.clock_skewed += 1;
+            metrics.clock_skew.fetch_add(1, Ordering::Relaxed);
+        }
         d.clock_assigned_ms = received_ms.max(d.clock_assigned_ms.saturating_add(1));
         d.clock_assigned_ms
     } else {

@@ -22,10 +22,24 @@ pub struct Inbound {
     pub received_ms: i64,
     /// Present when the broker waits for our acknowledgement (external mode, QoS ≥ 1).
     pub ack: Option<Ack>,
-    /// Not a message that arrived but a device's last status read back from the cluster's
-    /// ingest stream by a partition's new owner (cluster mode): it registers the device as a
-    /// restart would and is no proof of life. `false` from every source.
-    pub restored: bool,
+    /// Where the message comes from: [`Origin::Live`] from every source; the other two only
+    /// from a partition's new owner in cluster mode.
+    pub origin: Origin,
+}
+
+/// Whether a message arrives now or is read back by a partition's new owner (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// It arrived: stored, counted, quarantined if bad, evaluated, acknowledged.
+    Live,
+    /// A device's last status read back from the cluster's ingest stream: it registers the
+    /// device as a restart would and is no proof of life.
+    Restored,
+    /// A message the previous owner already took in, read back from the ingest stream to
+    /// rebuild the rule windows: evaluated at its own time, and nothing else (not stored,
+    /// counted, quarantined nor acknowledged). Its signals reach the incident manager as
+    /// replayed (see `decode::SignalSink::replayed`).
+    Replayed,
 }
 
 /// Acknowledges one message to its broker. Dropping it without [`Ack::done`] leaves the
@@ -220,7 +234,7 @@ mod tests {
         assert_eq!(Lane::of("citywatch/v1/xuhui/gas-1/status"), Lane::Bulk);
         assert_eq!(Lane::of("nonsense"), Lane::Bulk);
         let (lanes, mut rx) = Lanes::channel(64);
-        let inbound = |topic: &str| Inbound { topic: topic.into(), payload: Bytes::new(), received_ms: 0, ack: None, restored: false };
+        let inbound = |topic: &str| Inbound { topic: topic.into(), payload: Bytes::new(), received_ms: 0, ack: None, origin: Origin::Live };
         lanes.for_topic("a/b/event").try_send(inbound("a/b/event")).expect("room");
         lanes.for_topic("a/b/telemetry").try_send(inbound("a/b/telemetry")).expect("room");
         assert_eq!(rx.alerts.try_recv().expect("alert").topic, "a/b/event");

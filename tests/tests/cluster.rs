@@ -282,6 +282,56 @@ async fn a_device_born_on_a_killed_gateway_is_known_to_the_new_owner() {
     assert!(!stored_for_site(&b, &site).is_empty(), "the new owner raised the alarm");
 }
 
+/// SPEC §9 "rule windows by replaying the stream from now − window": one smoke detector of a
+/// site owned by gw-a alarms, gw-a raises its `device_alarm` and acknowledges the message (so no
+/// redelivery brings it to anyone else), and gw-a is SIGKILLed. The site's second detector
+/// alarms within the 60 s of `fire_confirmed` once gw-b owns the partition: gw-b's engine knows
+/// the first alarm only from replaying the partition's recent messages, so the fire is
+/// confirmed by gw-b with both detectors — and the first detector's incident, which gw-b adopted
+/// from the log, is not opened a second time by the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_half_seen_by_a_killed_gateway_is_confirmed_by_the_new_owner_from_the_replayed_window() {
+    let TwoGateways { nats, receiver, mut a, b, owners } = two_gateways().await;
+    let site = site_owned_by(&owners, "gw-a", "replay-");
+    let partition = partition_of(&site, PARTITIONS) as usize;
+    let (first, second) = (format!("{site}-smoke-1"), format!("{site}-smoke-2"));
+    let publisher = Publisher::connect(&nats.nodes[1].mqtt_addr(), 100).await.expect("device connection");
+    for d in [&first, &second] {
+        publisher.publish_json(&device_topic(&site, d, "status"), true, &birth("smoke_detector", 3600)).await.expect("birth");
+    }
+    let alarm = |seq: u32| json!({"seq": seq, "ts": chrono_ms(), "event": "alarm"});
+    publisher.publish_json(&device_topic(&site, &first, "event"), false, &alarm(1)).await.expect("first alarm");
+    let first_alarm = receiver.wait_for(SETTLE, "the first detector's alarm pushed by gw-a", |d| d.iter().find(|d| d.device() == first && d.rule() != "fire_confirmed").map(|d| d.id().to_owned())).await;
+    let acked = Instant::now() + SETTLE;
+    loop {
+        let part = status(a.gateway.config_path()).map(|s| s["partitions"][partition].clone()).unwrap_or_default();
+        if part["owner"] == "gw-a" && part["lag"] == 0 && part["unacked"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < acked, "gw-a never acknowledged the first alarm: {part}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(fires(&receiver.deliveries(), &site).is_empty(), "one detector is no fire");
+    a.gateway.kill();
+    wait_owned(b.gateway.config_path(), &["gw-b"]).await;
+    publisher.publish_json(&device_topic(&site, &second, "event"), false, &alarm(1)).await.expect("second alarm");
+    let fire = receiver.wait_for(SETTLE, "fire_confirmed from the replayed first alarm and the live second", |d| fires(d, &site).into_iter().next()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = receiver.deliveries();
+    assert_eq!(fires(&deliveries, &site), BTreeSet::from([fire.clone()]), "one fire incident: {:#?}", for_site(&deliveries, &site));
+    let confirmed = deliveries.iter().find(|d| d.id() == fire).expect("the fire's delivery");
+    let devices: BTreeSet<&str> = confirmed.body["devices"].as_array().map(|ds| ds.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    assert_eq!(devices, BTreeSet::from([first.as_str(), second.as_str()]), "{}", confirmed.raw);
+    assert!(stored_for_site(&b, &site).iter().any(|i| i["id"] == fire.as_str()), "the new owner confirmed the fire");
+    // The first detector's incident is the one gw-a opened, adopted: not opened again.
+    let first_ids: BTreeSet<&str> = deliveries.iter().filter(|d| d.device() == first && d.rule() != "fire_confirmed").map(Delivery::id).collect();
+    assert_eq!(first_ids, BTreeSet::from([first_alarm.as_str()]), "{:#?}", for_site(&deliveries, &site));
+    let metrics = b.gateway.get_text("/metrics").expect("metrics");
+    let replayed = format!("citywatch_cluster_partition_replayed_total{{partition=\"{partition}\"}} ");
+    let count: u64 = metrics.lines().find_map(|l| l.strip_prefix(replayed.as_str())).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(count >= 1, "gw-b replayed the partition's recent messages: {:?}", metrics.lines().filter(|l| l.contains("replayed")).collect::<Vec<_>>());
+}
+
 /// SPEC §9 "state that survives a gateway": a gas leak opens at a site owned by gw-a, the
 /// operator acknowledges it there while the city's receiver is down (so that change is still
 /// waiting for delivery), gw-a is SIGKILLed. The receiver comes back, the detector keeps

@@ -6,9 +6,10 @@
 //! devices whose birth the previous owner took are known here (their next event is evaluated,
 //! not quarantined as `unknown_device`).
 //!
-//! Not here: rule state. The new owner's rule engine learns an adopted condition from the
-//! device's next messages (an alarm still sounding re-opens it in the engine, which the book
-//! folds into the adopted incident as a repeat); windows are not replayed from the ingest stream.
+//! Not here: rule state, which the new owner rebuilds by replaying the partition's recent
+//! messages ([`super::replay`]) and otherwise learns from the device's next messages (an alarm
+//! still sounding re-opens it in the engine, which the book folds into the adopted incident as
+//! a repeat).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,15 +42,17 @@ enum ReadFrom {
     AnyReplica,
 }
 
-/// The newest log entry of every incident of `partition` that is not closed; every call bounded
-/// by `limit` (see [`last_per_subject`]).
-pub async fn unclosed(js: &jetstream::Context, partition: u16, limit: Duration) -> Result<Vec<Incident>, String> {
+/// The newest log entry of every incident of `partition` that is not closed, or was closed at or
+/// after `closed_since_ms` (the replay window's start: the book then knows the log has that
+/// incident, see `Book::apply_replayed`); every call bounded by `limit` (see
+/// [`last_per_subject`]).
+pub async fn unclosed(js: &jetstream::Context, partition: u16, closed_since_ms: i64, limit: Duration) -> Result<Vec<Incident>, String> {
     let stream = js.get_stream_no_info(INCIDENT_STREAM).await.map_err(|e| format!("incident log: {e}"))?;
     let entries = last_per_subject(&stream, format!("{INCIDENT_PREFIX}.{partition}.>"), ReadFrom::Leader, limit).await.map_err(|e| format!("reading partition {partition}'s incidents: {e}"))?;
     let mut out = Vec::new();
     for message in entries {
         match serde_json::from_slice::<Incident>(&message.payload) {
-            Ok(i) if i.state != IncidentState::Closed => out.push(i),
+            Ok(i) if i.state != IncidentState::Closed || i.updated_ms >= closed_since_ms => out.push(i),
             Ok(_) => {}
             Err(e) => tracing::warn!(subject = %message.subject, error = %e, "cluster: unreadable incident log entry; not adopted"),
         }

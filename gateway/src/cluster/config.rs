@@ -8,6 +8,10 @@ use crate::units::Duration;
 
 /// Partitions when `partitions` is not given (fixed when the cluster is first created).
 pub const DEFAULT_PARTITIONS: u16 = 64;
+/// The longest `replay_window`: a takeover replays at most this much before it consumes (and at
+/// most `cluster::replay::MAX_MESSAGES` messages). Rules with longer windows (`stuck` after a
+/// day, a 30-day `trend`, a 1 h hold) need the long-term store, not a replay.
+pub const MAX_REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// `[cluster]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +29,10 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// How long the ingest stream keeps device messages (the replay horizon of a new owner).
     pub ingest_retention: Duration,
+    /// How far back a partition's new owner replays the messages the old owner took in through
+    /// its rules, so windows and held-for durations go on ("0s": not at all). At most
+    /// [`MAX_REPLAY_WINDOW`] and `ingest_retention`.
+    pub replay_window: Duration,
     /// How long the incident log keeps every (incident id, revision) entry (SPEC §5: ≥ 6 months).
     pub incident_retention: Duration,
 }
@@ -38,6 +46,9 @@ impl Default for ClusterConfig {
             replicas: 3,
             lease_ttl: Duration::secs(6),
             ingest_retention: Duration::secs(24 * 3600),
+            // `[ingest] live_horizon`'s default: what is older opens nothing anyway, and it covers
+            // every window of the default rule pack but mount_tilt's 1 h hold, stuck and trend.
+            replay_window: Duration::secs(300),
             incident_retention: Duration::secs(200 * 24 * 3600),
         }
     }
@@ -60,6 +71,12 @@ impl ClusterConfig {
         }
         if self.lease_ttl.0 < std::time::Duration::from_secs(1) {
             return Err("cluster.lease_ttl: must be at least 1s".into());
+        }
+        if self.replay_window.0 > MAX_REPLAY_WINDOW {
+            return Err(format!("cluster.replay_window: {} is longer than the most a takeover replays (1h)", humantime::format_duration(self.replay_window.0)));
+        }
+        if self.replay_window.0 > self.ingest_retention.0 {
+            return Err("cluster.replay_window: longer than cluster.ingest_retention, which keeps what it replays".into());
         }
         if self.incident_retention.0 < std::time::Duration::from_secs(183 * 24 * 3600) {
             return Err("cluster.incident_retention: the audit trail is kept at least 6 months (183days)".into());
@@ -96,5 +113,11 @@ mod tests {
         assert!(bad.validate().unwrap_err().starts_with("cluster.node"));
         let bad = ClusterConfig { replicas: 7, ..Default::default() };
         assert!(bad.validate().unwrap_err().starts_with("cluster.replicas"));
+        let bad = ClusterConfig { replay_window: Duration::secs(2 * 3600), ..Default::default() };
+        assert!(bad.validate().expect_err("past the cap").starts_with("cluster.replay_window"));
+        let bad = ClusterConfig { replay_window: Duration::secs(600), ingest_retention: Duration::secs(300), ..Default::default() };
+        assert!(bad.validate().expect_err("past the retention").starts_with("cluster.replay_window"));
+        let off = ClusterConfig { replay_window: Duration::secs(0), ..Default::default() };
+        assert!(off.validate().is_ok());
     }
 }

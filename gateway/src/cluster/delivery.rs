@@ -118,7 +118,7 @@ impl LogChannel {
         let name = consumer_name(&self.sink.0);
         // Short pulls with heartbeats, as the partition consumers: a consumer leader lost with a
         // NATS node is noticed within two heartbeats, not after a 30 s pull.
-        let pulls = consumer.stream().max_messages_per_batch(1).expires(super::ownership::PULL_EXPIRES).heartbeat(super::ownership::PULL_HEARTBEAT);
+        let pulls = consumer.stream().max_messages_per_batch(1).expires(super::pull::PULL_EXPIRES).heartbeat(super::pull::PULL_HEARTBEAT);
         let mut messages = bounded(self.limit, pulls.messages()).await.map_err(|e| format!("consumer {name}: {e}"))?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -10,7 +10,7 @@
 //! changes go to a replicated log, one entry per (id, revision), appended only by the site's
 //! owner ([`sinks`]); every push channel delivers from that log through a durable consumer shared
 //! by all gateways ([`delivery`]); a gateway gaining a partition adopts its unclosed incidents
-//! from the log ([`adopt`]). Not here: decode, rules, incidents — they run unchanged on whatever
+//! from the log ([`adopt`]) and replays its recent messages through the rules ([`replay`]). Not here: decode, rules, incidents — they run unchanged on whatever
 //! the partitions deliver.
 
 pub mod adopt;
@@ -19,11 +19,14 @@ pub mod city;
 pub mod config;
 pub mod delivery;
 pub mod forward;
+pub mod leases;
 pub mod nats_config;
 pub mod ownership;
 pub mod partition_metrics;
+pub mod pull;
 pub mod relay;
 pub mod rendezvous;
+pub mod replay;
 pub mod sinks;
 pub mod status;
 
@@ -33,7 +36,7 @@ use async_nats::jetstream;
 use tokio::sync::{mpsc, watch};
 
 pub use config::ClusterConfig;
-pub use ownership::LeaseTable;
+pub use leases::LeaseTable;
 
 use crate::ingest::Inbound;
 use crate::notify::PublishFn;

@@ -23,12 +23,13 @@
 //! a partition from NATS) it sends nothing for the partition before it has renewed — and renewing
 //! fails once another gateway took it.
 //!
-//! A partition's worker takes it over (adopts its incidents, restores its devices, then
-//! consumes it) with every JetStream call bounded by [`worker_call_timeout`] and each step
-//! retried while the lease is held, so no step can stall a takeover behind a leader that died.
+//! A partition's worker takes it over (adopts its incidents, restores its devices, replays its
+//! recent messages through the rules, then consumes it) with every JetStream call bounded by
+//! [`worker_call_timeout`] and each step retried while the lease is held, so no step can stall a
+//! takeover behind a leader that died.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, kv};
@@ -36,57 +37,13 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 
 use super::adopt::AdoptFn;
-use super::calls::{bounded, bounded_each, call_timeout, waits, worker_call_timeout};
+use super::calls::{bounded, bounded_each, call_timeout, retried, waits, worker_call_timeout, READ_ATTEMPTS};
+use super::leases::{Held, LeaseTable};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
+use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::relay::{is_plain_copy, Relay};
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
-use crate::ingest::{Ack, Inbound};
-
-/// A lease this gateway holds.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    /// The KV revision of our last write: the fencing token.
-    revision: u64,
-    /// Sent time of the last successful renewal + TTL.
-    valid_until: Instant,
-}
-
-/// The partitions this gateway holds right now; shared by the ownership loop, the partition
-/// consumers, the command publisher and the push channels.
-#[derive(Debug, Default)]
-pub struct LeaseTable {
-    held: Mutex<HashMap<u16, Held>>,
-}
-
-impl LeaseTable {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u16, Held>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether this gateway may act on `partition` at this instant.
-    pub fn holds(&self, partition: u16) -> bool {
-        self.lock().get(&partition).is_some_and(|h| h.valid_until > Instant::now())
-    }
-
-    /// The fencing token of a held partition.
-    pub fn token(&self, partition: u16) -> Option<u64> {
-        self.lock().get(&partition).filter(|h| h.valid_until > Instant::now()).map(|h| h.revision)
-    }
-
-    /// Held partitions, sorted.
-    pub fn held(&self) -> Vec<u16> {
-        let now = Instant::now();
-        let mut v: Vec<u16> = self.lock().iter().filter(|(_, h)| h.valid_until > now).map(|(p, _)| *p).collect();
-        v.sort_unstable();
-        v
-    }
-
-    /// A lease held from now on for one TTL of a minute (unit tests of what reads the table).
-    #[cfg(test)]
-    pub fn hold_for_test(&self, partition: u16, revision: u64) {
-        self.lock().insert(partition, Held { revision, valid_until: Instant::now() + Duration::from_secs(60) });
-    }
-}
+use crate::ingest::{Ack, Inbound, Origin};
 
 /// What a member writes about itself.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -158,12 +115,10 @@ struct Owner {
     /// When a failed listing was last logged (one warning per TTL, not per round).
     listing_warned: Option<Instant>,
     metrics: Arc<PartitionMetrics>,
-    /// Each partition's durable consumer once looked up, kept for its later workers: a pull
-    /// goes to the consumer's leader wherever it is, while a lookup is one more call that has
-    /// to get through right after a NATS node died.
-    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
-    /// Each partition's relay consumer once looked up.
-    relay_consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    /// Each partition's durable consumer once looked up, kept for its later workers.
+    consumers: PartitionConsumers,
+    /// Each partition's relay consumer once looked up, kept for its later relays.
+    relay_consumers: PartitionConsumers,
 }
 
 /// What [`start`] hands back: the lease table (fencing), the per-partition figures for
@@ -204,8 +159,8 @@ pub(super) async fn start(
         live: Vec::new(),
         listing_warned: None,
         metrics: Arc::clone(&metrics),
-        consumers: Arc::default(),
-        relay_consumers: Arc::default(),
+        consumers: PartitionConsumers::default(),
+        relay_consumers: PartitionConsumers::default(),
     };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
@@ -244,7 +199,7 @@ impl Owner {
     /// stream electing its leader) costs a round at most one timeout per step.
     async fn round(&mut self) {
         let limit = call_timeout(self.ttl);
-        let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
+        let held: Vec<(u16, Held)> = self.table.all();
         let announce = Member { node: self.node().to_owned(), at_ms: crate::ingest::now_ms(), partitions: self.table.held() };
         let announcement = serde_json::to_vec(&announce).unwrap_or_default();
         let (renewals, announced, listed) = tokio::join!(
@@ -293,7 +248,7 @@ impl Owner {
         let mut take = Vec::new();
         for p in 0..self.cluster.config.partitions {
             let wanted = rendezvous::owner(p, &live) == Some(self.node());
-            let held = self.table.lock().get(&p).copied();
+            let held = self.table.get(p);
             match (held, wanted) {
                 (Some(h), false) => release.push((p, h)),
                 (None, true) => take.push(p),
@@ -362,7 +317,7 @@ impl Owner {
         let limit = limit.min(h.valid_until - sent);
         match tokio::time::timeout(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), h.revision)).await {
             Ok(Ok(revision)) => {
-                self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+                self.table.hold(p, Held { revision, valid_until: sent + self.ttl });
                 Renewal::Renewed
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Renewal::Refused(e.to_string()),
@@ -401,12 +356,12 @@ impl Owner {
     async fn take(&self, p: u16, expected: u64, limit: Duration) -> Result<u64, String> {
         let sent = Instant::now();
         let revision = bounded(limit, self.leases.update(lease_key(p), self.node().as_bytes().to_vec().into(), expected)).await?;
-        self.table.lock().insert(p, Held { revision, valid_until: sent + self.ttl });
+        self.table.hold(p, Held { revision, valid_until: sent + self.ttl });
         Ok(revision)
     }
 
     fn lost(&mut self, p: u16, why: LeaseLoss) {
-        if self.table.lock().remove(&p).is_some() {
+        if self.table.drop_lease(p) {
             self.metrics.lost(p, why);
         }
         if let Some(w) = self.workers.remove(&p) {
@@ -426,7 +381,7 @@ impl Owner {
             table: Arc::clone(&self.table),
             ack_wait: self.ttl,
             limit: worker_call_timeout(self.ttl),
-            consumers: Arc::clone(&self.relay_consumers),
+            consumers: self.relay_consumers.clone(),
         };
         if let Some(old) = self.relays.insert(p, tokio::spawn(relay.run())) {
             old.abort();
@@ -444,8 +399,9 @@ impl Owner {
             ack_wait: self.ttl,
             limit: worker_call_timeout(self.ttl),
             metrics: Arc::clone(&self.metrics),
-            consumers: Arc::clone(&self.consumers),
+            consumers: self.consumers.clone(),
             relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
+            replay_window: self.cluster.config.replay_window.0,
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -455,7 +411,7 @@ impl Owner {
     /// Graceful leave: stop consuming, free every lease and the member entry at once.
     async fn leave(&mut self) {
         let limit = call_timeout(self.ttl);
-        let held: Vec<(u16, Held)> = self.table.lock().iter().map(|(p, h)| (*p, *h)).collect();
+        let held: Vec<(u16, Held)> = self.table.all();
         for &(p, _) in &held {
             self.lost(p, LeaseLoss::HandedOver);
         }
@@ -465,13 +421,9 @@ impl Owner {
     }
 }
 
-/// How long one pull request of a partition consumer waits for messages.
-pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server's heartbeat on an idle pull; two missed end the pull (see [`Worker::consume`]).
-pub(super) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
-
 /// Takes over one partition: first its unclosed incidents from the incident log and its
-/// devices' last statuses from the ingest stream ([`super::adopt`]), then its messages from the
+/// devices' last statuses from the ingest stream ([`super::adopt`]), then the messages of its
+/// last `replay_window` the old owner took in ([`super::replay`]), then its messages from the
 /// ingest stream through its durable consumer `part-{p}` (shared by whoever owns the partition,
 /// so a new owner resumes at the old owner's ack floor).
 struct Worker {
@@ -485,10 +437,12 @@ struct Worker {
     /// The longest one JetStream call may wait ([`worker_call_timeout`]).
     limit: Duration,
     metrics: Arc<PartitionMetrics>,
-    consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    consumers: PartitionConsumers,
     /// When the partition's relay consumer was created: a plain copy of a QoS 1 message stored
     /// since then is skipped, the relayed copy counts ([`super::relay::is_plain_copy`]).
     relay_since_ms: i64,
+    /// `[cluster] replay_window`: how far back a takeover replays the partition (zero: not at all).
+    replay_window: Duration,
 }
 
 /// The steps of a worker, in order; each is retried until it succeeds or the lease is gone.
@@ -499,6 +453,9 @@ enum Step {
     AdoptIncidents,
     /// Then the devices the previous owner registered, before their next message.
     RestoreDevices,
+    /// Then what the previous owner took in lately, so the rule windows go on: before the
+    /// consumer's first message, which comes after them.
+    ReplayWindow,
     /// Then the partition's messages, until the lease is gone.
     Consume,
 }
@@ -508,6 +465,7 @@ impl Step {
         match self {
             Step::AdoptIncidents => "adopting the partition's incidents",
             Step::RestoreDevices => "reading the partition's device statuses",
+            Step::ReplayWindow => "replaying the partition's recent messages",
             Step::Consume => "consuming the partition",
         }
     }
@@ -517,7 +475,7 @@ impl Worker {
     async fn run(mut self) {
         let p = self.partition;
         let started = Instant::now();
-        for step in [Step::AdoptIncidents, Step::RestoreDevices, Step::Consume] {
+        for step in [Step::AdoptIncidents, Step::RestoreDevices, Step::ReplayWindow, Step::Consume] {
             let mut waits = waits();
             loop {
                 if !self.table.holds(p) {
@@ -526,6 +484,7 @@ impl Worker {
                 let result = match step {
                     Step::AdoptIncidents => self.adopt_incidents().await,
                     Step::RestoreDevices => self.restore_devices().await,
+                    Step::ReplayWindow => self.replay_window().await,
                     Step::Consume => self.consume().await,
                 };
                 match result {
@@ -536,7 +495,7 @@ impl Worker {
                     }
                 }
             }
-            if matches!(step, Step::RestoreDevices) {
+            if matches!(step, Step::ReplayWindow) {
                 self.metrics.took_over(p, started.elapsed());
                 tracing::info!(partition = p, took_ms = started.elapsed().as_millis() as u64, "cluster: partition taken over; consuming it");
             }
@@ -547,18 +506,21 @@ impl Worker {
         let p = self.partition;
         let adopt = self.adopt.wait_for(Option::is_some).await.map_err(|_| "the gateway is stopping".to_owned())?.clone();
         let Some(adopt) = adopt else { return Err("no incident manager".into()) };
-        let incidents = super::adopt::unclosed(&self.js, p, self.limit).await?;
+        // Closed within the replay window too: a replayed alarm must not open again what an
+        // operator just closed.
+        let closed_since_ms = crate::ingest::now_ms() - i64::try_from(self.replay_window.as_millis()).unwrap_or(i64::MAX);
+        let incidents = super::adopt::unclosed(&self.js, p, closed_since_ms, self.limit).await?;
         if incidents.is_empty() {
             return Ok(());
         }
         let found = incidents.len();
         let changed = adopt(incidents).await?;
-        tracing::info!(partition = p, found, changed, "cluster: adopted the partition's unclosed incidents from the log");
+        tracing::info!(partition = p, found, changed, "cluster: adopted the partition's incidents from the log (unclosed, or closed within the replay window)");
         Ok(())
     }
 
     /// Every device's last status of the partition, into the pipeline as restored (see
-    /// [`Inbound::restored`]) ahead of the partition's messages (one channel, in order).
+    /// [`Origin::Restored`]) ahead of the partition's messages (one channel, in order).
     async fn restore_devices(&mut self) -> Result<(), String> {
         let statuses = super::adopt::last_statuses(&self.ingest, self.partition, self.limit).await?;
         let found = statuses.len();
@@ -566,7 +528,7 @@ impl Worker {
             if !self.table.holds(self.partition) {
                 return Ok(());
             }
-            if self.inbound.send(Inbound { topic, payload, received_ms: stored_ms, ack: None, restored: true }).await.is_err() {
+            if self.inbound.send(Inbound { topic, payload, received_ms: stored_ms, ack: None, origin: Origin::Restored }).await.is_err() {
                 return Ok(());
             }
         }
@@ -576,27 +538,88 @@ impl Worker {
         Ok(())
     }
 
+    /// The partition's messages stored since now − `replay_window` up to its consumer's ack
+    /// floor, into the pipeline as replayed ([`Origin::Replayed`]) in stream order, ahead of the
+    /// consumer's first message (one channel, in order). They are all read before the first is
+    /// sent, so they reach the decode stage as one burst (its rule timers wait while a replay
+    /// is fed). Best effort: when the reads fail [`READ_ATTEMPTS`] times the partition is
+    /// consumed without them (logged) — its windows then start over, as before replays existed.
+    async fn replay_window(&mut self) -> Result<(), String> {
+        let p = self.partition;
+        if self.replay_window.is_zero() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let from_ms = crate::ingest::now_ms() - i64::try_from(self.replay_window.as_millis()).unwrap_or(i64::MAX);
+        let filter = format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX);
+        let client = self.js.client();
+        let limit = self.limit;
+        // An attempt ends within 4 limits: the lookup and the ack floor take at most 2, the read
+        // starts no batch past 2 limits from the attempt's start (or 1 from its own), and the
+        // batch under way takes at most 1 more.
+        let read = retried(limit * 4, READ_ATTEMPTS, || async {
+            let deadline = Instant::now() + limit * 2;
+            let consumer = self.consumer().await?;
+            let floor = bounded(limit, consumer.get_info()).await?.ack_floor.stream_sequence;
+            if floor == 0 {
+                return Ok(super::replay::Window::default());
+            }
+            super::replay::read(&client, INGEST_STREAM, &filter, from_ms, floor, limit, deadline.max(Instant::now() + limit)).await
+        })
+        .await;
+        let window = match read {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cluster: the partition's recent messages could not be read; consuming it without replaying them (its rule windows start over)");
+                return Ok(());
+            }
+        };
+        let (mut replayed, mut skipped) = (0usize, 0usize);
+        for message in window.messages {
+            if !self.table.holds(p) {
+                return Ok(());
+            }
+            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else { continue };
+            let stored_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            if is_plain_copy(Some(&message.headers), stored_ms, self.relay_since_ms) {
+                skipped += 1;
+                continue;
+            }
+            if self.inbound.send(Inbound { topic, payload: message.payload, received_ms: stored_ms, ack: None, origin: Origin::Replayed }).await.is_err() {
+                return Ok(());
+            }
+            replayed += 1;
+        }
+        self.metrics.replayed(p, replayed);
+        let took_ms = started.elapsed().as_millis() as u64;
+        if window.cut_short || window.dropped > 0 {
+            tracing::warn!(partition = p, replayed, dropped_oldest = window.dropped, cut_short = window.cut_short, took_ms, "cluster: replayed only part of the partition's recent messages (bounded by count and time)");
+        } else if replayed > 0 {
+            tracing::info!(partition = p, replayed, plain_copies_skipped = skipped, took_ms, "cluster: replayed the partition's recent messages through the rules");
+        }
+        Ok(())
+    }
+
     /// The partition's durable consumer: the one looked up before, or looked up (created if
     /// missing) within [`Worker::limit`].
     async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, String> {
         let p = self.partition;
-        if let Some(c) = self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&p) {
-            return Ok(c.clone());
-        }
-        let name = format!("part-{p}");
-        let config = pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            // Unacknowledged messages of a dead owner come back after this: the lease TTL, so
-            // failover replays them within TTL + replay.
-            ack_wait: self.ack_wait,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        };
-        let consumer: jetstream::consumer::PullConsumer = bounded(self.limit, self.ingest.get_or_create_consumer(&name, config)).await.map_err(|e| format!("consumer {name}: {e}"))?;
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(p, consumer.clone());
-        Ok(consumer)
+        self.consumers
+            .get(p, || async {
+                let name = format!("part-{p}");
+                let config = pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    // Unacknowledged messages of a dead owner come back after this: the lease
+                    // TTL, so failover replays them within TTL + replay.
+                    ack_wait: self.ack_wait,
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                };
+                bounded(self.limit, self.ingest.get_or_create_consumer(&name, config)).await.map_err(|e| format!("consumer {name}: {e}"))
+            })
+            .await
     }
 
     async fn consume(&mut self) -> Result<(), String> {
@@ -615,7 +638,7 @@ impl Worker {
                 Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => return Err(e.to_string()),
                 // Deleted, or no responder: look it up (or create it) again next time.
                 Err(e) => {
-                    self.consumers.lock().unwrap_or_else(PoisonError::into_inner).remove(&p);
+                    self.consumers.forget(p);
                     return Err(e.to_string());
                 }
             };
@@ -647,7 +670,7 @@ impl Worker {
                     }
                 });
             });
-            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), restored: false }).await.is_err() {
+            if self.inbound.send(Inbound { topic, payload, received_ms, ack: Some(ack), origin: Origin::Live }).await.is_err() {
                 return Ok(());
             }
             self.metrics.taken_in(p, pending);

@@ -1,6 +1,6 @@
 //! Per-partition figures of one gateway in cluster mode, on its `/metrics`: which partitions it
 //! owns, what each partition's consumer took in and has left, how its leases fare (renewals,
-//! acquisitions, losses by reason) and how long its last takeover took.
+//! acquisitions, losses by reason), how long its last takeover took and what takeovers replayed.
 //!
 //! Counted where it happens (the lease loop, the partition workers) into plain atomics and read
 //! at scrape time. Not here: the cluster-wide view (every partition's owner and lag, whoever
@@ -50,8 +50,11 @@ struct Figures {
     renewals: AtomicU64,
     acquisitions: AtomicU64,
     losses: [AtomicU64; 3],
-    /// Milliseconds the last takeover's reads took (incidents adopted, devices restored).
+    /// Milliseconds the last takeover's reads took (incidents adopted, devices restored, recent
+    /// messages replayed).
     takeover_ms: AtomicU64,
+    /// Messages takeovers replayed through the rules ([`super::replay`]).
+    replayed: AtomicU64,
 }
 
 /// The figures of every partition of the cluster, as this gateway saw them.
@@ -96,6 +99,13 @@ impl PartitionMetrics {
         }
     }
 
+    /// A takeover fed `messages` of the partition's recent past through the rules.
+    pub fn replayed(&self, partition: u16, messages: usize) {
+        if let Some(f) = self.of(partition) {
+            f.replayed.fetch_add(messages as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn took_over(&self, partition: u16, took: Duration) {
         if let Some(f) = self.of(partition) {
             f.takeover_ms.store(took.as_millis() as u64, Ordering::Relaxed);
@@ -117,6 +127,7 @@ impl Collector for PartitionMetrics {
         let lag = held.iter().filter_map(|&p| self.of(p).map(|f| (label(usize::from(p)), get(&f.lag))));
         gauge_family(e, "citywatch_cluster_partition_lag", "An owned partition's messages not yet delivered by its consumer, as of the last one delivered here.", lag)?;
         counter_family(e, "citywatch_cluster_partition_messages", "Messages of the partition handed to the pipeline by this gateway.", each(|f| f.messages.load(Ordering::Relaxed)))?;
+        counter_family(e, "citywatch_cluster_partition_replayed", "Messages of the partition this gateway's takeovers replayed through the rules (taken in by the previous owner).", each(|f| f.replayed.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_renewals", "Lease renewals of the partition that succeeded.", each(|f| f.renewals.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_acquisitions", "Times this gateway took the partition's lease.", each(|f| f.acquisitions.load(Ordering::Relaxed)))?;
         let losses = self
@@ -126,7 +137,7 @@ impl Collector for PartitionMetrics {
             .flat_map(|(p, f)| LeaseLoss::ALL.iter().map(move |why| ([("partition", p.to_string()), ("reason", why.as_str().to_owned())], f.losses[*why as usize].load(Ordering::Relaxed))));
         counter_family(e, "citywatch_cluster_lease_losses", "Times this gateway stopped acting on the partition, by reason (expired, refused, handed_over).", losses)?;
         let takeovers = self.partitions.iter().enumerate().map(|(p, f)| (label(p), get(&f.takeover_ms) as f64 / 1000.0));
-        gauge_family(e, "citywatch_cluster_partition_takeover_seconds", "How long this gateway's last takeover of the partition took (incidents adopted, devices restored).", takeovers)
+        gauge_family(e, "citywatch_cluster_partition_takeover_seconds", "How long this gateway's last takeover of the partition took (incidents adopted, devices restored, recent messages replayed).", takeovers)
     }
 }
 
@@ -145,6 +156,7 @@ mod tests {
         m.acquired(1);
         m.lost(0, LeaseLoss::Refused);
         m.took_over(1, Duration::from_millis(1500));
+        m.replayed(1, 12);
         let text = crate::metrics::encode_collector(m);
         for line in [
             "citywatch_cluster_partitions_owned 1\n",
@@ -158,6 +170,7 @@ mod tests {
             "citywatch_cluster_lease_losses_total{partition=\"0\",reason=\"refused\"} 1\n",
             "citywatch_cluster_lease_losses_total{partition=\"1\",reason=\"expired\"} 0\n",
             "citywatch_cluster_partition_takeover_seconds{partition=\"1\"} 1.5\n",
+            "citywatch_cluster_partition_replayed_total{partition=\"1\"} 12\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -26,8 +26,7 @@
 //! them into the pipeline), and commands to devices (published into `$MQTT_msgs` by
 //! [`super::Cluster::publisher`], under `citywatch.v1…`, which no relay filter matches).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
@@ -35,7 +34,8 @@ use async_nats::HeaderMap;
 use futures_util::StreamExt as _;
 
 use super::calls::{bounded, waits};
-use super::ownership::{LeaseTable, PULL_EXPIRES, PULL_HEARTBEAT};
+use super::leases::LeaseTable;
+use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::{nats_config::PARTITION_PREFIX, MQTT_MSGS_PREFIX, MQTT_QOS_HEADER};
 
 /// nats-server's stream of MQTT QoS 1 and 2 messages (one per account).
@@ -124,8 +124,8 @@ pub(super) struct Relay {
     pub ack_wait: Duration,
     /// The longest one JetStream call may wait.
     pub limit: Duration,
-    /// Each partition's relay consumer once looked up (see the partition consumers' cache).
-    pub consumers: Arc<Mutex<HashMap<u16, jetstream::consumer::PullConsumer>>>,
+    /// Each partition's relay consumer once looked up.
+    pub consumers: PartitionConsumers,
 }
 
 /// One message on its way: the `$MQTT_msgs` message, where it goes, and its first publish.
@@ -161,14 +161,13 @@ impl Relay {
 
     async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, String> {
         let p = self.partition;
-        if let Some(c) = self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&p) {
-            return Ok(c.clone());
-        }
-        let stream = bounded(self.limit, self.js.get_stream_no_info(MQTT_MSGS_STREAM)).await?;
-        let name = consumer_name(p);
-        let consumer: jetstream::consumer::PullConsumer = bounded(self.limit, stream.get_or_create_consumer(&name, consumer_config(p, self.ack_wait))).await.map_err(|e| format!("relay consumer {name}: {e}"))?;
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(p, consumer.clone());
-        Ok(consumer)
+        self.consumers
+            .get(p, || async {
+                let stream = bounded(self.limit, self.js.get_stream_no_info(MQTT_MSGS_STREAM)).await?;
+                let name = consumer_name(p);
+                bounded(self.limit, stream.get_or_create_consumer(&name, consumer_config(p, self.ack_wait))).await.map_err(|e| format!("relay consumer {name}: {e}"))
+            })
+            .await
     }
 
     async fn relay(&self) -> Stopped {
@@ -195,7 +194,7 @@ impl Relay {
                     Err(e) => {
                         // Messages after it in this batch are not acknowledged: they come back.
                         if e.kind() != pull::MessagesErrorKind::MissingHeartbeat {
-                            self.consumers.lock().unwrap_or_else(PoisonError::into_inner).remove(&p);
+                            self.consumers.forget(p);
                         }
                         ended = Some(e.to_string());
                         break;

@@ -8,7 +8,7 @@ fn stage() -> DecodeStage {
 }
 
 fn msg(topic: &str, payload: &str, received_ms: i64) -> Inbound {
-    Inbound { topic: topic.into(), payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), received_ms, ack: None, restored: false }
+    Inbound { topic: topic.into(), payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), received_ms, ack: None, origin: Origin::Live }
 }
 
 const NOW: i64 = 1_800_000_000_000;
@@ -192,6 +192,10 @@ impl SignalSink for Recorded {
     fn command_ack(&self, _: String, _: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
         Box::pin(std::future::ready(Ok(())))
     }
+    fn replayed(&self, signals: Vec<Signal>) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        let _ = self.0.send(signals);
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +248,7 @@ fn a_restored_status_registers_the_device_without_counting_it_as_received() {
     let mut s = stage();
     let mut b = Batch::default();
     let stored = NOW - 60_000;
-    let restored = Inbound { restored: true, ..msg("citywatch/v1/xh/gas-1/status", BIRTH, stored) };
+    let restored = Inbound { origin: Origin::Restored, ..msg("citywatch/v1/xh/gas-1/status", BIRTH, stored) };
     s.handle(restored, NOW, &mut b);
     let d = s.registry.get("gas-1").expect("registered from the restored status");
     assert_eq!((&*d.site, d.kind, d.interval_s, d.last_seen_ms), ("xh", DeviceKind::GasDetector, 10, stored));
@@ -262,12 +266,12 @@ fn a_restored_status_older_than_what_was_heard_changes_nothing_but_never_a_known
     let mut b = Batch::default();
     s.handle(msg("citywatch/v1/xh/gas-1/status", BIRTH, NOW), NOW, &mut b);
     let offline = r#"{"state":"offline","kind":"smoke_detector"}"#;
-    s.handle(Inbound { restored: true, ..msg("citywatch/v1/xh/gas-1/status", offline, NOW - 1) }, NOW, &mut b);
+    s.handle(Inbound { origin: Origin::Restored, ..msg("citywatch/v1/xh/gas-1/status", offline, NOW - 1) }, NOW, &mut b);
     let d = s.registry.get("gas-1").expect("registered");
     assert_eq!((d.kind, d.link), (DeviceKind::GasDetector, LinkState::Online), "the newer birth stands");
-    s.handle(Inbound { restored: true, ..msg("citywatch/v1/other/gas-1/status", BIRTH, NOW + 1) }, NOW, &mut b);
+    s.handle(Inbound { origin: Origin::Restored, ..msg("citywatch/v1/other/gas-1/status", BIRTH, NOW + 1) }, NOW, &mut b);
     assert_eq!(&*s.registry.get("gas-1").expect("registered").site, "xh");
-    s.handle(Inbound { restored: true, ..msg("citywatch/v1/xh/nameless/status", r#"{"state":"online"}"#, NOW) }, NOW, &mut b);
+    s.handle(Inbound { origin: Origin::Restored, ..msg("citywatch/v1/xh/nameless/status", r#"{"state":"online"}"#, NOW) }, NOW, &mut b);
     assert!(s.registry.get("nameless").is_none(), "no kind, unknown device: not registered");
     assert!(quarantined(&b).is_empty(), "restored statuses are never quarantined");
 }
@@ -356,4 +360,55 @@ async fn signalled(
         false
     })
     .await
+}
+
+/// Cluster mode: a partition's new owner replays what the old owner took in. The rule engine
+/// sees it at its own time, so a hold begun on the old owner goes on here; nothing else
+/// happens (not stored, counted nor quarantined), and its signals are kept apart as replayed,
+/// only within the live horizon.
+#[test]
+fn a_replayed_message_builds_rule_state_and_is_neither_stored_counted_nor_quarantined() {
+    let (_releases_tx, releases) = mpsc::channel(16);
+    let engine = Engine::new(Arc::new(crate::rules::RuleSet::default_pack()));
+    let mut s = stage().with_rules(engine, crate::decode::Unwired, releases, &[]);
+    let replayed = |topic: &str, payload: &str, stored: i64| Inbound { origin: Origin::Replayed, ..msg(topic, payload, stored) };
+    let gas = |seq: u32| format!(r#"{{"seq":{seq},"values":{{"gas_lel":25.0}}}}"#);
+    let is_open = |sig: &Signal, device: &str| &*sig.rule == "gas_low" && &*sig.device == device && matches!(sig.change, crate::model::Change::Open { .. });
+    let mut b = Batch::default();
+    for device in ["gas-1", "gas-2", "gas-3"] {
+        s.handle(Inbound { origin: Origin::Restored, ..msg(&format!("citywatch/v1/xh/{device}/status"), BIRTH, NOW - 500_000) }, NOW, &mut b);
+    }
+    // gas_low: at least 20 %LEL held 10 s. The old owner saw 6 s of it on gas-1.
+    for (seq, at) in [(1, NOW - 9_000), (2, NOW - 6_000), (3, NOW - 3_000)] {
+        s.handle(replayed("citywatch/v1/xh/gas-1/telemetry", &gas(seq), at), NOW, &mut b);
+    }
+    s.handle(replayed("citywatch/v1/xh/gas-1/telemetry", "not json", NOW - 2_000), NOW, &mut b);
+    s.handle(replayed("citywatch/v1/xh/stranger/event", r#"{"seq":1,"event":"alarm"}"#, NOW - 2_000), NOW, &mut b);
+    assert!(b.readings.is_empty(), "not stored again: {:?}", b.readings);
+    assert!(!b.writes.iter().any(|w| matches!(w, Write::Event(_) | Write::Readings(_) | Write::Quarantine(_))), "{:?}", b.writes);
+    assert!(b.signals.is_empty() && b.replayed_signals.is_empty(), "6 s held of 10: nothing yet");
+    assert!(b.received_ms.is_none(), "a replayed message does not date the batch");
+    assert_eq!(s.metrics.readings.load(Ordering::Relaxed), 0);
+    assert_eq!(s.metrics.rejected_total(), 0, "a bad replayed message is not quarantined again");
+    assert!(s.registry.get("stranger").is_none());
+    // The next live reading comes 10 s after the first replayed one: the hold is complete.
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-1/telemetry", &gas(4), NOW + 1_000), NOW + 1_000, &mut b);
+    assert!(b.signals.iter().any(|sig| is_open(sig, "gas-1")), "{:?}", b.signals);
+    assert_eq!(s.metrics.readings.load(Ordering::Relaxed), 1);
+    // A hold completed within the replay opens as replayed; one older than the live horizon
+    // builds the rule's state and opens nothing.
+    let mut b = Batch::default();
+    for (seq, at) in [(1, NOW - 30_000), (2, NOW - 15_000)] {
+        s.handle(replayed("citywatch/v1/xh/gas-2/telemetry", &gas(seq), at), NOW, &mut b);
+    }
+    for (seq, at) in [(1, NOW - 400_000), (2, NOW - 385_000)] {
+        s.handle(replayed("citywatch/v1/xh/gas-3/telemetry", &gas(seq), at), NOW, &mut b);
+    }
+    assert!(b.signals.is_empty(), "{:?}", b.signals);
+    assert!(b.replayed_signals.iter().any(|sig| is_open(sig, "gas-2")), "{:?}", b.replayed_signals);
+    assert!(!b.replayed_signals.iter().any(|sig| &*sig.device == "gas-3"), "{:?}", b.replayed_signals);
+    let mut b = Batch::default();
+    s.handle(msg("citywatch/v1/xh/gas-3/telemetry", &gas(3), NOW), NOW, &mut b);
+    assert!(!b.signals.iter().any(|sig| is_open(sig, "gas-3")), "active from the replay, not opened again: {:?}", b.signals);
 }

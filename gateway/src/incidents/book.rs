@@ -107,6 +107,10 @@ pub struct Book {
     /// within `reopen_within`.
     keys: HashMap<String, String>,
     cleared_at: HashMap<String, i64>,
+    /// Keys of the incidents adopted from the cluster's incident log (cluster mode; unclosed, or
+    /// closed within the replay window): replayed signals leave them alone
+    /// ([`Book::apply_replayed`]).
+    logged_keys: HashSet<String>,
     flaps: HashMap<String, Flaps>,
     /// Opens held back by a silence, by key.
     held: HashMap<String, Signal>,
@@ -226,6 +230,7 @@ impl Book {
             incidents: HashMap::new(),
             keys: HashMap::new(),
             cleared_at: HashMap::new(),
+            logged_keys: HashSet::new(),
             flaps: HashMap::new(),
             held: HashMap::new(),
             silences,
@@ -319,6 +324,7 @@ impl Book {
     /// next change is its next revision. A closed incident is taken only to end a local copy.
     /// Returns whether the book changed.
     pub fn adopt(&mut self, inc: Incident, now_ms: i64) -> bool {
+        self.logged_keys.insert(inc.key.clone());
         match self.incidents.get(&inc.id) {
             Some(local) if *local == inc => return false,
             Some(local) => {
@@ -447,6 +453,21 @@ impl Book {
         self.counter += 1;
         let salt: u16 = rand::random();
         format!("inc-{now_ms:x}-{salt:04x}{:x}", self.counter)
+    }
+
+    /// Applies one signal of a message a partition's new owner replayed from the ingest stream
+    /// (cluster mode): the previous owner evaluated that message already, and what it made of it
+    /// is in the incident log, adopted before the replay. So a replayed signal changes nothing
+    /// for a key whose incident came from the log (the log's revision stands, and an incident an
+    /// operator closed in the window stays closed; the rule engine has rebuilt its state and
+    /// goes on from the next live message), and is applied like any
+    /// other where the log has nothing: an incident the old owner committed but did not append
+    /// before it died is recomputed here, and the replay's own later signals follow it.
+    pub fn apply_replayed(&mut self, s: Signal, now_ms: i64) {
+        if self.logged_keys.contains(&key_of(&s)) || self.logged_keys.contains(&self.route(&s).0) {
+            return;
+        }
+        self.apply(s, now_ms);
     }
 
     /// Applies one rule signal.

@@ -142,6 +142,9 @@ pub(crate) enum Request {
     /// Signals from one decode batch; `ack` fires once they are committed. `received_ms`:
     /// when the batch's first message arrived (for the path latency histogram).
     Signals { signals: Vec<Signal>, ack: Option<Ack>, received_ms: i64 },
+    /// Signals of messages a partition's new owner replayed (cluster mode, see
+    /// [`super::book::Book::apply_replayed`]).
+    Replayed { signals: Vec<Signal> },
     /// A device acknowledged a command.
     CommandAck { device: String, id: String },
     Transition {
@@ -244,6 +247,12 @@ impl IncidentsHandle {
         self.tx.send(Request::Signals { signals, ack, received_ms }).await.map_err(|_| Stopped)
     }
 
+    /// Signals of messages a partition's new owner replayed (cluster mode): applied only where
+    /// the incident log has nothing for their incident.
+    pub async fn replayed(&self, signals: Vec<Signal>) -> Result<(), Stopped> {
+        self.tx.send(Request::Replayed { signals }).await.map_err(|_| Stopped)
+    }
+
     /// A device acknowledged the command `id`.
     pub async fn command_ack(&self, device: String, id: String) -> Result<(), Stopped> {
         self.tx.send(Request::CommandAck { device, id }).await.map_err(|_| Stopped)
@@ -305,6 +314,9 @@ impl crate::decode::SignalSink for IncidentsHandle {
     }
     fn command_ack(&self, device: String, id: String) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
         Box::pin(IncidentsHandle::command_ack(self, device, id))
+    }
+    fn replayed(&self, signals: Vec<Signal>) -> futures_util::future::BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(IncidentsHandle::replayed(self, signals))
     }
 }
 
@@ -470,6 +482,11 @@ impl Manager {
                     self.book.apply(s, now);
                 }
                 acks.extend(ack);
+            }
+            Request::Replayed { signals } => {
+                for s in signals {
+                    self.book.apply_replayed(s, now);
+                }
             }
             Request::CommandAck { device, id } => self.book.command_acked(&device, &id, now),
             Request::Transition { id, action, actor, note, crew, reply } => {

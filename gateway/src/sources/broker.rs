@@ -334,7 +334,7 @@ impl Handler for Ingest {
         // Events and command acks take the alert lane, so a gas alarm never waits behind bulk telemetry.
         let out = self.out.read().ok().and_then(|o| o.as_ref().map(|lanes| lanes.for_topic(&publish.topic).clone()));
         let Some(out) = out else { return (true, acc) };
-        let inbound = Inbound { topic: publish.topic.to_string(), payload: publish.payload.clone(), received_ms: now_ms(), ack: None, restored: false };
+        let inbound = Inbound { topic: publish.topic.to_string(), payload: publish.payload.clone(), received_ms: now_ms(), ack: None, origin: crate::ingest::Origin::Live };
         if out.send(inbound).await.is_ok() {
             self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         } else {

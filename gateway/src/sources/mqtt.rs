@@ -294,7 +294,7 @@ async fn run_connection(role: Role, connection: Connection, shared: Arc<Shared>,
                     Role::Main => lanes.for_topic(&publish.topic),
                     Role::Alerts => &lanes.alerts,
                 };
-                let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, restored: false };
+                let inbound = Inbound { topic: publish.topic, payload: publish.payload, received_ms: now_ms(), ack, origin: crate::ingest::Origin::Live };
                 // Fast path without building a select: the pipeline usually has room.
                 let inbound = match out.try_send(inbound) {
                     Ok(()) => continue,

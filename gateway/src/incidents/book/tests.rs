@@ -945,3 +945,36 @@ fn storm_cost_figures() {
         println!("storm_update_every={every}ms devices={n}: {revisions} revisions, {:.1} MB JSON pushed, largest {:.1} kB, {:.2} s", bytes as f64 / 1e6, largest as f64 / 1e3, took.as_secs_f64());
     }
 }
+
+/// Cluster mode: a partition's new owner adopts the log's incidents, then replays the window.
+/// A replayed signal leaves an incident of the log alone (an open and clear the old owner
+/// logged are not pushed again), and recomputes what the log does not have: an incident the
+/// old owner committed and never appended, with the replay's own later signals.
+#[test]
+fn replayed_signals_change_only_what_the_incident_log_does_not_hold() {
+    let mut old = book();
+    old.apply(open("g1", "gas_low", Severity::Major), T0);
+    old.apply(clear("g1", "gas_low"), T0 + 1000);
+    let logged: Vec<Incident> = old.take().0.outbox.iter().map(|i| Incident::clone(i)).collect();
+    let last = logged.last().cloned().expect("logged");
+    assert_eq!(last.state, IncidentState::Cleared);
+    let mut b = book();
+    assert!(b.adopt(last, T0 + 2000));
+    pushed(&mut b);
+    // g3's incident an operator closed within the window: adopted as closed, so it stays closed.
+    let mut closed = logged[0].clone();
+    (closed.id, closed.key, closed.device, closed.state) = ("inc-g3".into(), "xh/g3/gas_low".into(), "g3".into(), IncidentState::Closed);
+    b.adopt(closed, T0 + 2000);
+    b.apply_replayed(open("g1", "gas_low", Severity::Major), T0 + 3000);
+    b.apply_replayed(clear("g1", "gas_low"), T0 + 3000);
+    b.apply_replayed(open("g3", "gas_low", Severity::Major), T0 + 3000);
+    assert!(pushed(&mut b).is_empty(), "the log's incidents stand");
+    // g2's open never reached the log: recomputed, then cleared by the replay itself.
+    b.apply_replayed(open("g2", "gas_low", Severity::Major), T0 + 3000);
+    b.apply_replayed(clear("g2", "gas_low"), T0 + 3000);
+    let p = pushed(&mut b);
+    assert_eq!(p.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(), [(1, IncidentState::Open), (2, IncidentState::Cleared)], "{p:?}");
+    // Live signals are not affected: g1 opens again, as it would have on the old owner.
+    b.apply(open("g1", "gas_low", Severity::Major), T0 + 4000);
+    assert_eq!(pushed(&mut b).len(), 1);
+}

@@ -366,7 +366,7 @@ fn inbound(dev: &Polled, channel: Channel, payload: &[u8], now: i64) -> Inbound 
         payload: Bytes::copy_from_slice(payload),
         received_ms: now,
         ack: None,
-        restored: false,
+        origin: crate::ingest::Origin::Live,
     }
 }
 
