@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use citywatch_gateway::config::IngestConfig;
 use citywatch_gateway::decode::{Batch, DecodeStage};
-use citywatch_gateway::ingest::Inbound;
+use citywatch_gateway::ingest::{Inbound, Origin};
 use citywatch_gateway::metrics::Metrics;
 use citywatch_gateway::registry::Registry;
 use citywatch_gateway::rules::{Engine, RuleSet};
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             let device = DEVICES[usize::from(head >> 2 & 3)];
             (format!("citywatch/v1/{site}/{device}/{}", CHANNELS[usize::from(head & 3)]), payload)
         };
-        let message = Inbound { topic, payload: bytes::Bytes::copy_from_slice(payload), received_ms: now, ack: None, restored: false };
+        let message = Inbound { topic, payload: bytes::Bytes::copy_from_slice(payload), received_ms: now, ack: None, origin: Origin::Live };
         stage.handle(message, now, &mut batch);
         if batch.readings.len() > 10_000 {
             batch = Batch::default();
