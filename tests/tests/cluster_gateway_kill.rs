@@ -131,11 +131,36 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     // last transaction a moment (the lag counts delivered, the store commits right after).
     let by_a = stored_events(gateways[0].data_dir());
     let acked: Vec<(String, u32, Instant)> = ids.iter().zip(&logs).flat_map(|((_, id), log)| log.acked.iter().map(move |a| (id.clone(), a.seq, a.at))).collect();
+    // Missing at this point: what neither store has yet; followed until it arrives (a late
+    // arrival is reported with its delay).
+    let missing_now = |by_b: &BTreeSet<(String, u32)>| -> Vec<(String, u32, Instant)> {
+        acked.iter().filter(|(id, seq, _)| !by_a.contains(&(id.clone(), *seq)) && !by_b.contains(&(id.clone(), *seq))).cloned().collect()
+    };
+    let first_missing = missing_now(&stored_events(gateways[1].data_dir()));
+    if !first_missing.is_empty() {
+        let at = |t: Instant| if t >= killed { t.duration_since(killed).as_secs_f64() } else { -killed.duration_since(t).as_secs_f64() };
+        eprintln!(
+            "{} PUBACKed events in neither store when every partition was consumed to the end, e.g. {:?}",
+            first_missing.len(),
+            first_missing.iter().take(10).map(|(id, seq, t)| format!("{id}#{seq} PUBACKed {:.2} s after the kill", at(*t))).collect::<Vec<_>>()
+        );
+    }
+    let mut last_count = first_missing.len();
     let by_b = wait_for("gw-b's store holding every acknowledged event gw-a's does not", SETTLE, || {
         let by_b = stored_events(gateways[1].data_dir());
-        acked.iter().all(|(id, seq, _)| by_a.contains(&(id.clone(), *seq)) || by_b.contains(&(id.clone(), *seq))).then_some(by_b)
+        let missing = missing_now(&by_b).len();
+        if missing != last_count {
+            eprintln!("{:.1} s after consumed to the end: {missing} PUBACKed events still in neither store", consumed.elapsed().as_secs_f64());
+            last_count = missing;
+        }
+        (missing == 0).then_some(by_b)
     })
     .await;
+    if !first_missing.is_empty() {
+        let logs = gateways[1].logs();
+        let notable: Vec<&str> = logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("took over") || l.contains("taken over") || l.contains("relay")).collect();
+        eprintln!("gw-b's notable log lines ({} of {}):\n{}", notable.len(), logs.lines().count(), notable.iter().rev().take(60).rev().copied().collect::<Vec<_>>().join("\n"));
+    }
     let by_b = by_b.unwrap_or_else(|_| stored_events(gateways[1].data_dir()));
     eprintln!("{:.1} s: stores read ({:.1} s after every partition was consumed to the end)", t0.elapsed().as_secs_f64(), consumed.elapsed().as_secs_f64());
     let lost: Vec<&(String, u32, Instant)> = acked.iter().filter(|(id, seq, _)| !by_a.contains(&(id.clone(), *seq)) && !by_b.contains(&(id.clone(), *seq))).collect();
