@@ -33,7 +33,7 @@ pub use nats::{nats_server_bin, NatsCluster, NatsNode, NATS_SERVER_VERSION};
 pub use process::{listening_ports, spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use paho::{PahoDevice, PahoOptions, PAHO_PYTHON};
 pub use publisher::{birth, device_topic, Publisher};
-pub use receiver::{signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
+pub use receiver::{revisions_of, signature, Delivery, WebhookReceiver, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 pub use rumqttc::QoS;
 pub use subscriber::{Received, Subscriber};
 pub use volume::DataVolume;

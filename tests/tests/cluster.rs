@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use citywatch_gateway::cluster::nats_config::partition_of;
-use citywatch_tests::{birth, citywatch_bin, device_topic, Delivery, GatewayProcess, NatsCluster, Publisher, QoS, Subscriber, WebhookReceiver, IDEMPOTENCY_HEADER};
+use citywatch_tests::{birth, citywatch_bin, device_topic, revisions_of, Delivery, GatewayProcess, NatsCluster, Publisher, QoS, Subscriber, WebhookReceiver, IDEMPOTENCY_HEADER};
 use serde_json::{json, Value};
 
 const SECRET: &str = "e2e-cluster-secret";
@@ -224,24 +224,6 @@ async fn gas_reading(publisher: &Publisher, site: &str, device: &str, seq: &mut 
     *seq += 1;
     let body = json!({"seq": *seq, "ts": chrono_ms(), "values": {"gas_lel": gas_lel, "valve_closed": 1}});
     publisher.publish_json(&device_topic(site, device, "telemetry"), false, &body).await.expect("telemetry");
-}
-
-/// The deliveries of incident `id`, one per Idempotency-Key, after checking that every repeat of
-/// a key carried the same bytes and that each key is the body's `{id}:{revision}`.
-fn revisions_of(deliveries: &[Delivery], id: &str) -> BTreeMap<u64, Delivery> {
-    let mut by_key: BTreeMap<String, Delivery> = BTreeMap::new();
-    for d in deliveries.iter().filter(|d| d.id() == id) {
-        assert!(d.signature_valid, "bad signature: {}", d.describe());
-        let key = d.header(IDEMPOTENCY_HEADER).unwrap_or_default().to_owned();
-        assert_eq!(key, format!("{}:{}", d.id(), d.revision()), "Idempotency-Key is {{id}}:{{revision}}");
-        match by_key.get(&key) {
-            Some(first) => assert_eq!(first.raw, d.raw, "conflicting content under one Idempotency-Key {key}"),
-            None => {
-                by_key.insert(key, d.clone());
-            }
-        }
-    }
-    by_key.into_values().map(|d| (d.revision(), d)).collect()
 }
 
 /// SPEC §9 "device state from the last message per device subject": a smoke detector is born

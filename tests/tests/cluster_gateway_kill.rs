@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use citywatch_gateway::cluster::nats_config::partition_of;
 use citywatch_tests::event_fleet::{publish_events, wall_ms};
 use citywatch_tests::figures::{cluster_status, metric_series, partition_owners};
-use citywatch_tests::{birth, device_topic, wait_for, Delivery, GatewayProcess, NatsCluster, Publisher, WebhookReceiver, IDEMPOTENCY_HEADER};
+use citywatch_tests::{birth, device_topic, revisions_of, wait_for, Delivery, NatsCluster, Publisher, WebhookReceiver};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -56,23 +56,9 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     let t0 = Instant::now();
     let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
-    let mut gateways = Vec::new();
-    for name in ["gw-a", "gw-b"] {
-        let section = format!(
-            "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
-            nats.gateway_section(name, PARTITIONS, "3s"),
-            receiver.url()
-        );
-        gateways.push(GatewayProcess::start_cluster(&section).await.expect("cluster gateway"));
-    }
+    let (mut gateways, owners) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE).await.expect("both gateways owning partitions");
     let config = gateways[1].config_path().to_owned();
-    eprintln!("{:.1} s: NATS and gateways started", t0.elapsed().as_secs_f64());
-    let owners = wait_for("both gateways owning partitions", SETTLE, || {
-        let owners = partition_owners(&cluster_status(&config).ok()?);
-        (owners.len() == PARTITIONS as usize && ["gw-a", "gw-b"].iter().all(|g| owners.iter().any(|o| o == g)) && owners.iter().all(|o| !o.is_empty())).then_some(owners)
-    })
-    .await
-    .expect("partitions settle");
+    eprintln!("{:.1} s: NATS and gateways started, partitions shared", t0.elapsed().as_secs_f64());
 
     // A fire at a site of gw-a's, confirmed before the kill.
     let nodes: Vec<String> = nats.nodes.iter().map(|n| n.mqtt_addr()).collect();
@@ -101,8 +87,9 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     tokio::time::sleep(BEFORE_KILL).await;
     gateways[0].kill();
     let killed = Instant::now();
-    eprintln!("{:.1} s: gw-a killed", t0.elapsed().as_secs_f64());
-    eprintln!("gw-a SIGKILLed at {} ms since the epoch", wall_ms());
+    eprintln!("{:.1} s: gw-a SIGKILLed ({} ms since the epoch)", t0.elapsed().as_secs_f64(), wall_ms());
+    // Seconds from the kill to `t` (negative: before it).
+    let since_kill = |t: Instant| if t >= killed { t.duration_since(killed).as_secs_f64() } else { -killed.duration_since(t).as_secs_f64() };
 
     let took_over = wait_for("gw-b owning every partition", SETTLE, || {
         partition_owners(&cluster_status(&config).ok()?).iter().all(|o| o == "gw-b").then(Instant::now)
@@ -127,8 +114,7 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     .expect("the partitions are consumed to the end");
     let consumed = Instant::now();
     eprintln!("{:.1} s: every partition consumed to the end", t0.elapsed().as_secs_f64());
-    // Whatever gw-b took in after the last lag reading is committed before its ack; give the
-    // last transaction a moment (the lag counts delivered, the store commits right after).
+    // gw-a's store is final; gw-b commits what it was delivered after the last lag reading.
     let by_a = stored_events(gateways[0].data_dir());
     let acked: Vec<(String, u32, Instant)> = ids.iter().zip(&logs).flat_map(|((_, id), log)| log.acked.iter().map(move |a| (id.clone(), a.seq, a.at))).collect();
     // Missing at this point: what neither store has yet; followed until it arrives (a late
@@ -138,11 +124,10 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     };
     let first_missing = missing_now(&stored_events(gateways[1].data_dir()));
     if !first_missing.is_empty() {
-        let at = |t: Instant| if t >= killed { t.duration_since(killed).as_secs_f64() } else { -killed.duration_since(t).as_secs_f64() };
         eprintln!(
             "{} PUBACKed events in neither store when every partition was consumed to the end, e.g. {:?}",
             first_missing.len(),
-            first_missing.iter().take(10).map(|(id, seq, t)| format!("{id}#{seq} PUBACKed {:.2} s after the kill", at(*t))).collect::<Vec<_>>()
+            first_missing.iter().take(10).map(|(id, seq, t)| format!("{id}#{seq} PUBACKed {:.2} s after the kill", since_kill(*t))).collect::<Vec<_>>()
         );
     }
     let mut last_count = first_missing.len();
@@ -163,7 +148,7 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     }
     let by_b = by_b.unwrap_or_else(|_| stored_events(gateways[1].data_dir()));
     eprintln!("{:.1} s: stores read ({:.1} s after every partition was consumed to the end)", t0.elapsed().as_secs_f64(), consumed.elapsed().as_secs_f64());
-    let lost: Vec<&(String, u32, Instant)> = acked.iter().filter(|(id, seq, _)| !by_a.contains(&(id.clone(), *seq)) && !by_b.contains(&(id.clone(), *seq))).collect();
+    let lost = missing_now(&by_b);
     let after_kill = acked.iter().filter(|(_, _, at)| *at > killed).count();
     let both = acked.iter().filter(|(id, seq, _)| by_a.contains(&(id.clone(), *seq)) && by_b.contains(&(id.clone(), *seq))).count();
     let reconnects: usize = logs.iter().map(|l| l.reconnects).sum();
@@ -194,10 +179,7 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
         "PUBACKed events stored by no gateway (device#seq, PUBACK s after the kill, the device's last seq): {:?}",
         lost.iter()
             .take(20)
-            .map(|(id, seq, at)| {
-                let when = if *at >= killed { at.duration_since(killed).as_secs_f64() } else { -killed.duration_since(*at).as_secs_f64() };
-                format!("{id}#{seq} at {when:.2} s (last {})", newest.get(id.as_str()).copied().unwrap_or(0))
-            })
+            .map(|(id, seq, at)| format!("{id}#{seq} at {:.2} s (last {})", since_kill(*at), newest.get(id.as_str()).copied().unwrap_or(0)))
             .collect::<Vec<_>>()
     );
 
@@ -207,15 +189,6 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     let fire_ids = fires(&deliveries, &fire_site);
     assert_eq!(fire_ids.len(), 1, "one fire_confirmed at {fire_site}: {fire_ids:?}");
     let id = fire_ids.into_iter().next().unwrap_or_default();
-    let mut by_key: BTreeMap<String, &Delivery> = BTreeMap::new();
-    for d in deliveries.iter().filter(|d| d.id() == id) {
-        let key = d.header(IDEMPOTENCY_HEADER).unwrap_or_default().to_owned();
-        assert_eq!(key, format!("{}:{}", d.id(), d.revision()), "Idempotency-Key is {{id}}:{{revision}}");
-        if let Some(first) = by_key.get(&key) {
-            assert_eq!(first.raw, d.raw, "conflicting content under one Idempotency-Key {key}");
-        }
-        by_key.entry(key).or_insert(d);
-    }
-    let revisions: Vec<u64> = by_key.values().map(|d| d.revision()).collect::<BTreeSet<_>>().into_iter().collect();
+    let revisions: Vec<u64> = revisions_of(&deliveries, &id).into_keys().collect();
     assert_eq!(revisions, (1..=revisions.len() as u64).collect::<Vec<_>>(), "revisions of {id} without a gap");
 }

@@ -25,7 +25,7 @@ use async_nats::jetstream;
 use citywatch_gateway::cluster::{relay, INGEST_STREAM};
 use citywatch_tests::event_fleet::{publish_events, wall_ms};
 use citywatch_tests::figures::{cluster_status, metric_series, partition_owners};
-use citywatch_tests::{birth, device_topic, wait_for, wait_for_async, GatewayProcess, NatsCluster, Publisher, WebhookReceiver};
+use citywatch_tests::{birth, device_topic, wait_for, wait_for_async, NatsCluster, Publisher, WebhookReceiver};
 use futures_util::StreamExt as _;
 use serde_json::json;
 use tokio::sync::watch;
@@ -108,22 +108,8 @@ async fn publish_until_acked(addrs: &[String], topic: &str, body: &serde_json::V
 async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_acknowledged_event() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
-    let mut gateways = Vec::new();
-    for name in ["gw-a", "gw-b"] {
-        let section = format!(
-            "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
-            nats.gateway_section(name, PARTITIONS, "3s"),
-            receiver.url()
-        );
-        gateways.push(GatewayProcess::start_cluster(&section).await.expect("cluster gateway"));
-    }
+    let (gateways, _) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE).await.expect("both gateways owning partitions");
     let config = gateways[0].config_path().to_owned();
-    wait_for("both gateways owning partitions", SETTLE, || {
-        let owners = partition_owners(&cluster_status(&config).ok()?);
-        (owners.len() == PARTITIONS as usize && ["gw-a", "gw-b"].iter().all(|g| owners.iter().any(|o| o == g)) && owners.iter().all(|o| !o.is_empty())).then_some(())
-    })
-    .await
-    .expect("partitions settle");
 
     // The victim: the node leading the ingest stream. The watcher stays on a node that survives.
     let probe_client = async_nats::connect(nats.nodes[0].url()).await.expect("NATS client");

@@ -288,7 +288,8 @@ impl StoreWriter {
 ///   and the rollups count it once; a message adding other metrics to a stored (device, ts)
 ///   fills their columns.
 /// - `rollup_1m(device, metric, minute, min, max, sum, count, last, last_ts)`, `minute` being the
-///   minute's start in ms, `metric` the index in [`Metric::ALL`] (append-only: a test pins it); maintained by the writer from the readings it actually inserted.
+///   minute's start in ms, `metric` the index in [`Metric::ALL`] (append-only: a test pins
+///   it); maintained by the writer from the readings it actually inserted.
 /// - `events` (primary key `(device, ts, seq)`, replays ignored), `quarantine` (autoincrement
 ///   id, newest = largest id), `devices` (the registry's records, upserted), `schema_version`.
 ///

@@ -48,14 +48,7 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     if version < 1 {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V1}"))?;
-        let done = conn
-            .execute("INSERT INTO schema_version(version, applied_ms) VALUES (1, ?1)", [now_ms()])
-            .and_then(|_| conn.execute_batch("COMMIT"));
-        if let Err(e) = done {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
+        step_to(conn, 1, SCHEMA_V1)?;
     }
     if version < 2 {
         readings_by_message(conn)?;
@@ -65,17 +58,38 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// One migration: `sql` and the new `version` recorded, in one transaction; nothing of it stays
+/// when any part fails.
+fn step_to(conn: &Connection, version: i64, sql: &str) -> Result<()> {
+    let done = conn
+        .execute_batch(&format!("BEGIN IMMEDIATE; {sql}"))
+        .and_then(|_| conn.execute("INSERT INTO schema_version(version, applied_ms) VALUES (?1, ?2)", [version, now_ms()]))
+        .and_then(|_| conn.execute_batch("COMMIT"));
+    if let Err(e) = done {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
 /// The column of a metric in `readings` (v2): its wire name, quoted. Wire names are
 /// `[a-z0-9_]` (a test pins them), so the text is a safe identifier.
 pub(super) fn metric_column(m: Metric) -> String {
     format!("\"{}\"", m.as_str())
 }
 
+/// Every metric's column in `readings`, in [`Metric::ALL`]'s order: the order of the writer's
+/// parameters and of the values it reads back.
+pub(super) static METRIC_COLUMNS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| Metric::ALL.iter().map(|m| metric_column(*m)).collect());
+
 /// The `readings` table of schema v2: one row per (device, ts) — one telemetry message — with a
 /// nullable column per metric, so a message of five readings is one row, one index entry and
 /// one insert (v1 had a row per reading, keyed (device, metric, ts)).
 fn readings_v2_ddl(table: &str) -> String {
-    let columns: String = Metric::ALL.iter().map(|m| format!(", {} REAL", metric_column(*m))).collect();
+    let columns: String = METRIC_COLUMNS.iter().map(|c| format!(", {c} REAL")).collect();
     format!(
         "CREATE TABLE {table}(
             device INTEGER NOT NULL, ts INTEGER NOT NULL, historical INTEGER NOT NULL DEFAULT 0{columns},
@@ -92,29 +106,17 @@ fn readings_by_message(conn: &Connection) -> Result<()> {
     if rows > 0 {
         tracing::info!(rows, "store: migrating readings to schema 2 (one row per device and time)");
     }
-    let names: String = Metric::ALL.iter().map(|m| format!(", {}", metric_column(*m))).collect();
-    let pivot: String = Metric::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, _)| format!(", max(CASE metric WHEN {i} THEN value END)"))
-        .collect();
+    let names = METRIC_COLUMNS.join(", ");
+    let pivot: String = (0..Metric::ALL.len()).map(|i| format!(", max(CASE metric WHEN {i} THEN value END)")).collect();
     let sql = format!(
-        "BEGIN IMMEDIATE;
-         {create}
-         INSERT INTO readings_v2(device, ts, historical{names})
+        "{create}
+         INSERT INTO readings_v2(device, ts, historical, {names})
            SELECT device, ts, max(historical){pivot} FROM readings GROUP BY device, ts;
          DROP TABLE readings;
          ALTER TABLE readings_v2 RENAME TO readings;",
         create = readings_v2_ddl("readings_v2"),
     );
-    conn.execute_batch(&sql)?;
-    let done = conn
-        .execute("INSERT INTO schema_version(version, applied_ms) VALUES (2, ?1)", [now_ms()])
-        .and_then(|_| conn.execute_batch("COMMIT"));
-    if let Err(e) = done {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(e.into());
-    }
+    step_to(conn, 2, &sql)?;
     if rows > 0 {
         tracing::info!(rows, took_ms = started.elapsed().as_millis() as u64, "store: readings migrated to schema 2");
     }
@@ -126,9 +128,9 @@ fn readings_by_message(conn: &Connection) -> Result<()> {
 fn add_metric_columns(conn: &Connection) -> Result<()> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('readings')")?;
     let have: std::collections::HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    for m in Metric::ALL {
+    for (m, column) in Metric::ALL.iter().zip(METRIC_COLUMNS.iter()) {
         if !have.contains(m.as_str()) {
-            conn.execute_batch(&format!("ALTER TABLE readings ADD COLUMN {} REAL", metric_column(*m)))?;
+            conn.execute_batch(&format!("ALTER TABLE readings ADD COLUMN {column} REAL"))?;
         }
     }
     Ok(())

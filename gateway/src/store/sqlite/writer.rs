@@ -15,7 +15,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use citywatch_edge::wire::Metric;
 
 use super::retention::{trim_quarantine, RetentionPass};
-use super::schema::metric_column;
+use super::schema::METRIC_COLUMNS;
 use super::{metric_index, Shared, StoreOptions, MINUTE_MS};
 use crate::ingest::Ack;
 use crate::store::{Reading, Write};
@@ -516,7 +516,7 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
         insert.raw_bind_parameter(2, r.ts)?;
         insert.raw_bind_parameter(3, r.historical)?;
         for (i, v) in r.values.iter().enumerate() {
-            insert.raw_bind_parameter(4 + i, if v.is_nan() { None } else { Some(*v) })?;
+            insert.raw_bind_parameter(4 + i, reading_param(*v))?;
         }
         let values = if insert.raw_execute()? == 1 { r.values } else { fill_stored_row(tx, r)? };
         let minute = r.ts.div_euclid(MINUTE_MS) * MINUTE_MS;
@@ -543,19 +543,32 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
     Ok(stored)
 }
 
+/// A row's value as bound: NULL where the message had no reading of that metric.
+fn reading_param(v: f64) -> Option<f64> {
+    (!v.is_nan()).then_some(v)
+}
+
 /// `INSERT OR IGNORE INTO readings(device, ts, historical, <every metric column>) VALUES (?1, …)`.
 static INSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let columns: String = Metric::ALL.iter().map(|m| format!(", {}", metric_column(*m))).collect();
     let params: String = (0..METRICS).map(|i| format!(", ?{}", 4 + i)).collect();
-    format!("INSERT OR IGNORE INTO readings(device, ts, historical{columns}) VALUES (?1, ?2, ?3{params})")
+    format!("INSERT OR IGNORE INTO readings(device, ts, historical, {}) VALUES (?1, ?2, ?3{params})", METRIC_COLUMNS.join(", "))
+});
+
+/// The stored values of one (device, ts) row: `?1` device, `?2` ts.
+static SELECT_ROW_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {} FROM readings WHERE device = ?1 AND ts = ?2", METRIC_COLUMNS.join(", ")));
+
+/// Fills the empty columns of one (device, ts) row: `?1` device, `?2` ts, `?3…` the values.
+static FILL_ROW_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let sets: Vec<String> = METRIC_COLUMNS.iter().enumerate().map(|(i, c)| format!("{c} = coalesce({c}, ?{})", 3 + i)).collect();
+    format!("UPDATE readings SET {} WHERE device = ?1 AND ts = ?2", sets.join(", "))
 });
 
 /// A row whose (device, ts) is already stored: its metrics still empty there are filled from
 /// `row`; returns the readings that were (NaN elsewhere). Rare: replays and repeated times.
 fn fill_stored_row(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Result<[f64; METRICS]> {
-    let columns: Vec<String> = Metric::ALL.iter().map(|m| metric_column(*m)).collect();
     let stored: [Option<f64>; METRICS] = tx
-        .prepare_cached(&format!("SELECT {} FROM readings WHERE device = ?1 AND ts = ?2", columns.join(", ")))?
+        .prepare_cached(&SELECT_ROW_SQL)?
         .query_row(params![row.device, row.ts], |r| {
             let mut out = [None; METRICS];
             for (i, slot) in out.iter_mut().enumerate() {
@@ -570,12 +583,11 @@ fn fill_stored_row(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Resul
         }
     }
     if added.iter().any(|v| !v.is_nan()) {
-        let sets: Vec<String> = columns.iter().enumerate().map(|(i, c)| format!("{c} = coalesce({c}, ?{})", 3 + i)).collect();
-        let mut update = tx.prepare_cached(&format!("UPDATE readings SET {} WHERE device = ?1 AND ts = ?2", sets.join(", ")))?;
+        let mut update = tx.prepare_cached(&FILL_ROW_SQL)?;
         update.raw_bind_parameter(1, row.device)?;
         update.raw_bind_parameter(2, row.ts)?;
         for (i, v) in added.iter().enumerate() {
-            update.raw_bind_parameter(3 + i, if v.is_nan() { None } else { Some(*v) })?;
+            update.raw_bind_parameter(3 + i, reading_param(*v))?;
         }
         update.raw_execute()?;
     }
