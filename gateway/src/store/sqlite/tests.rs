@@ -396,12 +396,16 @@ fn acks_of_a_failed_batch_do_not_fire() {
         cmd_id: None,
     };
     let (tx, rx) = std_mpsc::channel();
+    // Held while the three writes queue, so the writer takes them as one batch (otherwise it
+    // may commit the readings alone before the event arrives).
+    let release = hold_writer(&w);
     w.blocking_send(Write::Readings(vec![reading("e", Metric::GasLel, t0, 25.0)])).expect("send");
     w.blocking_send(Write::Event(event.clone())).expect("send");
     w.blocking_send(Write::Ack(Ack::new(move || {
         let _ = tx.send(());
     })))
     .expect("send");
+    drop(release);
     // The ack is dropped unfired: its sender goes away without a message.
     assert_eq!(rx.recv_timeout(WAIT), Err(std_mpsc::RecvTimeoutError::Disconnected));
     assert_eq!(store.stats().write_errors, 1);
