@@ -42,6 +42,7 @@ use super::leases::{Held, LeaseTable};
 use super::partition_metrics::{LeaseLoss, PartitionMetrics};
 use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::relay::{is_plain_copy, Relay};
+use super::replay::Start;
 use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound, Origin};
 
@@ -402,6 +403,7 @@ impl Owner {
             consumers: self.consumers.clone(),
             relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
             replay_window: self.cluster.config.replay_window.0,
+            handed_up_to: 0,
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -443,6 +445,9 @@ struct Worker {
     relay_since_ms: i64,
     /// `[cluster] replay_window`: how far back a takeover replays the partition (zero: not at all).
     replay_window: Duration,
+    /// The newest stream sequence handed to the pipeline by this worker (0: none yet), where a
+    /// later catch-up begins ([`Worker::catch_up`]).
+    handed_up_to: u64,
 }
 
 /// The steps of a worker, in order; each is retried until it succeeds or the lease is gone.
@@ -564,7 +569,7 @@ impl Worker {
             if floor == 0 {
                 return Ok(super::replay::Window::default());
             }
-            super::replay::read(&client, INGEST_STREAM, &filter, from_ms, floor, limit, deadline.max(Instant::now() + limit)).await
+            super::replay::read(&client, INGEST_STREAM, &filter, Start::At(from_ms), floor, limit, deadline.max(Instant::now() + limit)).await
         })
         .await;
         let window = match read {
@@ -622,9 +627,63 @@ impl Worker {
             .await
     }
 
+    /// What the consumer delivered after its ack floor that nobody acknowledged and this
+    /// worker did not hand on — a dead owner's messages in flight, or a pull lost with a NATS
+    /// node — into the pipeline in stream order before the consumer's next pull, as taken in
+    /// but without an ack: the consumer brings each again after `ack_wait`, and the device's
+    /// `seq` then tells it for a duplicate (acknowledged, not stored twice). Without this the
+    /// consumer delivers the newer messages first and these up to `ack_wait` later, when a
+    /// device that sent more than [`crate::registry::SEQ_WINDOW`] messages meanwhile has them
+    /// taken for duplicates and dropped. Best effort: what a failed read leaves out comes back
+    /// by redelivery, as before.
+    async fn catch_up(&mut self, consumer: &jetstream::consumer::PullConsumer) {
+        let p = self.partition;
+        let limit = self.limit;
+        let client = self.js.client();
+        let filter = format!("{}.{p}.>", super::nats_config::PARTITION_PREFIX);
+        let read = async {
+            let info = bounded(limit, consumer.clone().get_info()).await?;
+            let from = (info.ack_floor.stream_sequence + 1).max(self.handed_up_to + 1);
+            let up_to = info.delivered.stream_sequence;
+            if up_to < from {
+                return Ok(None);
+            }
+            let window = super::replay::read(&client, INGEST_STREAM, &filter, Start::Seq(from), up_to, limit, Instant::now() + limit * 2).await?;
+            Ok::<_, String>(Some((from, up_to, window)))
+        };
+        let (from, up_to, window) = match read.await {
+            Ok(Some(found)) => found,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cluster: could not read back the partition's unacknowledged messages; the consumer redelivers them after its ack wait");
+                return;
+            }
+        };
+        let mut handed = 0usize;
+        for message in window.messages {
+            if !self.table.holds(p) {
+                return;
+            }
+            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else { continue };
+            let stored_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            self.handed_up_to = self.handed_up_to.max(message.sequence);
+            if is_plain_copy(Some(&message.headers), stored_ms, self.relay_since_ms) {
+                continue;
+            }
+            if self.inbound.send(Inbound { topic, payload: message.payload, received_ms: stored_ms, ack: None, origin: Origin::Live }).await.is_err() {
+                return;
+            }
+            handed += 1;
+        }
+        if handed > 0 || window.cut_short {
+            tracing::info!(partition = p, from_seq = from, up_to_seq = up_to, handed, cut_short = window.cut_short, "cluster: caught up with the partition's delivered but unacknowledged messages, in stream order");
+        }
+    }
+
     async fn consume(&mut self) -> Result<(), String> {
         let p = self.partition;
         let consumer = self.consumer().await?;
+        self.catch_up(&consumer).await;
         // Short pulls with heartbeats: when the consumer's leader dies with a NATS node, the
         // pull it held is gone with it; a missed heartbeat ends this stream within
         // 2 × PULL_HEARTBEAT and the worker pulls again from the new leader (the client's
@@ -653,7 +712,10 @@ impl Worker {
                 continue;
             };
             let (received_ms, pending) = match message.info() {
-                Ok(i) => ((i.published.unix_timestamp_nanos() / 1_000_000) as i64, i.pending),
+                Ok(i) => {
+                    self.handed_up_to = self.handed_up_to.max(i.stream_sequence);
+                    ((i.published.unix_timestamp_nanos() / 1_000_000) as i64, i.pending)
+                }
                 Err(_) => (crate::ingest::now_ms(), 0),
             };
             if is_plain_copy(message.headers.as_ref(), received_ms, self.relay_since_ms) {

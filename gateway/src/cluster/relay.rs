@@ -22,6 +22,12 @@
 //! (`server/consumer.go`, `deliverMsg`), so what was in flight to an ingest leader that died is
 //! gone, and without another consumer nothing is kept while the source is being set up again.
 //!
+//! A relay (re)starts by catching up ([`Relay::catch_up`]): what its consumer delivered and
+//! nobody acknowledged — a dead owner's relay in flight, a pull lost with a NATS node — is read
+//! back by sequence and published first, so the ingest stream keeps each device's messages in
+//! the order the listener stored them (otherwise they came back after `ack_wait`, behind newer
+//! ones, and a device's `seq` could take them for duplicates).
+//!
 //! Not here: the messages themselves (the partition's consumer in [`super::ownership`] feeds
 //! them into the pipeline), and commands to devices (published into `$MQTT_msgs` by
 //! [`super::Cluster::publisher`], under `citywatch.v1…`, which no relay filter matches).
@@ -105,6 +111,21 @@ pub async fn ensure(js: &jetstream::Context, partitions: u16, replicas: usize, a
     created.into_iter().collect::<Result<Vec<_>, _>>().map(Arc::new)
 }
 
+/// The ingest stream subject of a `$MQTT_msgs` one (its stored form without the prefix).
+fn ingest_subject(stored: &str) -> Option<String> {
+    stored.strip_prefix(MQTT_MSGS_PREFIX).and_then(|s| s.strip_prefix('.')).map(str::to_owned)
+}
+
+/// The headers a relayed message carries into the ingest stream: the MQTT QoS it was published
+/// with and its message id (its `$MQTT_msgs` sequence).
+fn relayed_headers(stored: Option<&HeaderMap>, sequence: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let qos = stored.and_then(|h| h.get(MQTT_QOS_HEADER)).map_or("1", |q| q.as_str());
+    headers.insert(MQTT_QOS_HEADER, qos);
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{MSG_ID_PREFIX}{sequence}").as_str());
+    headers
+}
+
 /// Whether an ingest stream message is the plain copy of a QoS ≥ 1 MQTT publish that the relay
 /// also brings (see the module text); `published_ms` is when the ingest stream stored it.
 pub fn is_plain_copy(headers: Option<&HeaderMap>, published_ms: i64, relay_since_ms: i64) -> bool {
@@ -130,7 +151,10 @@ pub(super) struct Relay {
 
 /// One message on its way: the `$MQTT_msgs` message, where it goes, and its first publish.
 struct InFlight {
-    message: jetstream::Message,
+    /// The message as pulled, acknowledged in `$MQTT_msgs` once the ingest stream has it; `None`
+    /// for one a catch-up read back (its consumer brings it again, and it is acknowledged then).
+    pulled: Option<jetstream::Message>,
+    payload: bytes::Bytes,
     subject: String,
     headers: HeaderMap,
     ack: Result<PublishAckFuture, String>,
@@ -148,8 +172,10 @@ impl Relay {
     pub async fn run(self) {
         let p = self.partition;
         let mut waits = waits();
+        // The newest `$MQTT_msgs` sequence this relay published: where a catch-up begins.
+        let mut relayed_up_to = 0;
         while self.table.holds(p) {
-            match self.relay().await {
+            match self.relay(&mut relayed_up_to).await {
                 Stopped::LeaseGone => return,
                 Stopped::Failed(e) => {
                     tracing::warn!(partition = p, error = %e, "cluster: relaying the partition's QoS 1 messages failed; retrying");
@@ -170,12 +196,15 @@ impl Relay {
             .await
     }
 
-    async fn relay(&self) -> Stopped {
+    async fn relay(&self, relayed_up_to: &mut u64) -> Stopped {
         let p = self.partition;
         let consumer = match self.consumer().await {
             Ok(c) => c,
             Err(e) => return Stopped::Failed(e),
         };
+        if let Err(stopped) = self.catch_up(&consumer, relayed_up_to).await {
+            return stopped;
+        }
         // Short pulls with heartbeats, as the partition's consumer (see there).
         let messages = match bounded(self.limit, consumer.stream().max_messages_per_batch(BATCH).expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages()).await {
             Ok(m) => m,
@@ -190,7 +219,7 @@ impl Relay {
             let mut in_flight = Vec::with_capacity(batch.len());
             for message in batch {
                 match message {
-                    Ok(m) => in_flight.push(self.publish(m).await),
+                    Ok(m) => in_flight.push(self.publish(m, relayed_up_to).await),
                     Err(e) => {
                         // Messages after it in this batch are not acknowledged: they come back.
                         if e.kind() != pull::MessagesErrorKind::MissingHeartbeat {
@@ -213,24 +242,92 @@ impl Relay {
 
     /// Publishes one `$MQTT_msgs` message into the ingest stream without waiting for its
     /// acknowledgement; `None` for a subject that is not a partition's (acknowledged away).
-    async fn publish(&self, message: jetstream::Message) -> Option<InFlight> {
-        let subject = message.subject.as_str().strip_prefix(MQTT_MSGS_PREFIX).and_then(|s| s.strip_prefix('.')).map(str::to_owned);
+    async fn publish(&self, message: jetstream::Message, relayed_up_to: &mut u64) -> Option<InFlight> {
+        let subject = ingest_subject(message.subject.as_str());
         let (Some(subject), Ok(info)) = (subject, message.info()) else {
             let _ = message.ack().await;
             return None;
         };
-        let mut headers = HeaderMap::new();
-        let qos = message.headers.as_ref().and_then(|h| h.get(MQTT_QOS_HEADER)).map_or("1", |q| q.as_str()).to_owned();
-        headers.insert(MQTT_QOS_HEADER, qos.as_str());
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{MSG_ID_PREFIX}{}", info.stream_sequence).as_str());
-        Some(self.send(message, subject, headers).await)
+        *relayed_up_to = (*relayed_up_to).max(info.stream_sequence);
+        let headers = relayed_headers(message.headers.as_ref(), info.stream_sequence);
+        let payload = message.payload.clone();
+        Some(self.send(Some(message), payload, subject, headers).await)
+    }
+
+    /// What the relay consumer delivered after its ack floor that nobody acknowledged and this
+    /// relay did not publish, read back from `$MQTT_msgs` by sequence (from the stream's
+    /// leader) and published into the ingest stream in order, before the consumer's next pull
+    /// (see the module text). Not acknowledged in `$MQTT_msgs`: the consumer brings each again
+    /// after `ack_wait`, and the relay publishes it again (stored once: the message id) and
+    /// acknowledges it then. Best effort: what a failed read leaves out comes back by
+    /// redelivery, as before; only the lease's loss stops the relay here.
+    async fn catch_up(&self, consumer: &jetstream::consumer::PullConsumer, relayed_up_to: &mut u64) -> Result<(), Stopped> {
+        let p = self.partition;
+        let info = match bounded(self.limit, consumer.clone().get_info()).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cluster: could not ask the relay consumer what it delivered; its unacknowledged messages come back after its ack wait");
+                return Ok(());
+            }
+        };
+        let from = (info.ack_floor.stream_sequence + 1).max(*relayed_up_to + 1);
+        let up_to = info.delivered.stream_sequence;
+        if up_to < from {
+            return Ok(());
+        }
+        let stream = match bounded(self.limit, self.js.get_stream_no_info(MQTT_MSGS_STREAM)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cluster: could not read back the relay's unacknowledged messages");
+                return Ok(());
+            }
+        };
+        let deadline = tokio::time::Instant::now() + self.limit * 2;
+        let (mut next, mut published, mut ended) = (from, 0usize, None);
+        let mut batch = Vec::with_capacity(BATCH);
+        while next <= up_to {
+            if tokio::time::Instant::now() >= deadline {
+                ended = Some(format!("not done within {:?}", self.limit * 2));
+                break;
+            }
+            let read = tokio::time::timeout(self.limit, stream.raw_message_builder().sequence(next).next_by_subject(filter(p)).send()).await;
+            let message = match read {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+                Ok(Err(e)) => {
+                    ended = Some(e.to_string());
+                    break;
+                }
+                Err(_) => {
+                    ended = Some(format!("no answer within {:?}", self.limit));
+                    break;
+                }
+            };
+            if message.sequence > up_to {
+                break;
+            }
+            next = message.sequence + 1;
+            let Some(subject) = ingest_subject(message.subject.as_str()) else { continue };
+            let headers = relayed_headers(Some(&message.headers), message.sequence);
+            batch.push(self.send(None, message.payload, subject, headers).await);
+            *relayed_up_to = (*relayed_up_to).max(message.sequence);
+            published += 1;
+            if batch.len() >= BATCH {
+                self.confirm(std::mem::take(&mut batch)).await?;
+            }
+        }
+        self.confirm(batch).await?;
+        if published > 0 || ended.is_some() {
+            tracing::info!(partition = p, from_seq = from, up_to_seq = up_to, published, stopped_early = ended.as_deref().unwrap_or("no"), "cluster: relayed the partition's delivered but unacknowledged QoS 1 messages again, in order");
+        }
+        Ok(())
     }
 
     /// Publishes a message into the ingest stream (first time or again) without waiting for its
     /// acknowledgement.
-    async fn send(&self, message: jetstream::Message, subject: String, headers: HeaderMap) -> InFlight {
-        let ack = self.js.publish_with_headers(subject.clone(), headers.clone(), message.payload.clone()).await.map_err(|e| e.to_string());
-        InFlight { message, subject, headers, ack }
+    async fn send(&self, pulled: Option<jetstream::Message>, payload: bytes::Bytes, subject: String, headers: HeaderMap) -> InFlight {
+        let ack = self.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await.map_err(|e| e.to_string());
+        InFlight { pulled, payload, subject, headers, ack }
     }
 
     /// Waits for the ingest stream's acknowledgements of a batch, in order, acknowledging each
@@ -248,7 +345,8 @@ impl Relay {
                 let e = match m.ack {
                     Ok(pending) => match tokio::time::timeout_at(deadline, std::future::IntoFuture::into_future(pending)).await {
                         Ok(Ok(_)) => {
-                            if let Err(e) = m.message.ack().await {
+                            let Some(pulled) = m.pulled else { continue };
+                            if let Err(e) = pulled.ack().await {
                                 // It comes back after the ack wait and is published again:
                                 // stored once (message id).
                                 tracing::debug!(partition = self.partition, error = %e, "cluster: acknowledging a relayed message failed");
@@ -261,7 +359,7 @@ impl Relay {
                     Err(e) => e,
                 };
                 error = e;
-                failed.push((m.message, m.subject, m.headers));
+                failed.push((m.pulled, m.payload, m.subject, m.headers));
             }
             if failed.is_empty() {
                 return Ok(());
@@ -272,8 +370,8 @@ impl Relay {
             tracing::debug!(partition = self.partition, failed = failed.len(), error = %error, "cluster: the ingest stream did not acknowledge relayed messages; publishing them again");
             tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))).await;
             batch = Vec::with_capacity(failed.len());
-            for (message, subject, headers) in failed {
-                batch.push(self.send(message, subject, headers).await);
+            for (pulled, payload, subject, headers) in failed {
+                batch.push(self.send(pulled, payload, subject, headers).await);
             }
         }
     }

@@ -15,6 +15,10 @@
 //! the worker's call limit, the whole read by a deadline, and at most [`MAX_MESSAGES`] (the
 //! newest are kept); a replay cut short is logged, and the partition is consumed anyway.
 //!
+//! The same reads serve a catch-up ([`Start::Seq`]): what a consumer delivered after its ack
+//! floor and nobody acknowledged, read back in stream order before the consumer's next pull
+//! (see `ownership` and `relay`).
+//!
 //! Not here: the ack floor (the partition's worker asks its consumer) and the messages' fate.
 
 use std::collections::VecDeque;
@@ -30,23 +34,38 @@ pub const MAX_MESSAGES: usize = 20_000;
 /// The status a batched direct get ends each batch with (`EOB`).
 const END_OF_BATCH: u16 = 204;
 
+/// Where a [`read`] begins.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    /// At the first message stored at or after this time (ms since the epoch); past
+    /// [`MAX_MESSAGES`] the oldest are dropped (a replay wants the newest).
+    At(i64),
+    /// At this stream sequence; the read stops at [`MAX_MESSAGES`] (a catch-up wants them in
+    /// order from the first).
+    Seq(u64),
+}
+
 /// What [`read`] found: the messages in stream order, and how far it got.
 #[derive(Debug, Default)]
 pub struct Window {
     pub messages: VecDeque<StreamMessage>,
-    /// Older messages of the window left out to stay within [`MAX_MESSAGES`].
+    /// Older messages of the window left out to stay within [`MAX_MESSAGES`] ([`Start::At`]).
     pub dropped: usize,
-    /// The read stopped at the deadline before the ack floor: the newest part is missing.
+    /// The read stopped at the deadline (or at [`MAX_MESSAGES`], [`Start::Seq`]) before
+    /// `up_to_seq`: the newest part is missing.
     pub cut_short: bool,
 }
 
-/// The messages of `stream` on `filter` stored at or after `from_ms` (ms since the epoch) with
-/// a sequence up to `up_to_seq`, oldest first; each batch within `limit`, none started after
-/// `deadline`.
-pub async fn read(client: &async_nats::Client, stream: &str, filter: &str, from_ms: i64, up_to_seq: u64, limit: Duration, deadline: Instant) -> Result<Window, String> {
+/// The messages of `stream` on `filter` from `start` with a sequence up to `up_to_seq`, oldest
+/// first; each batch within `limit`, none started after `deadline`.
+pub async fn read(client: &async_nats::Client, stream: &str, filter: &str, start: Start, up_to_seq: u64, limit: Duration, deadline: Instant) -> Result<Window, String> {
     let mut window = Window::default();
-    let Some(start) = jiff::Timestamp::from_millisecond(from_ms).ok() else { return Err(format!("no time for {from_ms} ms")) };
-    let mut next_seq: Option<u64> = None;
+    // The first batch asks by time or by sequence, every later one by the sequence after the
+    // last message read.
+    let (start_time, mut next_seq) = match start {
+        Start::At(ms) => (Some(format!("{:.3}", jiff::Timestamp::from_millisecond(ms).map_err(|_| format!("no time for {ms} ms"))?)), None),
+        Start::Seq(seq) => (None, Some(seq)),
+    };
     loop {
         if Instant::now() >= deadline {
             window.cut_short = true;
@@ -55,7 +74,7 @@ pub async fn read(client: &async_nats::Client, stream: &str, filter: &str, from_
         let mut request = serde_json::json!({ "batch": BATCH, "next_by_subj": filter });
         match next_seq {
             Some(seq) => request["seq"] = seq.into(),
-            None => request["start_time"] = format!("{start:.3}").into(),
+            None => request["start_time"] = start_time.clone().into(),
         }
         let batch = tokio::time::timeout(limit, one_batch(client, stream, request.to_string())).await.map_err(|_| format!("no batch within {limit:?}"))??;
         let full = batch.len() >= BATCH;
@@ -64,6 +83,10 @@ pub async fn read(client: &async_nats::Client, stream: &str, filter: &str, from_
                 return Ok(window);
             }
             next_seq = Some(message.sequence + 1);
+            if matches!(start, Start::Seq(_)) && window.messages.len() >= MAX_MESSAGES {
+                window.cut_short = true;
+                return Ok(window);
+            }
             window.messages.push_back(message);
             if window.messages.len() > MAX_MESSAGES {
                 window.messages.pop_front();
