@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use citywatch_gateway::cluster::nats_config::partition_of;
 use citywatch_tests::event_fleet::{publish_events, wall_ms};
-use citywatch_tests::figures::{cluster_status, metric_series, partition_owners};
+use citywatch_tests::figures::{cluster_status, metric_series, metric_sum, partition_owners};
 use citywatch_tests::{birth, device_topic, revisions_of, wait_for, Delivery, NatsCluster, Publisher, WebhookReceiver};
 use serde_json::json;
 use tokio::sync::watch;
@@ -156,10 +156,12 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     // duplicate of one it had seen is one neither store has.
     let b_metrics = gateways[1].get_text("/metrics").unwrap_or_default();
     let (b_duplicates, b_gaps) = (metric_series(&b_metrics, "citywatch_duplicates_total"), metric_series(&b_metrics, "citywatch_seq_gaps_total"));
+    // What gw-b's takeover read back past the consumers' ack floors, in order.
+    let (caught_up, relay_caught_up) = (metric_sum(&b_metrics, "citywatch_cluster_partition_caught_up_total"), metric_sum(&b_metrics, "citywatch_cluster_partition_relay_caught_up_total"));
     eprintln!(
         "gateway kill: {} events PUBACKed over {:.1} s ({:.0}/s), {after_kill} after the kill, {reconnects} reconnects; gw-b owned every partition {:.2} s after the kill; \
          stored by gw-a {}, by gw-b {}, by both (redelivered after gw-a's commit, before its ack) {both}; PUBACKed and stored by neither: {}; \
-         gw-b counted {b_duplicates} duplicates and {b_gaps} seq gaps",
+         gw-b counted {b_duplicates} duplicates and {b_gaps} seq gaps; its pulls caught up with {caught_up} delivered, unacknowledged messages and its relays with {relay_caught_up}",
         acked.len(),
         published_for.as_secs_f64(),
         acked.len() as f64 / published_for.as_secs_f64(),

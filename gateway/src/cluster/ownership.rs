@@ -383,6 +383,7 @@ impl Owner {
             ack_wait: self.ttl,
             limit: worker_call_timeout(self.ttl),
             consumers: self.relay_consumers.clone(),
+            metrics: Arc::clone(&self.metrics),
         };
         if let Some(old) = self.relays.insert(p, tokio::spawn(relay.run())) {
             old.abort();
@@ -675,6 +676,7 @@ impl Worker {
             }
             handed += 1;
         }
+        self.metrics.caught_up(p, handed);
         if handed > 0 || window.cut_short {
             tracing::info!(partition = p, from_seq = from, up_to_seq = up_to, handed, cut_short = window.cut_short, "cluster: caught up with the partition's delivered but unacknowledged messages, in stream order");
         }

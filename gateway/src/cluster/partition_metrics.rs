@@ -1,6 +1,7 @@
 //! Per-partition figures of one gateway in cluster mode, on its `/metrics`: which partitions it
 //! owns, what each partition's consumer took in and has left, how its leases fare (renewals,
-//! acquisitions, losses by reason), how long its last takeover took and what takeovers replayed.
+//! acquisitions, losses by reason), how long its last takeover took, what takeovers replayed and what
+//! restarted pulls caught up with.
 //!
 //! Counted where it happens (the lease loop, the partition workers) into plain atomics and read
 //! at scrape time. Not here: the cluster-wide view (every partition's owner and lag, whoever
@@ -55,6 +56,11 @@ struct Figures {
     takeover_ms: AtomicU64,
     /// Messages takeovers replayed through the rules ([`super::replay`]).
     replayed: AtomicU64,
+    /// Messages the partition's consumer had delivered and nobody acknowledged, read back and
+    /// handed on in stream order when a pull (re)started here.
+    caught_up: AtomicU64,
+    /// The same for the partition's relay consumer: published into the ingest stream again.
+    relay_caught_up: AtomicU64,
 }
 
 /// The figures of every partition of the cluster, as this gateway saw them.
@@ -106,6 +112,21 @@ impl PartitionMetrics {
         }
     }
 
+    /// A (re)started pull of the partition's consumer handed on `messages` read back past its
+    /// ack floor.
+    pub fn caught_up(&self, partition: u16, messages: usize) {
+        if let Some(f) = self.of(partition) {
+            f.caught_up.fetch_add(messages as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A (re)started relay of the partition published `messages` read back past its ack floor.
+    pub fn relay_caught_up(&self, partition: u16, messages: usize) {
+        if let Some(f) = self.of(partition) {
+            f.relay_caught_up.fetch_add(messages as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn took_over(&self, partition: u16, took: Duration) {
         if let Some(f) = self.of(partition) {
             f.takeover_ms.store(took.as_millis() as u64, Ordering::Relaxed);
@@ -128,6 +149,8 @@ impl Collector for PartitionMetrics {
         gauge_family(e, "citywatch_cluster_partition_lag", "An owned partition's messages not yet delivered by its consumer, as of the last one delivered here.", lag)?;
         counter_family(e, "citywatch_cluster_partition_messages", "Messages of the partition handed to the pipeline by this gateway.", each(|f| f.messages.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_partition_replayed", "Messages of the partition this gateway's takeovers replayed through the rules (taken in by the previous owner).", each(|f| f.replayed.load(Ordering::Relaxed)))?;
+        counter_family(e, "citywatch_cluster_partition_caught_up", "Messages the partition's consumer had delivered and nobody acknowledged (a dead owner's in flight, a pull lost with a NATS node), read back and handed to the pipeline in stream order when its pull (re)started here.", each(|f| f.caught_up.load(Ordering::Relaxed)))?;
+        counter_family(e, "citywatch_cluster_partition_relay_caught_up", "QoS 1 messages the partition's relay consumer had delivered and nobody acknowledged, read back and published into the ingest stream in order when its relay (re)started here.", each(|f| f.relay_caught_up.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_renewals", "Lease renewals of the partition that succeeded.", each(|f| f.renewals.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_acquisitions", "Times this gateway took the partition's lease.", each(|f| f.acquisitions.load(Ordering::Relaxed)))?;
         let losses = self
@@ -157,6 +180,8 @@ mod tests {
         m.lost(0, LeaseLoss::Refused);
         m.took_over(1, Duration::from_millis(1500));
         m.replayed(1, 12);
+        m.caught_up(1, 5);
+        m.relay_caught_up(1, 3);
         let text = crate::metrics::encode_collector(m);
         for line in [
             "citywatch_cluster_partitions_owned 1\n",
@@ -171,6 +196,8 @@ mod tests {
             "citywatch_cluster_lease_losses_total{partition=\"1\",reason=\"expired\"} 0\n",
             "citywatch_cluster_partition_takeover_seconds{partition=\"1\"} 1.5\n",
             "citywatch_cluster_partition_replayed_total{partition=\"1\"} 12\n",
+            "citywatch_cluster_partition_caught_up_total{partition=\"1\"} 5\n",
+            "citywatch_cluster_partition_relay_caught_up_total{partition=\"1\"} 3\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

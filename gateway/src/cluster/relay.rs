@@ -147,6 +147,7 @@ pub(super) struct Relay {
     pub limit: Duration,
     /// Each partition's relay consumer once looked up.
     pub consumers: PartitionConsumers,
+    pub metrics: Arc<super::partition_metrics::PartitionMetrics>,
 }
 
 /// One message on its way: the `$MQTT_msgs` message, where it goes, and its first publish.
@@ -317,6 +318,7 @@ impl Relay {
             }
         }
         self.confirm(batch).await?;
+        self.metrics.relay_caught_up(p, published);
         if published > 0 || ended.is_some() {
             tracing::info!(partition = p, from_seq = from, up_to_seq = up_to, published, stopped_early = ended.as_deref().unwrap_or("no"), "cluster: relayed the partition's delivered but unacknowledged QoS 1 messages again, in order");
         }
