@@ -169,7 +169,12 @@ impl Gateway {
         let (manager, incidents, requests) =
             Manager::new(opened.book, Arc::clone(&opened.store), notify.queues, Some(Arc::clone(&sources.publish)), config.incidents.retention.as_ms());
         let (releases_tx, releases_rx) = mpsc::channel(manager::RELEASES_QUEUE);
-        let manager = tokio::spawn(manager.with_releases(releases_tx).run(requests, notify.done));
+        let mut manager = manager.with_releases(releases_tx);
+        if cluster.is_some() {
+            // An ingest message is acknowledged only once what it changed is in the incident log.
+            manager = manager.with_acks_after(Arc::from(crate::cluster::sinks::LOG_CHANNEL));
+        }
+        let manager = tokio::spawn(manager.run(requests, notify.done));
         incidents.register_metrics(&mut prometheus);
         // Cluster mode: one API for the city — the other partitions' owners and the incident log.
         let city_link = cluster.as_ref().map(|joined| (joined.cluster.clone(), Arc::clone(&joined.leases)));

@@ -727,7 +727,13 @@ impl Worker {
             }
             let payload = message.payload.clone();
             let rt = runtime.clone();
+            let table = Arc::clone(&self.table);
             let ack = Ack::new(move || {
+                // Fenced: a lease lost before the commit (or the log append) ends leaves the
+                // message to the next owner, which takes it in again.
+                if !table.holds(p) {
+                    return;
+                }
                 rt.spawn(async move {
                     if let Err(e) = message.ack().await {
                         tracing::debug!(error = %e, "cluster: ack failed; the message is redelivered");

@@ -3,6 +3,8 @@
 //! the push channels; commits each step in one transaction (group commit: whatever arrived
 //! meanwhile rides along); only then acknowledges the QoS 1 messages behind the signals, hands
 //! the new outbox items to every channel, sends device commands and feeds the live SSE stream.
+//! In cluster mode the acknowledgement waits further, until the incident log took the changes
+//! ([`Manager::with_acks_after`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -320,6 +322,14 @@ impl crate::decode::SignalSink for IncidentsHandle {
     }
 }
 
+/// What waits for [`Manager::with_acks_after`]'s channel: the acks and operators' replies of one
+/// commit, and the newest outbox `seq` it created.
+struct Held {
+    newest: i64,
+    acks: Vec<Ack>,
+    replies: Vec<Box<dyn FnOnce() + Send>>,
+}
+
 /// The manager task's state.
 pub struct Manager {
     book: Book,
@@ -334,6 +344,9 @@ pub struct Manager {
     /// Releases the decode stage had no room for yet, oldest first.
     unsent_releases: VecDeque<Release>,
     timing: Arc<Timing>,
+    /// The channel whose delivery of a commit's changes the acks behind them wait for
+    /// ([`Manager::with_acks_after`]); `None`: acks fire at the commit.
+    acks_after: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -356,12 +369,27 @@ impl Manager {
         let stats = Arc::new(Mutex::new(BookStats::default()));
         let timing = Arc::new(Timing::default());
         let handle = IncidentsHandle { tx, store: Arc::clone(&store), events: events.clone(), stats: Arc::clone(&stats), timing: Arc::clone(&timing) };
-        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, unsent_releases: VecDeque::new(), timing }, handle, Requests(rx))
+        (Manager { book, store, channels, events, publish, stats, retention_ms, releases: None, unsent_releases: VecDeque::new(), timing, acks_after: None }, handle, Requests(rx))
     }
 
     /// Where to tell the rule engine about incidents operators ended.
     pub fn with_releases(mut self, releases: mpsc::Sender<Release>) -> Self {
         self.releases = Some(releases);
+        self
+    }
+
+    /// Acknowledges the messages behind a commit's changes, and answers the operators whose
+    /// actions it holds, only once `channel` took the newest of them (delivered, or given up
+    /// on), not at the commit. Cluster mode, with the incident
+    /// log as the channel: a message is acknowledged to the ingest stream only when what it
+    /// changed is in the replicated log, so an owner that dies between its commit and the append
+    /// leaves the message unacknowledged, and the next owner takes it in and makes the change
+    /// again (instead of the change living on in the dead gateway's outbox only); an operator's 200
+    /// means the change is in the log. A channel
+    /// delivers in `seq` order, so its outcome for `seq` covers every earlier change. Acks still
+    /// held when the manager stops are dropped: the messages are redelivered.
+    pub fn with_acks_after(mut self, channel: Arc<str>) -> Self {
+        self.acks_after = Some(channel);
         self
     }
 
@@ -373,6 +401,22 @@ impl Manager {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
         let mut acks: Vec<Ack> = Vec::new();
+        // Acks and replies waiting for `acks_after`: the newest outbox `seq` of their commit,
+        // oldest first.
+        let mut held: VecDeque<Held> = VecDeque::new();
+        let acks_after = self.acks_after.clone();
+        // Fires what was held for changes `channel` has now taken up to `seq`.
+        let release = |held: &mut VecDeque<Held>, channel: &str, seq: i64| {
+            if acks_after.as_deref() != Some(channel) {
+                return;
+            }
+            while held.front().is_some_and(|h| h.newest <= seq) {
+                if let Some(h) = held.pop_front() {
+                    h.acks.into_iter().for_each(Ack::done);
+                    h.replies.into_iter().for_each(|r| r());
+                }
+            }
+        };
         let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         let mut marks: Vec<(Arc<str>, i64, bool, Option<&'static str>)> = Vec::new();
         let mut stopping = false;
@@ -395,8 +439,10 @@ impl Manager {
                     }
                 }
                 Some((channel, seq, outcome)) = delivered.recv() => {
+                    release(&mut held, &channel, seq);
                     marks.push(mark(channel, seq, outcome));
                     while let Ok((channel, seq, outcome)) = delivered.try_recv() {
+                        release(&mut held, &channel, seq);
                         marks.push(mark(channel, seq, outcome));
                     }
                 }
@@ -418,6 +464,7 @@ impl Manager {
             if commit_marks || stopping || !commit.is_empty() {
                 commit.deliveries = std::mem::take(&mut marks);
             }
+            let mut newest_change = None;
             if !commit.is_empty() {
                 let changed = !commit.outbox.is_empty();
                 let started = std::time::Instant::now();
@@ -426,19 +473,27 @@ impl Manager {
                 if let (Some(t0), true, true) = (earliest, changed, result.is_ok()) {
                     self.timing.message_to_commit.observe((now_ms() - t0).max(0) as f64 / 1000.0);
                 }
-                if let Err(e) = result {
-                    // Nothing is acknowledged: the broker redelivers, operators get an error.
-                    tracing::error!(error = %e, "incident commit failed; the triggering messages stay unacknowledged");
-                    acks.clear();
-                    replies.clear();
-                    continue;
+                match result {
+                    Ok(newest) => newest_change = newest,
+                    Err(e) => {
+                        // Nothing is acknowledged: the broker redelivers, operators get an error.
+                        tracing::error!(error = %e, "incident commit failed; the triggering messages stay unacknowledged");
+                        acks.clear();
+                        replies.clear();
+                        continue;
+                    }
                 }
             }
             self.unsent_releases.extend(self.book.take_released());
             self.send_releases();
             earliest = None;
-            acks.drain(..).for_each(Ack::done);
-            replies.drain(..).for_each(|r| r());
+            match newest_change.filter(|_| self.acks_after.is_some() && !(acks.is_empty() && replies.is_empty())) {
+                Some(newest) => held.push_back(Held { newest, acks: std::mem::take(&mut acks), replies: std::mem::take(&mut replies) }),
+                None => {
+                    acks.drain(..).for_each(Ack::done);
+                    replies.drain(..).for_each(|r| r());
+                }
+            }
             self.send_commands(commands).await;
             if let Ok(mut s) = self.stats.lock() {
                 *s = self.book.stats.clone();
@@ -491,7 +546,8 @@ impl Manager {
             Request::CommandAck { device, id } => self.book.command_acked(&device, &id, now),
             Request::Transition { id, action, actor, note, crew, reply } => {
                 let result = self.book.transition(&id, action, &actor, note, crew, now);
-                // The reply waits for the commit, so a 200 means it is on disk.
+                // The reply waits for the commit, so a 200 means it is on disk (in cluster mode:
+                // in the incident log, see `with_acks_after`).
                 replies.push(Box::new(move || {
                     let _ = reply.send(result);
                 }));
@@ -524,19 +580,21 @@ impl Manager {
         }
     }
 
-    async fn commit(&mut self, commit: Commit) -> Result<(), super::store::Error> {
+    /// Commits one step; answers the newest outbox `seq` it created (`None`: no change).
+    async fn commit(&mut self, commit: Commit) -> Result<Option<i64>, super::store::Error> {
         let store = Arc::clone(&self.store);
         let names: Vec<Arc<str>> = self.channels.iter().map(|(n, _)| Arc::clone(n)).collect();
         let created = tokio::task::spawn_blocking(move || store.commit(&commit, &names, now_ms()))
             .await
             .map_err(|e| super::store::Error::Io(format!("commit task: {e}")))??;
+        let newest = created.iter().map(|c| c.seq).max();
         for super::store::Committed { seq, incident, body } in created {
             for (name, tx) in &self.channels {
                 tx.offer(OutboxItem { seq, channel: Arc::clone(name), incident: Arc::clone(&incident), body: Arc::clone(&body) });
             }
             let _ = self.events.send(LiveEvent { seq, body });
         }
-        Ok(())
+        Ok(newest)
     }
 
     async fn send_commands(&self, commands: Vec<Command>) {
@@ -569,5 +627,77 @@ fn mark(channel: Arc<str>, seq: i64, outcome: Outcome) -> (Arc<str>, i64, bool, 
     match outcome {
         Outcome::Delivered => (channel, seq, true, None),
         Outcome::Dropped { reason } => (channel, seq, false, Some(reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use citywatch_edge::wire::{DeviceKind, Metric};
+
+    use super::*;
+    use crate::incidents::{Change, IncidentsConfig, Scope, Severity};
+
+    const LOG: &str = "cluster-log";
+
+    fn gas_open(device: &str) -> Signal {
+        Signal {
+            rule: "gas_high".into(),
+            scope: Scope::Device,
+            site: "xh".into(),
+            device: device.into(),
+            kind: DeviceKind::GasDetector,
+            ts_ms: now_ms(),
+            change: Change::Open { severity: Severity::Critical, metric: Some(Metric::GasLel), value: Some(55.0), threshold: Some(50.0), summary: "gas".into(), action: None },
+            members: Vec::new(),
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[tokio::test]
+    async fn with_acks_after_a_channel_a_change_is_acknowledged_only_once_that_channel_took_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(IncidentStore::open(dir.path()).expect("incident store"));
+        let book = Book::new(IncidentsConfig::default(), Vec::new(), Vec::new(), now_ms());
+        let (log_tx, mut log_rx) = channel_queue(16);
+        let (manager, handle, requests) = Manager::new(book, store, vec![(Arc::from(LOG), log_tx)], None, 400 * 86_400_000);
+        let (done_tx, done_rx) = mpsc::channel(16);
+        tokio::spawn(manager.with_acks_after(Arc::from(LOG)).run(requests, done_rx));
+
+        // A message whose signal changes nothing is acknowledged at the commit as before; one
+        // that opens an incident waits for the log.
+        let acked = Arc::new(AtomicUsize::new(0));
+        let ack = |acked: &Arc<AtomicUsize>| {
+            let acked = Arc::clone(acked);
+            Ack::new(move || {
+                acked.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        handle.raise(vec![gas_open("gas-1")], Some(ack(&acked)), now_ms()).await.expect("manager running");
+        let item = tokio::time::timeout(Duration::from_secs(5), log_rx.rx.recv()).await.expect("the change reaches the log channel").expect("queue open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(acked.load(Ordering::SeqCst), 0, "not acknowledged before the log took the change");
+
+        // Another channel's outcome for that seq releases nothing.
+        done_tx.send((Arc::from("webhook_ops"), item.seq, Outcome::Delivered)).await.expect("manager running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(acked.load(Ordering::SeqCst), 0, "only the log's outcome counts");
+
+        done_tx.send((Arc::from(LOG), item.seq, Outcome::Delivered)).await.expect("manager running");
+        eventually("the ack once the log took the change", || acked.load(Ordering::SeqCst) == 1).await;
+
+        // The same alarm again changes nothing: acknowledged at once.
+        handle.raise(vec![gas_open("gas-1")], Some(ack(&acked)), now_ms()).await.expect("manager running");
+        eventually("the ack of a message that changed nothing", || acked.load(Ordering::SeqCst) == 2).await;
     }
 }
