@@ -78,10 +78,12 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     // Forgeries by the device user: an incident into the log, an operator request on the
     // per-partition API, a lease. Watched by a gateway-user client on every subject they would
     // reach; a permitted publish of the same device connection after them is the barrier (one
-    // connection's messages reach a subscriber in order).
+    // connection's messages reach a subscriber in order). The watcher is on the device's node:
+    // its interest is known there once flushed (on another node it would reach the device's
+    // node through the route some time later, and a leak before that would go unseen).
     let watcher = async_nats::ConnectOptions::new()
         .user_and_password(GATEWAY.0.into(), GATEWAY.1.into())
-        .connect(nats.nodes[0].url())
+        .connect(nats.nodes[2].url())
         .await
         .expect("gateway-user watcher");
     let citywatch = watcher.subscribe("citywatch.>").await.expect("subscribe citywatch.>");
@@ -117,6 +119,8 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     assert!(waited.is_ok(), "the barrier after the forgeries never arrived");
     assert!(leaked.is_empty(), "the device user's forgeries reached {leaked:?}");
     // The incident log holds nothing under the forged subject, and nothing was pushed for it.
+    // (The decisive check for the incident: with the device user allowed to publish there, the
+    // log held the forgery while the watcher above did not always see it before the barrier.)
     let js = async_nats::jetstream::new(watcher.clone());
     let log = js.get_stream(INCIDENT_STREAM).await.expect("incident log");
     assert!(log.get_last_raw_message_by_subject(&format!("{INCIDENT_PREFIX}.0.forged-1")).await.is_err(), "a forged incident is in the log");
