@@ -1,7 +1,8 @@
 //! Cluster mode on a closed NATS cluster (`citywatch cluster nats-config --gateway-user
 //! --device-user`): three real nats-server nodes that know a gateway and a device user, two
 //! gateways logging in with `[cluster] nats_user` and a password file. A device with the device
-//! user keeps its contract (a fire reaches the webhook receiver, a command reaches it at QoS 1);
+//! user keeps its contract (a fire reaches the webhook receiver, a command reaches it at QoS 1,
+//! its Last Will goes out);
 //! it cannot write into the incident log, the per-partition API or the lease bucket, nor read
 //! replies on `_INBOX`; nobody gets in anonymously, with a wrong password, or on the other port.
 
@@ -128,6 +129,24 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     // nats-server neither disconnects an MQTT client for a denied publish nor tells it: the
     // QoS 1 forgeries were PUBACKed like the barrier (and dropped).
     device.wait_acked(10, SETTLE).await.expect("PUBACKs of the forgeries and the barrier");
+
+    // The Last Will of a device that vanishes (no DISCONNECT) is a publish of the device user
+    // on its status topic: let through, onto the site's partition.
+    let will_device = "closed-kitchen-will-1";
+    let mut wills = watcher.subscribe(format!("citywatch.part.*.{kitchen}.{will_device}.status")).await.expect("subscribe the will's subject");
+    watcher.flush().await.expect("flush");
+    let (host, port) = citywatch_tests::split_addr(&nats.nodes[2].mqtt_addr()).expect("mqtt address");
+    let mut options = rumqttc::MqttOptions::new(will_device, host, port);
+    options.set_credentials(DEVICE.0, DEVICE.1);
+    let offline = json!({"state": "offline"}).to_string();
+    options.set_last_will(rumqttc::LastWill::new(device_topic(kitchen, will_device, "status"), offline.clone(), QoS::AtLeastOnce, true));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let connack = tokio::time::timeout(SETTLE, eventloop.poll()).await.expect("CONNACK in time").expect("the device user connects with a Last Will");
+    assert!(matches!(connack, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))), "{connack:?}");
+    // Dropping the event loop closes the socket without DISCONNECT: the server sends the Will.
+    drop((client, eventloop));
+    let will = tokio::time::timeout(SETTLE, wills.next()).await.expect("the Last Will in time").expect("subscription open");
+    assert_eq!(String::from_utf8_lossy(&will.payload), offline, "{}", will.subject);
 
     // What the device user may not read: replies to other clients' requests, the incident log,
     // the API requests, other devices' reports.
