@@ -98,6 +98,21 @@ enum ClusterCommand {
         /// default: min(3, the number of --routes), as [cluster] replicas does for the gateways' streams.
         #[arg(long)]
         replicas: Option<usize>,
+        /// Close the cluster: the user gateways connect as (full access, NATS client port only).
+        /// Give --device-user too. Without both, anyone reaching a port may do anything.
+        #[arg(long)]
+        gateway_user: Option<String>,
+        /// Close the cluster: the user devices connect as (MQTT only; publish their status,
+        /// telemetry and event topics, subscribe to their cmd topic). Give --gateway-user too.
+        #[arg(long)]
+        device_user: Option<String>,
+        /// The nats-server environment variable holding the gateway user's password or bcrypt hash
+        /// (the config names it; the password is never written into it).
+        #[arg(long, default_value = citywatch_gateway::cluster::nats_config::GATEWAY_PASSWORD_ENV)]
+        gateway_password_env: String,
+        /// The nats-server environment variable holding the device user's password or bcrypt hash.
+        #[arg(long, default_value = citywatch_gateway::cluster::nats_config::DEVICE_PASSWORD_ENV)]
+        device_password_env: String,
     },
     /// Print the cluster's members, partitions with owners, and lag per partition as JSON.
     Status {
@@ -200,8 +215,28 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
-        Command::Cluster { command: ClusterCommand::NatsConfig { name, port, cluster_port, mqtt_port, store, routes, partitions, host, http_port, replicas } } => {
-            let spec = citywatch_gateway::cluster::nats_config::NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port, replicas };
+        Command::Cluster {
+            command:
+                ClusterCommand::NatsConfig {
+                    name,
+                    port,
+                    cluster_port,
+                    mqtt_port,
+                    store,
+                    routes,
+                    partitions,
+                    host,
+                    http_port,
+                    replicas,
+                    gateway_user,
+                    device_user,
+                    gateway_password_env,
+                    device_password_env,
+                },
+        } => {
+            use citywatch_gateway::cluster::nats_config::{NodeSpec, Users};
+            let users = Users::from_flags(gateway_user, device_user, gateway_password_env, device_password_env).map_err(anyhow::Error::msg)?;
+            let spec = NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port, replicas, users };
             print!("{}", citywatch_gateway::cluster::nats_config::render(&spec).map_err(anyhow::Error::msg)?);
             return Ok(());
         }

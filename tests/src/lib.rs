@@ -29,7 +29,7 @@ pub use bins::{citywatch_bin, edge_sim_bin, workspace_root};
 pub use gateway::{printed_addresses, GatewayProcess};
 pub use modbus_server::{ModbusServer, RegisterTable, MODBUS_PYTHON};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
-pub use nats::{nats_server_bin, NatsCluster, NatsNode, NATS_SERVER_VERSION};
+pub use nats::{nats_server_bin, NatsCluster, NatsNode, NatsUsers, NATS_SERVER_VERSION};
 pub use process::{listening_ports, spawn_citywatch, spawn_edge_sim, ChildGuard};
 pub use paho::{PahoDevice, PahoOptions, PAHO_PYTHON};
 pub use publisher::{birth, device_topic, Publisher};

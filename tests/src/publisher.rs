@@ -27,8 +27,17 @@ impl Publisher {
     /// Connects anonymously to `addr` ("host:port"); returns after CONNACK (bounded by
     /// [`READY_TIMEOUT`]). The request queue holds `capacity` publishes.
     pub async fn connect(addr: &str, capacity: usize) -> anyhow::Result<Publisher> {
+        Self::connect_as(addr, None, capacity).await
+    }
+
+    /// Like [`Publisher::connect`], logged in as `(user, password)` when given; a broker that
+    /// refuses them is an error (the CONNACK's code in it).
+    pub async fn connect_as(addr: &str, credentials: Option<(&str, &str)>, capacity: usize) -> anyhow::Result<Publisher> {
         let (host, port) = split_addr(addr)?;
         let mut options = MqttOptions::new(unique_client_id("cw-pub"), host, port);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         options.set_max_packet_size(1 << 20, 1 << 20);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, capacity.max(1));

@@ -15,6 +15,7 @@ fn the_three_node_example_is_what_the_generator_prints_and_its_gateways_check() 
         let out = Command::new(citywatch_bin())
             .args(["cluster", "nats-config", "--name", &format!("n{i}"), "--host", "0.0.0.0", "--port", "4222", "--cluster-port", "6222"])
             .args(["--mqtt-port", "1883", "--http-port", "8222", "--store", &format!("/var/lib/nats/n{i}"), "--routes", routes, "--partitions", "64"])
+            .args(["--gateway-user", "gateway", "--device-user", "device"])
             .output()
             .expect("citywatch cluster nats-config runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -93,7 +93,7 @@ impl Cluster {
     /// in its configuration, so the first gateway creates them.
     pub async fn connect(config: &ClusterConfig) -> Result<Cluster> {
         config.validate().map_err(Error::Config)?;
-        let client = async_nats::ConnectOptions::new()
+        let client = connect_options(config)?
             .name(format!("citywatch-{}", config.node))
             .retry_on_initial_connect()
             // A node that dies without closing its sockets (power, network) is noticed after
@@ -112,7 +112,8 @@ impl Cluster {
     /// Connects without creating anything (for `cluster status`).
     pub async fn connect_existing(config: &ClusterConfig) -> Result<Cluster> {
         config.validate().map_err(Error::Config)?;
-        let client = async_nats::connect(config.nats.clone())
+        let client = connect_options(config)?
+            .connect(config.nats.clone())
             .await
             .map_err(|source| Error::Connect { urls: config.nats.clone(), source })?;
         let js = jetstream::new(client.clone());
@@ -244,6 +245,16 @@ impl Cluster {
             })
         })
     }
+}
+
+/// Every NATS connection of a gateway (and of `cluster status`) starts here: with `[cluster]`'s
+/// user and password when the cluster is closed (`cluster nats-config --gateway-user`).
+fn connect_options(config: &ClusterConfig) -> Result<async_nats::ConnectOptions> {
+    let options = async_nats::ConnectOptions::new();
+    Ok(match config.nats_credentials().map_err(Error::Config)? {
+        Some(c) => options.user_and_password(c.user, c.password),
+        None => options,
+    })
 }
 
 /// nats-server's stream of MQTT QoS 1 messages: publishing here reaches QoS 1 subscriptions.

@@ -3,7 +3,8 @@
 //! Pure text generation (nothing here starts a server). What the server cannot declare in its
 //! configuration — the ingest stream, the KV buckets, the relay consumers on the MQTT listener's
 //! stream — the gateways create at startup
-//! ([`super::Cluster::connect`]).
+//! ([`super::Cluster::connect`]). With [`Users`] the node is closed: nats-server's own
+//! `authorization` block, a gateway and a device user, passwords left in the server's environment.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -14,6 +15,80 @@ pub const PARTITION_PREFIX: &str = "citywatch.part";
 pub const INBOUND_CHANNELS: [&str; 3] = ["status", "telemetry", "event"];
 /// The NATS cluster's name (the route handshake compares it).
 pub const CLUSTER_NAME: &str = "citywatch";
+/// The nats-server environment variable holding the gateway user's password, unless
+/// `--gateway-password-env` names another.
+pub const GATEWAY_PASSWORD_ENV: &str = "CITYWATCH_NATS_GATEWAY_PASSWORD";
+/// The nats-server environment variable holding the device user's password, unless
+/// `--device-password-env` names another.
+pub const DEVICE_PASSWORD_ENV: &str = "CITYWATCH_NATS_DEVICE_PASSWORD";
+
+/// One user of a closed cluster: its name, and the nats-server environment variable its
+/// password (or bcrypt hash) is read from when the server starts — never written into the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub password_env: String,
+}
+
+/// Who may connect to a closed cluster (`--gateway-user`, `--device-user`).
+///
+/// The gateway user may do anything, on the NATS client port only. The device user may only use
+/// the MQTT port, publish the device channels and subscribe to commands: checked against
+/// nats-server 2.12.8 (`server/mqtt.go`, `client.go`), its permissions need nothing else for a
+/// 3.1.1 device's whole contract. A publish is checked after the partition mapping, so the allowed
+/// subjects are the mapped `citywatch.part.*.*.*.{channel}` ones; a Last Will is a publish checked
+/// like any other, and a retained status is stored by the server once its publish passed. The
+/// subscriptions on `$MQTT.sub.…` that deliver QoS 1 messages (a persistent session's too) are
+/// allowed to every MQTT client by the server itself, which also refuses them to MQTT SUBSCRIBEs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Users {
+    pub gateway: User,
+    pub device: User,
+}
+
+impl Users {
+    /// From the command line: both users or none (an open cluster, as before these options).
+    pub fn from_flags(
+        gateway_user: Option<String>,
+        device_user: Option<String>,
+        gateway_password_env: String,
+        device_password_env: String,
+    ) -> Result<Option<Users>, String> {
+        let users = match (gateway_user, device_user) {
+            (None, None) => return Ok(None),
+            (Some(gateway), Some(device)) => Users {
+                gateway: User { name: gateway, password_env: gateway_password_env },
+                device: User { name: device, password_env: device_password_env },
+            },
+            (Some(_), None) => return Err("--gateway-user: give --device-user too (devices could not connect to a closed cluster)".into()),
+            (None, Some(_)) => return Err("--device-user: give --gateway-user too (gateways could not connect to a closed cluster)".into()),
+        };
+        users.validate()?;
+        Ok(Some(users))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (flag, user) in [("--gateway-user", &self.gateway), ("--device-user", &self.device)] {
+            if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("{flag}: {:?} must be 1+ characters of [A-Za-z0-9_-]", user.name));
+            }
+        }
+        if self.gateway.name == self.device.name {
+            return Err(format!("--device-user: {:?} is the gateway user too; devices need a user of their own", self.device.name));
+        }
+        for (flag, env) in [("--gateway-password-env", &self.gateway.password_env), ("--device-password-env", &self.device.password_env)] {
+            let mut chars = env.chars();
+            let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("{flag}: {env:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+            }
+        }
+        if self.gateway.password_env == self.device.password_env {
+            return Err(format!("--device-password-env: {:?} holds the gateway's password too; give each user its own", self.device.password_env));
+        }
+        Ok(())
+    }
+}
 
 /// One node's settings, as given on the command line.
 #[derive(Debug, Clone)]
@@ -40,6 +115,8 @@ pub struct NodeSpec {
     /// `None`: as many as the cluster has nodes (the routes), at most 3 — what the gateways'
     /// `[cluster] replicas` gives the streams they create.
     pub replicas: Option<usize>,
+    /// The users of a closed cluster; `None`: anyone reaching a port may do anything.
+    pub users: Option<Users>,
 }
 
 impl NodeSpec {
@@ -90,6 +167,9 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
         }
     }
     let mqtt_replicas = spec.mqtt_replicas()?;
+    if let Some(users) = &spec.users {
+        users.validate()?;
+    }
     let mut out = String::new();
     let w = &mut out;
     // Writing to a String cannot fail.
@@ -137,7 +217,54 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
         let _ = writeln!(w, "  {}: {}", quote(&source_subject(ch)), quote(&partition_destination(spec.partitions, ch)));
     }
     let _ = writeln!(w, "}}");
+    if let Some(users) = &spec.users {
+        render_users(w, users);
+    }
     Ok(out)
+}
+
+/// The subjects a device may publish: its channels as mapped into the partitions (nats-server
+/// checks a publish after the mapping).
+pub fn device_publish_subjects() -> Vec<String> {
+    INBOUND_CHANNELS.iter().map(|ch| format!("{PARTITION_PREFIX}.*.*.*.{ch}")).collect()
+}
+
+/// The subject a device may subscribe to: its commands.
+pub fn device_subscribe_subject() -> String {
+    source_subject("cmd")
+}
+
+fn render_users(w: &mut String, users: &Users) {
+    let list = |subjects: &[String]| subjects.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(w);
+    let _ = writeln!(w, "# A closed cluster: nobody connects without a user. The passwords are this server's environment");
+    let _ = writeln!(w, "# variables, read when it starts (a missing one stops it); each may hold a bcrypt hash instead, in");
+    let _ = writeln!(w, "# double quotes (nats-server parses the value: NAME='\"$2a$11$...\"').");
+    let _ = writeln!(w, "authorization {{");
+    let _ = writeln!(w, "  users = [");
+    let _ = writeln!(w, "    # The gateways: streams, KV buckets, JetStream API, citywatch.api.> and _INBOX.> — everything;");
+    let _ = writeln!(w, "    # on the client port only.");
+    let _ = writeln!(
+        w,
+        "    {{ user: {}, password: ${}, allowed_connection_types: [\"STANDARD\"] }}",
+        quote(&users.gateway.name),
+        users.gateway.password_env
+    );
+    let _ = writeln!(w, "    # Devices: MQTT only; publish status, telemetry and event (checked after the mapping above, so on");
+    let _ = writeln!(w, "    # the partition subjects; the Last Will too), subscribe to their commands. QoS 1 delivery and");
+    let _ = writeln!(w, "    # persistent sessions need no more: nats-server itself lets MQTT clients use $MQTT.sub.>.");
+    let _ = writeln!(
+        w,
+        "    {{ user: {}, password: ${}, allowed_connection_types: [\"MQTT\"],",
+        quote(&users.device.name),
+        users.device.password_env
+    );
+    let _ = writeln!(w, "      permissions: {{");
+    let _ = writeln!(w, "        publish: {{ allow: [{}] }}", list(&device_publish_subjects()));
+    let _ = writeln!(w, "        subscribe: {{ allow: [{}] }}", list(&[device_subscribe_subject()]));
+    let _ = writeln!(w, "      }} }}");
+    let _ = writeln!(w, "  ]");
+    let _ = writeln!(w, "}}");
 }
 
 /// The partition NATS's `partition(n, site)` mapping puts a site in: FNV-1a (32 bit) of the
@@ -168,7 +295,56 @@ mod tests {
             partitions: 64,
             http_port: None,
             replicas: None,
+            users: None,
         }
+    }
+
+    fn users() -> Users {
+        Users::from_flags(Some("gateway".into()), Some("device".into()), GATEWAY_PASSWORD_ENV.into(), DEVICE_PASSWORD_ENV.into())
+            .expect("valid users")
+            .expect("both given")
+    }
+
+    #[test]
+    fn without_users_the_cluster_stays_open_as_before() {
+        let text = render(&spec()).expect("valid spec");
+        assert!(!text.contains("authorization"), "{text}");
+        assert_eq!(Users::from_flags(None, None, "A".into(), "B".into()), Ok(None));
+    }
+
+    #[test]
+    fn users_close_the_cluster_with_passwords_from_the_environment() {
+        let mut s = spec();
+        s.users = Some(users());
+        let text = render(&s).expect("valid spec");
+        let auth = &text[text.find("authorization {").expect("an authorization block")..];
+        assert!(
+            auth.contains("{ user: \"gateway\", password: $CITYWATCH_NATS_GATEWAY_PASSWORD, allowed_connection_types: [\"STANDARD\"] }"),
+            "{auth}"
+        );
+        assert!(auth.contains("{ user: \"device\", password: $CITYWATCH_NATS_DEVICE_PASSWORD, allowed_connection_types: [\"MQTT\"],"), "{auth}");
+        assert!(
+            auth.contains(
+                "publish: { allow: [\"citywatch.part.*.*.*.status\", \"citywatch.part.*.*.*.telemetry\", \"citywatch.part.*.*.*.event\"] }"
+            ),
+            "{auth}"
+        );
+        assert!(auth.contains("subscribe: { allow: [\"citywatch.v1.*.*.cmd\"] }"), "{auth}");
+    }
+
+    #[test]
+    fn bad_users_are_named() {
+        let flags = |g: Option<&str>, d: Option<&str>, ge: &str, de: &str| {
+            Users::from_flags(g.map(Into::into), d.map(Into::into), ge.into(), de.into()).expect_err("refused")
+        };
+        assert!(flags(Some("gw"), None, "A", "B").starts_with("--gateway-user: give --device-user too"));
+        assert!(flags(None, Some("dev"), "A", "B").starts_with("--device-user: give --gateway-user too"));
+        assert!(flags(Some("gw x"), Some("dev"), "A", "B").starts_with("--gateway-user:"));
+        assert!(flags(Some("gw"), Some(""), "A", "B").starts_with("--device-user:"));
+        assert!(flags(Some("same"), Some("same"), "A", "B").starts_with("--device-user: \"same\" is the gateway user too"));
+        assert!(flags(Some("gw"), Some("dev"), "1ABC", "B").starts_with("--gateway-password-env:"));
+        assert!(flags(Some("gw"), Some("dev"), "A", "B-C").starts_with("--device-password-env:"));
+        assert!(flags(Some("gw"), Some("dev"), "SAME", "SAME").starts_with("--device-password-env: \"SAME\" holds the gateway's password too"));
     }
 
     #[test]
