@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use citywatch_gateway::cluster::nats_config::partition_of;
 use citywatch_gateway::cluster::{forward::API_PREFIX, INCIDENT_PREFIX, INCIDENT_STREAM, LEASES_BUCKET};
 use citywatch_tests::{birth, device_topic, Delivery, NatsCluster, NatsUsers, Publisher, QoS, Subscriber, WebhookReceiver};
 use futures_util::StreamExt as _;
@@ -37,7 +38,7 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
     // The gateways log in (connect, streams, leases) and so does `cluster status`, which
     // start_gateways polls until every partition has an owner.
-    let (_gateways, _owners) = nats
+    let (gateways, owners) = nats
         .start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, LEASE_TTL, SETTLE)
         .await
         .unwrap_or_else(|e| panic!("gateways with the gateway user: {e:#}\n{}", nats.logs()));
@@ -129,6 +130,23 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     // nats-server neither disconnects an MQTT client for a denied publish nor tells it: the
     // QoS 1 forgeries were PUBACKed like the barrier (and dropped).
     device.wait_acked(10, SETTLE).await.expect("PUBACKs of the forgeries and the barrier");
+
+    // A device message published straight onto another partition than its site's (the device
+    // user may: nats-server checks its permissions on the mapped subject) would put the site in
+    // two owners' hands: the wrong partition's owner drops it and counts it.
+    let stray = "closed-stray";
+    let wrong = (partition_of(stray, PARTITIONS) + 1) % PARTITIONS;
+    let stray_alarm = json!({"seq": 1, "ts": now_ms(), "event": "alarm", "metric": "gas_lel", "value": 60.0});
+    device.publish_json(&format!("citywatch/part/{wrong}/{stray}/closed-stray-gas-1/event"), false, &stray_alarm).await.expect("alarm onto another partition");
+    let owner = gateways.iter().zip(["gw-a", "gw-b"]).find(|(_, name)| owners[usize::from(wrong)] == *name).map(|(g, _)| g).expect("the wrong partition's owner");
+    let series = format!("citywatch_cluster_partition_misrouted_total{{partition=\"{wrong}\"}}");
+    citywatch_tests::wait_for("the wrong partition's owner counting the stray message", SETTLE, || {
+        (citywatch_tests::figures::metric_series(&owner.get_text("/metrics").ok()?, &series) >= 1.0).then_some(())
+    })
+    .await
+    .expect("the misrouted message counted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(receiver.deliveries().iter().all(|d| d.body["site"] != stray), "an incident of the stray message was pushed");
 
     // The Last Will of a device that vanishes (no DISCONNECT) is a publish of the device user
     // on its status topic: let through, onto the site's partition.

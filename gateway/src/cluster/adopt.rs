@@ -62,14 +62,15 @@ pub async fn unclosed(js: &jetstream::Context, partition: u16, closed_since_ms: 
 
 /// The last status message of every device of `partition` still in the ingest stream (its
 /// retention is the horizon: a device whose last status is older is not found), as
-/// (device topic, payload, ms since the epoch the stream stored it).
-pub async fn last_statuses(ingest: &jetstream::stream::Stream, partition: u16, limit: Duration) -> Result<Vec<(String, bytes::Bytes, i64)>, String> {
+/// (device topic, payload, ms since the epoch the stream stored it); a status published straight
+/// onto the partition for a site the mapping puts elsewhere is left out ([`super::Routed`]).
+pub async fn last_statuses(ingest: &jetstream::stream::Stream, partition: u16, partitions: u16, limit: Duration) -> Result<Vec<(String, bytes::Bytes, i64)>, String> {
     let filter = format!("{}.{partition}.*.*.status", nats_config::PARTITION_PREFIX);
     let messages = last_per_subject(ingest, filter, ReadFrom::AnyReplica, limit).await.map_err(|e| format!("reading partition {partition}'s device statuses: {e}"))?;
     Ok(messages
         .into_iter()
         .filter_map(|m| {
-            let (_, topic) = super::topic_of_subject(m.subject.as_str())?;
+            let super::Routed::Topic(topic) = super::routed_topic(m.subject.as_str(), partitions) else { return None };
             let stored_ms = (m.time.unix_timestamp_nanos() / 1_000_000) as i64;
             Some((topic, m.payload, stored_ms))
         })

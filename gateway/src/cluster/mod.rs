@@ -279,6 +279,30 @@ pub fn topic_of_subject(subject: &str) -> Option<(u16, String)> {
     Some((p, format!("citywatch/v1/{}", rest.replace('.', "/"))))
 }
 
+/// What an ingest stream subject carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// A device topic in its site's partition: where the mapping puts it.
+    Topic(String),
+    /// A device topic in another partition than its site's: published straight onto a
+    /// partition subject (nats-server checks a device's permissions on the mapped subject, so
+    /// the device user may), not through the mapping. Taking it would split a site's rule state
+    /// between two owners, so it is dropped (acknowledged, counted).
+    Misrouted,
+    /// Not a device subject at all.
+    NotDevice,
+}
+
+/// [`topic_of_subject`], checked against the partition the mapping gives the topic's site.
+pub fn routed_topic(subject: &str, partitions: u16) -> Routed {
+    let Some((p, topic)) = topic_of_subject(subject) else { return Routed::NotDevice };
+    match site_of_topic(&topic) {
+        Some(site) if nats_config::partition_of(site, partitions) == p => Routed::Topic(topic),
+        Some(_) => Routed::Misrouted,
+        None => Routed::NotDevice,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +311,11 @@ mod tests {
     fn subjects_and_topics_convert_both_ways() {
         assert_eq!(topic_of_subject("citywatch.part.17.s1.d-2.event"), Some((17, "citywatch/v1/s1/d-2/event".into())));
         assert_eq!(topic_of_subject("citywatch.v1.s1.d.event"), None);
+        let p = nats_config::partition_of("s1", 16);
+        assert_eq!(routed_topic(&format!("citywatch.part.{p}.s1.d-2.event"), 16), Routed::Topic("citywatch/v1/s1/d-2/event".into()));
+        assert_eq!(routed_topic(&format!("citywatch.part.{}.s1.d-2.event", (p + 1) % 16), 16), Routed::Misrouted, "not where the mapping puts s1");
+        assert_eq!(routed_topic("citywatch.part.3.ops.x.event", 16), Routed::NotDevice);
+        assert_eq!(routed_topic("citywatch.v1.s1.d.event", 16), Routed::NotDevice);
         assert_eq!(site_of_topic("citywatch/v1/s1/d/cmd"), Some("s1"));
         assert_eq!(site_of_topic("citywatch/v1/ops/incidents"), None);
     }

@@ -43,7 +43,7 @@ use super::partition_metrics::{LeaseLoss, PartitionMetrics};
 use super::pull::{PartitionConsumers, PULL_EXPIRES, PULL_HEARTBEAT};
 use super::relay::{is_plain_copy, Relay};
 use super::replay::Start;
-use super::{rendezvous, topic_of_subject, Cluster, Result, INGEST_STREAM};
+use super::{rendezvous, routed_topic, Cluster, Result, Routed, INGEST_STREAM};
 use crate::ingest::{Ack, Inbound, Origin};
 
 /// What a member writes about itself.
@@ -405,6 +405,7 @@ impl Owner {
             relay_since_ms: self.cluster.relay_since.get(usize::from(p)).copied().unwrap_or(i64::MAX),
             replay_window: self.cluster.config.replay_window.0,
             handed_up_to: 0,
+            partitions: self.cluster.config.partitions,
         };
         if let Some(old) = self.workers.insert(p, tokio::spawn(worker.run())) {
             old.abort();
@@ -446,6 +447,8 @@ struct Worker {
     relay_since_ms: i64,
     /// `[cluster] replay_window`: how far back a takeover replays the partition (zero: not at all).
     replay_window: Duration,
+    /// Partitions of the cluster (`[cluster] partitions`): a message's site must map to this one.
+    partitions: u16,
     /// The newest stream sequence handed to the pipeline by this worker (0: none yet), where a
     /// later catch-up begins ([`Worker::catch_up`]).
     handed_up_to: u64,
@@ -528,7 +531,7 @@ impl Worker {
     /// Every device's last status of the partition, into the pipeline as restored (see
     /// [`Origin::Restored`]) ahead of the partition's messages (one channel, in order).
     async fn restore_devices(&mut self) -> Result<(), String> {
-        let statuses = super::adopt::last_statuses(&self.ingest, self.partition, self.limit).await?;
+        let statuses = super::adopt::last_statuses(&self.ingest, self.partition, self.partitions, self.limit).await?;
         let found = statuses.len();
         for (topic, payload, stored_ms) in statuses {
             if !self.table.holds(self.partition) {
@@ -585,7 +588,7 @@ impl Worker {
             if !self.table.holds(p) {
                 return Ok(());
             }
-            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else { continue };
+            let Routed::Topic(topic) = routed_topic(message.subject.as_str(), self.partitions) else { continue };
             let stored_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as i64;
             if is_plain_copy(Some(&message.headers), stored_ms, self.relay_since_ms) {
                 skipped += 1;
@@ -665,7 +668,7 @@ impl Worker {
             if !self.table.holds(p) {
                 return;
             }
-            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else { continue };
+            let Routed::Topic(topic) = routed_topic(message.subject.as_str(), self.partitions) else { continue };
             let stored_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as i64;
             self.handed_up_to = self.handed_up_to.max(message.sequence);
             if is_plain_copy(Some(&message.headers), stored_ms, self.relay_since_ms) {
@@ -708,10 +711,20 @@ impl Worker {
             if !self.table.holds(p) {
                 return Ok(());
             }
-            let Some((_, topic)) = topic_of_subject(message.subject.as_str()) else {
+            let topic = match routed_topic(message.subject.as_str(), self.partitions) {
+                Routed::Topic(topic) => topic,
                 // Not a device subject: acknowledge it away.
-                let _ = message.ack().await;
-                continue;
+                Routed::NotDevice => {
+                    let _ = message.ack().await;
+                    continue;
+                }
+                Routed::Misrouted => {
+                    if self.metrics.misrouted(p) == 1 {
+                        tracing::warn!(partition = p, subject = %message.subject, "cluster: a device message published straight onto another partition than its site's was dropped (counted in citywatch_cluster_partition_misrouted_total)");
+                    }
+                    let _ = message.ack().await;
+                    continue;
+                }
             };
             let (received_ms, pending) = match message.info() {
                 Ok(i) => {

@@ -61,6 +61,8 @@ struct Figures {
     caught_up: AtomicU64,
     /// The same for the partition's relay consumer: published into the ingest stream again.
     relay_caught_up: AtomicU64,
+    /// Device messages on this partition's subject whose site the mapping puts elsewhere.
+    misrouted: AtomicU64,
 }
 
 /// The figures of every partition of the cluster, as this gateway saw them.
@@ -127,6 +129,12 @@ impl PartitionMetrics {
         }
     }
 
+    /// A device message on the partition's subject whose site is another partition's was
+    /// dropped ([`super::Routed::Misrouted`]); answers how many so far.
+    pub fn misrouted(&self, partition: u16) -> u64 {
+        self.of(partition).map_or(0, |f| f.misrouted.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
     pub fn took_over(&self, partition: u16, took: Duration) {
         if let Some(f) = self.of(partition) {
             f.takeover_ms.store(took.as_millis() as u64, Ordering::Relaxed);
@@ -151,6 +159,7 @@ impl Collector for PartitionMetrics {
         counter_family(e, "citywatch_cluster_partition_replayed", "Messages of the partition this gateway's takeovers replayed through the rules (taken in by the previous owner).", each(|f| f.replayed.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_partition_caught_up", "Messages the partition's consumer had delivered and nobody acknowledged (a dead owner's in flight, a pull lost with a NATS node), read back and handed to the pipeline in stream order when its pull (re)started here.", each(|f| f.caught_up.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_partition_relay_caught_up", "QoS 1 messages the partition's relay consumer had delivered and nobody acknowledged, read back and published into the ingest stream in order when its relay (re)started here.", each(|f| f.relay_caught_up.load(Ordering::Relaxed)))?;
+        counter_family(e, "citywatch_cluster_partition_misrouted", "Device messages published straight onto the partition's subject while the mapping puts their site in another partition: acknowledged and dropped (they would split a site between two owners).", each(|f| f.misrouted.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_renewals", "Lease renewals of the partition that succeeded.", each(|f| f.renewals.load(Ordering::Relaxed)))?;
         counter_family(e, "citywatch_cluster_lease_acquisitions", "Times this gateway took the partition's lease.", each(|f| f.acquisitions.load(Ordering::Relaxed)))?;
         let losses = self
@@ -182,6 +191,7 @@ mod tests {
         m.replayed(1, 12);
         m.caught_up(1, 5);
         m.relay_caught_up(1, 3);
+        assert_eq!((m.misrouted(1), m.misrouted(1)), (1, 2));
         let text = crate::metrics::encode_collector(m);
         for line in [
             "citywatch_cluster_partitions_owned 1\n",
@@ -198,6 +208,7 @@ mod tests {
             "citywatch_cluster_partition_replayed_total{partition=\"1\"} 12\n",
             "citywatch_cluster_partition_caught_up_total{partition=\"1\"} 5\n",
             "citywatch_cluster_partition_relay_caught_up_total{partition=\"1\"} 3\n",
+            "citywatch_cluster_partition_misrouted_total{partition=\"1\"} 2\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
