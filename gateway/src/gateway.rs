@@ -178,10 +178,20 @@ impl Gateway {
         incidents.register_metrics(&mut prometheus);
         // Cluster mode: one API for the city — the other partitions' owners and the incident log.
         let city_link = cluster.as_ref().map(|joined| (joined.cluster.clone(), Arc::clone(&joined.leases)));
+        // Readings history past a failover, from the long-term store when it is to be read.
+        let history = match config.storage.influx.as_ref().filter(|_| cluster.is_some()) {
+            Some(influx) => influx
+                .history_url
+                .as_deref()
+                .map(|url| crate::store::influx::History::new(url, influx.timeout.0))
+                .transpose()
+                .map_err(crate::store::influx::Error::Client)?,
+            None => None,
+        };
         let city = city_link.as_ref().map(|(c, _)| {
             let (incidents, task) = crate::cluster::city::CityIncidents::start(c.js.clone(), stop_rx.clone());
             tasks.push(("cluster incident view", task));
-            Arc::new(api::city::City { forwarder: crate::cluster::forward::Forwarder::new(c.client.clone()), incidents, partitions: c.config.partitions })
+            Arc::new(api::city::City { forwarder: crate::cluster::forward::Forwarder::new(c.client.clone()), incidents, partitions: c.config.partitions, history: history.clone() })
         });
         // Cluster mode: partitions gained from now on (and those waiting) adopt their incidents.
         let adopt = cluster.map(|joined| {

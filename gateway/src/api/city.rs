@@ -9,6 +9,9 @@
 //!
 //! The owner serves a forwarded request with its own router, marked [`ServedFor`]: then device
 //! questions are answered only about the partition's devices, and nothing is forwarded again.
+//! A device's readings are the owner's answer merged with the long-term store's readings of the
+//! same range when one is configured to be read ([`City::history`], [`merge_readings`]): the
+//! owner's store starts at its takeover.
 //! Not here: anything in single-node mode ([`ApiState::city`] is `None`: every request passes).
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +31,7 @@ use super::{page, ApiError, ApiState};
 use crate::cluster::city::CityIncidents;
 use crate::cluster::forward::{Answer, AnswerFn, Forwarded, Forwarder};
 use crate::cluster::nats_config::partition_of;
+use crate::store::Point;
 
 /// Largest request or answer body carried between gateways.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -38,6 +42,8 @@ pub struct City {
     pub forwarder: Forwarder,
     pub incidents: Arc<CityIncidents>,
     pub partitions: u16,
+    /// The long-term store to read readings history from (`[storage.influx] history_url`).
+    pub history: Option<crate::store::influx::History>,
 }
 
 /// Marks a request forwarded to this gateway as the holder of the partition's lease.
@@ -79,7 +85,14 @@ pub async fn route(State(s): State<ApiState>, req: Request, next: Next) -> Respo
             }
             None => devices(&city, &forwarded(req).await, &query).await,
         },
-        (Method::GET, ["api", "v1", "devices", _] | ["api", "v1", "devices", _, "readings"]) => found(&city, &forwarded(req).await).await,
+        (Method::GET, ["api", "v1", "devices", id, "readings"]) => match &city.history {
+            Some(history) => {
+                let id = (*id).to_owned();
+                readings_with_history(&city, history, &forwarded(req).await, &id, &query).await
+            }
+            None => found(&city, &forwarded(req).await).await,
+        },
+        (Method::GET, ["api", "v1", "devices", _]) => found(&city, &forwarded(req).await).await,
         (Method::GET, ["api", "v1", "rules"]) if query.contains_key("device") => found(&city, &forwarded(req).await).await,
         (Method::POST, ["api", "v1", "incidents", id, _action]) => match city.incidents.get(id) {
             Some(incident) => {
@@ -137,19 +150,171 @@ fn unanswered(missing: &[u16]) -> Response {
 /// One device (or its readings, or its rules): the partition that has it answers 200, the others
 /// 404. A 404 only when every partition answered.
 async fn found(city: &City, request: &Forwarded) -> Response {
+    match found_answer(city, request).await {
+        Ok(a) => respond(a),
+        Err(r) => r,
+    }
+}
+
+/// [`found`]'s answer, or the 503 when a partition did not answer and none had the device.
+async fn found_answer(city: &City, request: &Forwarded) -> Result<Answer, Response> {
     let mut missing = Vec::new();
     let mut not_found = None;
     for (p, answer) in ask_all(city, request).await {
         match answer {
             Ok(a) if a.status == 404 => not_found = Some(a),
-            Ok(a) => return respond(a),
+            Ok(a) => return Ok(a),
             Err(_) => missing.push(p),
         }
     }
     match not_found {
-        Some(a) if missing.is_empty() => respond(a),
-        _ => unanswered(&missing),
+        Some(a) if missing.is_empty() => Ok(a),
+        _ => Err(unanswered(&missing)),
     }
+}
+
+/// A device's readings with the long-term store's history: the owner answers as usual (it
+/// validates the query, and a 404 or 400 is its answer); for a stepped query it is also asked
+/// for its raw readings of the answer's range. Its readings are merged with the raw samples the
+/// long-term store holds for that range ([`merge_readings`]). The answer gains
+/// `"long_term": {"samples": n, "readings": m}` (samples read; readings of the answer taken from
+/// the long-term store), or `{"error": …}` when the long-term store did not answer — the
+/// owner's points are then the answer, as without a long-term store.
+async fn readings_with_history(city: &City, history: &crate::store::influx::History, request: &Forwarded, id: &str, query: &HashMap<String, String>) -> Response {
+    let owner = match found_answer(city, request).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if owner.status != 200 {
+        return respond(owner);
+    }
+    let Ok(mut answer) = serde_json::from_slice::<Value>(&owner.body) else {
+        return ApiError::Internal(format!("the owner of {id:?} answered its readings with bad JSON")).into_response();
+    };
+    let time = |key: &str| answer[key].as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()).map(|t| t.as_millisecond());
+    let (Some(from), Some(to), Some(metric)) = (time("from"), time("to"), answer["metric"].as_str().map(str::to_owned)) else {
+        return ApiError::Internal(format!("the owner of {id:?} answered its readings without from, to or metric")).into_response();
+    };
+    let step = answer["step_ms"].as_i64();
+    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(super::MAX_POINTS).min(super::MAX_POINTS);
+    let points_of = |v: &Value| -> Vec<Point> { v["points"].as_array().map(|ps| ps.iter().filter_map(point_of).collect()).unwrap_or_default() };
+    let owned = points_of(&answer);
+    // A stepped answer's steps mix readings the owner has with ones only the long-term store
+    // has: merged from the owner's raw readings, when it has at most MAX_POINTS of them.
+    let owned_raw = match step {
+        Some(_) => {
+            let raw = Forwarded { uri: format!("/api/v1/devices/{id}/readings?metric={metric}&from={from}&to={to}&limit={}", super::MAX_POINTS), ..request.clone() };
+            match found_answer(city, &raw).await {
+                Ok(a) if a.status == 200 => serde_json::from_slice::<Value>(&a.body).ok().map(|v| points_of(&v)).filter(|ps| ps.len() < super::MAX_POINTS),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    match history.readings(id, &metric, from, to).await {
+        Ok(samples) => {
+            let (points, only_long_term) = merge_readings(&owned, owned_raw.as_deref(), &samples, from, step, limit);
+            answer["long_term"] = json!({ "samples": samples.len(), "readings": only_long_term });
+            answer["count"] = json!(points.len());
+            answer["points"] = points.iter().map(super::point_json).collect();
+        }
+        Err(e) => {
+            tracing::warn!(device = %id, error = %e, "readings history: the long-term store did not answer; the owner's readings alone");
+            answer["long_term"] = json!({ "error": e });
+        }
+    }
+    axum::Json(answer).into_response()
+}
+
+fn point_of(v: &Value) -> Option<Point> {
+    Some(Point {
+        ts_ms: v["ts_ms"].as_i64()?,
+        min: v["min"].as_f64()?,
+        max: v["max"].as_f64()?,
+        avg: v["avg"].as_f64()?,
+        last: v["last"].as_f64()?,
+        count: v["count"].as_u64()?,
+    })
+}
+
+/// The owner's readings merged with the long-term store's raw samples of the same range, oldest
+/// first, at most `limit`; answers the points and how many of their readings came from the
+/// samples (only the samples had them; without `owner_raw`, every reading of a step taken from
+/// the samples). `owner` is the owner's answer (raw, or per `step`); `owner_raw` its raw readings of the
+/// range when the answer is per step (`None`: not had, or too many).
+///
+/// - Raw: every timestamp once; the owner's reading where both have one.
+/// - Per step with `owner_raw`: the union of both raw sets (every timestamp once) bucketed as
+///   the owner's store buckets (from `from`, or from `from` floored to the minute when it
+///   answered from its one-minute rollups: whole-minute steps, or its points say so).
+/// - Per step without: for each step the side with more readings (the owner's on a tie) — both
+///   hold the same readings where both have any, but a step holding some of each side's only
+///   readings shows the larger part alone.
+pub fn merge_readings(owner: &[Point], owner_raw: Option<&[Point]>, samples: &[(i64, f64)], from: i64, step: Option<i64>, limit: usize) -> (Vec<Point>, usize) {
+    let Some(step) = step.filter(|s| *s > 0) else {
+        let points: Vec<(Point, bool)> = union_raw(owner, samples).into_values().take(limit).collect();
+        let only = points.iter().filter(|(_, s)| *s).count();
+        return (points.into_iter().map(|(p, _)| p).collect(), only);
+    };
+    const MINUTE: i64 = 60_000;
+    let rollups = (step >= MINUTE && step % MINUTE == 0) || owner.iter().any(|p| (p.ts_ms - from).rem_euclid(step) != 0);
+    let origin = if rollups { from.div_euclid(MINUTE) * MINUTE } else { from };
+    let mut merged: BTreeMap<i64, (Point, u64)> = BTreeMap::new();
+    match owner_raw {
+        Some(raw) => {
+            let readings: Vec<(i64, f64, bool)> = union_raw(raw, samples).into_values().map(|(p, s)| (p.ts_ms, p.last, s)).collect();
+            for (start, (p, only)) in buckets(&readings, origin, step) {
+                merged.insert(start, (p, only));
+            }
+        }
+        None => {
+            merged.extend(owner.iter().map(|p| (p.ts_ms, (p.clone(), 0))));
+            let readings: Vec<(i64, f64, bool)> = samples.iter().map(|&(ts, v)| (ts, v, true)).collect();
+            for (start, (p, only)) in buckets(&readings, origin, step) {
+                if merged.get(&start).is_none_or(|(own, _)| own.count < p.count) {
+                    merged.insert(start, (p, only));
+                }
+            }
+        }
+    }
+    let points: Vec<(Point, u64)> = merged.into_values().take(limit).collect();
+    let only = points.iter().map(|(_, n)| *n as usize).sum();
+    (points.into_iter().map(|(p, _)| p).collect(), only)
+}
+
+/// Raw readings of both sides by timestamp, each once (the owner's where both have one), with
+/// whether it came from the samples alone.
+fn union_raw(owner: &[Point], samples: &[(i64, f64)]) -> BTreeMap<i64, (Point, bool)> {
+    let mut union: BTreeMap<i64, (Point, bool)> = owner.iter().map(|p| (p.ts_ms, (p.clone(), false))).collect();
+    for &(ts, v) in samples {
+        union.entry(ts).or_insert((Point { ts_ms: ts, min: v, max: v, avg: v, last: v, count: 1 }, true));
+    }
+    union
+}
+
+/// Raw readings `(ts, value, from the samples alone)` per step from `origin`: each step's
+/// min/max/avg/last/count, and how many of its readings only the samples had.
+fn buckets(readings: &[(i64, f64, bool)], origin: i64, step: i64) -> BTreeMap<i64, (Point, u64)> {
+    let mut out: BTreeMap<i64, (Point, f64, i64, u64)> = BTreeMap::new();
+    for &(ts, v, only) in readings {
+        let start = origin + (ts - origin).div_euclid(step) * step;
+        let (p, sum, last_ts, n) = out.entry(start).or_insert((Point { ts_ms: start, min: v, max: v, avg: 0.0, last: v, count: 0 }, 0.0, i64::MIN, 0));
+        p.min = p.min.min(v);
+        p.max = p.max.max(v);
+        p.count += 1;
+        *sum += v;
+        *n += u64::from(only);
+        if ts >= *last_ts {
+            *last_ts = ts;
+            p.last = v;
+        }
+    }
+    out.into_iter()
+        .map(|(start, (mut p, sum, _, n))| {
+            p.avg = sum / p.count as f64;
+            (start, (p, n))
+        })
+        .collect()
 }
 
 /// The device list over every partition: each owner's page (same filter, limit and cursor, its
@@ -231,4 +396,60 @@ pub fn answer_with(router: Router) -> AnswerFn {
             }
         })
     })
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn raw(ts: i64, v: f64) -> Point {
+        Point { ts_ms: ts, min: v, max: v, avg: v, last: v, count: 1 }
+    }
+
+    #[test]
+    fn raw_readings_are_every_timestamp_once_the_owners_where_both_have_one() {
+        let (points, taken) = merge_readings(&[raw(3000, 3.0)], None, &[(1000, 1.0), (3000, 9.0), (5000, 5.0)], 0, None, 100);
+        assert_eq!(points, vec![raw(1000, 1.0), raw(3000, 3.0), raw(5000, 5.0)]);
+        assert_eq!(taken, 2);
+        let (points, _) = merge_readings(&[raw(3000, 3.0)], None, &[(1000, 1.0), (5000, 5.0)], 0, None, 2);
+        assert_eq!(points.len(), 2, "at most the limit, oldest first");
+        assert_eq!(points[1].ts_ms, 3000);
+    }
+
+    #[test]
+    fn per_step_the_union_of_both_sides_readings_is_bucketed() {
+        // Steps of 10 s from 0. The owner (a new owner) has 11 s and 14 s; the long-term store
+        // everything before and 11–13 s (14 s not flushed yet).
+        let owner_raw = [raw(11_000, 11.0), raw(14_000, 14.0)];
+        let owner = [Point { ts_ms: 10_000, min: 11.0, max: 14.0, avg: 12.5, last: 14.0, count: 2 }];
+        let samples = [(1000, 1.0), (2000, 2.0), (11_000, 11.0), (12_000, 12.0), (13_000, 13.0)];
+        let (points, taken) = merge_readings(&owner, Some(&owner_raw), &samples, 0, Some(10_000), 100);
+        assert_eq!(points[0], Point { ts_ms: 0, min: 1.0, max: 2.0, avg: 1.5, last: 2.0, count: 2 });
+        assert_eq!(points[1], Point { ts_ms: 10_000, min: 11.0, max: 14.0, avg: 12.5, last: 14.0, count: 4 });
+        assert_eq!(taken, 4, "1, 2, 12 and 13 s only the long-term store had");
+    }
+
+    #[test]
+    fn per_step_without_the_owners_raw_readings_the_side_with_more_wins_each_step() {
+        let owner = [Point { ts_ms: 10_000, min: 12.0, max: 13.0, avg: 12.5, last: 13.0, count: 2 }];
+        let samples = [(1000, 1.0), (2000, 2.0), (11_000, 11.0), (12_000, 12.0), (13_000, 13.0)];
+        let (points, taken) = merge_readings(&owner, None, &samples, 0, Some(10_000), 100);
+        assert_eq!(points[1], Point { ts_ms: 10_000, min: 11.0, max: 13.0, avg: 12.0, last: 13.0, count: 3 });
+        assert_eq!(taken, 5);
+        // The long-term store behind (not flushed yet): the owner's step stands.
+        let (points, taken) = merge_readings(&owner, None, &samples[..3], 0, Some(10_000), 100);
+        assert_eq!(points[1], owner[0]);
+        assert_eq!(taken, 2);
+    }
+
+    #[test]
+    fn whole_minute_steps_start_at_the_minute_as_the_owners_rollups_do() {
+        // from 30 s: the owner's rollups bucket from 0, and so must the samples.
+        let (points, _) = merge_readings(&[], Some(&[]), &[(70_000, 7.0), (119_000, 9.0)], 30_000, Some(60_000), 100);
+        assert_eq!(points.iter().map(|p| (p.ts_ms, p.count)).collect::<Vec<_>>(), vec![(60_000, 2)]);
+        // A non-minute step the owner answered from rollups (its points are off `from`): same.
+        let owner = [Point { ts_ms: 0, min: 1.0, max: 1.0, avg: 1.0, last: 1.0, count: 1 }];
+        let (points, _) = merge_readings(&owner, Some(&[raw(40_000, 1.0)]), &[(95_000, 9.0)], 30_000, Some(90_000), 100);
+        assert_eq!(points.iter().map(|p| p.ts_ms).collect::<Vec<_>>(), vec![0, 90_000]);
+    }
 }

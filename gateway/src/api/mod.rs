@@ -248,14 +248,16 @@ async fn readings(State(s): State<ApiState>, Path(id): Path<String>, Query(p): Q
     let points = tokio::task::spawn_blocking(move || store.readings(&query))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let points: Vec<Value> = points
-        .iter()
-        .map(|p| json!({ "ts": rfc3339(p.ts_ms), "ts_ms": p.ts_ms, "min": p.min, "max": p.max, "avg": p.avg, "last": p.last, "count": p.count }))
-        .collect();
+    let points: Vec<Value> = points.iter().map(point_json).collect();
     Ok(Json(json!({
         "device": id, "metric": metric, "from": rfc3339(from), "to": rfc3339(to), "step_ms": step_ms,
         "count": points.len(), "points": points,
     })))
+}
+
+/// One point of a readings answer.
+fn point_json(p: &crate::store::Point) -> Value {
+    json!({ "ts": rfc3339(p.ts_ms), "ts_ms": p.ts_ms, "min": p.min, "max": p.max, "avg": p.avg, "last": p.last, "count": p.count })
 }
 
 #[derive(Debug, Deserialize)]

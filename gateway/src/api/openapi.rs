@@ -139,7 +139,8 @@ pub fn document() -> Value {
                       json!({ "type": "string", "pattern": "^([1-9][0-9]{3,11}|[1-9][0-9]{0,5}(s|m|h|d))$" })),
                 query("limit", "Most raw points, 1–10000 (default 10000).", json!({ "type": "integer", "minimum": 1, "maximum": super::MAX_POINTS })),
             ],
-            "responses": { "200": ok("Points, oldest first.", json!({ "type": "object", "required": ["count", "points"], "properties": { "count": { "type": "integer" }, "points": { "type": "array" } } })),
+            "responses": { "200": ok("Points, oldest first.", json!({ "type": "object", "required": ["count", "points"], "properties": { "count": { "type": "integer" }, "points": { "type": "array" },
+                               "long_term": { "type": "object", "description": "Cluster mode with `[storage.influx] history_url`: `samples` read from the long-term store for the range and `readings` of the answer taken from them (the partition owner's store has the rest), or `error` when it did not answer (the owner's points alone)." } } })),
                            "400": error("A missing metric, or bad parameters."), "404": error("Unknown device.") } })),
     );
     paths.insert(

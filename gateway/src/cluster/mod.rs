@@ -250,7 +250,23 @@ impl Cluster {
 /// Every NATS connection of a gateway (and of `cluster status`) starts here: with `[cluster]`'s
 /// user and password when the cluster is closed (`cluster nats-config --gateway-user`).
 fn connect_options(config: &ClusterConfig) -> Result<async_nats::ConnectOptions> {
-    let options = async_nats::ConnectOptions::new();
+    // A refused login is otherwise only retried, silently (`retry_on_initial_connect`): said
+    // once, at error level, with what to check.
+    let user = config.nats_user.clone();
+    let said = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let options = async_nats::ConnectOptions::new().event_callback(move |event| {
+        let (user, said) = (user.clone(), Arc::clone(&said));
+        async move {
+            if matches!(event, async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation))
+                && !said.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                match user {
+                    Some(user) => tracing::error!(%user, "cluster: NATS refused this gateway's login (authorization violation); check [cluster] nats_user and its password (nats_password_file, or CITYWATCH_NATS_PASSWORD) against the users the nats-server config names (cluster nats-config --gateway-user); retrying"),
+                    None => tracing::error!("cluster: NATS refused this gateway's login (authorization violation): the cluster is closed (cluster nats-config --gateway-user) and [cluster] nats_user is not set; retrying"),
+                }
+            }
+        }
+    });
     Ok(match config.nats_credentials().map_err(Error::Config)? {
         Some(c) => options.user_and_password(c.user, c.password),
         None => options,

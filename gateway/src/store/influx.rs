@@ -14,6 +14,7 @@
 //! knows devices and incidents only as plain data: [`DeviceTagSource`] and [`IncidentLine`].
 
 mod encode;
+mod history;
 mod sink;
 mod spool;
 
@@ -32,6 +33,7 @@ pub use encode::{
     encode_incident, encode_readings, encode_readings_cached, reading_prefix, DeviceTags, IncidentLine, PrefixCache,
     INCIDENT_MEASUREMENT, READING_MEASUREMENT,
 };
+pub use history::History;
 pub use sink::{DeviceTagSource, InfluxSink};
 
 use crate::units::Duration;
@@ -66,6 +68,12 @@ pub struct InfluxConfig {
     /// First retry delay after a failed write; doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Cluster mode: base URL of a VictoriaMetrics holding what this sink writes (usually the
+    /// same as `url`), read through its export API (`/api/v1/export`) to answer a device's
+    /// readings with the history the partition's owner does not have (a new owner's store
+    /// starts at its takeover). None: readings come from the owner's store alone. Not used in
+    /// single-node mode (the embedded store has every reading).
+    pub history_url: Option<String>,
 }
 
 impl Default for InfluxConfig {
@@ -84,6 +92,7 @@ impl Default for InfluxConfig {
             queue_capacity: 1024,
             retry_min: Duration(StdDuration::from_millis(500)),
             retry_max: Duration::secs(30),
+            history_url: None,
         }
     }
 }
@@ -108,6 +117,11 @@ impl InfluxConfig {
         }
         if self.retry_min.0.is_zero() || self.retry_max.0 < self.retry_min.0 {
             return Err(("storage.influx.retry_max", "retry_min must be > 0 and retry_max ≥ retry_min".into()));
+        }
+        if let Some(url) = &self.history_url {
+            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                return Err(("storage.influx.history_url", format!("{url:?} is not an http:// or https:// URL")));
+            }
         }
         Ok(())
     }
