@@ -99,13 +99,22 @@ enum ClusterCommand {
         #[arg(long)]
         replicas: Option<usize>,
         /// Close the cluster: the user gateways connect as (full access, NATS client port only).
-        /// Give --device-user too. Without both, anyone reaching a port may do anything.
+        /// Give --device-user or --accounts too. Without them, anyone reaching a port may do anything.
         #[arg(long)]
         gateway_user: Option<String>,
         /// Close the cluster: the user devices connect as (MQTT only; publish their status,
         /// telemetry and event topics, subscribe to their cmd topic). Give --gateway-user too.
         #[arg(long)]
         device_user: Option<String>,
+        /// Close the cluster with device accounts: the [[mqtt.users]] of this Citywatch config
+        /// (per-device, per-site or unrestricted, as for the embedded broker), written in as
+        /// bcrypt hashes. Give --gateway-user too; --device-user is then optional.
+        #[arg(long, value_name = "CONFIG")]
+        accounts: Option<PathBuf>,
+        /// bcrypt cost of the --accounts hashes (4..=31). nats-server pays it at every device's
+        /// CONNECT, a reconnect storm included.
+        #[arg(long, default_value_t = citywatch_gateway::cluster::nats_config::DEFAULT_BCRYPT_COST)]
+        bcrypt_cost: u32,
         /// The nats-server environment variable holding the gateway user's password or bcrypt hash
         /// (the config names it; the password is never written into it).
         #[arg(long, default_value = citywatch_gateway::cluster::nats_config::GATEWAY_PASSWORD_ENV)]
@@ -230,12 +239,25 @@ fn main() -> Result<()> {
                     replicas,
                     gateway_user,
                     device_user,
+                    accounts,
+                    bcrypt_cost,
                     gateway_password_env,
                     device_password_env,
                 },
         } => {
-            use citywatch_gateway::cluster::nats_config::{NodeSpec, Users};
-            let users = Users::from_flags(gateway_user, device_user, gateway_password_env, device_password_env).map_err(anyhow::Error::msg)?;
+            use citywatch_gateway::cluster::nats_config::{Account, NodeSpec, Users};
+            let accounts = match &accounts {
+                None => Vec::new(),
+                Some(file) => {
+                    let mqtt_users = load(Some(file))?.mqtt.users;
+                    if mqtt_users.is_empty() {
+                        anyhow::bail!("--accounts {}: it has no [[mqtt.users]]", file.display());
+                    }
+                    Account::from_mqtt_users(&mqtt_users, bcrypt_cost).map_err(anyhow::Error::msg)?
+                }
+            };
+            let users =
+                Users::from_flags(gateway_user, device_user, gateway_password_env, device_password_env, accounts).map_err(anyhow::Error::msg)?;
             let spec = NodeSpec { name, host, port, cluster_port, mqtt_port, store, routes, partitions, http_port, replicas, users };
             print!("{}", citywatch_gateway::cluster::nats_config::render(&spec).map_err(anyhow::Error::msg)?);
             return Ok(());

@@ -26,11 +26,13 @@ pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
 }
 
 /// The users of a closed cluster (`nats-config --gateway-user/--device-user`) and their
-/// passwords, handed to every nats-server in the environment variables the config names.
+/// passwords, handed to every nats-server in the environment variables the config names; and
+/// device accounts (`nats-config --accounts`: a Citywatch config holding them as `[[mqtt.users]]`).
 #[derive(Debug, Clone)]
 pub struct NatsUsers {
     pub gateway: (String, String),
     pub device: (String, String),
+    pub accounts: Vec<citywatch_gateway::sources::config::MqttUser>,
 }
 
 /// How often [`NatsCluster::start`] tries fresh ports after a bind race.
@@ -112,11 +114,30 @@ impl NatsCluster {
             })
             .collect();
         let routes: Vec<String> = nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.cluster_port)).collect();
+        let accounts = dir.path().join("accounts.toml");
+        if let Some(u) = users.as_ref().filter(|u| !u.accounts.is_empty()) {
+            // TOML basic strings take JSON's escapes.
+            let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+            let mut text = String::new();
+            for a in &u.accounts {
+                text.push_str(&format!("[[mqtt.users]]\nusername = {}\npassword = {}\n", quote(&a.username), quote(&a.password)));
+                for (key, value) in [("site", &a.site), ("device", &a.device)] {
+                    if let Some(v) = value {
+                        text.push_str(&format!("{key} = {}\n", quote(v)));
+                    }
+                }
+            }
+            std::fs::write(&accounts, text).context("writing the device accounts")?;
+        }
         for node in &nodes {
             let mut generate = Command::new(citywatch_bin());
             generate.args(["cluster", "nats-config"]);
             if let Some(u) = &users {
                 generate.args(["--gateway-user", &u.gateway.0, "--device-user", &u.device.0]);
+                if !u.accounts.is_empty() {
+                    // The lowest cost: the test's accounts log in a few times only.
+                    generate.arg("--accounts").arg(&accounts).args(["--bcrypt-cost", "4"]);
+                }
             }
             let out = generate
                 .args(["--name", &node.name, "--host", "127.0.0.1"])

@@ -5,6 +5,7 @@
 //! its Last Will goes out);
 //! it cannot write into the incident log, the per-partition API or the lease bucket, nor read
 //! replies on `_INBOX`; nobody gets in anonymously, with a wrong password, or on the other port.
+//! A per-device account (`--accounts`) publishes and reads only its own device's topics.
 
 use std::time::Duration;
 
@@ -22,6 +23,10 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 const GATEWAY: (&str, &str) = ("gateway", "gw-e2e-password");
 const DEVICE: (&str, &str) = ("device", "device-e2e-password");
+/// A per-device account (`nats-config --accounts`): the device `closed-acct-gas-1` of the site
+/// `closed-acct`.
+const ACCOUNT: (&str, &str) = ("closed-acct-gas-1", "account-e2e-password");
+const ACCOUNT_SITE: &str = "closed-acct";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -33,7 +38,13 @@ fn fire_of(deliveries: &[Delivery], site: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_other_way_in() {
-    let users = NatsUsers { gateway: (GATEWAY.0.into(), GATEWAY.1.into()), device: (DEVICE.0.into(), DEVICE.1.into()) };
+    let account = citywatch_gateway::sources::config::MqttUser {
+        username: ACCOUNT.0.into(),
+        password: ACCOUNT.1.into(),
+        site: Some(ACCOUNT_SITE.into()),
+        device: Some(ACCOUNT.0.into()),
+    };
+    let users = NatsUsers { gateway: (GATEWAY.0.into(), GATEWAY.1.into()), device: (DEVICE.0.into(), DEVICE.1.into()), accounts: vec![account] };
     let nats = NatsCluster::start_closed(3, PARTITIONS, users).await.expect("closed 3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
     // The gateways log in (connect, streams, leases) and so does `cluster status`, which
@@ -147,6 +158,48 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     .expect("the misrouted message counted");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(receiver.deliveries().iter().all(|d| d.body["site"] != stray), "an incident of the stray message was pushed");
+
+    // A per-device account (`--accounts`, the embedded broker's [[mqtt.users]]) speaks only for
+    // its own device on its site's own partition: another device of its site, a device of
+    // another site and its own device on another partition are denied (dropped, PUBACKed all the
+    // same); its own status and telemetry go through. The barrier is its own telemetry again.
+    let mut acct = Publisher::connect_as(&nats.nodes[2].mqtt_addr(), Some(ACCOUNT), 100).await.expect("the device account connects by MQTT");
+    let mut reports = watcher.subscribe("citywatch.part.>").await.expect("subscribe the partitions");
+    watcher.flush().await.expect("flush");
+    let home = partition_of(ACCOUNT_SITE, PARTITIONS);
+    let away = (home + 1) % PARTITIONS;
+    let reading = |seq: u32| json!({"seq": seq, "ts": now_ms(), "values": {"gas_lel": 1.0}});
+    acct.publish_json(&device_topic(ACCOUNT_SITE, ACCOUNT.0, "status"), true, &birth("gas_detector", 60)).await.expect("own status");
+    acct.publish_json(&device_topic(ACCOUNT_SITE, "closed-acct-gas-2", "telemetry"), false, &reading(1)).await.expect("as a neighbour");
+    acct.publish_json(&device_topic("closed-other", "closed-other-gas-1", "telemetry"), false, &reading(1)).await.expect("as another site");
+    acct.publish_json(&format!("citywatch/part/{away}/{ACCOUNT_SITE}/{}/telemetry", ACCOUNT.0), false, &reading(2)).await.expect("elsewhere");
+    acct.publish_json(&device_topic(ACCOUNT_SITE, ACCOUNT.0, "telemetry"), false, &reading(3)).await.expect("own telemetry");
+    let own = |ch: &str| format!("citywatch.part.{home}.{ACCOUNT_SITE}.{}.{ch}", ACCOUNT.0);
+    let mut through = Vec::new();
+    let waited = tokio::time::timeout(SETTLE, async {
+        while let Some(m) = reports.next().await {
+            let subject = m.subject.as_str();
+            if subject.contains("closed-acct") || subject.contains("closed-other") {
+                through.push(subject.to_owned());
+            }
+            if subject == own("telemetry") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the account's own telemetry never arrived; seen {through:?}");
+    // (The relay republishes each QoS 1 message into the ingest stream on the same subject, so
+    // one may be seen twice.)
+    let allowed = [own("status"), own("telemetry")];
+    assert!(through.contains(&own("status")) && through.iter().all(|s| allowed.contains(s)), "only the account's own device on its own partition goes through: {through:?}");
+    acct.wait_acked(5, SETTLE).await.expect("PUBACKs of the account's publishes, denied ones too");
+    let cmd = device_topic(ACCOUNT_SITE, ACCOUNT.0, "cmd");
+    Subscriber::connect_with_credentials(&mqtt, ACCOUNT.0, ACCOUNT.1, &cmd, QoS::AtLeastOnce).await.expect("the account reads its own commands");
+    for filter in [device_topic(ACCOUNT_SITE, "closed-acct-gas-2", "cmd"), format!("citywatch/v1/{ACCOUNT_SITE}/+/cmd"), "citywatch/v1/ops/#".into()] {
+        let refused = Subscriber::connect_with_credentials(&mqtt, ACCOUNT.0, ACCOUNT.1, &filter, QoS::AtLeastOnce).await.map(|_| ()).expect_err(&filter);
+        assert!(format!("{refused:#}").contains("refused"), "{filter}: {refused:#}");
+    }
 
     // The Last Will of a device that vanishes (no DISCONNECT) is a publish of the device user
     // on its status topic: let through, onto the site's partition.

@@ -4,7 +4,9 @@
 //! configuration — the ingest stream, the KV buckets, the relay consumers on the MQTT listener's
 //! stream — the gateways create at startup
 //! ([`super::Cluster::connect`]). With [`Users`] the node is closed: nats-server's own
-//! `authorization` block, a gateway and a device user, passwords left in the server's environment.
+//! `authorization` block, a gateway user and a shared device user (passwords left in the server's
+//! environment) and/or device accounts from a Citywatch config's `[[mqtt.users]]` (bcrypt hashes,
+//! permissions narrowed to the account's site and device, as the embedded broker's door does).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -30,7 +32,7 @@ pub struct User {
     pub password_env: String,
 }
 
-/// Who may connect to a closed cluster (`--gateway-user`, `--device-user`).
+/// Who may connect to a closed cluster (`--gateway-user`, `--device-user`, `--accounts`).
 ///
 /// The gateway user may do anything, on the NATS client port only. The device user may only use
 /// the MQTT port, publish the device channels and subscribe to commands: checked against
@@ -43,48 +45,134 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Users {
     pub gateway: User,
-    pub device: User,
+    /// The user every device may share (`--device-user`).
+    pub device: Option<User>,
+    /// One user per `[[mqtt.users]]` account (`--accounts`).
+    pub accounts: Vec<Account>,
+}
+
+/// A device account of a closed cluster: one `[[mqtt.users]]` entry of a Citywatch config, the
+/// same accounts the embedded broker takes (README "Device accounts and topic ACLs").
+///
+/// With `site` and `device` it may publish only that device's status, telemetry and event on
+/// the site's own partition and subscribe only to that device's `cmd`; with `site` only, any
+/// device of the site; without `site` (a bridge, the simulator, the operations centre's MQTT
+/// client) anything under `citywatch/v1/` and the partitions — but never the gateways' subjects
+/// (incident log, API, KV). The password goes into the config as a bcrypt hash only.
+#[derive(Clone, PartialEq)]
+pub struct Account {
+    pub name: String,
+    /// `$2a$…` as nats-server compares it (it takes a password beginning `$2a$`, `$2b$`… for
+    /// a bcrypt hash).
+    pub password_hash: String,
+    pub site: Option<String>,
+    pub device: Option<String>,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account").field("name", &self.name).field("site", &self.site).field("device", &self.device).finish_non_exhaustive()
+    }
+}
+
+/// bcrypt's cost for `--accounts` passwords unless `--bcrypt-cost` says otherwise: nats-server
+/// verifies the hash at every MQTT CONNECT, so the cost is paid again by every device in a
+/// reconnect storm (cost 6: ~4 ms of one core each; 10: ~70 ms). Device passwords are machine-made
+/// random secrets, which a slow hash does not need to protect.
+pub const DEFAULT_BCRYPT_COST: u32 = 6;
+
+impl Account {
+    /// The accounts of `[[mqtt.users]]` (already validated by the config loader), each password
+    /// hashed with `cost`.
+    pub fn from_mqtt_users(users: &[crate::sources::config::MqttUser], cost: u32) -> Result<Vec<Account>, String> {
+        if !(4..=31).contains(&cost) {
+            return Err(format!("--bcrypt-cost: {cost} is not within 4..=31 (bcrypt's range)"));
+        }
+        users
+            .iter()
+            .map(|u| {
+                let hash = bcrypt::hash_with_result(&u.password, cost).map_err(|e| format!("hashing the password of {:?}: {e}", u.username))?;
+                Ok(Account {
+                    name: u.username.clone(),
+                    password_hash: hash.format_for_version(bcrypt::Version::TwoA),
+                    site: u.site.clone(),
+                    device: u.device.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// What the account may publish (checked by nats-server after the partition mapping) and
+    /// subscribe to.
+    fn permissions(&self, partitions: u16) -> (Vec<String>, Vec<String>) {
+        match (&self.site, &self.device) {
+            (Some(site), device) => {
+                let p = partition_of(site, partitions);
+                let device = device.as_deref().unwrap_or("*");
+                let publish = INBOUND_CHANNELS.iter().map(|ch| format!("{PARTITION_PREFIX}.{p}.{site}.{device}.{ch}")).collect();
+                (publish, vec![format!("citywatch.v1.{site}.{device}.cmd")])
+            }
+            (None, _) => (vec![format!("{PARTITION_PREFIX}.>"), "citywatch.v1.>".into()], vec!["citywatch.v1.>".into()]),
+        }
+    }
 }
 
 impl Users {
-    /// From the command line: both users or none (an open cluster, as before these options).
+    /// From the command line: the gateway user with a device user, device accounts or both; or
+    /// none of them (an open cluster, as before these options).
     pub fn from_flags(
         gateway_user: Option<String>,
         device_user: Option<String>,
         gateway_password_env: String,
         device_password_env: String,
+        accounts: Vec<Account>,
     ) -> Result<Option<Users>, String> {
-        let users = match (gateway_user, device_user) {
-            (None, None) => return Ok(None),
-            (Some(gateway), Some(device)) => Users {
+        let devices = device_user.is_some() || !accounts.is_empty();
+        let users = match (gateway_user, devices) {
+            (None, false) => return Ok(None),
+            (Some(gateway), true) => Users {
                 gateway: User { name: gateway, password_env: gateway_password_env },
-                device: User { name: device, password_env: device_password_env },
+                device: device_user.map(|name| User { name, password_env: device_password_env }),
+                accounts,
             },
-            (Some(_), None) => return Err("--gateway-user: give --device-user too (devices could not connect to a closed cluster)".into()),
-            (None, Some(_)) => return Err("--device-user: give --gateway-user too (gateways could not connect to a closed cluster)".into()),
+            (Some(_), false) => {
+                return Err("--gateway-user: give --device-user or --accounts too (devices could not connect to a closed cluster)".into())
+            }
+            (None, true) => {
+                let flag = if device_user.is_some() { "--device-user" } else { "--accounts" };
+                return Err(format!("{flag}: give --gateway-user too (gateways could not connect to a closed cluster)"));
+            }
         };
         users.validate()?;
         Ok(Some(users))
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (flag, user) in [("--gateway-user", &self.gateway), ("--device-user", &self.device)] {
+        let named = std::iter::once(("--gateway-user", "--gateway-password-env", &self.gateway))
+            .chain(self.device.iter().map(|d| ("--device-user", "--device-password-env", d)));
+        for (flag, env_flag, user) in named.clone() {
             if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return Err(format!("{flag}: {:?} must be 1+ characters of [A-Za-z0-9_-]", user.name));
             }
-        }
-        if self.gateway.name == self.device.name {
-            return Err(format!("--device-user: {:?} is the gateway user too; devices need a user of their own", self.device.name));
-        }
-        for (flag, env) in [("--gateway-password-env", &self.gateway.password_env), ("--device-password-env", &self.device.password_env)] {
-            let mut chars = env.chars();
+            let mut chars = user.password_env.chars();
             let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
-                return Err(format!("{flag}: {env:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+                return Err(format!("{env_flag}: {:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)", user.password_env));
             }
         }
-        if self.gateway.password_env == self.device.password_env {
-            return Err(format!("--device-password-env: {:?} holds the gateway's password too; give each user its own", self.device.password_env));
+        if let Some(device) = &self.device {
+            if self.gateway.name == device.name {
+                return Err(format!("--device-user: {:?} is the gateway user too; devices need a user of their own", device.name));
+            }
+            if self.gateway.password_env == device.password_env {
+                return Err(format!("--device-password-env: {:?} holds the gateway's password too; give each user its own", device.password_env));
+            }
+        }
+        let mut names: std::collections::HashSet<&str> = named.map(|(_, _, u)| u.name.as_str()).collect();
+        for account in &self.accounts {
+            if !names.insert(&account.name) {
+                return Err(format!("--accounts: the account {:?} has the name of another user; nats-server needs each name once", account.name));
+            }
         }
         Ok(())
     }
@@ -218,7 +306,7 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
     }
     let _ = writeln!(w, "}}");
     if let Some(users) = &spec.users {
-        render_users(w, users);
+        render_users(w, users, spec.partitions);
     }
     Ok(out)
 }
@@ -234,8 +322,14 @@ pub fn device_subscribe_subject() -> String {
     source_subject("cmd")
 }
 
-fn render_users(w: &mut String, users: &Users) {
+fn render_users(w: &mut String, users: &Users, partitions: u16) {
     let list = |subjects: &[String]| subjects.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
+    let permissions = |w: &mut String, publish: &[String], subscribe: &[String]| {
+        let _ = writeln!(w, "      permissions: {{");
+        let _ = writeln!(w, "        publish: {{ allow: [{}] }}", list(publish));
+        let _ = writeln!(w, "        subscribe: {{ allow: [{}] }}", list(subscribe));
+        let _ = writeln!(w, "      }} }}");
+    };
     let _ = writeln!(w);
     let _ = writeln!(w, "# A closed cluster: nobody connects without a user. The passwords are this server's environment");
     let _ = writeln!(w, "# variables, read when it starts (a missing one stops it); each may hold a bcrypt hash instead, in");
@@ -250,19 +344,23 @@ fn render_users(w: &mut String, users: &Users) {
         quote(&users.gateway.name),
         users.gateway.password_env
     );
-    let _ = writeln!(w, "    # Devices: MQTT only; publish status, telemetry and event (checked after the mapping above, so on");
-    let _ = writeln!(w, "    # the partition subjects; the Last Will too), subscribe to their commands. QoS 1 delivery and");
-    let _ = writeln!(w, "    # persistent sessions need no more: nats-server itself lets MQTT clients use $MQTT.sub.>.");
-    let _ = writeln!(
-        w,
-        "    {{ user: {}, password: ${}, allowed_connection_types: [\"MQTT\"],",
-        quote(&users.device.name),
-        users.device.password_env
-    );
-    let _ = writeln!(w, "      permissions: {{");
-    let _ = writeln!(w, "        publish: {{ allow: [{}] }}", list(&device_publish_subjects()));
-    let _ = writeln!(w, "        subscribe: {{ allow: [{}] }}", list(&[device_subscribe_subject()]));
-    let _ = writeln!(w, "      }} }}");
+    if let Some(device) = &users.device {
+        let _ = writeln!(w, "    # Devices: MQTT only; publish status, telemetry and event (checked after the mapping above, so on");
+        let _ = writeln!(w, "    # the partition subjects; the Last Will too), subscribe to their commands. QoS 1 delivery and");
+        let _ = writeln!(w, "    # persistent sessions need no more: nats-server itself lets MQTT clients use $MQTT.sub.>.");
+        let _ = writeln!(w, "    {{ user: {}, password: ${}, allowed_connection_types: [\"MQTT\"],", quote(&device.name), device.password_env);
+        permissions(w, &device_publish_subjects(), &[device_subscribe_subject()]);
+    }
+    if !users.accounts.is_empty() {
+        let _ = writeln!(w, "    # Device accounts ([[mqtt.users]] of `--accounts`), MQTT only, bcrypt-hashed passwords: a device");
+        let _ = writeln!(w, "    # account publishes only its device's channels on its site's partition and reads only its own");
+        let _ = writeln!(w, "    # cmd; a site account any device of its site; an account without a site all of citywatch/v1.");
+    }
+    for account in &users.accounts {
+        let (publish, subscribe) = account.permissions(partitions);
+        let _ = writeln!(w, "    {{ user: {}, password: {}, allowed_connection_types: [\"MQTT\"],", quote(&account.name), quote(&account.password_hash));
+        permissions(w, &publish, &subscribe);
+    }
     let _ = writeln!(w, "  ]");
     let _ = writeln!(w, "}}");
 }
@@ -300,7 +398,7 @@ mod tests {
     }
 
     fn users() -> Users {
-        Users::from_flags(Some("gateway".into()), Some("device".into()), GATEWAY_PASSWORD_ENV.into(), DEVICE_PASSWORD_ENV.into())
+        Users::from_flags(Some("gateway".into()), Some("device".into()), GATEWAY_PASSWORD_ENV.into(), DEVICE_PASSWORD_ENV.into(), Vec::new())
             .expect("valid users")
             .expect("both given")
     }
@@ -309,7 +407,7 @@ mod tests {
     fn without_users_the_cluster_stays_open_as_before() {
         let text = render(&spec()).expect("valid spec");
         assert!(!text.contains("authorization"), "{text}");
-        assert_eq!(Users::from_flags(None, None, "A".into(), "B".into()), Ok(None));
+        assert_eq!(Users::from_flags(None, None, "A".into(), "B".into(), Vec::new()), Ok(None));
     }
 
     #[test]
@@ -335,9 +433,9 @@ mod tests {
     #[test]
     fn bad_users_are_named() {
         let flags = |g: Option<&str>, d: Option<&str>, ge: &str, de: &str| {
-            Users::from_flags(g.map(Into::into), d.map(Into::into), ge.into(), de.into()).expect_err("refused")
+            Users::from_flags(g.map(Into::into), d.map(Into::into), ge.into(), de.into(), Vec::new()).expect_err("refused")
         };
-        assert!(flags(Some("gw"), None, "A", "B").starts_with("--gateway-user: give --device-user too"));
+        assert!(flags(Some("gw"), None, "A", "B").starts_with("--gateway-user: give --device-user or --accounts too"));
         assert!(flags(None, Some("dev"), "A", "B").starts_with("--device-user: give --gateway-user too"));
         assert!(flags(Some("gw x"), Some("dev"), "A", "B").starts_with("--gateway-user:"));
         assert!(flags(Some("gw"), Some(""), "A", "B").starts_with("--device-user:"));
@@ -345,6 +443,47 @@ mod tests {
         assert!(flags(Some("gw"), Some("dev"), "1ABC", "B").starts_with("--gateway-password-env:"));
         assert!(flags(Some("gw"), Some("dev"), "A", "B-C").starts_with("--device-password-env:"));
         assert!(flags(Some("gw"), Some("dev"), "SAME", "SAME").starts_with("--device-password-env: \"SAME\" holds the gateway's password too"));
+    }
+
+    fn mqtt_user(name: &str, site: Option<&str>, device: Option<&str>) -> crate::sources::config::MqttUser {
+        crate::sources::config::MqttUser {
+            username: name.into(),
+            password: format!("{name}-secret"),
+            site: site.map(Into::into),
+            device: device.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn device_accounts_are_narrowed_to_their_site_partition_and_device_and_carry_only_a_hash() {
+        let mqtt = [mqtt_user("gas-1", Some("kitchen"), Some("kitchen-gas-1")), mqtt_user("kitchen", Some("kitchen"), None), mqtt_user("ops", None, None)];
+        let accounts = Account::from_mqtt_users(&mqtt, 4).expect("hashed");
+        assert!(bcrypt::verify("gas-1-secret", &accounts[0].password_hash).expect("a bcrypt hash"));
+        assert!(accounts[0].password_hash.starts_with("$2a$04$"), "{}", accounts[0].password_hash);
+        let mut s = spec();
+        s.users = Users::from_flags(Some("gateway".into()), None, GATEWAY_PASSWORD_ENV.into(), DEVICE_PASSWORD_ENV.into(), accounts).expect("valid");
+        let text = render(&s).expect("valid spec");
+        assert!(!text.contains("secret"), "a password in clear: {text}");
+        assert!(!text.contains("$CITYWATCH_NATS_DEVICE_PASSWORD"), "no shared device user was asked for: {text}");
+        let p = partition_of("kitchen", 64);
+        let device = format!(
+            "publish: {{ allow: [\"citywatch.part.{p}.kitchen.kitchen-gas-1.status\", \"citywatch.part.{p}.kitchen.kitchen-gas-1.telemetry\", \"citywatch.part.{p}.kitchen.kitchen-gas-1.event\"] }}\n        subscribe: {{ allow: [\"citywatch.v1.kitchen.kitchen-gas-1.cmd\"] }}"
+        );
+        assert!(text.contains(&device), "{text}");
+        assert!(text.contains(&format!("\"citywatch.part.{p}.kitchen.*.event\"] }}\n        subscribe: {{ allow: [\"citywatch.v1.kitchen.*.cmd\"] }}")), "{text}");
+        assert!(text.contains("publish: { allow: [\"citywatch.part.>\", \"citywatch.v1.>\"] }\n        subscribe: { allow: [\"citywatch.v1.>\"] }"), "{text}");
+        assert_eq!(text.matches("allowed_connection_types: [\"MQTT\"]").count(), 3, "{text}");
+    }
+
+    #[test]
+    fn accounts_need_the_gateway_user_unique_names_and_a_sane_cost() {
+        let accounts = Account::from_mqtt_users(&[mqtt_user("gateway", None, None)], 4).expect("hashed");
+        let refused = Users::from_flags(None, None, "A".into(), "B".into(), accounts.clone()).expect_err("no gateway user");
+        assert!(refused.starts_with("--accounts: give --gateway-user too"), "{refused}");
+        let refused = Users::from_flags(Some("gateway".into()), None, "A".into(), "B".into(), accounts).expect_err("a name twice");
+        assert!(refused.contains("\"gateway\" has the name of another user"), "{refused}");
+        let refused = Account::from_mqtt_users(&[mqtt_user("x", None, None)], 3).expect_err("cost 3");
+        assert!(refused.starts_with("--bcrypt-cost: 3"), "{refused}");
     }
 
     #[test]
