@@ -253,7 +253,17 @@ fn main() -> Result<()> {
                     if mqtt_users.is_empty() {
                         anyhow::bail!("--accounts {}: it has no [[mqtt.users]]", file.display());
                     }
-                    Account::from_mqtt_users(&mqtt_users, bcrypt_cost).map_err(anyhow::Error::msg)?
+                    let started = std::time::Instant::now();
+                    let mut accounts = Vec::with_capacity(mqtt_users.len());
+                    for chunk in mqtt_users.chunks(500) {
+                        accounts.extend(Account::from_mqtt_users(chunk, bcrypt_cost).map_err(anyhow::Error::msg)?);
+                        if mqtt_users.len() > 500 {
+                            eprintln!("hashing account passwords: {} of {}", accounts.len(), mqtt_users.len());
+                        }
+                    }
+                    // stdout is the config; what it took goes to stderr.
+                    eprintln!("{} account passwords hashed (bcrypt cost {bcrypt_cost}) in {:.1} s", accounts.len(), started.elapsed().as_secs_f64());
+                    accounts
                 }
             };
             let users =

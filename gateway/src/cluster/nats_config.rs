@@ -77,7 +77,7 @@ impl std::fmt::Debug for Account {
 
 /// bcrypt's cost for `--accounts` passwords unless `--bcrypt-cost` says otherwise: nats-server
 /// verifies the hash at every MQTT CONNECT, so the cost is paid again by every device in a
-/// reconnect storm (cost 6: ~4 ms of one core each; 10: ~70 ms). Device passwords are machine-made
+/// reconnect storm (cost 6: ~3.4 ms of one core each; 10: ~55 ms). Device passwords are machine-made
 /// random secrets, which a slow hash does not need to protect.
 pub const DEFAULT_BCRYPT_COST: u32 = 6;
 
