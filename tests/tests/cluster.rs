@@ -29,8 +29,13 @@ struct Node {
 }
 
 async fn gateway(nats: &NatsCluster, name: &str, receiver: &WebhookReceiver) -> Node {
+    gateway_with(nats, name, receiver, "").await
+}
+
+/// [`gateway`] with more configuration (whole sections) appended.
+async fn gateway_with(nats: &NatsCluster, name: &str, receiver: &WebhookReceiver, more: &str) -> Node {
     let section = format!(
-        "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.webhook.headers]\n{GATEWAY_HEADER} = \"{name}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
+        "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[notify.webhook.headers]\n{GATEWAY_HEADER} = \"{name}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n{more}",
         nats.gateway_section(name, PARTITIONS, LEASE_TTL),
         receiver.url()
     );
@@ -404,6 +409,57 @@ async fn an_incident_survives_its_gateway_with_its_id_and_every_revision_deliver
     }
     let senders: BTreeSet<&str> = revisions.values().filter_map(|d| d.header(GATEWAY_HEADER)).collect();
     assert!(senders.contains("gw-b"), "gw-b delivered after the kill: {senders:?}");
+}
+
+/// A change made by a timer, not by a message: an unacknowledged critical incident escalates
+/// `escalate_after` after it opened (SPEC §4 `unacked_escalation`). Its owner gw-a is SIGKILLed
+/// before that; gw-b adopts the incident from the log and escalates it on time — as it would
+/// if gw-a had committed the escalation and died before the log append (the change is made
+/// from the incident's `opened` time and escalation count, whoever holds it). Exactly one
+/// escalation, revisions without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_due_after_the_owner_died_is_made_by_the_new_owner() {
+    const ESCALATE_AFTER: Duration = Duration::from_secs(8);
+    let incidents = format!("[incidents]\nescalate_after = \"{}s\"\nrenotify_every = \"1h\"\n", ESCALATE_AFTER.as_secs());
+    let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    let mut a = gateway_with(&nats, "gw-a", &receiver, &incidents).await;
+    let b = gateway_with(&nats, "gw-b", &receiver, &incidents).await;
+    let owners = wait_owned(b.gateway.config_path(), &["gw-a", "gw-b"]).await;
+    let site = site_owned_by(&owners, "gw-a", "escalate-");
+    let device = format!("{site}-gas-1");
+    let publisher = Publisher::connect(&nats.nodes[1].mqtt_addr(), 100).await.expect("device connection");
+    publisher.publish_json(&device_topic(&site, &device, "status"), true, &birth("gas_detector", 60)).await.expect("status");
+    let mut seq = 0;
+    gas_reading(&publisher, &site, &device, &mut seq, 55.0).await;
+    let (id, opened) = receiver
+        .wait_for(SETTLE, "the gas leak's first revision", |d| d.iter().find(|d| d.device() == device && d.revision() == 1).map(|d| (d.id().to_owned(), d.received)))
+        .await;
+    let first = receiver.deliveries().into_iter().find(|d| d.id() == id).expect("revision 1");
+    assert_eq!(first.body["severity"], "critical", "gas_high escalates only when critical: {}", first.describe());
+    a.gateway.kill();
+    assert!(opened.elapsed() < ESCALATE_AFTER, "gw-a was killed too late to test this: {:?} after the open", opened.elapsed());
+
+    receiver
+        .wait_for(SETTLE, "the escalation after gw-a died", |d| d.iter().find(|d| d.id() == id && d.body["escalation"] == 1).map(|_| ()))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = receiver.deliveries();
+    let revisions = revisions_of(&deliveries, &id);
+    let n = revisions.keys().max().copied().unwrap_or(0);
+    assert_eq!(revisions.keys().copied().collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "every revision 1..{n}, no gap:\n{}", receiver.report());
+    let escalations: Vec<u64> = revisions.values().filter_map(|d| d.body["escalation"].as_u64()).collect();
+    assert_eq!(escalations.iter().max().copied(), Some(1), "one escalation, no renotification:\n{}", receiver.report());
+    let escalation = revisions.values().find(|d| d.body["escalation"] == 1).expect("the escalated revision");
+    assert_eq!(escalation.state(), "open", "{}", escalation.describe());
+    // Due from the incident's own opening, which the adoption kept: not before, and not from
+    // the takeover.
+    assert_eq!(escalation.body["opened_ms"], first.body["opened_ms"], "the adopted incident kept its opening time");
+    let opened_ms = first.body["opened_ms"].as_i64().expect("opened_ms");
+    let history = escalation.body["history"].as_array().expect("history");
+    let at_ms = history.iter().find(|e| e["action"] == "escalated").and_then(|e| e["at_ms"].as_i64()).expect("an escalated entry");
+    assert!(at_ms >= opened_ms + ESCALATE_AFTER.as_millis() as i64, "escalated {} ms after the open", at_ms - opened_ms);
+    assert!(stored_for_site(&b, &site).iter().any(|i| i["id"] == id.as_str() && i["escalation"] == 1), "gw-b, the new owner, escalated it");
 }
 
 /// A live stream (`GET /api/v1/events`) read on a thread: every `data:` line's JSON, as it comes.
