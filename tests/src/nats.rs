@@ -232,10 +232,25 @@ impl NatsCluster {
         lease_ttl: &str,
         within: Duration,
     ) -> anyhow::Result<(Vec<GatewayProcess>, Vec<String>)> {
+        self.start_gateways_with(names, receiver, secret, partitions, lease_ttl, within, "").await
+    }
+
+    /// [`NatsCluster::start_gateways`] with more configuration (whole sections) for each gateway.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_gateways_with(
+        &self,
+        names: &[&str],
+        receiver: &WebhookReceiver,
+        secret: &str,
+        partitions: u16,
+        lease_ttl: &str,
+        within: Duration,
+        more: &str,
+    ) -> anyhow::Result<(Vec<GatewayProcess>, Vec<String>)> {
         let mut gateways = Vec::new();
         for name in names {
             let section = format!(
-                "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{secret}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
+                "{}[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\nsecret = \"{secret}\"\n[notify.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n{more}",
                 self.gateway_section(name, partitions, lease_ttl),
                 receiver.url()
             );

@@ -27,6 +27,8 @@ const DEVICE: (&str, &str) = ("device", "device-e2e-password");
 /// `closed-acct`.
 const ACCOUNT: (&str, &str) = ("closed-acct-gas-1", "account-e2e-password");
 const ACCOUNT_SITE: &str = "closed-acct";
+/// An account without a site (`--accounts`): the operations centre's MQTT client.
+const OPS: (&str, &str) = ("ops-centre", "ops-e2e-password");
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -44,13 +46,14 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
         site: Some(ACCOUNT_SITE.into()),
         device: Some(ACCOUNT.0.into()),
     };
-    let users = NatsUsers { gateway: (GATEWAY.0.into(), GATEWAY.1.into()), device: (DEVICE.0.into(), DEVICE.1.into()), accounts: vec![account] };
+    let ops = citywatch_gateway::sources::config::MqttUser { username: OPS.0.into(), password: OPS.1.into(), site: None, device: None };
+    let users = NatsUsers { gateway: (GATEWAY.0.into(), GATEWAY.1.into()), device: (DEVICE.0.into(), DEVICE.1.into()), accounts: vec![account, ops] };
     let nats = NatsCluster::start_closed(3, PARTITIONS, users).await.expect("closed 3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
     // The gateways log in (connect, streams, leases) and so does `cluster status`, which
     // start_gateways polls until every partition has an owner.
     let (gateways, owners) = nats
-        .start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, LEASE_TTL, SETTLE)
+        .start_gateways_with(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, LEASE_TTL, SETTLE, "[notify.mqtt]\n")
         .await
         .unwrap_or_else(|e| panic!("gateways with the gateway user: {e:#}\n{}", nats.logs()));
 
@@ -65,6 +68,12 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     assert!(device_on_nats.is_err(), "the device user on the NATS client port was let in");
     assert!(async_nats::connect(nats.nodes[0].url()).await.is_err(), "an anonymous NATS client was let in");
 
+    // The operations centre's MQTT client, an account without a site, reads the MQTT push
+    // channel ([notify.mqtt], QoS 1 on citywatch/v1/ops/incidents) of whichever gateway delivers.
+    let mut ops_feed = Subscriber::connect_with_credentials(&nats.nodes[0].mqtt_addr(), OPS.0, OPS.1, "citywatch/v1/ops/#", QoS::AtLeastOnce)
+        .await
+        .expect("the ops account subscribes to the ops topics");
+
     // The device contract with the device user: retained status, QoS 1 events → fire_confirmed.
     let mut device = Publisher::connect_as(&nats.nodes[2].mqtt_addr(), Some(DEVICE), 100).await.expect("the device user connects by MQTT");
     let site = "closed-fire";
@@ -75,7 +84,12 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
         let alarm = json!({"seq": 1, "ts": now_ms() + i as i64, "event": "alarm", "metric": "smoke_db_m", "value": 0.4});
         device.publish_json(&device_topic(site, d, "event"), false, &alarm).await.expect("alarm");
     }
-    receiver.wait_for(SETTLE, "fire_confirmed of the closed cluster's site", |d| fire_of(d, site)).await;
+    let fire = receiver.wait_for(SETTLE, "fire_confirmed of the closed cluster's site", |d| fire_of(d, site)).await;
+    let pushed = ops_feed
+        .recv_matching(SETTLE, |m| m.json().is_ok_and(|i| i["id"] == fire.as_str()))
+        .await
+        .expect("the fire on the ops topic, through the MQTT channel");
+    assert_eq!((pushed.topic.as_str(), pushed.qos), ("citywatch/v1/ops/incidents", QoS::AtLeastOnce));
 
     // ... and a command back at QoS 1 on a subscription of the device user.
     let (kitchen, gas) = ("closed-kitchen", "closed-kitchen-gas-1");
