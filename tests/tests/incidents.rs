@@ -1044,3 +1044,53 @@ async fn the_rules_of_a_gas_detector_are_listed_with_their_thresholds() {
         404
     );
 }
+
+/// The MQTT push channel (`[notify.mqtt]`) end to end on the embedded broker: an operations
+/// centre's subscriber on `citywatch/v1/ops/#` gets every incident change at QoS 1 — the same
+/// incident JSON (id, revision, state) the webhook gets — an opening and an operator's
+/// acknowledgement alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mqtt_channel_puts_every_incident_change_on_the_ops_topic_at_qos_1() {
+    let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
+    let gw = gateway(&format!("{}[notify.mqtt]\n", webhook_toml(&receiver))).await;
+    let mut ops = Subscriber::connect(&broker(&gw), "citywatch/v1/ops/#", QoS::AtLeastOnce)
+        .await
+        .expect("ops subscriber");
+    let publisher = Publisher::connect(&broker(&gw), 16).await.expect("device");
+    let (site, device) = ("ops-mqtt", "ops-mqtt-gas-1");
+    publisher
+        .publish_json(&device_topic(site, device, "status"), true, &birth("gas_detector", 60))
+        .await
+        .expect("status");
+    let leak = json!({"seq": 1, "ts": now_ms(), "event": "alarm", "metric": "gas_lel", "value": 55.0});
+    publisher
+        .publish_json(&device_topic(site, device, "event"), false, &leak)
+        .await
+        .expect("leak");
+    let id = receiver
+        .wait_for(SCENARIO_WAIT, "the leak at the webhook", |got| {
+            got.iter()
+                .find(|d| d.device() == device && d.revision() == 1)
+                .map(|d| d.id().to_owned())
+        })
+        .await;
+    let change = |revision: u64| {
+        let id = id.clone();
+        move |m: &Received| m.json().is_ok_and(|i| i["id"] == id.as_str() && i["revision"] == revision)
+    };
+    let opened = ops
+        .recv_matching(SCENARIO_WAIT, change(1))
+        .await
+        .expect("the opening on the ops topic");
+    assert_eq!((opened.topic.as_str(), opened.qos), ("citywatch/v1/ops/incidents", QoS::AtLeastOnce));
+    assert_eq!(opened.json().expect("incident JSON")["state"], "open");
+    let (status, body) = gw
+        .post(&format!("/api/v1/incidents/{id}/ack"), &json!({"actor": "duty-ana"}))
+        .expect("POST ack");
+    assert_eq!(status, 200, "{body}");
+    let acked = ops
+        .recv_matching(SCENARIO_WAIT, change(2))
+        .await
+        .expect("the acknowledgement on the ops topic");
+    assert_eq!(acked.json().expect("incident JSON")["state"], "acknowledged");
+}
