@@ -42,11 +42,29 @@ async fn wait_until_stored(gw: &GatewayProcess, sent: &BTreeMap<String, Vec<(i64
         let from = points.iter().map(|p| p.0).min().expect("points") - 1;
         let to = points.iter().map(|p| p.0).max().expect("points") + 1;
         let want = points.len() as u64;
-        gw.wait_for(within, &format!("{want} {metric} readings of {device}"), |gw| {
+        let what = format!("{want} {metric} readings of {device}");
+        let stored = citywatch_tests::wait_for(&what, within, || {
             let got = readings(gw, device, metric, from, to, None)["count"].as_u64().unwrap_or(0);
             (got >= want).then_some(())
         })
         .await;
+        if let Err(e) = stored {
+            // Short, not slow: what the gateway counted, for the cause (duplicates by seq,
+            // gaps, rejections, drops) — every device's shortfall and the ingest counters.
+            let short: Vec<String> = sent
+                .iter()
+                .filter_map(|(d, p)| {
+                    let got = readings(gw, d, metric, from, to, None)["count"].as_u64().unwrap_or(0);
+                    (got < p.len() as u64).then(|| format!("{d}: {got} of {}", p.len()))
+                })
+                .collect();
+            let metrics = gw.get_text("/metrics").unwrap_or_default();
+            let counters: Vec<&str> = metrics
+                .lines()
+                .filter(|l| !l.starts_with('#') && ["duplicate", "gap", "rejected", "dropped", "messages_total", "acks"].iter().any(|k| l.contains(k)))
+                .collect();
+            panic!("{e}\nshort: {short:?}\n{}\n{}", counters.join("\n"), gw.logs());
+        }
         let got = readings(gw, device, metric, from, to, None)["count"].as_u64();
         assert_eq!(got, Some(want), "{device}: exactly what was sent, no duplicates");
     }
