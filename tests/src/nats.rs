@@ -221,23 +221,11 @@ impl NatsCluster {
     }
 
     /// Gateways `names` joined to this cluster, each pushing to `receiver` (webhook `ops` signed
-    /// with `secret`, retries from 100 ms to 1 s), and the partition owners once every partition
-    /// has one and every gateway owns some (within `within`).
-    pub async fn start_gateways(
-        &self,
-        names: &[&str],
-        receiver: &WebhookReceiver,
-        secret: &str,
-        partitions: u16,
-        lease_ttl: &str,
-        within: Duration,
-    ) -> anyhow::Result<(Vec<GatewayProcess>, Vec<String>)> {
-        self.start_gateways_with(names, receiver, secret, partitions, lease_ttl, within, "").await
-    }
-
-    /// [`NatsCluster::start_gateways`] with more configuration (whole sections) for each gateway.
+    /// with `secret`, retries from 100 ms to 1 s) with `more` configuration (whole sections)
+    /// appended, and the partition owners once every partition has one and every gateway owns
+    /// some (within `within`).
     #[allow(clippy::too_many_arguments)]
-    pub async fn start_gateways_with(
+    pub async fn start_gateways(
         &self,
         names: &[&str],
         receiver: &WebhookReceiver,

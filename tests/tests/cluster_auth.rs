@@ -53,7 +53,7 @@ async fn a_closed_cluster_serves_the_device_user_its_contract_and_refuses_every_
     // The gateways log in (connect, streams, leases) and so does `cluster status`, which
     // start_gateways polls until every partition has an owner.
     let (gateways, owners) = nats
-        .start_gateways_with(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, LEASE_TTL, SETTLE, "[notify.mqtt]\n")
+        .start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, LEASE_TTL, SETTLE, "[notify.mqtt]\n")
         .await
         .unwrap_or_else(|e| panic!("gateways with the gateway user: {e:#}\n{}", nats.logs()));
 

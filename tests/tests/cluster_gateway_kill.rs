@@ -56,7 +56,7 @@ async fn a_gateway_killed_under_load_loses_no_acknowledged_event_and_doubles_no_
     let t0 = Instant::now();
     let nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
-    let (mut gateways, owners) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE).await.expect("both gateways owning partitions");
+    let (mut gateways, owners) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE, "").await.expect("both gateways owning partitions");
     let config = gateways[1].config_path().to_owned();
     eprintln!("{:.1} s: NATS and gateways started, partitions shared", t0.elapsed().as_secs_f64());
 

@@ -108,7 +108,7 @@ async fn publish_until_acked(addrs: &[String], topic: &str, body: &serde_json::V
 async fn a_killed_nats_node_stops_neither_ingestion_nor_pushes_and_loses_no_acknowledged_event() {
     let mut nats = NatsCluster::start(3, PARTITIONS).await.expect("3-node NATS cluster");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
-    let (gateways, _) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE).await.expect("both gateways owning partitions");
+    let (gateways, _) = nats.start_gateways(&["gw-a", "gw-b"], &receiver, SECRET, PARTITIONS, "3s", SETTLE, "").await.expect("both gateways owning partitions");
     let config = gateways[0].config_path().to_owned();
 
     // The victim: the node leading the ingest stream. The watcher stays on a node that survives.

@@ -63,7 +63,7 @@ async fn wait_until_stored(gw: &GatewayProcess, sent: &BTreeMap<String, Vec<(i64
                 .lines()
                 .filter(|l| !l.starts_with('#') && ["duplicate", "gap", "rejected", "dropped", "messages_total", "acks"].iter().any(|k| l.contains(k)))
                 .collect();
-            panic!("{e}\nshort: {short:?}\n{}\n{}", counters.join("\n"), gw.logs());
+            panic!("{e}\nshort: {short:?}\n{}\n{}", counters.join("\n"), citywatch_tests::tail(&gw.logs(), 40));
         }
         let got = readings(gw, device, metric, from, to, None)["count"].as_u64();
         assert_eq!(got, Some(want), "{device}: exactly what was sent, no duplicates");

@@ -107,10 +107,9 @@ impl Account {
     fn permissions(&self, partitions: u16) -> (Vec<String>, Vec<String>) {
         match (&self.site, &self.device) {
             (Some(site), device) => {
-                let p = partition_of(site, partitions);
                 let device = device.as_deref().unwrap_or("*");
-                let publish = INBOUND_CHANNELS.iter().map(|ch| format!("{PARTITION_PREFIX}.{p}.{site}.{device}.{ch}")).collect();
-                (publish, vec![format!("citywatch.v1.{site}.{device}.cmd")])
+                let partition = partition_of(site, partitions).to_string();
+                (device_publish_subjects(&partition, site, device), vec![device_subscribe_subject(site, device)])
             }
             (None, _) => (vec![format!("{PARTITION_PREFIX}.>"), "citywatch.v1.>".into()], vec!["citywatch.v1.>".into()]),
         }
@@ -312,14 +311,14 @@ pub fn render(spec: &NodeSpec) -> Result<String, String> {
 }
 
 /// The subjects a device may publish: its channels as mapped into the partitions (nats-server
-/// checks a publish after the mapping).
-pub fn device_publish_subjects() -> Vec<String> {
-    INBOUND_CHANNELS.iter().map(|ch| format!("{PARTITION_PREFIX}.*.*.*.{ch}")).collect()
+/// checks a publish after the mapping). `*` in a place: any partition, site or device.
+pub fn device_publish_subjects(partition: &str, site: &str, device: &str) -> Vec<String> {
+    INBOUND_CHANNELS.iter().map(|ch| format!("{PARTITION_PREFIX}.{partition}.{site}.{device}.{ch}")).collect()
 }
 
-/// The subject a device may subscribe to: its commands.
-pub fn device_subscribe_subject() -> String {
-    source_subject("cmd")
+/// The subject a device may subscribe to: its commands (not mapped). `*`: any site or device.
+pub fn device_subscribe_subject(site: &str, device: &str) -> String {
+    format!("citywatch.v1.{site}.{device}.cmd")
 }
 
 fn render_users(w: &mut String, users: &Users, partitions: u16) {
@@ -349,7 +348,7 @@ fn render_users(w: &mut String, users: &Users, partitions: u16) {
         let _ = writeln!(w, "    # the partition subjects; the Last Will too), subscribe to their commands. QoS 1 delivery and");
         let _ = writeln!(w, "    # persistent sessions need no more: nats-server itself lets MQTT clients use $MQTT.sub.>.");
         let _ = writeln!(w, "    {{ user: {}, password: ${}, allowed_connection_types: [\"MQTT\"],", quote(&device.name), device.password_env);
-        permissions(w, &device_publish_subjects(), &[device_subscribe_subject()]);
+        permissions(w, &device_publish_subjects("*", "*", "*"), &[device_subscribe_subject("*", "*")]);
     }
     if !users.accounts.is_empty() {
         let _ = writeln!(w, "    # Device accounts ([[mqtt.users]] of `--accounts`), MQTT only, bcrypt-hashed passwords: a device");
