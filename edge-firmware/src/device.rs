@@ -207,7 +207,13 @@ impl<const N: usize> Device<N> {
     }
 
     /// One cycle with telemetry whatever the schedule: the load generator sets the pace.
+    ///
+    /// A reading is known by its device and time (the gateway stores one per millisecond and
+    /// metric), so each telemetry gets a time after the last one's: a pacer catching up after a
+    /// stall sends a device several readings within one millisecond, and at the same `ts` all
+    /// but the first would never be stored.
     pub fn tick_paced<T: Transport>(&mut self, now_ms: u64, sample: &Sample, transport: &mut T) -> Outputs {
+        let now_ms = self.last_telemetry_ms.map_or(now_ms, |last| now_ms.max(last.saturating_add(1)));
         let outputs = self.decide(now_ms, sample, transport);
         self.send_telemetry(now_ms, sample, transport);
         outputs

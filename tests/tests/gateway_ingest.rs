@@ -8,9 +8,13 @@ use citywatch_edge::wire::{Channel, Metric, Topic, Uplink};
 use citywatch_tests::{spawn_edge_sim, ChildGuard, GatewayProcess, Mosquitto, QoS, Received, Subscriber};
 use serde_json::Value;
 
-/// Telemetry as a device sent it: (ts, value of `metric`), per device, in arrival order.
+/// Telemetry as a device sent it: (ts, value of `metric`), per device, in arrival order. A copy
+/// the subscriber got twice (QoS 1 redelivery) counts once; two values at one time fail here,
+/// since the store keeps one reading per device, metric and millisecond (edge-sim stamps each
+/// paced reading after the last).
 fn telemetry_by_device(messages: &[Received], metric: Metric) -> BTreeMap<String, Vec<(i64, f64)>> {
     let mut out: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, i64), f64> = BTreeMap::new();
     for m in messages {
         let Ok(topic) = Topic::parse(&m.topic) else { continue };
         if topic.channel != Channel::Telemetry {
@@ -19,7 +23,12 @@ fn telemetry_by_device(messages: &[Received], metric: Metric) -> BTreeMap<String
         let Ok(Uplink::Telemetry(t)) = Uplink::decode(Channel::Telemetry, &m.payload) else { continue };
         let value = if metric == Metric::BatteryV { t.battery_v } else { t.values.get(metric) };
         if let Some(v) = value {
-            out.entry(topic.device.to_owned()).or_default().push((t.ts.expect("edge-sim sends ts") as i64, v));
+            let ts = t.ts.expect("edge-sim sends ts") as i64;
+            match seen.insert((topic.device.to_owned(), ts), v) {
+                Some(before) if before.to_bits() == v.to_bits() => continue,
+                Some(before) => panic!("{}: two readings at ts {ts} ({before} and {v}): the store keeps one", topic.device),
+                None => out.entry(topic.device.to_owned()).or_default().push((ts, v)),
+            }
         }
     }
     out
@@ -61,7 +70,7 @@ async fn wait_until_stored(gw: &GatewayProcess, sent: &BTreeMap<String, Vec<(i64
             let metrics = gw.get_text("/metrics").unwrap_or_default();
             let counters: Vec<&str> = metrics
                 .lines()
-                .filter(|l| !l.starts_with('#') && ["duplicate", "gap", "rejected", "dropped", "messages_total", "acks"].iter().any(|k| l.contains(k)))
+                .filter(|l| !l.starts_with('#') && ["duplicate", "gap", "rejected", "dropped", "messages_total", "acks", "time_taken"].iter().any(|k| l.contains(k)))
                 .collect();
             panic!("{e}\nshort: {short:?}\n{}\n{}", counters.join("\n"), citywatch_tests::tail(&gw.logs(), 40));
         }

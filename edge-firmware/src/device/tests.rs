@@ -101,6 +101,27 @@ fn telemetry_on_interval_and_early_on_big_change() {
 }
 
 #[test]
+fn paced_telemetry_within_one_millisecond_gets_successive_times() {
+    let mut dev = Device::<8>::new(&config(DeviceKind::GasDetector)).expect("valid");
+    let mut link = Recorder::default();
+    for _ in 0..3 {
+        dev.tick_paced(5_000, &gas(1.0), &mut link);
+    }
+    dev.tick_paced(5_001, &gas(1.0), &mut link); // the clock is behind the times handed out
+    dev.tick_paced(9_000, &gas(1.0), &mut link); // and catches up
+    let ts: std::vec::Vec<u64> = link
+        .uplinks()
+        .iter()
+        .filter_map(|u| match u {
+            Uplink::Telemetry(t) => t.ts,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ts, [5_000, 5_001, 5_002, 5_003, 9_000]);
+    assert_eq!(link.seqs(), [0, 1, 2, 3, 4]);
+}
+
+#[test]
 fn gas_high_sends_alarm_and_valve_events_at_once_with_shared_seq() {
     let mut dev = Device::<8>::new(&config(DeviceKind::GasDetector)).expect("valid");
     let mut link = Recorder::default();

@@ -433,7 +433,7 @@ async fn api_devices_page_at_a_million() {
 /// Every family `/metrics` had before the move to one `prometheus_client` registry, with its
 /// type (counters named without `_total`, as OpenMetrics names the family; their samples end
 /// in `_total`). Dashboards, scripts and the end-to-end tests read these names.
-const FAMILIES: [(&str, &str); 64] = [
+const FAMILIES: [(&str, &str); 65] = [
         ("citywatch_broker_dropped", "counter"),
         ("citywatch_broker_forwarded", "counter"),
         ("citywatch_clock_skew", "counter"),
@@ -494,6 +494,7 @@ const FAMILIES: [(&str, &str); 64] = [
         ("citywatch_store_queue_depth", "gauge"),
         ("citywatch_store_queue_max_readings", "gauge"),
         ("citywatch_store_queue_readings", "gauge"),
+        ("citywatch_store_readings_time_taken", "counter"),
         ("citywatch_store_readings_written", "gauge"),
         ("citywatch_store_refusing", "gauge"),
         ("citywatch_store_write_errors", "gauge"),

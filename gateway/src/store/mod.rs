@@ -121,6 +121,10 @@ pub struct Point {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct StoreStats {
     pub readings_written: u64,
+    /// Readings not stored because their device already had a reading of that metric at that
+    /// time: a second message with the same `ts` (the first one's value is kept), or a message
+    /// stored before coming again where its `seq` could not tell (after a restart).
+    pub readings_time_taken: u64,
     pub events_written: u64,
     pub quarantined: u64,
     pub batches: u64,
@@ -166,6 +170,7 @@ impl prometheus_client::collector::Collector for StoreMetrics {
         crate::metrics::counter(e, "citywatch_store_busy_seconds", "Time the store writer spent writing (from taking writes to firing their acks).", st.busy_us as f64 / 1e6)?;
         crate::metrics::counter(e, "citywatch_store_commit_seconds", "Part of the store writer's busy time inside COMMIT: the WAL's write and fsync, and checkpoints.", st.commit_us as f64 / 1e6)?;
         gauge(e, "citywatch_store_readings_written", "Readings committed to the store.", st.readings_written)?;
+        crate::metrics::counter(e, "citywatch_store_readings_time_taken", "Readings not stored because their device already had one of that metric at that time (the first is kept).", st.readings_time_taken)?;
         gauge(e, "citywatch_store_write_errors", "Store write errors.", st.write_errors)?;
         gauge(e, "citywatch_store_refusing", "1 while the disk refuses writes and ingestion is paused.", u64::from(st.refusing))
     }

@@ -101,6 +101,7 @@ impl From<&StorageConfig> for StoreOptions {
 #[derive(Debug, Default)]
 struct Shared {
     readings_written: AtomicU64,
+    readings_time_taken: AtomicU64,
     events_written: AtomicU64,
     quarantined: AtomicU64,
     batches: AtomicU64,
@@ -430,6 +431,7 @@ impl SqliteStore {
         let depth = self.tx.upgrade().map(|tx| tx.max_capacity() - tx.capacity()).unwrap_or(0);
         StoreStats {
             readings_written: get(&s.readings_written),
+            readings_time_taken: get(&s.readings_time_taken),
             events_written: get(&s.events_written),
             quarantined: get(&s.quarantined),
             batches: get(&s.batches),

@@ -264,6 +264,7 @@ fn duplicates_do_not_break_a_batch() {
     assert_eq!(rolled, vec![Point { ts_ms: t0, min: 1.0, max: 3.0, avg: 2.0, last: 3.0, count: 3 }]);
     let stats = store.stats();
     assert_eq!(stats.readings_written, 3);
+    assert_eq!(stats.readings_time_taken, 2, "the replay and the second reading at t0 + 1 s are counted");
     assert_eq!(stats.write_errors, 0);
     drop(w);
     store.close().expect("close");
@@ -303,6 +304,7 @@ fn a_message_is_one_row_and_a_later_message_of_the_same_time_fills_only_its_new_
         assert_eq!((rolled[0].min, rolled[0].max, rolled[0].last), (5.0, 6.0, 6.0), "step {step}");
     }
     assert_eq!(store.stats().readings_written, 3 + 2, "the repeated gas reading is not counted");
+    assert_eq!(store.stats().readings_time_taken, 1, "but counted as not stored");
     drop(w);
     store.close().expect("close");
 }

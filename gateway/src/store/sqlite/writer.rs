@@ -44,6 +44,9 @@ pub(super) struct Writer {
 #[derive(Default)]
 struct BatchCounts {
     readings: u64,
+    /// Readings not stored because their device already had one of that metric at that time
+    /// (another message of the same `ts`, or one stored before).
+    time_taken: u64,
     events: u64,
     quarantined: u64,
     rows: u64,
@@ -69,21 +72,33 @@ impl Row {
 
     /// Takes a reading unless the row already has one for that metric (the first one wins, as
     /// for a stored key).
-    fn set(&mut self, metric: usize, value: f64) {
+    fn set(&mut self, metric: usize, value: f64) -> Taken {
         if self.values[metric].is_nan() {
             self.values[metric] = value;
+            Taken(false)
+        } else {
+            Taken(true)
         }
     }
 
     /// Folds in a later row of the same (device, ts): its readings of metrics this one lacks.
-    fn absorb(&mut self, later: &Row) {
+    /// Returns how many of its readings found the metric already taken.
+    fn absorb(&mut self, later: &Row) -> u64 {
+        let mut taken = 0;
         for (mine, theirs) in self.values.iter_mut().zip(&later.values) {
             if mine.is_nan() {
                 *mine = *theirs;
+            } else if !theirs.is_nan() {
+                taken += 1;
             }
         }
+        taken
     }
 }
+
+/// Whether a reading found its row's metric already holding one (the first is kept).
+#[must_use]
+struct Taken(bool);
 
 /// A rollup cell being accumulated from one batch.
 struct Agg {
@@ -160,6 +175,7 @@ impl Writer {
             Ok(counts) => {
                 let s = &self.shared;
                 s.readings_written.fetch_add(counts.readings, Ordering::Relaxed);
+                s.readings_time_taken.fetch_add(counts.time_taken, Ordering::Relaxed);
                 s.events_written.fetch_add(counts.events, Ordering::Relaxed);
                 s.quarantined.fetch_add(counts.quarantined, Ordering::Relaxed);
                 s.batches.fetch_add(1, Ordering::Relaxed);
@@ -400,14 +416,16 @@ fn apply_writes(
                         }
                     };
                     let metric = metric_index(metric) as usize;
-                    match rows.last_mut() {
+                    let taken = match rows.last_mut() {
                         Some(r) if r.device == device && r.ts == ts_ms => r.set(metric, value),
                         _ => {
                             let mut row = Row::new(device, ts_ms, historical);
-                            row.set(metric, value);
+                            let taken = row.set(metric, value);
                             rows.push(row);
+                            taken
                         }
-                    }
+                    };
+                    counts.time_taken += u64::from(taken.0);
                 }
             }
             Write::Event(e) => {
@@ -463,7 +481,9 @@ fn apply_writes(
             Write::Ack(_) => {}
         }
     }
-    counts.readings += insert_readings(tx, &mut rows, cells)?;
+    let (stored, taken) = insert_readings(tx, &mut rows, cells)?;
+    counts.readings += stored;
+    counts.time_taken += taken;
     Ok(())
 }
 
@@ -491,17 +511,19 @@ fn key(
 /// Inserts the rows in key order (B-tree locality) and adds the readings actually stored to
 /// the group's rollup cells. A row whose (device, ts) is already stored (a replay, or another
 /// message of the same time) fills only the metrics still empty there: a stored reading is never
-/// replaced, so it is never counted twice. Returns the readings stored.
-fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &mut RollupCells) -> rusqlite::Result<u64> {
+/// replaced, so it is never counted twice. Returns the readings stored and those not stored
+/// because their time was taken.
+fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &mut RollupCells) -> rusqlite::Result<(u64, u64)> {
     if rows.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     // Stable: among rows of one key the first sent wins per metric.
     rows.sort_by_key(|r| (r.device, r.ts));
+    let mut taken = 0u64;
     rows.dedup_by(|later, kept| {
         let same = later.device == kept.device && later.ts == kept.ts;
         if same {
-            kept.absorb(later);
+            taken += kept.absorb(later);
         }
         same
     });
@@ -518,7 +540,13 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
         for (i, v) in r.values.iter().enumerate() {
             insert.raw_bind_parameter(4 + i, reading_param(*v))?;
         }
-        let values = if insert.raw_execute()? == 1 { r.values } else { fill_stored_row(tx, r)? };
+        let values = if insert.raw_execute()? == 1 {
+            r.values
+        } else {
+            let added = fill_stored_row(tx, r)?;
+            taken += r.values.iter().zip(&added).filter(|(offered, added)| !offered.is_nan() && added.is_nan()).count() as u64;
+            added
+        };
         let minute = r.ts.div_euclid(MINUTE_MS) * MINUTE_MS;
         if open_at != Some((r.device, minute)) {
             for a in open.iter_mut().filter_map(Option::take) {
@@ -540,7 +568,7 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
     for a in open.iter_mut().filter_map(Option::take) {
         cells.add(tx, a)?;
     }
-    Ok(stored)
+    Ok((stored, taken))
 }
 
 /// A row's value as bound: NULL where the message had no reading of that metric.
