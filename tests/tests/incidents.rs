@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use citywatch_tests::{
     birth, device_topic, spawn_edge_sim, Alertmanager, ChildGuard, Delivery, GatewayProcess,
-    Publisher, QoS, Received, Subscriber, WebhookReceiver, IDEMPOTENCY_HEADER,
+    Mosquitto, Publisher, QoS, Received, Subscriber, WebhookReceiver, IDEMPOTENCY_HEADER,
 };
 use serde_json::{json, Value};
 
@@ -817,6 +817,54 @@ async fn a_gateway_killed_mid_incident_neither_duplicates_the_incident_nor_skips
         );
     }
     assert_signed(&receiver);
+}
+
+/// The next `close_valve` on `cmd_topic` (its id), within `within`.
+async fn next_close_valve(cmds: &mut Subscriber, cmd_topic: &str, within: Duration) -> Option<String> {
+    let is_close = |m: &Received| m.topic == cmd_topic && m.json().is_ok_and(|c| c["cmd"] == "close_valve");
+    let got = cmds.collect_until(tokio::time::Instant::now() + within, |got| got.iter().any(is_close)).await;
+    got.iter().find(|m| is_close(m)).and_then(|m| m.json().ok()).and_then(|c| c["id"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valve_command_unanswered_when_the_gateway_dies_is_sent_again_and_its_late_ack_recorded() {
+    // External broker: the detector and its command subscription outlive the gateway.
+    let (site, device) = ("inc-cmd", "inc-cmd-gas-00000");
+    let broker = Mosquitto::start().await.expect("mosquitto");
+    let mut gw = GatewayProcess::start_external(&broker.addr(), "[rules]\nsituations = false\n").await.expect("gateway");
+    let cmd_topic = device_topic(site, device, "cmd");
+    let mut cmds = Subscriber::connect(&broker.addr(), &cmd_topic, QoS::AtLeastOnce).await.expect("subscriber");
+    let detector = Publisher::connect(&broker.addr(), 64).await.expect("publisher");
+    detector.publish_json(&device_topic(site, device, "status"), true, &birth("gas_detector", 60)).await.expect("birth");
+    gw.wait_for(Duration::from_secs(10), "detector registered", |gw| gw.get(&format!("/api/v1/devices/{device}")).ok()).await;
+    leak_reading(&detector, site, device, 1, 80.0).await;
+    let first = next_close_valve(&mut cmds, &cmd_topic, CATCH_UP).await.expect("close_valve for the leak");
+    let high = gw
+        .wait_for(CATCH_UP, "the gas_high incident with its command", |gw| {
+            let list = incidents(gw, &format!("rule=gas_high&device={device}")).ok()?;
+            list.into_iter().find(|i| history_actions(i).iter().any(|a| a == "command"))
+        })
+        .await;
+    let id = high["id"].as_str().expect("id").to_owned();
+
+    // The detector does not answer; the gateway dies and comes back.
+    gw.restart().await.expect("restart after SIGKILL");
+    let again = next_close_valve(&mut cmds, &cmd_topic, CATCH_UP).await.expect("close_valve sent again after the restart");
+    assert_eq!(again, first, "the same command, under its own id");
+    let body = json!({"seq": 2, "ts": now_ms(), "event": "cmd_ack", "id": first});
+    detector.publish_json(&device_topic(site, device, "event"), false, &body).await.expect("cmd_ack");
+    let inc = gw
+        .wait_for(CATCH_UP, "command_acked in the history", |gw| {
+            let inc = gw.get(&format!("/api/v1/incidents/{id}")).ok()?;
+            history_actions(&inc).iter().any(|a| a == "command_acked").then_some(inc)
+        })
+        .await;
+    let actions = history_actions(&inc);
+    assert_eq!(actions.iter().filter(|a| *a == "command").count(), 1, "one command, sent twice: {actions:?}");
+    assert!(!actions.iter().any(|a| a == "command_unanswered"), "{actions:?}");
+    assert_eq!(incidents(&gw, &format!("rule=gas_high&device={device}")).expect("incidents").len(), 1);
+    let metrics = gw.get_text("/metrics").expect("metrics");
+    assert!(metrics.lines().any(|l| l == "citywatch_device_commands_total{outcome=\"resent\"} 1"), "{}", metrics.lines().filter(|l| l.contains("device_commands")).collect::<Vec<_>>().join("\n"));
 }
 
 // h.

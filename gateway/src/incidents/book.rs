@@ -211,6 +211,9 @@ pub struct BookStats {
     pub commands_sent: u64,
     pub commands_acked: u64,
     pub commands_unanswered: u64,
+    /// Commands sent again because an incident taken over (a restart's load, a failover's
+    /// adoption) still waited for their `cmd_ack`.
+    pub commands_resent: u64,
     pub signals_without_incident: u64,
 }
 
@@ -262,9 +265,31 @@ impl Book {
                 book.storms.entry(inc.site.clone()).or_default().push(inc.id.clone());
                 book.rosters.insert(inc.id.clone(), Roster::of(&inc));
             }
+            book.resume_commands(&inc, now_ms);
             book.incidents.insert(inc.id.clone(), inc);
         }
         book
+    }
+
+    /// Sends again, under their own ids, the commands an active incident's history shows sent
+    /// and neither acknowledged nor given up on: whoever sent them (this gateway before a restart,
+    /// or a dead owner) may have died before they left, and their wait for a `cmd_ack` was only
+    /// in its memory. The wait starts again now. A device that got the first copy acts twice
+    /// (every command is safe to repeat) and acknowledges by id.
+    fn resume_commands(&mut self, inc: &Incident, now_ms: i64) {
+        for (cmd_id, cmd) in pending_commands(inc) {
+            // A later command id of this book must not repeat one of these.
+            if let Some(n) = cmd_id.rsplit('-').next().and_then(|n| u64::from_str_radix(n, 16).ok()) {
+                self.counter = self.counter.max(n.saturating_add(1));
+            }
+            if !inc.state.is_active() || self.commands.contains_key(&cmd_id) {
+                continue;
+            }
+            tracing::info!(incident = %inc.id, device = %inc.device, cmd_id, cmd = cmd.as_str(), "a taken-over incident still waits for a cmd_ack: command sent again");
+            self.sent.push(Command { site: inc.site.clone(), device: inc.device.clone(), id: cmd_id.clone(), cmd });
+            self.commands.insert(cmd_id, (inc.id.clone(), now_ms));
+            self.stats.commands_resent += 1;
+        }
     }
 
     /// Links device incidents under their site's incident (the rule pack's `[[parent]]`).
@@ -356,6 +381,7 @@ impl Book {
             self.members.insert(inc.id.clone(), members);
         }
         self.dirty.remove(&inc.id);
+        self.resume_commands(&inc, now_ms);
         self.commit.incidents.push(Arc::new(inc.clone()));
         self.incidents.insert(inc.id.clone(), inc);
         true
@@ -1415,6 +1441,30 @@ impl Book {
 /// A situation incident's members as far as its body tells them. What each member last said is
 /// not stored: the lead's is the incident's, the others are taken at the lowest severity until
 /// their next repeat. `None`: not a device situation.
+/// The commands an incident's history shows sent (`command`: "{cmd} {id}") with no later
+/// `command_acked` ("{id} after …") or `command_unanswered` ("{id}: …"), oldest first.
+fn pending_commands(inc: &Incident) -> Vec<(String, CommandKind)> {
+    let mut pending: Vec<(String, CommandKind)> = Vec::new();
+    for h in &inc.history {
+        let Some(note) = h.note.as_deref() else { continue };
+        match h.action.as_str() {
+            "command" => {
+                if let Some((cmd, id)) = note.split_once(' ') {
+                    if let Some(cmd) = CommandKind::parse(cmd) {
+                        pending.push((id.to_owned(), cmd));
+                    }
+                }
+            }
+            "command_acked" | "command_unanswered" => {
+                let id = note.split([' ', ':']).next().unwrap_or_default();
+                pending.retain(|(p, _)| p != id);
+            }
+            _ => {}
+        }
+    }
+    pending
+}
+
 fn restored_members(inc: &Incident) -> Option<Vec<Member>> {
     if inc.situation.is_none() || inc.scope != Scope::Device {
         return None;

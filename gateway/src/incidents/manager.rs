@@ -226,7 +226,7 @@ impl Collector for IncidentMetrics {
         .map(|(change, n)| ([("change", change)], n));
         counter_family(e, "citywatch_incident_changes", "Incident changes by kind since start.", changes)?;
         counter(e, "citywatch_incident_signals_silenced", "Rule signals held back by a silence.", b.silenced)?;
-        let commands = [("sent", b.commands_sent), ("acked", b.commands_acked), ("unanswered", b.commands_unanswered)].map(|(outcome, n)| ([("outcome", outcome)], n));
+        let commands = [("sent", b.commands_sent), ("acked", b.commands_acked), ("unanswered", b.commands_unanswered), ("resent", b.commands_resent)].map(|(outcome, n)| ([("outcome", outcome)], n));
         counter_family(e, "citywatch_device_commands", "Commands sent to devices, by outcome.", commands)?;
         match self.store.counts_by_state() {
             Ok(counts) => gauge_family(e, "citywatch_incidents", "Incidents in the store by state.", counts.into_iter().map(|(state, n)| ([("state", state)], n))),

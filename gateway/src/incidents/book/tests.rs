@@ -202,6 +202,70 @@ fn commands_are_sent_with_the_incident_and_their_ack_is_recorded() {
     assert_eq!(b.get(&id2).expect("incident").history.last().map(|h| h.action.as_str()), Some("command_unanswered"));
 }
 
+/// A critical gas leak of `device` whose rule asks for `close_valve`.
+fn leak_closing_the_valve(device: &str) -> Signal {
+    let mut s = open(device, "gas_high", Severity::Critical);
+    if let Change::Open { action, .. } = &mut s.change {
+        *action = Some(CommandKind::CloseValve);
+    }
+    s
+}
+
+#[test]
+fn a_command_still_unanswered_when_an_incident_is_taken_over_is_sent_again_under_its_id() {
+    let mut b = book();
+    b.apply(leak_closing_the_valve("g1"), T0);
+    b.apply(leak_closing_the_valve("g2"), T0);
+    let (commit, first) = b.take();
+    assert_eq!(first.len(), 2);
+    b.command_acked("g2", &first[1].id, T0 + 100);
+    let (acked, _) = b.take();
+    // As the store or the cluster's log holds them: g1's command unanswered, g2's acknowledged.
+    let latest = |id: &str| acked.incidents.iter().chain(&commit.incidents).find(|i| i.id == id).map(|i| (**i).clone()).expect("incident");
+    let held = vec![latest(&commit.outbox[0].id), latest(&commit.outbox[1].id)];
+
+    for how in ["restart", "adoption"] {
+        let mut b = match how {
+            "restart" => Book::new(IncidentsConfig::default(), held.clone(), Vec::new(), T0 + 5000),
+            _ => {
+                let mut b = book();
+                for inc in &held {
+                    assert!(b.adopt(inc.clone(), T0 + 5000));
+                }
+                b
+            }
+        };
+        let (commit, again) = b.take();
+        assert!(commit.outbox.is_empty(), "{how}: no new revision");
+        assert_eq!(again.len(), 1, "{how}: only the unanswered one: {again:?}");
+        assert_eq!((again[0].id.as_str(), again[0].cmd, again[0].device.as_str()), (first[0].id.as_str(), CommandKind::CloseValve, "g1"), "{how}");
+        assert_eq!(b.stats.commands_resent, 1, "{how}");
+        // Taking the same incident over again sends nothing more.
+        if how == "adoption" {
+            let mut newer = held[0].clone();
+            newer.count += 1;
+            assert!(b.adopt(newer, T0 + 6000));
+            assert!(b.take().1.is_empty(), "adopted twice, sent once");
+        }
+        // Its ack is recorded; a new command of this book does not reuse a taken id.
+        b.command_acked("g1", &first[0].id, T0 + 6000);
+        let inc = b.get(&held[0].id).expect("incident");
+        assert_eq!(inc.history.last().map(|h| (h.action.as_str(), h.note.as_deref())), Some(("command_acked", Some(format!("{} after 1000 ms", first[0].id).as_str()))), "{how}");
+        b.apply(leak_closing_the_valve("g3"), T0 + 7000);
+        let (_, next) = b.take();
+        assert!(first.iter().all(|c| c.id != next[0].id), "{how}: {} reused", next[0].id);
+    }
+    // Unanswered again after the resend: given up on, and not sent a third time at the next load.
+    let mut b = Book::new(IncidentsConfig::default(), held.clone(), Vec::new(), T0 + 5000);
+    b.take();
+    b.tick(T0 + 5000 + 30_000, false);
+    let (commit, _) = b.take();
+    let given_up: Vec<Incident> = commit.incidents.iter().map(|i| (**i).clone()).collect();
+    assert_eq!(given_up.last().and_then(|i| i.history.last()).map(|h| h.action.as_str()), Some("command_unanswered"));
+    let mut b = Book::new(IncidentsConfig::default(), given_up, Vec::new(), T0 + 40_000);
+    assert!(b.take().1.is_empty());
+}
+
 #[test]
 fn a_restart_resumes_open_incidents_without_reopening() {
     let mut b = book();
