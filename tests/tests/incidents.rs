@@ -224,9 +224,10 @@ fn now_ms() -> i64 {
     citywatch_edge::sim::fleet::wall_ms() as i64
 }
 
-/// A hand-driven gas detector on the gateway's broker: born (retained status), registered.
-async fn hand_gas_detector(gw: &GatewayProcess, site: &str, device: &str) -> Publisher {
-    let mut device_pub = Publisher::connect(&broker(gw), 64)
+/// A hand-driven gas detector on `broker` (the gateway's own, or the external one it
+/// subscribes to): born (retained status), registered.
+async fn hand_gas_detector(gw: &GatewayProcess, broker: &str, site: &str, device: &str) -> Publisher {
+    let mut device_pub = Publisher::connect(broker, 64)
         .await
         .expect("publisher");
     device_pub
@@ -834,9 +835,7 @@ async fn a_valve_command_unanswered_when_the_gateway_dies_is_sent_again_and_its_
     let mut gw = GatewayProcess::start_external(&broker.addr(), "[rules]\nsituations = false\n").await.expect("gateway");
     let cmd_topic = device_topic(site, device, "cmd");
     let mut cmds = Subscriber::connect(&broker.addr(), &cmd_topic, QoS::AtLeastOnce).await.expect("subscriber");
-    let detector = Publisher::connect(&broker.addr(), 64).await.expect("publisher");
-    detector.publish_json(&device_topic(site, device, "status"), true, &birth("gas_detector", 60)).await.expect("birth");
-    gw.wait_for(Duration::from_secs(10), "detector registered", |gw| gw.get(&format!("/api/v1/devices/{device}")).ok()).await;
+    let detector = hand_gas_detector(&gw, &broker.addr(), site, device).await;
     leak_reading(&detector, site, device, 1, 80.0).await;
     let first = next_close_valve(&mut cmds, &cmd_topic, CATCH_UP).await.expect("close_valve for the leak");
     let high = gw
@@ -873,7 +872,7 @@ async fn operators_drive_an_incident_from_open_to_closed_and_every_step_is_pushe
     let (site, device) = ("inc-ops", "inc-ops-gas-00000");
     let receiver = WebhookReceiver::start(SECRET).await.expect("receiver");
     let gw = gateway(&webhook_toml(&receiver)).await;
-    let device_pub = hand_gas_detector(&gw, site, device).await;
+    let device_pub = hand_gas_detector(&gw, &broker(&gw), site, device).await;
     leak_reading(&device_pub, site, device, 1, 55.0).await;
     let opened = receiver
         .wait_for(CATCH_UP, "gas_high opened", |got| {
@@ -1025,7 +1024,7 @@ async fn gas_high_reaches_a_real_alertmanager() {
     let gw = gateway(&format!("[notify.alertmanager]\nurl = \"{}\"\n", am.url())).await;
     // A leak that nobody stops (the hand-driven detector ignores close_valve and reports every
     // second): gas_high stays active, so the alert stays listed (Alertmanager hides resolved ones).
-    let device_pub = hand_gas_detector(&gw, site, device).await;
+    let device_pub = hand_gas_detector(&gw, &broker(&gw), site, device).await;
     let feeder = tokio::spawn(async move {
         for seq in 1u32.. {
             leak_reading(&device_pub, site, device, seq, 55.0 + f64::from(seq % 3)).await;
@@ -1066,7 +1065,7 @@ async fn gas_high_reaches_a_real_alertmanager() {
 async fn the_rules_of_a_gas_detector_are_listed_with_their_thresholds() {
     let (site, device) = ("inc-rules", "inc-rules-gas-00000");
     let gw = gateway("").await;
-    let _device_pub = hand_gas_detector(&gw, site, device).await;
+    let _device_pub = hand_gas_detector(&gw, &broker(&gw), site, device).await;
     let body = gw
         .get(&format!("/api/v1/rules?device={device}"))
         .expect("rules");

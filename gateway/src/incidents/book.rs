@@ -1438,9 +1438,6 @@ impl Book {
     }
 }
 
-/// A situation incident's members as far as its body tells them. What each member last said is
-/// not stored: the lead's is the incident's, the others are taken at the lowest severity until
-/// their next repeat. `None`: not a device situation.
 /// The commands an incident's history shows sent (`command`: "{cmd} {id}") with no later
 /// `command_acked` ("{id} after …") or `command_unanswered` ("{id}: …"), oldest first.
 fn pending_commands(inc: &Incident) -> Vec<(String, CommandKind)> {
@@ -1465,6 +1462,9 @@ fn pending_commands(inc: &Incident) -> Vec<(String, CommandKind)> {
     pending
 }
 
+/// A situation incident's members as far as its body tells them. What each member last said is
+/// not stored: the lead's is the incident's, the others are taken at the lowest severity until
+/// their next repeat. `None`: not a device situation.
 fn restored_members(inc: &Incident) -> Option<Vec<Member>> {
     if inc.situation.is_none() || inc.scope != Scope::Device {
         return None;

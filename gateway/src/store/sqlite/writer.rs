@@ -72,33 +72,21 @@ impl Row {
 
     /// Takes a reading unless the row already has one for that metric (the first one wins, as
     /// for a stored key).
-    fn set(&mut self, metric: usize, value: f64) -> Taken {
+    fn set(&mut self, metric: usize, value: f64) {
         if self.values[metric].is_nan() {
             self.values[metric] = value;
-            Taken(false)
-        } else {
-            Taken(true)
         }
     }
 
     /// Folds in a later row of the same (device, ts): its readings of metrics this one lacks.
-    /// Returns how many of its readings found the metric already taken.
-    fn absorb(&mut self, later: &Row) -> u64 {
-        let mut taken = 0;
+    fn absorb(&mut self, later: &Row) {
         for (mine, theirs) in self.values.iter_mut().zip(&later.values) {
             if mine.is_nan() {
                 *mine = *theirs;
-            } else if !theirs.is_nan() {
-                taken += 1;
             }
         }
-        taken
     }
 }
-
-/// Whether a reading found its row's metric already holding one (the first is kept).
-#[must_use]
-struct Taken(bool);
 
 /// A rollup cell being accumulated from one batch.
 struct Agg {
@@ -396,6 +384,8 @@ fn apply_writes(
 ) -> rusqlite::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut last: Option<(&Arc<str>, i64)> = None;
+    // Finite readings handed to `rows`: each ends stored or kept out by its time.
+    let mut offered = 0u64;
     for w in batch {
         match w {
             Write::Readings(readings) => {
@@ -416,16 +406,15 @@ fn apply_writes(
                         }
                     };
                     let metric = metric_index(metric) as usize;
-                    let taken = match rows.last_mut() {
+                    offered += 1;
+                    match rows.last_mut() {
                         Some(r) if r.device == device && r.ts == ts_ms => r.set(metric, value),
                         _ => {
                             let mut row = Row::new(device, ts_ms, historical);
-                            let taken = row.set(metric, value);
+                            row.set(metric, value);
                             rows.push(row);
-                            taken
                         }
-                    };
-                    counts.time_taken += u64::from(taken.0);
+                    }
                 }
             }
             Write::Event(e) => {
@@ -481,9 +470,11 @@ fn apply_writes(
             Write::Ack(_) => {}
         }
     }
-    let (stored, taken) = insert_readings(tx, &mut rows, cells)?;
+    let stored = insert_readings(tx, &mut rows, cells)?;
     counts.readings += stored;
-    counts.time_taken += taken;
+    // Every finite reading offered is stored or kept out by one already at its time (in its
+    // row, in another row of the same time, or in the table).
+    counts.time_taken += offered.saturating_sub(stored);
     Ok(())
 }
 
@@ -511,19 +502,17 @@ fn key(
 /// Inserts the rows in key order (B-tree locality) and adds the readings actually stored to
 /// the group's rollup cells. A row whose (device, ts) is already stored (a replay, or another
 /// message of the same time) fills only the metrics still empty there: a stored reading is never
-/// replaced, so it is never counted twice. Returns the readings stored and those not stored
-/// because their time was taken.
-fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &mut RollupCells) -> rusqlite::Result<(u64, u64)> {
+/// replaced, so it is never counted twice. Returns the readings stored.
+fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &mut RollupCells) -> rusqlite::Result<u64> {
     if rows.is_empty() {
-        return Ok((0, 0));
+        return Ok(0);
     }
     // Stable: among rows of one key the first sent wins per metric.
     rows.sort_by_key(|r| (r.device, r.ts));
-    let mut taken = 0u64;
     rows.dedup_by(|later, kept| {
         let same = later.device == kept.device && later.ts == kept.ts;
         if same {
-            taken += kept.absorb(later);
+            kept.absorb(later);
         }
         same
     });
@@ -540,13 +529,7 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
         for (i, v) in r.values.iter().enumerate() {
             insert.raw_bind_parameter(4 + i, reading_param(*v))?;
         }
-        let values = if insert.raw_execute()? == 1 {
-            r.values
-        } else {
-            let added = fill_stored_row(tx, r)?;
-            taken += r.values.iter().zip(&added).filter(|(offered, added)| !offered.is_nan() && added.is_nan()).count() as u64;
-            added
-        };
+        let values = if insert.raw_execute()? == 1 { r.values } else { fill_stored_row(tx, r)? };
         let minute = r.ts.div_euclid(MINUTE_MS) * MINUTE_MS;
         if open_at != Some((r.device, minute)) {
             for a in open.iter_mut().filter_map(Option::take) {
@@ -568,7 +551,7 @@ fn insert_readings(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>, cells: &
     for a in open.iter_mut().filter_map(Option::take) {
         cells.add(tx, a)?;
     }
-    Ok((stored, taken))
+    Ok(stored)
 }
 
 /// A row's value as bound: NULL where the message had no reading of that metric.
